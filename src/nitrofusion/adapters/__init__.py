@@ -1,0 +1,1 @@
+"""Model adapters: the family-specific answers (prompts, UNet calls, backbone calls, decoding)."""

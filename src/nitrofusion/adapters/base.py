@@ -1,0 +1,83 @@
+"""What the method asks of a model family (DESIGN: two worlds, one core).
+
+A conditioning `Cond` is a dict of tensors whose first dimension is the batch, so the core can index,
+concatenate and null it without knowing what is inside.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..teachers import Predict, SamplerSpec, sample
+
+Cond = dict[str, torch.Tensor]
+
+
+def cond_index(cond: Cond, idx) -> Cond:
+    return {k: v[idx] for k, v in cond.items()}
+
+
+def cond_cat(*conds: Cond) -> Cond:
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+def cond_to(cond: Cond, device, dtype=None) -> Cond:
+    return {k: v.to(device, dtype if (dtype is not None and v.is_floating_point()) else v.dtype)
+            for k, v in cond.items()}
+
+
+class ModelAdapter(ABC):
+    num_train_timesteps: int = 1000
+    prediction_type: str = "epsilon"
+    alphas_cumprod: torch.Tensor
+    scheduler_config: dict
+    teacher_unet: torch.nn.Module
+    sampler: SamplerSpec
+    crop_multiple: int = 1  # crops are multiples of this many latent pixels (the backbone's downsampling)
+
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one x_T."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """Prompt conditioning for the UNet."""
+
+    @abstractmethod
+    def null_cond(self, cond: Cond) -> Cond:
+        """The null prompt for the same batch: zero embeddings (SPEC section 3)."""
+
+    @abstractmethod
+    def unet_call(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Model output of a full UNet (teacher or student)."""
+
+    @abstractmethod
+    def backbone_call(self, backbone, x: torch.Tensor, t: torch.Tensor, cond: Cond,
+                      boxes: torch.Tensor | None) -> list[torch.Tensor]:
+        """Backbone feature maps; `boxes` are crop corners when x is a crop (SDXL: crop time_ids)."""
+
+    @abstractmethod
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], [B, C, H, W], for viewing and evaluation."""
+
+    def guided_predict(self, unet: torch.nn.Module, cond: Cond, guidance_scale: float) -> Predict:
+        """Model output with classifier-free guidance (null = zero embeddings); no guidance if scale <= 1."""
+        if guidance_scale <= 1.0:
+            return lambda x, t: self.unet_call(unet, x, t, cond)
+        both = cond_cat(self.null_cond(cond), cond)
+
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = self.unet_call(unet, torch.cat([x, x]), torch.cat([t, t]), both)
+            uncond, cond_out = out.chunk(2)
+            return uncond + guidance_scale * (cond_out - uncond)
+
+        return predict
+
+    @torch.no_grad()
+    def teacher_sample(self, x_T: torch.Tensor, cond: Cond, spec: SamplerSpec | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        spec = spec or self.sampler
+        predict = self.guided_predict(self.teacher_unet, cond, spec.guidance_scale)
+        return sample(predict, x_T, spec, self.scheduler_config, self.alphas_cumprod.to(x_T.device), generator)

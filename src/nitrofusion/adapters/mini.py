@@ -1,0 +1,51 @@
+"""Mini-world adapter: pixel-space diffusers UNet on 16x16 Fashion-MNIST, MiniLM prompt states."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+
+from ..mini import text
+from ..mini.data import class_prompts
+from ..mini.teacher import MiniTeacher
+from .base import Cond, ModelAdapter
+
+
+class MiniAdapter(ModelAdapter):
+    crop_multiple = 4  # two downsamplers
+
+    def __init__(self, teacher: MiniTeacher) -> None:
+        self.teacher = teacher
+        self.teacher_unet = teacher.unet
+        self.sampler = teacher.sampler
+        self.scheduler_config = dict(teacher.scheduler_config)
+        sched = DDPMScheduler.from_config(self.scheduler_config)
+        self.alphas_cumprod = sched.alphas_cumprod.clone()
+        self.num_train_timesteps = sched.config.num_train_timesteps
+        self.prediction_type = sched.config.prediction_type
+        self.resolution = teacher.model.resolution
+        # the ten class prompts are encoded once (one cache file); other prompts on demand
+        prompts = class_prompts()
+        self._cache: dict[str, torch.Tensor] = dict(zip(prompts, text.encode(prompts), strict=True))
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (1, self.resolution, self.resolution)
+
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        missing = sorted({p for p in prompts if p not in self._cache})
+        if missing:
+            for p, e in zip(missing, text.encode(missing), strict=True):
+                self._cache[p] = e
+        return {"states": torch.stack([self._cache[p] for p in prompts])}
+
+    def null_cond(self, cond: Cond) -> Cond:
+        return {"states": torch.zeros_like(cond["states"])}
+
+    def unet_call(self, unet, x, t, cond):
+        return unet(x, t, encoder_hidden_states=cond["states"].to(x.dtype)).sample
+
+    def backbone_call(self, backbone, x, t, cond, boxes):
+        return backbone(x, t, cond["states"].to(x.dtype))
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().add(1).div(2).clamp(0, 1)

@@ -1,0 +1,188 @@
+"""The `nitrofusion` command. Every user-facing failure is one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import NitroFusionError
+
+DEMO_HELP = "distil the shipped mini-world teacher into a 1-step student and write a report (~10 min on 2 cores)"
+
+
+def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
+    p.add_argument("--preset", default=default_preset, help=f"named preset (default: {default_preset}); "
+                   "see `nitrofusion presets`")
+    p.add_argument("--config", help="YAML file merged over the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set pool.heads_per_slot=2 (repeatable)")
+
+
+def _distill_config(args, extra: list[str] | None = None):
+    from . import config as config_lib
+    from .distill_config import DistillConfig
+
+    return config_lib.build(DistillConfig, "distill", args.preset, list(args.overrides) + (extra or []),
+                            args.config)
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    extra = [f"max_minutes={args.minutes}"] if args.minutes is not None else []
+    cfg = _distill_config(args, extra)
+    report = run_demo(Path(args.out), cfg, eval_samples=args.eval_samples, resume=args.resume)
+    t, s = report["teacher"], report["student"]
+    print(f"teacher ({t['sampler']}): classifier-FID {t['fid']:.2f}, accuracy {t['accuracy']:.3f}")
+    print(f"teacher forced to 1 step: classifier-FID {report['teacher_one_step']['fid']:.2f}, "
+          f"accuracy {report['teacher_one_step']['accuracy']:.3f}")
+    for k in ("1", "2", "4"):
+        print(f"student {k} step(s): classifier-FID {s[k]['fid']:.2f}, accuracy {s[k]['accuracy']:.3f}")
+    print(f"report: {Path(args.out) / 'report.md'} ({report['timing']['total_seconds']:.0f} s in all)")
+
+
+def cmd_teacher(args) -> None:
+    from . import config as config_lib
+    from .mini.teacher import ASSET_TEACHER, TeacherTrainConfig, train_teacher
+
+    cfg = config_lib.build(TeacherTrainConfig, "teacher", args.preset, args.overrides, args.config)
+    out = Path(args.out) if args.out else ASSET_TEACHER
+    info = train_teacher(cfg, out)
+    print(f"teacher written to {out}: {info}")
+
+
+def cmd_classifier(args) -> None:
+    from .mini.metrics import ASSET_DIR, train_classifier
+
+    out = Path(args.out) if args.out else ASSET_DIR
+    info = train_classifier(out, epochs=args.epochs)
+    print(f"classifier and real-data statistics written to {out}: {info}")
+
+
+def cmd_pairs(args) -> None:
+    from .adapters.mini import MiniAdapter
+    from .demo import pair_dir
+    from .mini.data import class_prompts
+    from .mini.teacher import load_teacher
+    from .pairs import verify_and_repair
+
+    cfg = _distill_config(args)
+    adapter = MiniAdapter(load_teacher(cfg.teacher or None))
+    prompts = class_prompts()
+    out = Path(args.out) if args.out else pair_dir(cfg, adapter, prompts, cfg.pairs.count, cfg.pairs.seed)
+    pairs = verify_and_repair(adapter, prompts, cfg.pairs.count, cfg.pairs.seed, out,
+                              shard_size=cfg.pairs.shard_size, batch_size=cfg.pairs.batch_size)
+    print(f"{len(pairs)} teacher pairs in {out}")
+
+
+def cmd_distill(args) -> None:
+    from .adapters.mini import MiniAdapter
+    from .demo import pair_dir
+    from .mini.data import class_prompts
+    from .mini.teacher import load_teacher
+    from .pairs import verify_and_repair
+    from .train import distill
+
+    extra = [f"teacher={args.teacher}"] if args.teacher else []
+    cfg = _distill_config(args, extra)
+    adapter = MiniAdapter(load_teacher(cfg.teacher or None))
+    prompts = class_prompts()
+    pairs = verify_and_repair(adapter, prompts, cfg.pairs.count, cfg.pairs.seed,
+                              pair_dir(cfg, adapter, prompts, cfg.pairs.count, cfg.pairs.seed),
+                              shard_size=cfg.pairs.shard_size, batch_size=cfg.pairs.batch_size)
+    result = distill(cfg, adapter, pairs, Path(args.out), resume=args.resume)
+    print(f"student written to {Path(args.out) / 'student'}: {result['iterations']} steps, "
+          f"{result['images']} images, {result['seconds']:.0f} s")
+
+
+def cmd_generate(args) -> None:
+    from .generate import generate_to_folder
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise NitroFusionError(f"prompt file not found: {path}")
+        prompts += [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if not prompts:
+        raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
+    paths = generate_to_folder(Path(args.model), prompts, args.steps, args.seed, Path(args.out),
+                               num_per_prompt=args.num_per_prompt)
+    print(f"wrote {len(paths)} images and a grid to {args.out}")
+
+
+def cmd_presets(args) -> None:
+    from .config import available_presets
+
+    for kind in ("distill", "teacher"):
+        print(f"{kind}: {', '.join(available_presets(kind))}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nitrofusion", description="NitroFusion: dynamic adversarial "
+                                     "distillation of text-to-image diffusion models into 1-4 step generators.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help=DEMO_HELP, description=DEMO_HELP)
+    _add_config_args(p, "mini")
+    p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    p.add_argument("--minutes", type=float, help="distillation budget in minutes (default: the preset's)")
+    p.add_argument("--eval-samples", type=int, default=2000, help="held-out prompts/x_T for the metrics")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("distill", help="run NitroFusion distillation (mini world; `accelerate launch -m "
+                       "nitrofusion distill` for many processes)")
+    _add_config_args(p, "mini")
+    p.add_argument("--teacher", help="teacher folder (default: the shipped mini teacher)")
+    p.add_argument("--out", required=True, help="run folder: config, log, checkpoints, student")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("pairs", help="pre-generate and cache the teacher pairs a distillation preset reads")
+    _add_config_args(p, "mini")
+    p.add_argument("--out", help="cache folder (default: the shared cache the trainer reads)")
+    p.set_defaults(func=cmd_pairs)
+
+    p = sub.add_parser("generate", help="generate images in 1-4 steps from a run folder or student folder")
+    p.add_argument("--model", required=True, help="run folder (from distill/demo) or its student/ folder")
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    p.add_argument("--prompts", help="text file, one prompt per line")
+    p.add_argument("--steps", type=int, default=1, help="1-4 (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-per-prompt", type=int, default=1)
+    p.add_argument("--out", required=True, help="output folder for PNG files and grid.png")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("teacher", help="train the mini-world teacher (the shipped one came from preset 'mini')")
+    _add_config_args(p, "mini")
+    p.add_argument("--out", help="teacher folder (default: the package's shipped teacher)")
+    p.set_defaults(func=cmd_teacher)
+
+    p = sub.add_parser("classifier", help="train the mini-world metric classifier and real-data statistics")
+    p.add_argument("--out", help="folder (default: the package's assets)")
+    p.add_argument("--epochs", type=int, default=6)
+    p.set_defaults(func=cmd_classifier)
+
+    p = sub.add_parser("presets", help="list the named presets")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except NitroFusionError as e:
+        print(f"nitrofusion: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nitrofusion: interrupted; rerun with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The distillation config: every knob of SPEC sections 2-4 plus the run's budget and bookkeeping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import ConfigError
+from .method.pool import PoolConfig
+from .method.step import AdversarialConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+
+    def validate(self) -> None:
+        if self.lr <= 0 or len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("optimiser: lr > 0 and two betas in [0, 1) are required")
+
+
+@dataclass
+class PairsConfig:
+    count: int = 4000
+    seed: int = 0
+    shard_size: int = 1000
+    batch_size: int = 250
+    dir: str = ""  # empty: the cache folder, keyed by teacher, sampler, prompts, count and seed
+
+    def validate(self) -> None:
+        if self.count < 1 or self.shard_size < 1 or self.batch_size < 1:
+            raise ConfigError("pairs.count, pairs.shard_size and pairs.batch_size must be >= 1")
+
+
+@dataclass
+class DistillConfig:
+    world: Literal["mini"] = "mini"
+    teacher: str = ""  # teacher folder; empty: the shipped mini teacher
+    student_init: str = "teacher"  # "teacher" or a UNet weights file (.safetensors)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    student_optim: OptimConfig = field(default_factory=OptimConfig)
+    heads_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    micro_batch: int = 5
+    grad_accum: int = 20
+    max_images: int = 0  # training budget in images (edm2-style); 0 = unlimited
+    max_minutes: float = 0.0  # wall-clock budget across resumes; 0 = unlimited
+    ema_decay: float = 0.0  # EMA of the student; 0 disables
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = 0.0  # 0 = no clipping
+    checkpoint_every: int = 200  # optimiser steps
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # optimiser steps between quality evaluations (mini world); 0 = only at the end
+    eval_samples: int = 500
+    log_every: int = 1
+    seed: int = 0
+    threads: int = 0
+
+    def validate(self) -> None:
+        if self.micro_batch < 1 or self.grad_accum < 1:
+            raise ConfigError("micro_batch and grad_accum must be >= 1")
+        if self.max_images <= 0 and self.max_minutes <= 0:
+            raise ConfigError("set a budget: max_images > 0 or max_minutes > 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError("ema_decay must be in [0, 1)")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
+            raise ConfigError("checkpoint_every, keep_checkpoints and log_every must be >= 1")

@@ -1,0 +1,1 @@
+"""The paper's contribution, model-agnostic: backbone features, head pool, losses, the adversarial step."""

@@ -1,0 +1,123 @@
+"""The dynamic head pool (SPEC section 3).
+
+Heads are indexed by (task, t*, level, k). Each optimiser step activates ONE head per (task, t*, level)
+slot, chosen at random (dynamic sampling), and afterwards re-initialises a uniformly chosen ~1% of ALL
+heads, resetting their optimiser state (pool refresh). All randomness comes from the pool's own
+generator, seeded identically on every process, so every rank samples and refreshes the same heads;
+its state is saved in every checkpoint (generator_state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .heads import Head
+
+TASKS = ("global_cond", "local_cond", "local_uncond")
+
+
+@dataclass
+class PoolConfig:
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    t_star: list[int] = field(default_factory=lambda: [10, 250, 500, 750])
+    heads_per_slot: int = 4
+    width: int = 64
+    depth: int = 1
+    dynamic: bool = True  # False: a static discriminator, always head k=0 of every slot (ablation)
+    refresh_fraction: float = 0.01  # share of ALL heads re-initialised per optimiser step; 0 disables
+    seed: int = 0
+
+    def validate(self) -> None:
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad or not self.tasks:
+            raise ConfigError(f"pool.tasks: unknown {bad} (choose from {', '.join(TASKS)})")
+        if not self.t_star or any(not 0 <= t < 1000 for t in self.t_star):
+            raise ConfigError("pool.t_star: give timesteps in [0, 999]")
+        if self.heads_per_slot < 1 or self.width < 1 or self.depth < 1:
+            raise ConfigError("pool.heads_per_slot, pool.width and pool.depth must be >= 1")
+        if not 0 <= self.refresh_fraction <= 1:
+            raise ConfigError("pool.refresh_fraction must be in [0, 1]")
+
+
+class HeadPool(nn.Module):
+    def __init__(self, cfg: PoolConfig, level_channels: list[int]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tasks = list(cfg.tasks)
+        self.t_star = list(cfg.t_star)
+        self.num_levels = len(level_channels)
+        self.per_slot = cfg.heads_per_slot if cfg.dynamic else 1
+        self.heads = nn.ModuleList(
+            Head(level_channels[lvl], cfg.width, cfg.depth)
+            for _task in self.tasks for _t in self.t_star for lvl in range(self.num_levels)
+            for _k in range(self.per_slot)
+        )
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def generator_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_generator_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return len(self.tasks), len(self.t_star), self.num_levels, self.per_slot
+
+    def index(self, task: int, t: int, level: int, k: int) -> int:
+        _, nt, nl, nk = self.shape
+        return ((task * nt + t) * nl + level) * nk + k
+
+    def head(self, task: int, t: int, level: int, k: int) -> Head:
+        return self.heads[self.index(task, t, level, k)]
+
+    def sample_active(self) -> torch.Tensor:
+        """k for every (task, t*, level) slot: [tasks, t*, levels]; all zeros for a static pool."""
+        ntask, nt, nl, nk = self.shape
+        if not self.cfg.dynamic:
+            return torch.zeros(ntask, nt, nl, dtype=torch.long)
+        return torch.randint(0, nk, (ntask, nt, nl), generator=self.generator)
+
+    def active_indices(self, active: torch.Tensor) -> list[int]:
+        nt, nl = active.shape[1:]
+        return [self.index(a, b, c, int(active[a, b, c])) for a in range(len(self.tasks))
+                for b in range(nt) for c in range(nl)]
+
+    def refresh(self, optimizer: torch.optim.Optimizer | None = None) -> list[int]:
+        """Re-initialise a uniform ~refresh_fraction of all heads and drop their optimiser state."""
+        total = len(self.heads)
+        n = round(self.cfg.refresh_fraction * total)
+        if self.cfg.refresh_fraction > 0:
+            n = max(1, n)
+        if n == 0:
+            return []
+        chosen = torch.randperm(total, generator=self.generator)[:n].tolist()
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        opt = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps optimisers
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # same fresh weights on every rank
+            for i in sorted(chosen):
+                self.heads[i].reset_parameters()
+                if opt is not None:
+                    for p in self.heads[i].parameters():
+                        opt.state.pop(p, None)
+        return sorted(chosen)
+
+    def logits(self, task: int, active: torch.Tensor, feats: list[torch.Tensor],
+               t_idx: torch.Tensor) -> torch.Tensor:
+        """Per-level logits [B, levels] of the active heads for `task`; sample i is judged by the heads
+        of its own t* (t_idx[i])."""
+        out = feats[0].new_zeros(feats[0].shape[0], self.num_levels)
+        for t in range(len(self.t_star)):
+            rows = (t_idx == t).nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            cols = []
+            for lvl, f in enumerate(feats):
+                cols.append(self.head(task, t, lvl, int(active[task, t, lvl]))(f.index_select(0, rows)))
+            out = out.index_copy(0, rows, torch.stack(cols, dim=1).to(out.dtype))
+        return out

@@ -1,0 +1,143 @@
+"""One adversarial micro-step (SPEC section 2), model-agnostic.
+
+Data flows one way: teacher pair (x_T, x0_real, prompt) -> student one-step x0_fake from the SAME x_T ->
+re-noise both to a per-sample t* (independent noise) -> frozen backbone E (whole sample, or a crop;
+with the prompt, or the null prompt) -> the active heads of that t* -> losses.
+G step: heads frozen, gradient flows through E into the student. D step: inputs detached, only the
+active heads get gradients. Both losses are backpropagated here; the trainer steps the optimisers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..adapters.base import Cond, ModelAdapter
+from ..teachers import add_noise, x0_from_output
+from .backbone import UNetBackbone
+from .losses import d_loss, g_loss
+from .pool import HeadPool
+
+
+@dataclass
+class AdversarialConfig:
+    shift: int = 250  # s: the student is conditioned on t_s = floor(999 * s / 1000) (SPEC 2.3)
+    loss: Literal["hinge", "linear", "nonsat"] = "hinge"
+    # sum: one D per sample = all active heads' logits summed over levels and tasks (SPEC section 3);
+    # per_head: the loss is applied to each head's logit and averaged (as in ADD-style discriminators)
+    aggregate: Literal["sum", "per_head"] = "sum"
+    crop_fraction: float = 0.5  # local heads judge crops of this side fraction ([ours]: half-size)
+
+    def validate(self) -> None:
+        from ..errors import ConfigError
+
+        if not 1 <= self.shift <= 1000:
+            raise ConfigError("adversarial.shift must be in [1, 1000]")
+        if not 0 < self.crop_fraction < 1:
+            raise ConfigError("adversarial.crop_fraction must be in (0, 1)")
+
+
+def student_timestep(shift: int, num_train_timesteps: int = 1000) -> int:
+    """t_s = floor(999 * s / 1000): what the released scheduler feeds the UNet at its 1-step grid [999]."""
+    return ((num_train_timesteps - 1) * shift) // num_train_timesteps
+
+
+def student_one_step(adapter: ModelAdapter, student: torch.nn.Module, x_T: torch.Tensor, cond: Cond,
+                     shift: int) -> torch.Tensor:
+    """SPEC 2.3: condition on t_s, input pure noise x_T, convert the output to x0 with alpha_bar[t_s]."""
+    t_s = student_timestep(shift, adapter.num_train_timesteps)
+    t = torch.full((x_T.shape[0],), t_s, device=x_T.device, dtype=torch.long)
+    out = adapter.unet_call(student, x_T, t, cond)
+    return x0_from_output(out.float(), x_T.float(), adapter.alphas_cumprod.to(x_T.device)[t], adapter.prediction_type)
+
+
+def random_boxes(n: int, size: tuple[int, int], crop: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """[n, 2] top-left corners of crops of shape `crop` inside `size`."""
+    ys = torch.randint(0, size[0] - crop[0] + 1, (n,), generator=gen)
+    xs = torch.randint(0, size[1] - crop[1] + 1, (n,), generator=gen)
+    return torch.stack([ys, xs], dim=1)
+
+
+def crop(x: torch.Tensor, boxes: torch.Tensor, ch: int, cw: int) -> torch.Tensor:
+    return torch.stack([x[i, :, y:y + ch, z:z + cw] for i, (y, z) in enumerate(boxes.tolist())])
+
+
+class AdversarialStep:
+    def __init__(self, adapter: ModelAdapter, student: torch.nn.Module, backbone: UNetBackbone,
+                 pool: HeadPool, cfg: AdversarialConfig) -> None:
+        self.adapter, self.student, self.backbone, self.pool, self.cfg = adapter, student, backbone, pool, cfg
+
+    def crop_size(self, h: int, w: int) -> tuple[int, int]:
+        m = self.adapter.crop_multiple
+        return (max(m, int(h * self.cfg.crop_fraction) // m * m), max(m, int(w * self.cfg.crop_fraction) // m * m))
+
+    def _views(self, task: str, real: torch.Tensor, fake: torch.Tensor, cond: Cond, gen: torch.Generator):
+        """What E sees for one task: (real view, fake view, conditioning, crop boxes or None)."""
+        if task == "global_cond":
+            return real, fake, cond, None
+        h, w = real.shape[-2:]
+        ch, cw = self.crop_size(h, w)
+        boxes = random_boxes(real.shape[0], (h, w), (ch, cw), gen)
+        c = cond if task == "local_cond" else self.adapter.null_cond(cond)
+        return crop(real, boxes, ch, cw), crop(fake, boxes, ch, cw), c, boxes
+
+    def _features(self, x0: torch.Tensor, t: torch.Tensor, cond: Cond, boxes, gen: torch.Generator):
+        noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
+        x_t = add_noise(x0, noise, self.adapter.alphas_cumprod.to(x0.device)[t])
+        return self.adapter.backbone_call(self.backbone, x_t, t, cond, boxes)
+
+    def _reduce(self, real: list[torch.Tensor] | None, fake: list[torch.Tensor], which: str) -> torch.Tensor:
+        """Total loss from per-task [B, levels] logits."""
+        if self.cfg.aggregate == "sum":
+            d_fake = torch.stack([f.sum(1) for f in fake]).sum(0)
+            if which == "g":
+                return g_loss(d_fake, self.cfg.loss)
+            d_real = torch.stack([r.sum(1) for r in real]).sum(0)
+            return d_loss(d_real, d_fake, self.cfg.loss)
+        if which == "g":
+            return torch.stack([g_loss(f[:, j], self.cfg.loss) for f in fake for j in range(f.shape[1])]).mean()
+        return torch.stack([d_loss(r[:, j], f[:, j], self.cfg.loss)
+                            for r, f in zip(real, fake, strict=True) for j in range(f.shape[1])]).mean()
+
+    def __call__(self, x_T: torch.Tensor, x0_real: torch.Tensor, cond: Cond, active: torch.Tensor,
+                 gen: torch.Generator, loss_scale: float = 1.0, train_g: bool = True,
+                 train_d: bool = True) -> dict[str, float]:
+        """Forward both players on one micro-batch and backpropagate `loss_scale` x each loss."""
+        x0_fake = student_one_step(self.adapter, self.student, x_T, cond, self.cfg.shift)
+        x0_real = x0_real.float()
+        n_t = len(self.pool.t_star)
+        # t* per sample, stratified: every t* group gets floor or ceil of B / len(t*) samples
+        t_idx = torch.randperm(x_T.shape[0], generator=gen) % n_t
+        t = torch.tensor(self.pool.t_star, dtype=torch.long)[t_idx].to(x_T.device)
+        t_idx = t_idx.to(x_T.device)
+        feats_real, feats_fake = [], []
+        for task in self.pool.tasks:
+            real_v, fake_v, c, boxes = self._views(task, x0_real, x0_fake, cond, gen)
+            with torch.no_grad():
+                feats_real.append(self._features(real_v, t, c, boxes, gen))
+            feats_fake.append(self._features(fake_v if train_g else fake_v.detach(), t, c, boxes, gen))
+
+        logs: dict[str, float] = {}
+        if train_g:  # G step: heads frozen, gradient through E into the student
+            self.pool.requires_grad_(False)
+            fake_logits = [self.pool.logits(i, active, f, t_idx) for i, f in enumerate(feats_fake)]
+            loss_g = self._reduce(None, fake_logits, "g")
+            (loss_g * loss_scale).backward()
+            self.pool.requires_grad_(True)
+            logs["loss_g"] = loss_g.item()
+        # D step: everything detached; only the active heads enter the graph
+        real_logits = [self.pool.logits(i, active, f, t_idx) for i, f in enumerate(feats_real)]
+        fake_logits = [self.pool.logits(i, active, [x.detach() for x in f], t_idx) for i, f in enumerate(feats_fake)]
+        loss_d = self._reduce(real_logits, fake_logits, "d")
+        if train_d:
+            (loss_d * loss_scale).backward()
+        logs["loss_d"] = loss_d.item()
+        for task, r, f in zip(self.pool.tasks, real_logits, fake_logits, strict=True):
+            dr, df = r.detach().sum(1), f.detach().sum(1)
+            logs[f"{task}/d_real"] = dr.mean().item()
+            logs[f"{task}/d_fake"] = df.mean().item()
+            logs[f"{task}/loss_d"] = d_loss(dr, df, self.cfg.loss).item()
+            logs[f"{task}/loss_g"] = g_loss(df, self.cfg.loss).item()
+        return logs

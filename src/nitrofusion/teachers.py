@@ -1,0 +1,109 @@
+"""Multi-step teacher samplers as pure functions: (predict, x_T, spec) -> x0.
+
+`predict(x, t)` returns the teacher's model output (guidance already applied by the adapter).
+A sampler spec names either a diffusers scheduler or an explicit timestep grid with x0 re-noising
+(DMD2's 4-step sampler, SPEC section 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+)
+
+from .errors import ConfigError
+
+Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SamplerSpec:
+    # ddim / dpmsolver++ / euler: a diffusers scheduler; x0-renoise: explicit `timesteps`, fresh noise between steps
+    name: Literal["ddim", "dpmsolver++", "euler", "x0-renoise"] = "dpmsolver++"
+    steps: int = 8
+    guidance_scale: float = 2.0
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
+    timesteps: list[int] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError("sampler.steps must be >= 1")
+        if self.name == "x0-renoise" and self.timesteps and len(self.timesteps) != self.steps:
+            raise ConfigError("sampler.timesteps must have sampler.steps entries")
+        if self.guidance_scale < 0:
+            raise ConfigError("sampler.guidance_scale must be >= 0 (0 or 1 = no guidance)")
+
+    def describe(self) -> str:
+        g = f", CFG {self.guidance_scale:g}" if self.guidance_scale > 1 else ""
+        return f"{self.name} {self.steps} steps{g}"
+
+
+def x0_from_output(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
+                   prediction_type: str) -> torch.Tensor:
+    """x0 from a model output at noise level alpha_bar (broadcast per sample).
+    eps: x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab)  (SPEC section 2.3); v: x0 = sqrt(ab) x_t - sqrt(1-ab) v."""
+    ab = alpha_bar.to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+    if prediction_type == "epsilon":
+        return (x_t - (1 - ab).sqrt() * output) / ab.sqrt()
+    if prediction_type == "v_prediction":
+        return ab.sqrt() * x_t - (1 - ab).sqrt() * output
+    if prediction_type == "sample":
+        return output
+    raise ConfigError(f"unsupported prediction_type '{prediction_type}'")
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """q(x_t | x0): sqrt(ab) x0 + sqrt(1-ab) noise."""
+    ab = alpha_bar.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def default_grid(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """Evenly spaced 'trailing' grid: 4 steps -> [999, 749, 499, 249] (DMD2's)."""
+    return [int(num_train_timesteps - 1 - i * (num_train_timesteps // steps)) for i in range(steps)]
+
+
+def _scheduler(spec: SamplerSpec, scheduler_config: dict):
+    kw = {"timestep_spacing": spec.timestep_spacing}
+    if spec.name == "ddim":
+        return DDIMScheduler.from_config(scheduler_config, **kw, set_alpha_to_one=False, clip_sample=False)
+    if spec.name == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(scheduler_config, **kw, algorithm_type="dpmsolver++",
+                                                       solver_order=2, final_sigmas_type="zero")
+    if spec.name == "euler":
+        return EulerDiscreteScheduler.from_config(scheduler_config, **kw)
+    raise ConfigError(f"unknown sampler '{spec.name}'")
+
+
+@torch.no_grad()
+def sample(predict: Predict, x_T: torch.Tensor, spec: SamplerSpec, scheduler_config: dict,
+           alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Run the teacher from x_T to x0 with the sampler `spec`."""
+    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    if spec.name == "x0-renoise":
+        grid = spec.timesteps or default_grid(spec.steps, scheduler_config.get("num_train_timesteps", 1000))
+        x = x_T
+        x0 = x_T
+        for i, t in enumerate(grid):
+            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            x0 = x0_from_output(predict(x, tt), x, alphas_cumprod[tt].to(x.device), prediction_type)
+            if i + 1 < len(grid):
+                nxt = torch.full_like(tt, grid[i + 1])
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = add_noise(x0, noise, alphas_cumprod[nxt].to(x.device))
+        return x0
+    sched = _scheduler(spec, scheduler_config)
+    sched.set_timesteps(spec.steps, device=x_T.device)
+    x = x_T * sched.init_noise_sigma
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(x, t)
+        out = predict(inp, t.expand(x.shape[0]))
+        x = sched.step(out, t, x, generator=generator).prev_sample
+    return x

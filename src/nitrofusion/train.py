@@ -1,0 +1,241 @@
+"""The distillation loop on accelerate: teacher pairs in, a 1-4 step student out.
+
+One optimiser step = sample the active heads, run `grad_accum` micro-batches of the adversarial step
+(the same heads throughout), step both optimisers, refresh ~1% of the pool. Durations are counted in
+images. Checkpoints hold student, EMA, pool, both optimisers, RNG and data position, so `resume`
+continues exactly where the last complete checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from . import config as config_lib
+from .adapters.base import ModelAdapter, cond_to
+from .distill_config import DistillConfig
+from .errors import NitroFusionError
+from .io import atomic_write_text
+from .method.backbone import UNetBackbone
+from .method.pool import HeadPool
+from .method.step import AdversarialStep
+from .pairs import PairLoader, Pairs
+from .sampling import shifted_scheduler
+
+Evaluator = Callable[[torch.nn.Module, int], dict]
+
+
+def build_student(cfg: DistillConfig, adapter: ModelAdapter) -> torch.nn.Module:
+    """Student = the teacher's architecture; weights from the teacher or a UNet weights file (SPEC 1)."""
+    student = copy.deepcopy(adapter.teacher_unet)
+    if cfg.student_init != "teacher":
+        path = Path(cfg.student_init)
+        if not path.is_file():
+            raise NitroFusionError(f"student_init file not found: {path}; give a .safetensors UNet or 'teacher'")
+        state = load_file(str(path))
+        missing, unexpected = student.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise NitroFusionError(f"student_init {path} does not match the teacher UNet "
+                                   f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. "
+                                   f"{(missing or unexpected)[0]})")
+    student.requires_grad_(True).train()
+    if cfg.gradient_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
+        student.enable_gradient_checkpointing()
+    return student
+
+
+def _adamw(params, o) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+class _EMA:
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for k, v in module.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v.float(), 1 - self.decay)
+
+    def copy_to(self, module: torch.nn.Module) -> None:
+        module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+
+def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter, shift: int) -> Path:
+    """run_dir/student: a diffusers UNet folder plus the shifted LCM scheduler it must be sampled with."""
+    out = run_dir / "student"
+    student.save_pretrained(out / "unet", safe_serialization=True)
+    shifted_scheduler(adapter.scheduler_config, shift).save_pretrained(out / "scheduler")
+    return out
+
+
+def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs, run_dir: str | Path,
+            resume: bool = False, evaluator: Evaluator | None = None, progress: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    device = acc.device
+    config_lib.save(cfg, run_dir / "config.yaml")  # the fully resolved config of this run
+
+    torch.manual_seed(cfg.seed)
+    adapter.teacher_unet.to(device)
+    student = build_student(cfg, adapter).to(device)
+    backbone = UNetBackbone(adapter.teacher_unet, cfg.gradient_checkpointing)
+    pool = HeadPool(cfg.pool, backbone.channels).to(device)
+    opt_g = _adamw(student.parameters(), cfg.student_optim)
+    opt_d = _adamw(pool.parameters(), cfg.heads_optim)
+    student, opt_g = acc.prepare(student, opt_g)
+    ema = _EMA(acc.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    step_fn = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial)
+    loader = PairLoader(pairs, cfg.micro_batch, cfg.seed, acc.process_index, acc.num_processes)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)  # t*, noise, crops
+    images_per_step = cfg.micro_batch * cfg.grad_accum * acc.num_processes
+
+    step, images, train_seconds, bad_streak = 0, 0, 0.0, 0
+    log_path = run_dir / "log.jsonl"
+    last = ckpt.latest(run_dir) if resume else None
+    if resume and last is None and acc.is_main_process:
+        print(f"no checkpoint in {run_dir / 'checkpoints'}; starting from scratch")
+    if last is not None:
+        tensors, optim, state = ckpt.load(last)
+        acc.unwrap_model(student).load_state_dict(tensors["student"])
+        pool.set_generator_state(tensors["pool"].pop("__generator__"))
+        pool.load_state_dict(tensors["pool"])
+        if ema is not None and "ema" in tensors:
+            ema.shadow = {k: v.float() for k, v in tensors["ema"].items()}
+        opt_g.load_state_dict(optim["g"])
+        opt_d.load_state_dict(optim["d"])
+        gen.set_state(tensors["rng"]["trainer"])
+        torch.set_rng_state(tensors["rng"]["torch"])
+        loader.load_state(state["loader"])
+        step, images, train_seconds = state["step"], state["images"], state["train_seconds"]
+        if log_path.exists():  # drop entries written after that checkpoint
+            kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
+            atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
+
+    def budget_left() -> bool:
+        return not ((cfg.max_images and images >= cfg.max_images)
+                    or (cfg.max_minutes and train_seconds >= cfg.max_minutes * 60))
+
+    def save_checkpoint() -> None:
+        if not acc.is_main_process:
+            return
+        pool_sd = dict(pool.state_dict())
+        pool_sd["__generator__"] = pool.generator_state()
+        tensors = {"student": acc.unwrap_model(student).state_dict(), "pool": pool_sd,
+                   "rng": {"trainer": gen.get_state(), "torch": torch.get_rng_state()}}
+        if ema is not None:
+            tensors["ema"] = ema.shadow
+        state = {"step": step, "images": images, "train_seconds": train_seconds, "loader": loader.state()}
+        ckpt.save(run_dir, step, tensors, {"g": opt_g.state_dict(), "d": opt_d.state_dict()}, state,
+                  cfg.keep_checkpoints)
+
+    def eval_student() -> torch.nn.Module:
+        model = acc.unwrap_model(student)
+        if ema is None:
+            return model
+        copy_ = copy.deepcopy(model)
+        ema.copy_to(copy_)
+        return copy_
+
+    def evaluate() -> None:
+        if evaluator is None or not acc.is_main_process:
+            return
+        model = eval_student().eval()
+        result = evaluator(model, step)
+        model.train()
+        entry = {"step": step, "images": images, "train_seconds": round(train_seconds, 2), "eval": result}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    total = cfg.max_images or None
+    bar = tqdm(total=total, initial=min(images, total or images), unit="img", desc="distill",
+               disable=not (progress and acc.is_main_process), dynamic_ncols=True)
+    if step == 0 and cfg.eval_every:
+        evaluate()
+    while budget_left():
+        t0 = time.time()
+        active = pool.sample_active()  # fixed for all micro-batches of this optimiser step
+        sums: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            x_T, x0, prompts = loader.next()
+            cond = cond_to(adapter.encode_prompts(prompts), device)
+            sync = micro == cfg.grad_accum - 1
+            ctx = acc.no_sync(student) if not sync else _nullcontext()
+            with ctx, acc.autocast():
+                logs = step_fn(x_T.to(device), x0.to(device), cond, active, gen, loss_scale=1.0 / cfg.grad_accum)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+        finite = all(math.isfinite(v) for v in sums.values())
+        if acc.num_processes > 1:  # the pool is not DDP-wrapped: average the active heads' gradients
+            for p in pool.parameters():
+                if p.grad is not None:
+                    p.grad = acc.reduce(p.grad, reduction="mean")
+        if finite:
+            if cfg.max_grad_norm:
+                acc.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+            opt_g.step()
+            opt_d.step()
+            bad_streak = 0
+        else:
+            bad_streak += 1
+        opt_g.zero_grad(set_to_none=True)
+        opt_d.zero_grad(set_to_none=True)
+        refreshed = pool.refresh(opt_d)
+        if ema is not None and finite:
+            ema.update(acc.unwrap_model(student))
+        step += 1
+        images += images_per_step
+        dt = time.time() - t0
+        train_seconds += dt
+        bar.update(images_per_step)
+        bar.set_postfix(g=f"{sums.get('loss_g', 0):.3f}", d=f"{sums.get('loss_d', 0):.3f}",
+                        img_s=f"{images_per_step / dt:.1f}")
+        if acc.is_main_process and step % cfg.log_every == 0:
+            entry = {"step": step, "images": images, "train_seconds": round(train_seconds, 2),
+                     "images_per_second": round(images_per_step / dt, 2), "skipped": not finite,
+                     "refreshed": len(refreshed), **{k: round(v, 5) for k, v in sums.items()}}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        if not finite and bad_streak >= 10:
+            save_checkpoint()
+            raise NitroFusionError(f"{bad_streak} optimiser steps in a row had a non-finite loss (last: "
+                                   f"{ {k: v for k, v in sums.items() if not math.isfinite(v)} }); lower the "
+                                   f"learning rates; the last good state is in {run_dir / 'checkpoints'}")
+        if step % cfg.checkpoint_every == 0:
+            save_checkpoint()
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            evaluate()
+    bar.close()
+    if ckpt.latest(run_dir) is None or ckpt.latest(run_dir).name != f"step-{step:08d}":
+        save_checkpoint()
+    acc.wait_for_everyone()
+    final = eval_student().eval()
+    if acc.is_main_process:
+        save_student(run_dir, final, adapter, cfg.adversarial.shift)
+        if cfg.eval_every and (step % cfg.eval_every):
+            evaluate()
+    return {"iterations": step, "images": images, "seconds": round(train_seconds, 1), "student": final,
+            "run_dir": str(run_dir)}
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,55 @@
+"""Pictures for reports: labelled image grids (PNG) and training curves (matplotlib, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def image_grid(rows: list[torch.Tensor], row_labels: list[str], scale: int = 4, pad: int = 2,
+               label_width: int = 110) -> Image.Image:
+    """rows: tensors [N, C, H, W] in [0, 1] with the same N; one labelled row each."""
+    n, c, h, w = rows[0].shape
+    H, W = h * scale, w * scale
+    canvas = Image.new("RGB", (label_width + n * (W + pad) + pad, len(rows) * (H + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (imgs, label) in enumerate(zip(rows, row_labels, strict=True)):
+        y = pad + r * (H + pad)
+        draw.text((4, y + H // 2 - 6), label, fill="black")
+        arr = (imgs.clamp(0, 1).mul(255).round().byte().cpu().numpy())
+        for i in range(n):
+            tile = arr[i].transpose(1, 2, 0)
+            tile = np.repeat(tile, 3, axis=2) if tile.shape[2] == 1 else tile
+            img = Image.fromarray(tile).resize((W, H), Image.NEAREST)
+            canvas.paste(img, (label_width + pad + i * (W + pad), y))
+    return canvas
+
+
+def save_grid(path: str | Path, rows: list[torch.Tensor], row_labels: list[str], scale: int = 4) -> None:
+    image_grid(rows, row_labels, scale).save(path)
+
+
+def plot_curves(path: str | Path, series: dict[str, tuple[list[float], list[float]]], xlabel: str,
+                ylabel: str, title: str, hlines: dict[str, float] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", ms=3, label=name)
+    for i, (name, y) in enumerate((hlines or {}).items()):
+        ax.axhline(y, ls="--", color=f"C{i + 3}", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

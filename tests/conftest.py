@@ -1,0 +1,44 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    # Text encodings and teacher pairs go to a per-session cache, never the user's.
+    os.environ["NITROFUSION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(_cache_dir):
+    from nitrofusion.mini.models import MiniUNetConfig, build_noise_scheduler, build_unet
+    from nitrofusion.mini.teacher import MiniTeacher
+    from nitrofusion.teachers import SamplerSpec
+
+    torch.manual_seed(0)
+    model = MiniUNetConfig(block_out_channels=[16, 16, 32], norm_num_groups=8)
+    unet = build_unet(model).eval().requires_grad_(False)
+    return MiniTeacher(unet=unet, scheduler_config=dict(build_noise_scheduler().config),
+                       sampler=SamplerSpec(name="ddim", steps=2, guidance_scale=2.0), model=model)
+
+
+@pytest.fixture(scope="session")
+def mini_adapter(tiny_teacher):
+    from nitrofusion.adapters.mini import MiniAdapter
+
+    return MiniAdapter(tiny_teacher)
+
+
+@pytest.fixture()
+def tiny_cfg():
+    from nitrofusion import config
+    from nitrofusion.distill_config import DistillConfig
+
+    def make(*overrides):
+        return config.build(DistillConfig, "distill", "tiny", list(overrides))
+
+    return make

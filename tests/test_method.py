@@ -1,0 +1,177 @@
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from nitrofusion.method.backbone import UNetBackbone, level_channels
+from nitrofusion.method.losses import d_loss, g_loss
+from nitrofusion.method.pool import TASKS, HeadPool, PoolConfig
+from nitrofusion.method.step import AdversarialConfig, AdversarialStep
+
+
+def _pool(**kw):
+    return HeadPool(PoolConfig(**{"width": 8, **kw}), level_channels=[16, 16, 16, 16, 16, 16, 32, 32, 32, 32])
+
+
+def test_backbone_levels_match_sdxl_layout(tiny_teacher):
+    unet = tiny_teacher.unet
+    bb = UNetBackbone(unet)
+    assert bb.num_levels == 10
+    cond = torch.randn(2, 16, 384)
+    feats = bb(torch.randn(2, 1, 16, 16), torch.tensor([10, 500]), cond)
+    assert [tuple(f.shape[1:]) for f in feats] == [
+        (16, 16, 16), (16, 16, 16), (16, 16, 16), (16, 8, 8), (16, 8, 8), (16, 8, 8), (16, 4, 4),
+        (32, 4, 4), (32, 4, 4), (32, 4, 4)]
+    assert [f.shape[1] for f in feats] == bb.channels
+
+
+def test_backbone_equals_the_unets_own_down_path(tiny_teacher):
+    """Features are exactly what UNet2DConditionModel.forward computes (checked through a hook)."""
+    unet = tiny_teacher.unet
+    x, t, c = torch.randn(2, 1, 16, 16), torch.tensor([250, 750]), torch.randn(2, 16, 384)
+    seen = {}
+    handle = unet.mid_block.register_forward_hook(lambda m, i, o: seen.setdefault("mid", o))
+    with torch.no_grad():
+        unet(x, t, c)
+        feats = UNetBackbone(unet)(x, t, c)
+    handle.remove()
+    torch.testing.assert_close(feats[-1], seen["mid"])
+
+
+def test_backbone_level_count_for_other_layouts():
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+                                norm_num_groups=4, attention_head_dim=2)
+    feats = UNetBackbone(unet)(torch.randn(1, 4, 16, 16), torch.tensor([3]), torch.randn(1, 2, 8))
+    assert len(feats) == len(level_channels(unet)) == 1 + 2 + 1 + 1
+
+
+def test_pool_shape_and_sampling_covers_every_slot():
+    pool = _pool()
+    assert len(pool.heads) == 3 * 4 * 10 * 4 == 480
+    seen = torch.zeros(3, 4, 10, 4, dtype=torch.bool)
+    for _ in range(60):
+        active = pool.sample_active()
+        assert active.shape == (3, 4, 10)  # exactly one head per (task, t*, level) slot
+        seen.scatter_(3, active.unsqueeze(-1), True)
+    assert seen.all()
+    assert len(set(pool.active_indices(pool.sample_active()))) == 120
+
+
+def test_static_pool_always_uses_the_same_heads():
+    pool = _pool(dynamic=False)
+    assert len(pool.heads) == 120
+    assert all(pool.sample_active().eq(0).all() for _ in range(5))
+
+
+def test_pool_sampling_is_identical_for_the_same_seed():
+    a, b = _pool(seed=3), _pool(seed=3)
+    assert all(torch.equal(a.sample_active(), b.sample_active()) for _ in range(5))
+    assert a.refresh() == b.refresh()
+
+
+def test_refresh_reinitialises_exactly_the_chosen_heads_and_their_optimiser_state():
+    pool = _pool(refresh_fraction=0.01)
+    opt = torch.optim.AdamW(pool.parameters(), lr=1e-3)
+    for p in pool.parameters():  # give every head optimiser state
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = [[p.detach().clone() for p in h.parameters()] for h in pool.heads]
+    chosen = pool.refresh(opt)
+    assert len(chosen) == 5  # round(1% of 480)
+    for i, head in enumerate(pool.heads):
+        same = all(torch.equal(a, b) for a, b in zip(before[i], head.parameters(), strict=True))
+        has_state = all(p in opt.state for p in head.parameters())
+        if i in chosen:
+            assert not same and not has_state
+        else:
+            assert same and has_state
+    assert pool.refresh(None) != chosen  # a fresh draw each step
+    assert _pool(refresh_fraction=0.0).refresh(opt) == []
+
+
+def test_losses_on_known_values():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
+    assert d_loss(real, fake, "hinge").item() == pytest.approx((0 + 0.5) / 2 + (0 + 1.5) / 2)
+    assert d_loss(real, fake, "linear").item() == pytest.approx(-0.75 - 1.25)
+    sp = torch.nn.functional.softplus
+    assert d_loss(real, fake, "nonsat").item() == pytest.approx((sp(-real).mean() + sp(fake).mean()).item())
+    assert g_loss(fake, "hinge").item() == pytest.approx(0.75)
+    assert g_loss(fake, "linear").item() == pytest.approx(0.75)
+    assert g_loss(fake, "nonsat").item() == pytest.approx(sp(-fake).mean().item())
+    with pytest.raises(ValueError):
+        d_loss(real, fake, "wgan-gp")
+
+
+@pytest.fixture()
+def step_parts(tiny_teacher, mini_adapter):
+    import copy
+
+    torch.manual_seed(0)
+    student = copy.deepcopy(tiny_teacher.unet).requires_grad_(True)
+    backbone = UNetBackbone(tiny_teacher.unet)
+    pool = HeadPool(PoolConfig(width=8, heads_per_slot=2), backbone.channels)
+    step = AdversarialStep(mini_adapter, student, backbone, pool,
+                           AdversarialConfig(shift=250, loss="linear"))  # linear: never saturates
+    x_T = torch.randn(8, 1, 16, 16)
+    x0 = torch.randn(8, 1, 16, 16).clamp(-1, 1)
+    cond = mini_adapter.encode_prompts(["a photo of a dress"] * 8)
+    return step, student, pool, x_T, x0, cond
+
+
+@pytest.mark.parametrize("aggregate", ["sum", "per_head"])
+def test_only_active_heads_and_the_student_get_gradients(step_parts, aggregate):
+    step, student, pool, x_T, x0, cond = step_parts
+    step.cfg.aggregate = aggregate
+    active = pool.sample_active()
+    logs = step(x_T, x0, cond, active, torch.Generator().manual_seed(0))
+    act = set(pool.active_indices(active))
+    for i, head in enumerate(pool.heads):
+        grads = [p.grad for p in head.parameters()]
+        if i in act:
+            # (the last bias may get exactly zero under the linear loss: equal real and fake counts)
+            assert all(g is not None for g in grads) and grads[0].abs().sum() > 0, i
+        else:
+            assert all(g is None for g in grads), i
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in step.backbone.parameters())  # E is frozen
+    assert {f"{t}/loss_d" for t in TASKS} <= logs.keys()
+
+
+def test_d_step_moves_only_active_heads_and_g_step_only_the_student(step_parts):
+    step, student, pool, x_T, x0, cond = step_parts
+    active = pool.sample_active()
+    opt_d = torch.optim.AdamW(pool.parameters(), lr=1e-2)
+    heads0 = [[p.detach().clone() for p in h.parameters()] for h in pool.heads]
+    student0 = [p.detach().clone() for p in student.parameters()]
+    step(x_T, x0, cond, active, torch.Generator().manual_seed(0), train_g=False)
+    assert all(p.grad is None for p in student.parameters())
+    opt_d.step()
+    moved = {i for i, h in enumerate(pool.heads)
+             if any(not torch.equal(a, b) for a, b in zip(heads0[i], h.parameters(), strict=True))}
+    assert moved == set(pool.active_indices(active))
+    assert all(torch.equal(a, b) for a, b in zip(student0, student.parameters(), strict=True))
+
+    opt_d.zero_grad(set_to_none=True)
+    opt_g = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    heads1 = [p.detach().clone() for p in pool.parameters()]
+    step(x_T, x0, cond, active, torch.Generator().manual_seed(0), train_d=False)
+    assert all(p.grad is None for p in pool.parameters())
+    opt_g.step()
+    assert all(torch.equal(a, b) for a, b in zip(heads1, pool.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(student0, student.parameters(), strict=True))
+
+
+def test_local_tasks_see_crops_and_unconditional_sees_null(step_parts, monkeypatch):
+    step, student, pool, x_T, x0, cond = step_parts
+    calls = []
+    real_call = step.adapter.backbone_call
+
+    def spy(backbone, x, t, c, boxes):
+        calls.append((tuple(x.shape[-2:]), bool(c["states"].abs().sum() == 0), boxes is None))
+        return real_call(backbone, x, t, c, boxes)
+
+    monkeypatch.setattr(step.adapter, "backbone_call", spy)
+    step(x_T, x0, cond, pool.sample_active(), torch.Generator().manual_seed(0))
+    # per task: real (no grad) then fake; global full size with prompt, local half size, uncond null
+    assert calls == [((16, 16), False, True)] * 2 + [((8, 8), False, False)] * 2 + [((8, 8), True, False)] * 2

@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nitrofusion.cli import main
+from nitrofusion.pairs import PairLoader, load_pairs, verify_and_repair
+from nitrofusion.train import distill
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs(mini_adapter, tmp_path_factory):
+    prompts = ["a photo of a bag", "a photo of a sandal", "a photo of a trouser"]
+    out = tmp_path_factory.mktemp("pairs")
+    return verify_and_repair(mini_adapter, prompts, 16, 0, out, shard_size=8, batch_size=8, progress=False)
+
+
+def _weights(run):
+    ck = sorted((run / "checkpoints").iterdir())[-1]
+    return load_file(str(ck / "student.safetensors")), load_file(str(ck / "pool.safetensors"))
+
+
+def test_pairs_are_paired_by_x_T_and_cached(mini_adapter, tiny_pairs, tmp_path):
+    assert len(tiny_pairs) == 16 and tiny_pairs.x0.shape == tiny_pairs.x_T.shape == (16, 1, 16, 16)
+    i = 5
+    cond = mini_adapter.encode_prompts([tiny_pairs.prompts[i]])
+    again = mini_adapter.teacher_sample(tiny_pairs.x_T[i:i + 1], cond)
+    torch.testing.assert_close(again, tiny_pairs.x0[i:i + 1], rtol=1e-4, atol=1e-4)
+
+
+def test_corrupt_pair_shard_is_detected_and_regenerated(mini_adapter, tmp_path):
+    prompts = ["a photo of a bag"]
+    first = verify_and_repair(mini_adapter, prompts, 8, 1, tmp_path, shard_size=4, batch_size=4, progress=False)
+    shard = tmp_path / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="corrupt"):
+        load_pairs(tmp_path)
+    second = verify_and_repair(mini_adapter, prompts, 8, 1, tmp_path, shard_size=4, batch_size=4, progress=False)
+    assert torch.equal(first.x0, second.x0)
+
+
+def test_loader_order_is_a_function_of_position():
+    from nitrofusion.pairs import Pairs
+
+    pairs = Pairs(torch.arange(10.0).view(10, 1), torch.zeros(10, 1), [str(i) for i in range(10)])
+    a = PairLoader(pairs, 3, seed=0)
+    seq = [a.next()[2] for _ in range(7)]
+    b = PairLoader(pairs, 3, seed=0)
+    [b.next() for _ in range(4)]
+    c = PairLoader(pairs, 3, seed=0)
+    c.load_state(b.state())
+    assert [c.next()[2] for _ in range(3)] == seq[4:]
+
+
+def test_distill_smoke_writes_a_loadable_student(mini_adapter, tiny_pairs, tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    result = distill(cfg, mini_adapter, tiny_pairs, tmp_path, progress=False)
+    assert result["iterations"] == 2 and result["images"] == 16
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2]
+    for task in ("global_cond", "local_cond", "local_uncond"):
+        assert f"{task}/loss_d" in log[0] and f"{task}/d_fake" in log[0]
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "student" / "unet" / "config.json").exists()
+    from nitrofusion.generate import generate_images
+
+    a = generate_images(tmp_path, ["a photo of a bag", "a photo of a coat"], 2, seed=3)
+    b = generate_images(tmp_path, ["a photo of a bag", "a photo of a coat"], 2, seed=3)
+    assert a.shape == (2, 1, 16, 16) and torch.equal(a, b)
+
+
+def test_student_and_pool_change_during_training(mini_adapter, tiny_pairs, tiny_cfg, tmp_path):
+    distill(tiny_cfg(), mini_adapter, tiny_pairs, tmp_path, progress=False)
+    student, _ = _weights(tmp_path)
+    teacher = mini_adapter.teacher_unet.state_dict()
+    assert any(not torch.equal(student[k], teacher[k]) for k in teacher)
+
+
+def test_resume_reaches_the_same_weights(mini_adapter, tiny_pairs, tiny_cfg, tmp_path):
+    distill(tiny_cfg("max_images=32"), mini_adapter, tiny_pairs, tmp_path / "straight", progress=False)
+    distill(tiny_cfg("max_images=16"), mini_adapter, tiny_pairs, tmp_path / "split", progress=False)
+    distill(tiny_cfg("max_images=32"), mini_adapter, tiny_pairs, tmp_path / "split", resume=True, progress=False)
+    (s1, p1), (s2, p2) = _weights(tmp_path / "straight"), _weights(tmp_path / "split")
+    assert s1.keys() == s2.keys() and p1.keys() == p2.keys()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert all(torch.equal(p1[k], p2[k]) for k in p1)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["distill", "--out", "X", "--preset", "nope"], "unknown distill preset 'nope'"),
+    (["distill", "--out", "X", "--set", "pool.widht=3"], "did you mean 'width'"),
+    (["distill", "--out", "X", "--teacher", "/nonexistent/teacher"], "teacher file missing: /nonexistent/teacher"),
+    (["generate", "--model", "/nonexistent", "--prompt", "a", "--out", "Y"], "no student in /nonexistent"),
+    (["demo", "--set", "micro_batch=-1"], "micro_batch and grad_accum must be >= 1"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
