@@ -26,7 +26,7 @@ class PairsConfig:
     count: int = 4000
     seed: int = 0
     shard_size: int = 1000
-    batch_size: int = 250
+    batch_size: int = 64
     dir: str = ""  # empty: the cache folder, keyed by teacher, sampler, prompts, count and seed
 
     def validate(self) -> None:
