@@ -102,3 +102,18 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path, mo
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_non_finite_losses_skip_steps_then_stop_with_a_checkpoint(mini_adapter, tiny_pairs, tiny_cfg, tmp_path,
+                                                                 monkeypatch):
+    from nitrofusion.errors import NitroFusionError
+    from nitrofusion.method.step import AdversarialStep
+
+    monkeypatch.setattr(AdversarialStep, "__call__", lambda self, *a, **k: {"loss_g": float("nan"), "loss_d": 1.0})
+    before = {k: v.clone() for k, v in mini_adapter.teacher_unet.state_dict().items()}
+    with pytest.raises(NitroFusionError, match="non-finite loss"):
+        distill(tiny_cfg("max_images=400"), mini_adapter, tiny_pairs, tmp_path, progress=False)
+    student, _ = _weights(tmp_path)
+    assert all(torch.equal(student[k], before[k]) for k in before)  # no step was taken
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 10 and all(e["skipped"] for e in log)

@@ -104,7 +104,8 @@ def _plot(out: Path, report: dict) -> None:
             ys.append(e["eval"]["fid"])
     if xs:
         plot_curves(out / "fid_curve.png", {"student, 1 step": (xs, ys)}, "training images",
-                    "classifier-FID, log scale (eval_samples held-out)", "Mini world: 1-step quality during distillation",
+                    "classifier-FID, log scale (eval_samples held-out)",
+                    "Mini world: 1-step quality during distillation",
                     {"teacher (multi-step)": report["teacher"]["fid"]})
 
 
