@@ -117,3 +117,11 @@ def test_non_finite_losses_skip_steps_then_stop_with_a_checkpoint(mini_adapter, 
     assert all(torch.equal(student[k], before[k]) for k in before)  # no step was taken
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(log) == 10 and all(e["skipped"] for e in log)
+
+
+def test_an_existing_run_is_never_overwritten(mini_adapter, tiny_pairs, tiny_cfg, tmp_path):
+    from nitrofusion.errors import NitroFusionError
+
+    distill(tiny_cfg(), mini_adapter, tiny_pairs, tmp_path, progress=False)
+    with pytest.raises(NitroFusionError, match="already holds a run.*--resume"):
+        distill(tiny_cfg(), mini_adapter, tiny_pairs, tmp_path, progress=False)

@@ -8,6 +8,7 @@ and prompts -> report.md, report.json, grids, classifier-FID curve.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
     log(f"teacher pairs ready: {len(train_pairs)} train, {len(eval_pairs)} eval ({pair_seconds:.0f} s)")
 
     evaluation = MiniEvaluation(adapter, eval_pairs, metrics, cfg.adversarial.shift, seed=cfg.seed)
+    if not resume and (out / "run").exists():
+        shutil.rmtree(out / "run")  # the demo's own folder: a rerun starts afresh unless --resume
     result = distill(cfg, adapter, train_pairs, out / "run", resume=resume,
                      evaluator=evaluation.curve(cfg.eval_samples))
     student = result["student"]

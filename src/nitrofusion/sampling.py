@@ -6,12 +6,13 @@ import torch
 
 from .adapters.base import Cond, ModelAdapter
 from .errors import NitroFusionError
-from .schedulers import TimestepShiftLCMScheduler
+from .schedulers import TimestepShiftLCMScheduler, config_for
 
 
 def shifted_scheduler(scheduler_config: dict, shift: int) -> TimestepShiftLCMScheduler:
-    return TimestepShiftLCMScheduler.from_config(scheduler_config, shifted_timestep=shift,
-                                                 original_inference_steps=4)
+    cfg = {**config_for(TimestepShiftLCMScheduler, scheduler_config), "shifted_timestep": shift,
+           "original_inference_steps": 4}
+    return TimestepShiftLCMScheduler.from_config(cfg)
 
 
 @torch.no_grad()

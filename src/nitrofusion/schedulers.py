@@ -11,6 +11,7 @@ scheduler config keeps that config's betas instead of silently falling back to L
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import numpy as np
 import torch
@@ -78,3 +79,9 @@ class TimestepShiftLCMScheduler(LCMScheduler):
             self._init_step_index(timestep)
         with self._unshifted_grid():
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+
+
+def config_for(cls, scheduler_config: dict) -> dict:
+    """The keys of another scheduler's config that `cls` understands (no 'ignored attribute' warnings)."""
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    return {k: v for k, v in scheduler_config.items() if k in accepted}

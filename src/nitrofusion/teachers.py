@@ -19,6 +19,7 @@ from diffusers import (
 )
 
 from .errors import ConfigError
+from .schedulers import config_for
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -73,12 +74,14 @@ def default_grid(steps: int, num_train_timesteps: int = 1000) -> list[int]:
 def _scheduler(spec: SamplerSpec, scheduler_config: dict):
     kw = {"timestep_spacing": spec.timestep_spacing}
     if spec.name == "ddim":
-        return DDIMScheduler.from_config(scheduler_config, **kw, set_alpha_to_one=False, clip_sample=False)
+        return DDIMScheduler.from_config(config_for(DDIMScheduler, scheduler_config), **kw,
+                                         set_alpha_to_one=False, clip_sample=False)
     if spec.name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(scheduler_config, **kw, algorithm_type="dpmsolver++",
-                                                       solver_order=2, final_sigmas_type="zero")
+        return DPMSolverMultistepScheduler.from_config(config_for(DPMSolverMultistepScheduler, scheduler_config),
+                                                       **kw, algorithm_type="dpmsolver++", solver_order=2,
+                                                       final_sigmas_type="zero")
     if spec.name == "euler":
-        return EulerDiscreteScheduler.from_config(scheduler_config, **kw)
+        return EulerDiscreteScheduler.from_config(config_for(EulerDiscreteScheduler, scheduler_config), **kw)
     raise ConfigError(f"unknown sampler '{spec.name}'")
 
 

@@ -84,7 +84,16 @@ def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter,
 def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs, run_dir: str | Path,
             resume: bool = False, evaluator: Evaluator | None = None, progress: bool = True) -> dict:
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and ckpt.latest(run_dir) is not None:
+        raise NitroFusionError(f"{run_dir} already holds a run (checkpoints/); add --resume to continue it or "
+                               "choose a new --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise NitroFusionError(f"cannot write to the run folder {run_dir} ({e.strerror})") from None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     acc = Accelerator(mixed_precision=cfg.mixed_precision)
@@ -110,7 +119,9 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs, run_dir: st
     last = ckpt.latest(run_dir) if resume else None
     if resume and last is None and acc.is_main_process:
         print(f"no checkpoint in {run_dir / 'checkpoints'}; starting from scratch")
-    if last is not None:
+    if last is None:
+        log_path.unlink(missing_ok=True)
+    else:
         tensors, optim, state = ckpt.load(last)
         acc.unwrap_model(student).load_state_dict(tensors["student"])
         pool.set_generator_state(tensors["pool"].pop("__generator__"))
@@ -123,7 +134,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs, run_dir: st
         torch.set_rng_state(tensors["rng"]["torch"])
         loader.load_state(state["loader"])
         step, images, train_seconds = state["step"], state["images"], state["train_seconds"]
-        if log_path.exists():  # drop entries written after that checkpoint
+        if log_path.exists():  # drop entries written after that checkpoint (or by an unfinished run)
             kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
             atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
 

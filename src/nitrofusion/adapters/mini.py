@@ -8,6 +8,7 @@ from diffusers import DDPMScheduler
 from ..mini import text
 from ..mini.data import class_prompts
 from ..mini.teacher import MiniTeacher
+from ..schedulers import config_for
 from .base import Cond, ModelAdapter
 
 
@@ -19,7 +20,7 @@ class MiniAdapter(ModelAdapter):
         self.teacher_unet = teacher.unet
         self.sampler = teacher.sampler
         self.scheduler_config = dict(teacher.scheduler_config)
-        sched = DDPMScheduler.from_config(self.scheduler_config)
+        sched = DDPMScheduler.from_config(config_for(DDPMScheduler, self.scheduler_config))
         self.alphas_cumprod = sched.alphas_cumprod.clone()
         self.num_train_timesteps = sched.config.num_train_timesteps
         self.prediction_type = sched.config.prediction_type
