@@ -125,3 +125,27 @@ def test_an_existing_run_is_never_overwritten(mini_adapter, tiny_pairs, tiny_cfg
     distill(tiny_cfg(), mini_adapter, tiny_pairs, tmp_path, progress=False)
     with pytest.raises(NitroFusionError, match="already holds a run.*--resume"):
         distill(tiny_cfg(), mini_adapter, tiny_pairs, tmp_path, progress=False)
+
+
+def test_heads_are_sampled_once_per_optimiser_step_not_per_micro_batch(mini_adapter, tiny_pairs, tiny_cfg,
+                                                                        tmp_path, monkeypatch):
+    from nitrofusion.method.pool import HeadPool
+    from nitrofusion.method.step import AdversarialStep
+
+    draws, seen = [], []
+    original_sample, original_call = HeadPool.sample_active, AdversarialStep.__call__
+
+    def sample(self):
+        draws.append(original_sample(self))
+        return draws[-1]
+
+    def call(self, x_T, x0, cond, active, *a, **k):
+        seen.append(active)
+        return original_call(self, x_T, x0, cond, active, *a, **k)
+
+    monkeypatch.setattr(HeadPool, "sample_active", sample)
+    monkeypatch.setattr(AdversarialStep, "__call__", call)
+    distill(tiny_cfg("grad_accum=3", "max_images=36"), mini_adapter, tiny_pairs, tmp_path, progress=False)
+    assert len(draws) == 3 and len(seen) == 9
+    for i, active in enumerate(seen):
+        assert active is draws[i // 3]

@@ -77,6 +77,8 @@ def cmd_pairs(args) -> None:
 
 
 def cmd_distill(args) -> None:
+    from accelerate import PartialState
+
     from .adapters.mini import MiniAdapter
     from .demo import pair_dir
     from .mini.data import class_prompts
@@ -88,12 +90,16 @@ def cmd_distill(args) -> None:
     cfg = _distill_config(args, extra)
     adapter = MiniAdapter(load_teacher(cfg.teacher or None))
     prompts = class_prompts()
-    pairs = verify_and_repair(adapter, prompts, cfg.pairs.count, cfg.pairs.seed,
-                              pair_dir(cfg, adapter, prompts, cfg.pairs.count, cfg.pairs.seed),
-                              shard_size=cfg.pairs.shard_size, batch_size=cfg.pairs.batch_size)
+    state = PartialState()
+    with state.main_process_first():  # one process fills the pair cache; the others then read it
+        pairs = verify_and_repair(adapter, prompts, cfg.pairs.count, cfg.pairs.seed,
+                                  pair_dir(cfg, adapter, prompts, cfg.pairs.count, cfg.pairs.seed),
+                                  shard_size=cfg.pairs.shard_size, batch_size=cfg.pairs.batch_size,
+                                  progress=state.is_main_process)
     result = distill(cfg, adapter, pairs, Path(args.out), resume=args.resume)
-    print(f"student written to {Path(args.out) / 'student'}: {result['iterations']} steps, "
-          f"{result['images']} images, {result['seconds']:.0f} s")
+    if state.is_main_process:
+        print(f"student written to {Path(args.out) / 'student'}: {result['iterations']} steps, "
+              f"{result['images']} images, {result['seconds']:.0f} s")
 
 
 def cmd_generate(args) -> None:
