@@ -118,6 +118,17 @@ def cmd_generate(args) -> None:
     print(f"wrote {len(paths)} images and a grid to {args.out}")
 
 
+def cmd_evaluate(args) -> None:
+    from .evaluate import evaluate_mini
+
+    r = evaluate_mini(args.model, args.steps, Path(args.out), samples=args.samples, seed=args.seed,
+                      teacher=args.teacher)
+    for row in r["rows"]:
+        print(f"{row['model']} {row['steps']} step(s): classifier-FID {row['fid']:.2f} (to teacher "
+              f"{row['fid_to_teacher']:.2f}), accuracy {row['accuracy']:.3f}")
+    print(f"results: {Path(args.out) / 'results.md'}")
+
+
 def cmd_presets(args) -> None:
     from .config import available_presets
 
@@ -160,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-per-prompt", type=int, default=1)
     p.add_argument("--out", required=True, help="output folder for PNG files and grid.png")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="fixed-seed metrics and grids of a student (or 'teacher') at 1-4 steps")
+    p.add_argument("--model", required=True, help="run folder, student folder, or 'teacher' for the teacher")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="step counts, 1-4 (default 1 2 4)")
+    p.add_argument("--samples", type=int, default=2000, help="held-out prompts/x_T (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="held-out set and re-noising seed")
+    p.add_argument("--teacher", help="teacher folder the held-out set comes from (default: shipped)")
+    p.add_argument("--out", required=True, help="folder for results.json, results.md, grid.png")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("teacher", help="train the mini-world teacher (the shipped one came from preset 'mini')")
     _add_config_args(p, "mini")

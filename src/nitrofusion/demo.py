@@ -17,6 +17,7 @@ import torch
 from . import config as config_lib
 from .adapters.mini import MiniAdapter
 from .distill_config import DistillConfig
+from .evaluate import EVAL_SEED_OFFSET
 from .io import atomic_write_json, atomic_write_text, cache_dir
 from .mini.data import CLASSES, class_prompts
 from .mini.evaluation import MiniEvaluation
@@ -25,8 +26,6 @@ from .mini.teacher import load_teacher
 from .pairs import cache_key, verify_and_repair
 from .train import distill
 from .viz import plot_curves, save_grid
-
-EVAL_SEED_OFFSET = 1_000_003
 
 
 def pair_dir(cfg: DistillConfig, adapter, prompts: list[str], count: int, seed: int) -> Path:
