@@ -62,17 +62,13 @@ def cmd_classifier(args) -> None:
 
 def cmd_pairs(args) -> None:
     from .adapters.mini import MiniAdapter
-    from .demo import pair_dir
-    from .mini.data import class_prompts
+    from .mini.pairsets import pair_dir, training_pairs
     from .mini.teacher import load_teacher
-    from .pairs import verify_and_repair
 
     cfg = _distill_config(args)
     adapter = MiniAdapter(load_teacher(cfg.teacher or None))
-    prompts = class_prompts()
-    out = Path(args.out) if args.out else pair_dir(cfg, adapter, prompts, cfg.pairs.count, cfg.pairs.seed)
-    pairs = verify_and_repair(adapter, prompts, cfg.pairs.count, cfg.pairs.seed, out,
-                              shard_size=cfg.pairs.shard_size, batch_size=cfg.pairs.batch_size)
+    out = Path(args.out) if args.out else pair_dir(cfg.pairs.dir, adapter, cfg.pairs.count, cfg.pairs.seed)
+    pairs = training_pairs(cfg, adapter, out)
     print(f"{len(pairs)} teacher pairs in {out}")
 
 
@@ -80,22 +76,16 @@ def cmd_distill(args) -> None:
     from accelerate import PartialState
 
     from .adapters.mini import MiniAdapter
-    from .demo import pair_dir
-    from .mini.data import class_prompts
+    from .mini.pairsets import training_pairs
     from .mini.teacher import load_teacher
-    from .pairs import verify_and_repair
     from .train import distill
 
     extra = [f"teacher={args.teacher}"] if args.teacher else []
     cfg = _distill_config(args, extra)
     adapter = MiniAdapter(load_teacher(cfg.teacher or None))
-    prompts = class_prompts()
     state = PartialState()
     with state.main_process_first():  # one process fills the pair cache; the others then read it
-        pairs = verify_and_repair(adapter, prompts, cfg.pairs.count, cfg.pairs.seed,
-                                  pair_dir(cfg, adapter, prompts, cfg.pairs.count, cfg.pairs.seed),
-                                  shard_size=cfg.pairs.shard_size, batch_size=cfg.pairs.batch_size,
-                                  progress=state.is_main_process)
+        pairs = training_pairs(cfg, adapter, progress=state.is_main_process)
     result = distill(cfg, adapter, pairs, Path(args.out), resume=args.resume)
     if state.is_main_process:
         print(f"student written to {Path(args.out) / 'student'}: {result['iterations']} steps, "

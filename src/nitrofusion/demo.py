@@ -17,21 +17,13 @@ import torch
 from . import config as config_lib
 from .adapters.mini import MiniAdapter
 from .distill_config import DistillConfig
-from .evaluate import EVAL_SEED_OFFSET
-from .io import atomic_write_json, atomic_write_text, cache_dir
-from .mini.data import CLASSES, class_prompts
-from .mini.evaluation import MiniEvaluation
+from .io import atomic_write_json, atomic_write_text
+from .mini.evaluation import MiniEvaluation, per_class
 from .mini.metrics import MiniMetrics
+from .mini.pairsets import held_out_pairs, training_pairs
 from .mini.teacher import load_teacher
-from .pairs import cache_key, verify_and_repair
 from .train import distill
 from .viz import plot_curves, save_grid
-
-
-def pair_dir(cfg: DistillConfig, adapter, prompts: list[str], count: int, seed: int) -> Path:
-    if cfg.pairs.dir:
-        return Path(cfg.pairs.dir) / f"{count}-{seed}"
-    return cache_dir("pairs") / cache_key(adapter, prompts, count, seed)
 
 
 def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bool = False,
@@ -43,15 +35,10 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
     teacher = load_teacher(cfg.teacher or None)
     adapter = MiniAdapter(teacher)
     metrics = MiniMetrics()
-    prompts = class_prompts()
-    kw = {"shard_size": cfg.pairs.shard_size, "batch_size": cfg.pairs.batch_size}
 
     t0 = time.time()
-    train_pairs = verify_and_repair(adapter, prompts, cfg.pairs.count, cfg.pairs.seed,
-                                    pair_dir(cfg, adapter, prompts, cfg.pairs.count, cfg.pairs.seed), **kw)
-    eval_seed = cfg.pairs.seed + EVAL_SEED_OFFSET
-    eval_pairs = verify_and_repair(adapter, prompts, eval_samples, eval_seed,
-                                   pair_dir(cfg, adapter, prompts, eval_samples, eval_seed), **kw)
+    train_pairs = training_pairs(cfg, adapter)
+    eval_pairs = held_out_pairs(adapter, eval_samples, cfg.pairs)
     pair_seconds = time.time() - t0
     log(f"teacher pairs ready: {len(train_pairs)} train, {len(eval_pairs)} eval ({pair_seconds:.0f} s)")
 
@@ -81,11 +68,7 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
     report["config"] = config_lib.to_dict(cfg)
 
     # Pictures: the same prompts and x_T for every row (two per class).
-    pick = []
-    for c in range(len(CLASSES)):
-        hits = (evaluation.labels == c).nonzero().flatten()[:2].tolist()
-        pick += hits
-    pick = torch.tensor(pick)
+    pick = per_class(evaluation.labels)
     rows = [adapter.decode(eval_pairs.x0[pick]), adapter.decode(one_step[pick])]
     rows += [adapter.decode(images[s][pick]) for s in (1, 2, 4)]
     labels = [f"teacher {teacher.sampler.steps} st", "teacher 1 st", "student 1 st", "student 2 st", "student 4 st"]

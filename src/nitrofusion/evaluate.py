@@ -10,31 +10,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from .adapters.mini import MiniAdapter
 from .distill_config import PairsConfig
 from .errors import NitroFusionError
 from .generate import load_mini_student
-from .io import atomic_write_json, atomic_write_text, cache_dir
-from .mini.data import CLASSES, class_prompts
-from .mini.evaluation import MiniEvaluation
+from .io import atomic_write_json, atomic_write_text
+from .mini.evaluation import MiniEvaluation, labels_for, per_class
 from .mini.metrics import MiniMetrics
+from .mini.pairsets import held_out_pairs
 from .mini.teacher import load_teacher
-from .pairs import cache_key, verify_and_repair
 from .viz import save_grid
-
-EVAL_SEED_OFFSET = 1_000_003  # the held-out set: pair seed + this offset (the demo uses the same set)
-
-
-def held_out_pairs(adapter: MiniAdapter, count: int, seed: int = 0, progress: bool = True):
-    prompts = class_prompts()
-    pseed = seed + EVAL_SEED_OFFSET
-    out = cache_dir("pairs") / cache_key(adapter, prompts, count, pseed)
-    cfg = PairsConfig()
-    return verify_and_repair(adapter, prompts, count, pseed, out, shard_size=cfg.shard_size,
-                             batch_size=cfg.batch_size, progress=progress)
 
 
 def evaluate_mini(model: str, steps: list[int], out: Path, samples: int = 2000, seed: int = 0,
@@ -45,13 +32,12 @@ def evaluate_mini(model: str, steps: list[int], out: Path, samples: int = 2000, 
         raise NitroFusionError("--samples must be at least 10")
     started = time.time()
     adapter = MiniAdapter(load_teacher(teacher))
-    pairs = held_out_pairs(adapter, samples, seed, progress)
+    pairs = held_out_pairs(adapter, samples, PairsConfig(seed=seed), progress)
     metrics = MiniMetrics()
     results: dict = {"model": model, "samples": samples, "seed": seed, "metric": "classifier-FID (project "
                      "Fashion-MNIST classifier features, not Inception)", "rows": []}
     rows, labels = [], []
-    pick = torch.cat([(MiniEvaluation(adapter, pairs, metrics, 500).labels == c).nonzero().flatten()[:2]
-                      for c in range(len(CLASSES))])
+    pick = per_class(labels_for(pairs.prompts))
     if model == "teacher":
         evaluation = MiniEvaluation(adapter, pairs, metrics, shift=1000, seed=seed)
         row = {"model": "teacher", "steps": adapter.sampler.steps, "sampler": adapter.sampler.describe(),

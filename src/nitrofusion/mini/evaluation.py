@@ -19,6 +19,11 @@ def labels_for(prompts: list[str]) -> torch.Tensor:
     return torch.tensor([index.get(p, -1) for p in prompts])
 
 
+def per_class(labels: torch.Tensor, n: int = 2) -> torch.Tensor:
+    """Indices of the first n samples of every class, class by class (the rows of a picture grid)."""
+    return torch.cat([(labels == c).nonzero().flatten()[:n] for c in range(len(class_prompts()))])
+
+
 class MiniEvaluation:
     def __init__(self, adapter: MiniAdapter, eval_pairs: Pairs, metrics: MiniMetrics, shift: int,
                  seed: int = 0, batch_size: int = 500) -> None:

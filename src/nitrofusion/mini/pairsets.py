@@ -1,0 +1,38 @@
+"""The mini world's two teacher-pair sets, in one place: the training set a preset reads, and the
+held-out set (pair seed + EVAL_SEED_OFFSET) that the demo and `nitrofusion evaluate` both score on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..adapters.mini import MiniAdapter
+from ..distill_config import DistillConfig, PairsConfig
+from ..io import cache_dir
+from ..pairs import Pairs, cache_key, verify_and_repair
+from .data import class_prompts
+
+EVAL_SEED_OFFSET = 1_000_003
+
+
+def pair_dir(root: str, adapter: MiniAdapter, count: int, seed: int) -> Path:
+    """`root`/count-seed when a folder is configured, else the shared cache keyed by teacher and sampler."""
+    if root:
+        return Path(root) / f"{count}-{seed}"
+    return cache_dir("pairs") / cache_key(adapter, class_prompts(), count, seed)
+
+
+def _pairs(adapter: MiniAdapter, cfg: PairsConfig, count: int, seed: int, out: Path | None,
+           progress: bool) -> Pairs:
+    return verify_and_repair(adapter, class_prompts(), count, seed, out or pair_dir(cfg.dir, adapter, count, seed),
+                             shard_size=cfg.shard_size, batch_size=cfg.batch_size, progress=progress)
+
+
+def training_pairs(cfg: DistillConfig, adapter: MiniAdapter, out: Path | None = None,
+                   progress: bool = True) -> Pairs:
+    return _pairs(adapter, cfg.pairs, cfg.pairs.count, cfg.pairs.seed, out, progress)
+
+
+def held_out_pairs(adapter: MiniAdapter, count: int, pairs_cfg: PairsConfig | None = None,
+                   progress: bool = True) -> Pairs:
+    cfg = pairs_cfg or PairsConfig()
+    return _pairs(adapter, cfg, count, cfg.seed + EVAL_SEED_OFFSET, None, progress)
