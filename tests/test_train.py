@@ -107,16 +107,22 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path, mo
 def test_non_finite_losses_skip_steps_then_stop_with_a_checkpoint(mini_adapter, tiny_pairs, tiny_cfg, tmp_path,
                                                                  monkeypatch):
     from nitrofusion.errors import NitroFusionError
-    from nitrofusion.method.step import AdversarialStep
+    from nitrofusion.method.pool import HeadPool
 
-    monkeypatch.setattr(AdversarialStep, "__call__", lambda self, *a, **k: {"loss_g": float("nan"), "loss_d": 1.0})
+    logits = HeadPool.logits
+
+    def poisoned(self, task, active, feats, t_idx):  # NaN from the local-conditional heads at t* = 500 only
+        out = logits(self, task, active, feats, t_idx)
+        return torch.where((t_idx == 2)[:, None] & (task == 1), torch.nan, out)
+
+    monkeypatch.setattr(HeadPool, "logits", poisoned)
     before = {k: v.clone() for k, v in mini_adapter.teacher_unet.state_dict().items()}
-    with pytest.raises(NitroFusionError, match="non-finite loss"):
+    with pytest.raises(NitroFusionError, match=r"non-finite loss or gradient \(last: local_cond@t\*=500\)"):
         distill(tiny_cfg("max_images=400"), mini_adapter, tiny_pairs, tmp_path, progress=False)
     student, _ = _weights(tmp_path)
     assert all(torch.equal(student[k], before[k]) for k in before)  # no step was taken
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 10 and all(e["skipped"] for e in log)
+    assert len(log) == 10 and all(e["skipped"] and e["nonfinite"] == ["local_cond@t*=500"] for e in log)
 
 
 def test_an_existing_run_is_never_overwritten(mini_adapter, tiny_pairs, tiny_cfg, tmp_path):

@@ -60,32 +60,38 @@ def cmd_classifier(args) -> None:
     print(f"classifier and real-data statistics written to {out}: {info}")
 
 
-def cmd_pairs(args) -> None:
-    from .adapters.mini import MiniAdapter
-    from .mini.pairsets import pair_dir, training_pairs
-    from .mini.teacher import load_teacher
+def _model_args(args) -> list[str]:
+    """--teacher / --prompts are shorthands for the config keys teacher= / prompts.source=."""
+    extra = [f"teacher={args.teacher}"] if getattr(args, "teacher", None) else []
+    return extra + ([f"prompts.source={args.prompts}"] if getattr(args, "prompts", None) else [])
 
-    cfg = _distill_config(args)
-    adapter = MiniAdapter(load_teacher(cfg.teacher or None))
-    out = Path(args.out) if args.out else pair_dir(cfg.pairs.dir, adapter, cfg.pairs.count, cfg.pairs.seed)
-    pairs = training_pairs(cfg, adapter, out)
-    print(f"{len(pairs)} teacher pairs in {out}")
+
+def cmd_pairs(args) -> None:
+    from accelerate import PartialState
+
+    from .pairs import load_pairs
+    from .worlds import load_adapter, training_data
+
+    cfg = _distill_config(args, _model_args(args))
+    if cfg.pairs.online:
+        raise NitroFusionError("pairs.online is set: this preset samples the teacher during training, nothing to "
+                               "pre-generate (use --set pairs.online=false)")
+    state = PartialState()
+    out = training_data(cfg, load_adapter(cfg), state, Path(args.out) if args.out else None, load=False)
+    if state.is_main_process:
+        print(f"{len(load_pairs(out, in_memory=False))} teacher pairs in {out}")
 
 
 def cmd_distill(args) -> None:
     from accelerate import PartialState
 
-    from .adapters.mini import MiniAdapter
-    from .mini.pairsets import training_pairs
-    from .mini.teacher import load_teacher
     from .train import distill
+    from .worlds import load_adapter, training_data
 
-    extra = [f"teacher={args.teacher}"] if args.teacher else []
-    cfg = _distill_config(args, extra)
-    adapter = MiniAdapter(load_teacher(cfg.teacher or None))
+    cfg = _distill_config(args, _model_args(args))
     state = PartialState()
-    with state.main_process_first():  # one process fills the pair cache; the others then read it
-        pairs = training_pairs(cfg, adapter, progress=state.is_main_process)
+    adapter = load_adapter(cfg)
+    pairs = training_data(cfg, adapter, state)
     result = distill(cfg, adapter, pairs, Path(args.out), resume=args.resume)
     if state.is_main_process:
         print(f"student written to {Path(args.out) / 'student'}: {result['iterations']} steps, "
@@ -139,16 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("distill", help="run NitroFusion distillation (mini world; `accelerate launch -m "
-                       "nitrofusion distill` for many processes)")
+    p = sub.add_parser("distill", help="run NitroFusion distillation (mini world or SDXL; `accelerate launch "
+                       "-m nitrofusion distill` for many processes)")
     _add_config_args(p, "mini")
-    p.add_argument("--teacher", help="teacher folder (default: the shipped mini teacher)")
+    p.add_argument("--teacher", help="teacher folder: a diffusers SDXL pipeline (sdxl presets) or a mini teacher")
+    p.add_argument("--prompts", help="prompt source for sdxl: .txt, .csv/.jsonl (prompts.column), a datasets "
+                   "folder, or hf:NAME")
     p.add_argument("--out", required=True, help="run folder: config, log, checkpoints, student")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("pairs", help="pre-generate and cache the teacher pairs a distillation preset reads")
+    p = sub.add_parser("pairs", help="pre-generate and cache the teacher pairs a distillation preset reads "
+                       "(`accelerate launch -m nitrofusion pairs` shards it over processes)")
     _add_config_args(p, "mini")
+    p.add_argument("--teacher", help="teacher folder (as for distill)")
+    p.add_argument("--prompts", help="prompt source (as for distill)")
     p.add_argument("--out", help="cache folder (default: the shared cache the trainer reads)")
     p.set_defaults(func=cmd_pairs)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .adapters.sdxl import SDXLConfig
 from .errors import ConfigError
 from .method.pool import PoolConfig
 from .method.step import AdversarialConfig
@@ -15,6 +16,7 @@ class OptimConfig:
     lr: float = 1e-6
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
+    kind: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes' AdamW8bit (GPU; optimizer state /4)
 
     def validate(self) -> None:
         if self.lr <= 0 or len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -28,6 +30,9 @@ class PairsConfig:
     shard_size: int = 1000
     batch_size: int = 64
     dir: str = ""  # empty: the cache folder, keyed by teacher, sampler, prompts, count and seed
+    online: bool = False  # sample the teacher during training instead of reading a cache (no disk, slower steps)
+    in_memory: bool = True  # read the whole cache into RAM; false streams rows from the shards (SDXL scale)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage (float16 halves an SDXL cache)
 
     def validate(self) -> None:
         if self.count < 1 or self.shard_size < 1 or self.batch_size < 1:
@@ -35,9 +40,23 @@ class PairsConfig:
 
 
 @dataclass
+class PromptsConfig:
+    source: str = ""  # .txt (one per line), .csv/.tsv/.jsonl (column), a `datasets` folder, or hf:NAME
+    column: str = ""  # empty: the first of prompt / caption / text
+    split: str = "train"
+    max_chars: int = 1000  # longer prompts are skipped and counted
+
+    def validate(self) -> None:
+        if self.max_chars < 1:
+            raise ConfigError("prompts.max_chars must be >= 1")
+
+
+@dataclass
 class DistillConfig:
-    world: Literal["mini"] = "mini"
-    teacher: str = ""  # teacher folder; empty: the shipped mini teacher
+    world: Literal["mini", "sdxl"] = "mini"
+    teacher: str = ""  # teacher folder: a diffusers SDXL pipeline (sdxl); empty = the shipped teacher (mini)
+    sdxl: SDXLConfig = field(default_factory=SDXLConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)  # sdxl; the mini world uses its 10 classes
     student_init: str = "teacher"  # "teacher" or a UNet weights file (.safetensors)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
@@ -69,3 +88,5 @@ class DistillConfig:
             raise ConfigError("ema_decay must be in [0, 1)")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
             raise ConfigError("checkpoint_every, keep_checkpoints and log_every must be >= 1")
+        if self.world == "mini" and (self.prompts.source or self.sdxl.teacher_unet or self.sdxl.teacher_lora):
+            raise ConfigError("prompts.* and sdxl.* apply to world 'sdxl'; the mini world's prompts are its 10 classes")

@@ -18,19 +18,51 @@ from tqdm.auto import tqdm
 
 from .adapters.base import ModelAdapter
 from .errors import NitroFusionError
-from .io import atomic_save_safetensors, atomic_write_json
+from .io import atomic_save_safetensors, atomic_write_json, cache_dir
+from .prompts import PromptSource
 
 META = "pairs.json"
+Prompts = list[str] | PromptSource
 
 
 @dataclass
 class Pairs:
+    """A pair set held in memory."""
+
     x_T: torch.Tensor
     x0: torch.Tensor
     prompts: list[str]
 
     def __len__(self) -> int:
         return self.x_T.shape[0]
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        return self.x_T[idx], self.x0[idx], [self.prompts[i] for i in idx.tolist()]
+
+
+class ShardedPairs:
+    """A pair set read row by row from its memory-mapped shards: a million SDXL pairs cost no RAM."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._files = [safe_open(str(p), framework="pt") for p in paths]
+        self._prompts = [json.loads(f.metadata()["prompts"]) for f in self._files]
+        sizes = torch.tensor([len(p) for p in self._prompts])
+        self._starts = torch.cumsum(sizes, 0) - sizes
+        self._len = int(sizes.sum())
+
+    def __len__(self) -> int:
+        return self._len
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        shard = torch.searchsorted(self._starts, idx, right=True) - 1
+        rows = idx - self._starts[shard]
+        x_T, x0, prompts = [], [], []
+        for s, r in zip(shard.tolist(), rows.tolist(), strict=True):
+            f = self._files[s]
+            x_T.append(f.get_slice("x_T")[r:r + 1].float())
+            x0.append(f.get_slice("x0")[r:r + 1].float())
+            prompts.append(self._prompts[s][r])
+        return torch.cat(x_T), torch.cat(x0), prompts
 
 
 def fingerprint(module: torch.nn.Module) -> str:
@@ -41,14 +73,32 @@ def fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(adapter: ModelAdapter, prompts: list[str], count: int, seed: int) -> str:
+def cache_key(adapter: ModelAdapter, prompts: Prompts, count: int, seed: int) -> str:
+    """Teacher weights, sampler, latent shape, prompts (a list's content, a source's identity), count, seed."""
     h = hashlib.sha256()
     h.update(fingerprint(adapter.teacher_unet).encode())
     h.update(repr(adapter.sampler).encode())
-    h.update(f"{count}:{seed}".encode())
-    for p in prompts:
-        h.update(p.encode() + b"\0")
+    h.update(f"{count}:{seed}:{adapter.latent_shape()}".encode())
+    if isinstance(prompts, PromptSource):
+        h.update(prompts.identity().encode())
+    else:
+        for p in prompts:
+            h.update(p.encode() + b"\0")
     return h.hexdigest()[:16]
+
+
+def pair_dir(root: str, adapter: ModelAdapter, prompts: Prompts, count: int, seed: int) -> Path:
+    """`root`/count-seed when a folder is configured, else the shared cache keyed by `cache_key`."""
+    if root:
+        return Path(root) / f"{count}-{seed}"
+    return cache_dir("pairs") / cache_key(adapter, prompts, count, seed)
+
+
+def shard_prompts(prompts: Prompts, shard: int, shard_size: int, n: int, gen: torch.Generator) -> list[str]:
+    """A short list is drawn from at random; a (streamed) source is read in order, repeated as needed."""
+    if isinstance(prompts, PromptSource):
+        return prompts.take(shard * shard_size, n)
+    return [prompts[i] for i in torch.randint(0, len(prompts), (n,), generator=gen).tolist()]
 
 
 def _sha256(path: Path) -> str:
@@ -64,11 +114,15 @@ def _shard_name(i: int) -> str:
 
 
 @torch.no_grad()
-def generate_pairs(adapter: ModelAdapter, prompts: list[str], count: int, seed: int, out_dir: str | Path,
+def generate_pairs(adapter: ModelAdapter, prompts: Prompts, count: int, seed: int, out_dir: str | Path,
                    shard_size: int = 1000, batch_size: int = 250, device: str | torch.device = "cpu",
-                   process_index: int = 0, num_processes: int = 1, progress: bool = True) -> Path:
-    """Write `count` pairs to out_dir (skipping shards already present and intact); return out_dir."""
-    if not prompts:
+                   process_index: int = 0, num_processes: int = 1, progress: bool = True,
+                   write_index: bool = True, dtype: torch.dtype = torch.float32) -> Path:
+    """Write this process's shards of `count` pairs to out_dir (skipping shards already present and
+    intact); return out_dir. With several processes, pass write_index=False and call `write_index` on
+    one process once all have finished. `dtype` is the storage dtype; x_T is rounded to it BEFORE the
+    teacher sees it, so student and teacher start from the very same noise."""
+    if isinstance(prompts, list) and not prompts:
         raise NitroFusionError("no prompts to generate teacher pairs from; give a non-empty prompt source")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,25 +138,27 @@ def generate_pairs(adapter: ModelAdapter, prompts: list[str], count: int, seed: 
             bar.update(n)
             continue
         gen = torch.Generator().manual_seed(seed * 1_000_003 + s)
-        x_T = torch.randn((n, *adapter.latent_shape()), generator=gen)
-        which = torch.randint(0, len(prompts), (n,), generator=gen).tolist()
-        shard_prompts = [prompts[i] for i in which]
+        x_T = torch.randn((n, *adapter.latent_shape()), generator=gen).to(dtype)
+        texts = shard_prompts(prompts, s, shard_size, n, gen)
         noise_gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + s + 7)
         x0 = []
         for i in range(0, n, batch_size):
-            cond = adapter.encode_prompts(shard_prompts[i:i + batch_size])
+            cond = adapter.encode_prompts(texts[i:i + batch_size])
             cond = {k: v.to(device) for k, v in cond.items()}
-            x0.append(adapter.teacher_sample(x_T[i:i + batch_size].to(device), cond, generator=noise_gen).float().cpu())
+            x0.append(adapter.teacher_sample(x_T[i:i + batch_size].to(device).float(), cond,
+                                             generator=noise_gen).to(dtype).cpu())
             bar.update(min(batch_size, n - i))
         atomic_save_safetensors({"x_T": x_T, "x0": torch.cat(x0)}, path,
-                                metadata={"prompts": json.dumps(shard_prompts)})
+                                metadata={"prompts": json.dumps(texts)})
     bar.close()
-    if process_index == 0:
-        _write_meta(out, count, seed, shard_size, n_shards, adapter)
+    if write_index:
+        write_index_file(out, count, seed, shard_size, adapter)
     return out
 
 
-def _write_meta(out: Path, count: int, seed: int, shard_size: int, n_shards: int, adapter: ModelAdapter) -> None:
+def write_index_file(out: Path, count: int, seed: int, shard_size: int, adapter: ModelAdapter) -> None:
+    """pairs.json: the checksum of every shard present (the loader refuses a cache with shards missing)."""
+    n_shards = (count + shard_size - 1) // shard_size
     shards = {}
     for s in range(n_shards):
         p = out / _shard_name(s)
@@ -120,48 +176,57 @@ def _read_meta(out: Path) -> dict:
                                "to regenerate it") from None
 
 
-def load_pairs(out_dir: str | Path, verify: bool = True) -> Pairs:
-    """Read every shard into memory; a shard whose checksum does not match is an error (regenerate it)."""
+def load_pairs(out_dir: str | Path, verify: bool = True, in_memory: bool = True) -> Pairs | ShardedPairs:
+    """Read the cache (into memory, or as memory-mapped shards); a shard whose checksum does not match
+    is an error (regenerate it)."""
     out = Path(out_dir)
     meta = _read_meta(out)
     xs, x0s, prompts = [], [], []
+    paths = []
     for name, digest in sorted(meta["shards"].items()):
         path = out / name
         if not path.exists() or (verify and _sha256(path) != digest):
             raise NitroFusionError(f"teacher-pair shard missing or corrupt: {path}; rerun the same command "
                                    "to regenerate it")
+        paths.append(path)
+        if not in_memory:
+            continue
         with safe_open(str(path), framework="pt") as f:
-            xs.append(f.get_tensor("x_T"))
-            x0s.append(f.get_tensor("x0"))
+            xs.append(f.get_tensor("x_T").float())
+            x0s.append(f.get_tensor("x0").float())
             prompts += json.loads(f.metadata()["prompts"])
-    if not xs:
+    if not paths:
         raise NitroFusionError(f"teacher-pair cache is empty: {out}")
-    pairs = Pairs(torch.cat(xs), torch.cat(x0s), prompts)
+    pairs = Pairs(torch.cat(xs), torch.cat(x0s), prompts) if in_memory else ShardedPairs(paths)
     if len(pairs) != meta["count"]:
         raise NitroFusionError(f"teacher-pair cache {out} holds {len(pairs)} pairs, expected {meta['count']}; "
                                "rerun the same command to finish it")
     return pairs
 
 
-def verify_and_repair(adapter: ModelAdapter, prompts: list[str], count: int, seed: int, out_dir: str | Path,
-                      **kw) -> Pairs:
-    """Generate what is missing (corrupt shards are regenerated), then load."""
-    out = Path(out_dir)
+def drop_corrupt_shards(out: Path) -> None:
     if (out / META).exists():
-        meta = _read_meta(out)
-        for name, digest in meta.get("shards", {}).items():
+        for name, digest in _read_meta(out).get("shards", {}).items():
             p = out / name
             if p.exists() and _sha256(p) != digest:
                 p.unlink()
+
+
+def verify_and_repair(adapter: ModelAdapter, prompts: Prompts, count: int, seed: int, out_dir: str | Path,
+                      in_memory: bool = True, **kw) -> Pairs | ShardedPairs:
+    """Generate what is missing (corrupt shards are regenerated), then load (single process)."""
+    out = Path(out_dir)
+    drop_corrupt_shards(out)
     generate_pairs(adapter, prompts, count, seed, out, **kw)
-    return load_pairs(out)
+    return load_pairs(out, in_memory=in_memory)
 
 
 class PairLoader:
     """Shuffled micro-batches over a pair set; the order of epoch e depends only on (seed, e), so the
     position (epoch, index) is the whole state needed to resume exactly."""
 
-    def __init__(self, pairs: Pairs, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, pairs: Pairs | ShardedPairs, batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1) -> None:
         if len(pairs) < batch_size * world:
             raise NitroFusionError(f"only {len(pairs)} teacher pairs for micro-batch {batch_size} x {world} "
                                    "processes; generate more pairs or lower the batch size")
@@ -187,4 +252,48 @@ class PairLoader:
         start = self.position + self.rank * self.batch_size
         idx = self._perm[start:start + self.batch_size]
         self.position += step
-        return self.pairs.x_T[idx], self.pairs.x0[idx], [self.pairs.prompts[i] for i in idx.tolist()]
+        return self.pairs.batch(idx)
+
+
+@dataclass
+class OnlinePairs:
+    """Teacher pairs sampled during training (SPEC 2.2 allows online or cached): no cache on disk."""
+
+    adapter: ModelAdapter
+    prompts: Prompts
+    seed: int = 0
+
+
+class OnlinePairLoader:
+    """Micro-batch k of rank r: prompts k*world+r of the source (in order) and x_T from seed (seed, k, r),
+    sampled by the teacher now. The batch counter is the whole state needed to resume exactly."""
+
+    def __init__(self, data: OnlinePairs, batch_size: int, rank: int = 0, world: int = 1,
+                 device: str | torch.device = "cpu") -> None:
+        self.data, self.batch_size, self.rank, self.world, self.device = data, batch_size, rank, world, device
+        self.position = 0
+
+    def state(self) -> dict:
+        return {"epoch": 0, "position": self.position}
+
+    def load_state(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+    @torch.no_grad()
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        k = self.position * self.world + self.rank
+        gen = torch.Generator().manual_seed(self.data.seed * 1_000_003 + k)
+        x_T = torch.randn((self.batch_size, *self.data.adapter.latent_shape()), generator=gen)
+        texts = shard_prompts(self.data.prompts, k, self.batch_size, self.batch_size, gen)
+        cond = {k_: v.to(self.device) for k_, v in self.data.adapter.encode_prompts(texts).items()}
+        noise_gen = torch.Generator(device=self.device).manual_seed(self.data.seed * 1_000_003 + k + 7)
+        x0 = self.data.adapter.teacher_sample(x_T.to(self.device), cond, generator=noise_gen).float()
+        self.position += 1
+        return x_T, x0, texts
+
+
+def make_loader(data: Pairs | ShardedPairs | OnlinePairs, batch_size: int, seed: int, rank: int, world: int,
+                device: str | torch.device = "cpu") -> PairLoader | OnlinePairLoader:
+    if isinstance(data, OnlinePairs):
+        return OnlinePairLoader(data, batch_size, rank, world, device)
+    return PairLoader(data, batch_size, seed, rank, world)

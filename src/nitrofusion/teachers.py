@@ -26,18 +26,23 @@ Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class SamplerSpec:
-    # ddim / dpmsolver++ / euler: a diffusers scheduler; x0-renoise: explicit `timesteps`, fresh noise between steps
-    name: Literal["ddim", "dpmsolver++", "euler", "x0-renoise"] = "dpmsolver++"
+    # ddim / dpmsolver++ / euler: a diffusers scheduler with the settings below; any diffusers scheduler
+    # class name (e.g. "LCMScheduler"); x0-renoise: x0 at each of `timesteps`, re-noised with fresh noise
+    # to the next (DMD2's 4-step sampler, SPEC section 1)
+    name: str = "dpmsolver++"
     steps: int = 8
     guidance_scale: float = 2.0
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
-    timesteps: list[int] = field(default_factory=list)
+    timesteps: list[int] = field(default_factory=list)  # explicit grid (x0-renoise, or a scheduler that takes one)
 
     def validate(self) -> None:
+        if self.name not in ALIASES and self.name != "x0-renoise" and not _is_scheduler_class(self.name):
+            raise ConfigError(f"unknown sampler '{self.name}': use one of {', '.join([*ALIASES, 'x0-renoise'])} "
+                              "or a diffusers scheduler class name such as 'DDIMScheduler'")
+        if self.timesteps and len(self.timesteps) != self.steps:
+            raise ConfigError("sampler.timesteps must have sampler.steps entries")
         if self.steps < 1:
             raise ConfigError("sampler.steps must be >= 1")
-        if self.name == "x0-renoise" and self.timesteps and len(self.timesteps) != self.steps:
-            raise ConfigError("sampler.timesteps must have sampler.steps entries")
         if self.guidance_scale < 0:
             raise ConfigError("sampler.guidance_scale must be >= 0 (0 or 1 = no guidance)")
 
@@ -71,8 +76,22 @@ def default_grid(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     return [int(num_train_timesteps - 1 - i * (num_train_timesteps // steps)) for i in range(steps)]
 
 
+ALIASES = ("ddim", "dpmsolver++", "euler")
+
+
+def _is_scheduler_class(name: str) -> bool:
+    import diffusers
+
+    return name.endswith("Scheduler") and isinstance(getattr(diffusers, name, None), type)
+
+
 def _scheduler(spec: SamplerSpec, scheduler_config: dict):
     kw = {"timestep_spacing": spec.timestep_spacing}
+    if _is_scheduler_class(spec.name):
+        import diffusers
+
+        cls = getattr(diffusers, spec.name)
+        return cls.from_config(config_for(cls, scheduler_config), **kw)
     if spec.name == "ddim":
         return DDIMScheduler.from_config(config_for(DDIMScheduler, scheduler_config), **kw,
                                          set_alpha_to_one=False, clip_sample=False)
@@ -103,7 +122,10 @@ def sample(predict: Predict, x_T: torch.Tensor, spec: SamplerSpec, scheduler_con
                 x = add_noise(x0, noise, alphas_cumprod[nxt].to(x.device))
         return x0
     sched = _scheduler(spec, scheduler_config)
-    sched.set_timesteps(spec.steps, device=x_T.device)
+    if spec.timesteps:
+        sched.set_timesteps(device=x_T.device, timesteps=list(spec.timesteps))
+    else:
+        sched.set_timesteps(spec.steps, device=x_T.device)
     x = x_T * sched.init_noise_sigma
     for t in sched.timesteps:
         inp = sched.scale_model_input(x, t)

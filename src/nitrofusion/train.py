@@ -29,7 +29,7 @@ from .io import atomic_write_text
 from .method.backbone import UNetBackbone
 from .method.pool import HeadPool
 from .method.step import AdversarialStep
-from .pairs import PairLoader, Pairs
+from .pairs import OnlinePairs, Pairs, ShardedPairs, make_loader
 from .sampling import shifted_scheduler
 
 Evaluator = Callable[[torch.nn.Module, int], dict]
@@ -37,7 +37,7 @@ Evaluator = Callable[[torch.nn.Module, int], dict]
 
 def build_student(cfg: DistillConfig, adapter: ModelAdapter) -> torch.nn.Module:
     """Student = the teacher's architecture; weights from the teacher or a UNet weights file (SPEC 1)."""
-    student = copy.deepcopy(adapter.teacher_unet)
+    student = copy.deepcopy(adapter.teacher_unet).float()  # fp32 master weights (SPEC section 4)
     if cfg.student_init != "teacher":
         path = Path(cfg.student_init)
         if not path.is_file():
@@ -54,8 +54,18 @@ def build_student(cfg: DistillConfig, adapter: ModelAdapter) -> torch.nn.Module:
     return student
 
 
-def _adamw(params, o) -> torch.optim.AdamW:
+def _adamw(params, o) -> torch.optim.Optimizer:
+    if o.kind == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise NitroFusionError("optimiser kind 'adamw8bit' needs bitsandbytes: pip install bitsandbytes "
+                                   "(GPU), or set kind=adamw") from None
+        return bnb.optim.AdamW8bit(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+WEIGHT_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _EMA:
@@ -81,7 +91,8 @@ def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter,
     return out
 
 
-def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs, run_dir: str | Path,
+def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPairs | OnlinePairs,
+            run_dir: str | Path,
             resume: bool = False, evaluator: Evaluator | None = None, progress: bool = True) -> dict:
     run_dir = Path(run_dir)
     if not resume and ckpt.latest(run_dir) is not None:
@@ -101,8 +112,9 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs, run_dir: st
     config_lib.save(cfg, run_dir / "config.yaml")  # the fully resolved config of this run
 
     torch.manual_seed(cfg.seed)
-    adapter.teacher_unet.to(device)
     student = build_student(cfg, adapter).to(device)
+    # frozen teacher/backbone/encoders in the autocast dtype; the student keeps fp32 master weights
+    adapter.to(device, WEIGHT_DTYPES[cfg.mixed_precision])
     backbone = UNetBackbone(adapter.teacher_unet, cfg.gradient_checkpointing)
     pool = HeadPool(cfg.pool, backbone.channels).to(device)
     opt_g = _adamw(student.parameters(), cfg.student_optim)
@@ -110,7 +122,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs, run_dir: st
     student, opt_g = acc.prepare(student, opt_g)
     ema = _EMA(acc.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay > 0 else None
     step_fn = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial)
-    loader = PairLoader(pairs, cfg.micro_batch, cfg.seed, acc.process_index, acc.num_processes)
+    loader = make_loader(pairs, cfg.micro_batch, cfg.seed, acc.process_index, acc.num_processes, device)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)  # t*, noise, crops
     images_per_step = cfg.micro_batch * cfg.grad_accum * acc.num_processes
 
@@ -182,6 +194,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs, run_dir: st
         t0 = time.time()
         active = pool.sample_active()  # fixed for all micro-batches of this optimiser step
         sums: dict[str, float] = {}
+        nonfinite: set[tuple[str, int]] = set()
         for micro in range(cfg.grad_accum):
             x_T, x0, prompts = loader.next()
             cond = cond_to(adapter.encode_prompts(prompts), device)
@@ -191,14 +204,22 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs, run_dir: st
                 logs = step_fn(x_T.to(device), x0.to(device), cond, active, gen, loss_scale=1.0 / cfg.grad_accum)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
+            nonfinite.update(step_fn.nonfinite)
         finite = all(math.isfinite(v) for v in sums.values())
+        if finite and cfg.max_grad_norm == 0:  # a non-finite gradient with finite losses also skips the step
+            grads = [p.grad for p in student.parameters() if p.grad is not None]
+            finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if acc.num_processes > 1:  # every rank must agree to skip, or the replicas drift apart
+            flag = torch.tensor([0.0 if finite else 1.0], device=device)
+            finite = bool(acc.reduce(flag, reduction="sum").item() == 0)
         if acc.num_processes > 1:  # the pool is not DDP-wrapped: average the active heads' gradients
             for p in pool.parameters():
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
+        if finite and cfg.max_grad_norm:
+            norm = acc.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+            finite = bool(torch.isfinite(torch.as_tensor(norm)))
         if finite:
-            if cfg.max_grad_norm:
-                acc.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
             opt_g.step()
             opt_d.step()
             bad_streak = 0
@@ -220,13 +241,16 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs, run_dir: st
             entry = {"step": step, "images": images, "train_seconds": round(train_seconds, 2),
                      "images_per_second": round(images_per_step / dt, 2), "skipped": not finite,
                      "refreshed": len(refreshed), **{k: round(v, 5) for k, v in sums.items()}}
+            if not finite:  # which task and t* went wrong (SPEC: grouped by t*, so this localises it)
+                entry["nonfinite"] = [f"{task}@t*={ts}" for task, ts in sorted(nonfinite)] or ["gradient"]
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
         if not finite and bad_streak >= 10:
             save_checkpoint()
-            raise NitroFusionError(f"{bad_streak} optimiser steps in a row had a non-finite loss (last: "
-                                   f"{ {k: v for k, v in sums.items() if not math.isfinite(v)} }); lower the "
-                                   f"learning rates; the last good state is in {run_dir / 'checkpoints'}")
+            where = ", ".join(f"{task}@t*={ts}" for task, ts in sorted(nonfinite)) or "gradients"
+            raise NitroFusionError(f"{bad_streak} optimiser steps in a row had a non-finite loss or gradient "
+                                   f"(last: {where}); lower the learning rates; the last good state is in "
+                                   f"{run_dir / 'checkpoints'}")
         if step % cfg.checkpoint_every == 0:
             save_checkpoint()
         if cfg.eval_every and step % cfg.eval_every == 0:

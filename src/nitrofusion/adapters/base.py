@@ -37,6 +37,13 @@ class ModelAdapter(ABC):
     sampler: SamplerSpec
     crop_multiple: int = 1  # crops are multiples of this many latent pixels (the backbone's downsampling)
 
+    def to(self, device, dtype: torch.dtype | None = None) -> ModelAdapter:
+        """Move the frozen models (teacher/backbone; the adapter's encoders) to device and dtype."""
+        self.teacher_unet.to(device=device)
+        if dtype is not None:
+            self.teacher_unet.to(dtype=dtype)
+        return self
+
     @abstractmethod
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one x_T."""

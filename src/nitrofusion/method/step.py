@@ -68,6 +68,7 @@ class AdversarialStep:
     def __init__(self, adapter: ModelAdapter, student: torch.nn.Module, backbone: UNetBackbone,
                  pool: HeadPool, cfg: AdversarialConfig) -> None:
         self.adapter, self.student, self.backbone, self.pool, self.cfg = adapter, student, backbone, pool, cfg
+        self.nonfinite: list[tuple[str, int]] = []
 
     def crop_size(self, h: int, w: int) -> tuple[int, int]:
         m = self.adapter.crop_multiple
@@ -101,10 +102,23 @@ class AdversarialStep:
         return torch.stack([d_loss(r[:, j], f[:, j], self.cfg.loss)
                             for r, f in zip(real, fake, strict=True) for j in range(f.shape[1])]).mean()
 
+    def _separable(self) -> bool:
+        """True when L_G is a sum of per-task terms, so each task's backbone graph can be freed after its
+        own backward: hinge/linear L_G = -mean(D) is linear in D, and per-head losses are per-head sums."""
+        return self.cfg.aggregate == "per_head" or self.cfg.loss in ("hinge", "linear")
+
+    def _g_term(self, fake: torch.Tensor) -> torch.Tensor:
+        """One task's share of L_G, given its [B, levels] logits (sum of shares = _reduce(..., 'g'))."""
+        if self.cfg.aggregate == "sum":
+            return g_loss(fake.sum(1), self.cfg.loss)
+        n = len(self.pool.tasks) * fake.shape[1]
+        return torch.stack([g_loss(fake[:, j], self.cfg.loss) for j in range(fake.shape[1])]).sum() / n
+
     def __call__(self, x_T: torch.Tensor, x0_real: torch.Tensor, cond: Cond, active: torch.Tensor,
                  gen: torch.Generator, loss_scale: float = 1.0, train_g: bool = True,
                  train_d: bool = True) -> dict[str, float]:
-        """Forward both players on one micro-batch and backpropagate `loss_scale` x each loss."""
+        """Forward both players on one micro-batch and backpropagate `loss_scale` x each loss.
+        Sets `self.nonfinite` to the (task, t*) pairs whose logits were not finite."""
         x0_fake = student_one_step(self.adapter, self.student, x_T, cond, self.cfg.shift)
         x0_real = x0_real.float()
         n_t = len(self.pool.t_star)
@@ -112,15 +126,31 @@ class AdversarialStep:
         t_idx = torch.randperm(x_T.shape[0], generator=gen) % n_t
         t = torch.tensor(self.pool.t_star, dtype=torch.long)[t_idx].to(x_T.device)
         t_idx = t_idx.to(x_T.device)
-        feats_real, feats_fake = [], []
-        for task in self.pool.tasks:
-            real_v, fake_v, c, boxes = self._views(task, x0_real, x0_fake, cond, gen)
+        # Memory: with a separable L_G each task backpropagates into a detached copy of x0_fake at once,
+        # freeing its backbone graph; the student's graph is then walked once with the summed gradient.
+        per_task = train_g and self._separable()
+        fake_in = x0_fake.detach().requires_grad_() if per_task else (x0_fake if train_g else x0_fake.detach())
+        feats_real, feats_fake, g_terms = [], [], []
+        for i, task in enumerate(self.pool.tasks):
+            real_v, fake_v, c, boxes = self._views(task, x0_real, fake_in, cond, gen)
             with torch.no_grad():
                 feats_real.append(self._features(real_v, t, c, boxes, gen))
-            feats_fake.append(self._features(fake_v if train_g else fake_v.detach(), t, c, boxes, gen))
+            f = self._features(fake_v, t, c, boxes, gen)
+            if per_task:  # G step for this task: heads frozen, gradient through E into fake_in
+                self.pool.requires_grad_(False)
+                term = self._g_term(self.pool.logits(i, active, f, t_idx))
+                (term * loss_scale).backward()
+                self.pool.requires_grad_(True)
+                g_terms.append(term.detach())
+                f = [x.detach() for x in f]
+            feats_fake.append(f)
 
         logs: dict[str, float] = {}
-        if train_g:  # G step: heads frozen, gradient through E into the student
+        if per_task:
+            if fake_in.grad is not None:
+                x0_fake.backward(fake_in.grad)
+            logs["loss_g"] = torch.stack(g_terms).sum().item()
+        elif train_g:  # G step over all tasks at once (non-separable loss)
             self.pool.requires_grad_(False)
             fake_logits = [self.pool.logits(i, active, f, t_idx) for i, f in enumerate(feats_fake)]
             loss_g = self._reduce(None, fake_logits, "g")
@@ -134,10 +164,13 @@ class AdversarialStep:
         if train_d:
             (loss_d * loss_scale).backward()
         logs["loss_d"] = loss_d.item()
+        self.nonfinite = []
         for task, r, f in zip(self.pool.tasks, real_logits, fake_logits, strict=True):
             dr, df = r.detach().sum(1), f.detach().sum(1)
             logs[f"{task}/d_real"] = dr.mean().item()
             logs[f"{task}/d_fake"] = df.mean().item()
             logs[f"{task}/loss_d"] = d_loss(dr, df, self.cfg.loss).item()
             logs[f"{task}/loss_g"] = g_loss(df, self.cfg.loss).item()
+            bad = ~(torch.isfinite(dr) & torch.isfinite(df))
+            self.nonfinite += [(task, ts) for ts in sorted(set(t[bad].tolist()))]
         return logs

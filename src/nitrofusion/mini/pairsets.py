@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..adapters.mini import MiniAdapter
 from ..distill_config import DistillConfig, PairsConfig
-from ..io import cache_dir
-from ..pairs import Pairs, cache_key, verify_and_repair
+from ..pairs import Pairs, verify_and_repair
+from ..pairs import pair_dir as _pair_dir
 from .data import class_prompts
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -16,9 +16,7 @@ EVAL_SEED_OFFSET = 1_000_003
 
 def pair_dir(root: str, adapter: MiniAdapter, count: int, seed: int) -> Path:
     """`root`/count-seed when a folder is configured, else the shared cache keyed by teacher and sampler."""
-    if root:
-        return Path(root) / f"{count}-{seed}"
-    return cache_dir("pairs") / cache_key(adapter, class_prompts(), count, seed)
+    return _pair_dir(root, adapter, class_prompts(), count, seed)
 
 
 def _pairs(adapter: MiniAdapter, cfg: PairsConfig, count: int, seed: int, out: Path | None,

@@ -1,0 +1,211 @@
+"""SDXL adapter: the parts of a diffusers `StableDiffusionXLPipeline` folder (two CLIP text encoders,
+pooled embeddings, micro-conditioning time_ids, VAE latents).
+
+The teacher UNet can be replaced by a UNet weights file (how DMD2 ships) and can have a LoRA fused in
+(how Hyper-SDXL ships). The null prompt is zero embeddings, pooled included (SPEC section 3; SDXL's own
+`force_zeros_for_empty_prompt`). The VAE only decodes, for viewing and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+from ..errors import ConfigError, NitroFusionError
+from ..schedulers import config_for
+from ..teachers import SamplerSpec
+from .base import Cond, ModelAdapter
+
+REQUIRED = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+@dataclass
+class SDXLConfig:
+    teacher_unet: str = ""  # UNet weights (.safetensors, or .bin read weights-only) replacing the folder's UNet
+    teacher_lora: str = ""  # LoRA (file or folder, any format diffusers' SDXL loader reads) fused into the teacher
+    lora_scale: float = 1.0
+    resolution: int = 1024  # pixels; latents are resolution / 8
+    sampler: SamplerSpec = field(default_factory=lambda: SamplerSpec(
+        name="x0-renoise", steps=4, guidance_scale=0.0, timesteps=[999, 749, 499, 249]))
+
+    def validate(self) -> None:
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError("sdxl.resolution must be a positive multiple of 8")
+        self.sampler.validate()
+
+
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def check_pipeline_folder(folder: Path) -> None:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise NitroFusionError(f"teacher folder {folder} is not a diffusers pipeline (no model_index.json); give "
+                               "a folder written by StableDiffusionXLPipeline.save_pretrained")
+    try:
+        parts = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise NitroFusionError(f"{index} is not valid JSON ({e.msg}); re-save the pipeline") from None
+    missing = [p for p in REQUIRED if not parts.get(p) or parts[p][0] is None or not (folder / p).is_dir()]
+    if missing:
+        raise NitroFusionError(f"teacher folder {folder} is not an SDXL pipeline: it lacks {', '.join(missing)} "
+                               f"(its class is {parts.get('_class_name', 'unknown')}); SDXL needs two text "
+                               "encoders, a UNet, a VAE and a scheduler")
+
+
+def read_unet_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A UNet state dict from .safetensors or a weights-only torch file; never unpickles objects."""
+    if not path.is_file():
+        raise NitroFusionError(f"UNet weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is a corrupt/unsupported file for the user
+        raise NitroFusionError(f"cannot read UNet weights {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                               "give a .safetensors file") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def load_unet_weights(unet: UNet2DConditionModel, path: Path) -> None:
+    state = read_unet_weights(path)
+    state = {k.removeprefix("unet.").removeprefix("model.diffusion_model."): v for k, v in state.items()}
+    own = unet.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        example = (missing or unexpected or shapes)[0]
+        raise NitroFusionError(f"UNet weights {path} do not match the teacher's UNet: {len(missing)} missing, "
+                               f"{len(unexpected)} unexpected, {len(shapes)} wrong-shape keys (e.g. '{example}'); "
+                               "is it a diffusers-format SDXL UNet?")
+    unet.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+class SDXLAdapter(ModelAdapter):
+    def __init__(self, folder: str | Path, cfg: SDXLConfig | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> None:
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        cfg = cfg or SDXLConfig()
+        folder = Path(folder)
+        check_pipeline_folder(folder)
+        self.folder, self.cfg = folder, cfg
+        self.tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                           CLIPTokenizer.from_pretrained(folder / "tokenizer_2")]
+        self.text_encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder"),
+                              CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")]
+        self.teacher_unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+        if self.teacher_unet.config.addition_embed_type != "text_time":
+            raise NitroFusionError(f"{folder / 'unet'} is not an SDXL UNet (addition_embed_type is "
+                                   f"{self.teacher_unet.config.addition_embed_type!r}, SDXL's is 'text_time')")
+        self.vae = AutoencoderKL.from_pretrained(folder / "vae")
+        if cfg.teacher_unet:
+            load_unet_weights(self.teacher_unet, Path(cfg.teacher_unet))
+        if cfg.teacher_lora:
+            self._fuse_lora(Path(cfg.teacher_lora), cfg.lora_scale)
+        for m in (*self.text_encoders, self.teacher_unet, self.vae):
+            m.requires_grad_(False).eval()
+
+        self.scheduler_config = dict(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
+        sched = DDPMScheduler.from_config(config_for(DDPMScheduler, self.scheduler_config))
+        self.alphas_cumprod = sched.alphas_cumprod.clone()
+        self.num_train_timesteps = sched.config.num_train_timesteps
+        self.prediction_type = sched.config.prediction_type
+        self.sampler = cfg.sampler
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.crop_multiple = 2 ** (len(self.teacher_unet.config.block_out_channels) - 1)
+        if cfg.resolution % (self.vae_scale * self.crop_multiple):
+            raise ConfigError(f"sdxl.resolution {cfg.resolution} must be a multiple of "
+                              f"{self.vae_scale * self.crop_multiple} for this VAE and UNet")
+        self.latent_size = cfg.resolution // self.vae_scale
+        self.to(device, dtype)
+
+    def _fuse_lora(self, path: Path, scale: float) -> None:
+        from diffusers import StableDiffusionXLPipeline
+
+        if not path.exists():
+            raise NitroFusionError(f"teacher LoRA not found: {path}")
+        before = {k: v.clone() for k, v in self.teacher_unet.state_dict().items()}
+        pipe = StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoders[0],
+                                         text_encoder_2=self.text_encoders[1], tokenizer=self.tokenizers[0],
+                                         tokenizer_2=self.tokenizers[1], unet=self.teacher_unet,
+                                         scheduler=DDPMScheduler())
+        try:
+            pipe.load_lora_weights(str(path), adapter_name="teacher")
+            pipe.fuse_lora(lora_scale=scale, adapter_names=["teacher"])
+            pipe.unload_lora_weights()
+        except Exception as e:  # noqa: BLE001 - diffusers/peft raise many types for a LoRA that does not fit
+            raise NitroFusionError(f"LoRA {path} does not apply to this teacher "
+                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        after = self.teacher_unet.state_dict()
+        if all(torch.equal(before[k], after[k]) for k in before):
+            raise NitroFusionError(f"LoRA {path} changed no UNet weight: its keys match no module of this UNet "
+                                   "(is it an SDXL LoRA?)")
+
+    def to(self, device, dtype: torch.dtype | None = None) -> SDXLAdapter:
+        """Move the frozen parts; the VAE stays fp32 (SDXL's VAE overflows in fp16: force_upcast)."""
+        for m in (*self.text_encoders, self.teacher_unet):
+            m.to(device=device)
+            if dtype is not None and module_dtype(m) != dtype:
+                m.to(dtype=dtype)
+        self.vae.to(device=device)
+        self.device = torch.device(device)
+        return self
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.teacher_unet.config.in_channels, self.latent_size, self.latent_size)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """SDXL's prompt encoding: penultimate hidden states of both encoders, concatenated; pooled from
+        the second (as StableDiffusionXLPipeline.encode_prompt with clip_skip=None)."""
+        states, pooled = [], None
+        for tok, enc in zip(self.tokenizers, self.text_encoders, strict=True):
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(self.device)
+            out = enc(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            if out[0].ndim == 2:
+                pooled = out[0]
+        return {"prompt_embeds": torch.cat(states, dim=-1).float(), "text_embeds": pooled.float()}
+
+    def null_cond(self, cond: Cond) -> Cond:
+        return {k: torch.zeros_like(v) for k, v in cond.items()}
+
+    def time_ids(self, x: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
+        """Micro-conditioning (original size, crop top-left, target size) in pixels. A crop of the
+        full sample is described as exactly that: the full size, the crop's corner, the crop's size [ours]."""
+        s = self.vae_scale
+        n, (h, w) = x.shape[0], x.shape[-2:]
+        full = torch.tensor([self.latent_size * s, self.latent_size * s] if boxes is not None else [h * s, w * s])
+        corner = boxes.cpu() * s if boxes is not None else torch.zeros(n, 2, dtype=torch.long)
+        ids = torch.cat([full.expand(n, 2), corner, torch.tensor([h * s, w * s]).expand(n, 2)], dim=1)
+        return ids.to(x.device, x.dtype)
+
+    def _kwargs(self, x: torch.Tensor, cond: Cond, boxes, dtype: torch.dtype) -> dict:
+        return {"encoder_hidden_states": cond["prompt_embeds"].to(dtype),
+                "added_cond_kwargs": {"text_embeds": cond["text_embeds"].to(dtype),
+                                      "time_ids": self.time_ids(x, boxes).to(dtype)}}
+
+    def unet_call(self, unet, x, t, cond):
+        dtype = module_dtype(unet)
+        return unet(x.to(dtype), t, **self._kwargs(x, cond, None, dtype)).sample
+
+    def backbone_call(self, backbone, x, t, cond, boxes):
+        dtype = module_dtype(backbone)
+        return backbone(x.to(dtype), t, **self._kwargs(x, cond, boxes, dtype))
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.vae.device, torch.float32) / self.vae.config.scaling_factor
+        if getattr(self.vae.config, "shift_factor", None):
+            x = x + self.vae.config.shift_factor
+        return self.vae.decode(x).sample.add(1).div(2).clamp(0, 1)

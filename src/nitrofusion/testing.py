@@ -1,0 +1,104 @@
+"""Random-weight SDXL pipelines, built locally: no weights can be downloaded on our machines.
+
+`build_random_sdxl(folder, "tiny")` writes a seconds-to-load diffusers SDXL folder for tests;
+`"full"` uses the real SDXL architecture (2.6B-parameter UNet, both CLIP encoders, the VAE) for
+benchmarks, where timing and memory do not depend on the weights. The tokenizers are offline: a
+character-level CLIP BPE vocabulary written here, with the special-token ids the text-encoder configs
+point at (CLIPTextModel pools at eos_token_id).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Size = Literal["tiny", "full"]
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+_UNET = {
+    "tiny": dict(sample_size=32, block_out_channels=(32, 64, 64), layers_per_block=2,
+                 transformer_layers_per_block=(1, 1, 1), attention_head_dim=(2, 4, 4), cross_attention_dim=64,
+                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8),
+    "full": dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                 addition_time_embed_dim=256, projection_class_embeddings_input_dim=1280 + 6 * 256),
+}
+_TEXT = {  # (CLIP ViT-L, OpenCLIP bigG) for full
+    "tiny": (dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+             dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  projection_dim=32)),
+    "full": (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                  hidden_act="quick_gelu"),
+             dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                  projection_dim=1280, hidden_act="gelu")),
+}
+_VAE = {
+    "tiny": dict(block_out_channels=(32, 64), sample_size=64),
+    "full": dict(block_out_channels=(128, 256, 512, 512), sample_size=1024),
+}
+
+
+def write_tokenizer(folder: Path) -> dict[str, int]:
+    """A character-level CLIP BPE tokenizer (no merges); returns its vocabulary."""
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = {tok: i for i, tok in enumerate([*chars, *(c + "</w>" for c in chars), BOS, EOS])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(folder)
+    return vocab
+
+
+def sdxl_unet_config(size: Size = "tiny") -> dict:
+    return dict(in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                                 "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                use_linear_projection=True, addition_embed_type="text_time", **_UNET[size])
+
+
+def build_sdxl_unet(size: Size = "tiny", seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**sdxl_unet_config(size))
+
+
+def build_random_sdxl(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
+    """Write a diffusers StableDiffusionXL folder with random weights (SDXL's scheduler config)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    vocab = write_tokenizer(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer_2")
+    ids = dict(vocab_size=49408 if size == "full" else len(vocab), bos_token_id=vocab[BOS], eos_token_id=vocab[EOS],
+               pad_token_id=vocab[EOS], max_position_embeddings=77)
+    cfg1, cfg2 = _TEXT[size]
+    torch.manual_seed(seed)
+    CLIPTextModel(CLIPTextConfig(**cfg1, **ids)).save_pretrained(folder / "text_encoder")
+    CLIPTextModelWithProjection(CLIPTextConfig(**cfg2, **ids)).save_pretrained(folder / "text_encoder_2")
+    build_sdxl_unet(size, seed + 1).save_pretrained(folder / "unet")
+    torch.manual_seed(seed + 2)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                  down_block_types=("DownEncoderBlock2D",) * len(_VAE[size]["block_out_channels"]),
+                  up_block_types=("UpDecoderBlock2D",) * len(_VAE[size]["block_out_channels"]),
+                  scaling_factor=0.13025, force_upcast=True, **_VAE[size]).save_pretrained(folder / "vae")
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                           timestep_spacing="leading", prediction_type="epsilon").save_pretrained(folder / "scheduler")
+    parts = {"scheduler": ["diffusers", "EulerDiscreteScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "feature_extractor": [None, None], "image_encoder": [None, None]}
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+        "force_zeros_for_empty_prompt": True, **parts}, indent=2))
+    return folder
