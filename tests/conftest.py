@@ -13,6 +13,15 @@ def _cache_dir(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    # accelerate keeps one process-wide state; each test is its own "process" (mixed precision may differ)
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(_cache_dir):
     from nitrofusion.mini.models import MiniUNetConfig, build_noise_scheduler, build_unet
@@ -42,3 +51,25 @@ def tiny_cfg():
         return config.build(DistillConfig, "distill", "tiny", list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A random-weight SDXL pipeline folder (3-block SDXL layout, offline tokenizers)."""
+    from nitrofusion.testing import build_random_sdxl
+
+    return build_random_sdxl(tmp_path_factory.mktemp("sdxl") / "pipe", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sdxl_adapter(tiny_sdxl):
+    from nitrofusion.adapters.sdxl import SDXLAdapter, SDXLConfig
+
+    return SDXLAdapter(tiny_sdxl, SDXLConfig(resolution=64))
+
+
+@pytest.fixture()
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red cat\na photo of a dog\n\nan astronaut riding a horse\n")
+    return path

@@ -67,31 +67,30 @@ def _model_args(args) -> list[str]:
 
 
 def cmd_pairs(args) -> None:
-    from accelerate import PartialState
-
     from .pairs import load_pairs
-    from .worlds import load_adapter, training_data
+    from .worlds import load_adapter, process_state, prompt_source, training_data
 
-    cfg = _distill_config(args, _model_args(args))
+    extra = [f"pairs.dir={args.out}"] if args.out else []  # the folder `distill --set pairs.dir=...` reads
+    cfg = _distill_config(args, _model_args(args) + extra)
     if cfg.pairs.online:
         raise NitroFusionError("pairs.online is set: this preset samples the teacher during training, nothing to "
                                "pre-generate (use --set pairs.online=false)")
-    state = PartialState()
-    out = training_data(cfg, load_adapter(cfg), state, Path(args.out) if args.out else None, load=False)
+    state = process_state()
+    prompts = prompt_source(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
+    out = training_data(cfg, load_adapter(cfg), state, load=False, prompts=prompts)
     if state.is_main_process:
         print(f"{len(load_pairs(out, in_memory=False))} teacher pairs in {out}")
 
 
 def cmd_distill(args) -> None:
-    from accelerate import PartialState
-
     from .train import distill
-    from .worlds import load_adapter, training_data
+    from .worlds import load_adapter, process_state, prompt_source, training_data
 
     cfg = _distill_config(args, _model_args(args))
-    state = PartialState()
+    state = process_state()
+    prompts = prompt_source(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
     adapter = load_adapter(cfg)
-    pairs = training_data(cfg, adapter, state)
+    pairs = training_data(cfg, adapter, state, prompts=prompts)
     result = distill(cfg, adapter, pairs, Path(args.out), resume=args.resume)
     if state.is_main_process:
         print(f"student written to {Path(args.out) / 'student'}: {result['iterations']} steps, "
@@ -160,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, "mini")
     p.add_argument("--teacher", help="teacher folder (as for distill)")
     p.add_argument("--prompts", help="prompt source (as for distill)")
-    p.add_argument("--out", help="cache folder (default: the shared cache the trainer reads)")
+    p.add_argument("--out", help="cache root, read by distill with --set pairs.dir=OUT (default: the shared "
+                   "cache that distill reads by itself)")
     p.set_defaults(func=cmd_pairs)
 
     p = sub.add_parser("generate", help="generate images in 1-4 steps from a run folder or student folder")

@@ -31,6 +31,7 @@ from .method.pool import HeadPool
 from .method.step import AdversarialStep
 from .pairs import OnlinePairs, Pairs, ShardedPairs, make_loader
 from .sampling import shifted_scheduler
+from .worlds import use_cpu
 
 Evaluator = Callable[[torch.nn.Module, int], dict]
 
@@ -83,6 +84,21 @@ class _EMA:
         module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
 
 
+def average_active_head_grads(acc: Accelerator, pool: HeadPool, active: torch.Tensor) -> None:
+    """The pool is not DDP-wrapped: average the active heads' gradients over ranks in one collective.
+    Every rank sends the same parameter list (a head its micro-batch did not reach sends zeros), so the
+    collectives line up even when a rank had no sample at some t*."""
+    params = [p for i in pool.active_indices(active) for p in pool.heads[i].parameters()]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = acc.reduce(torch.cat([p.grad.reshape(-1) for p in params]), reduction="mean")
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
 def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter, shift: int) -> Path:
     """run_dir/student: a diffusers UNet folder plus the shifted LCM scheduler it must be sampled with."""
     out = run_dir / "student"
@@ -107,7 +123,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
         raise NitroFusionError(f"cannot write to the run folder {run_dir} ({e.strerror})") from None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=use_cpu())
     device = acc.device
     config_lib.save(cfg, run_dir / "config.yaml")  # the fully resolved config of this run
 
@@ -212,10 +228,8 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
         if acc.num_processes > 1:  # every rank must agree to skip, or the replicas drift apart
             flag = torch.tensor([0.0 if finite else 1.0], device=device)
             finite = bool(acc.reduce(flag, reduction="sum").item() == 0)
-        if acc.num_processes > 1:  # the pool is not DDP-wrapped: average the active heads' gradients
-            for p in pool.parameters():
-                if p.grad is not None:
-                    p.grad = acc.reduce(p.grad, reduction="mean")
+        if acc.num_processes > 1:
+            average_active_head_grads(acc, pool, active)
         if finite and cfg.max_grad_norm:
             norm = acc.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
             finite = bool(torch.isfinite(torch.as_tensor(norm)))
@@ -265,7 +279,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
         if cfg.eval_every and (step % cfg.eval_every):
             evaluate()
     return {"iterations": step, "images": images, "seconds": round(train_seconds, 1), "student": final,
-            "run_dir": str(run_dir)}
+            "pool": pool, "run_dir": str(run_dir)}
 
 
 class _nullcontext:

@@ -7,6 +7,7 @@ Pair generation is sharded over the accelerate processes (shard s goes to proces
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -29,6 +30,17 @@ from .pairs import (
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def use_cpu() -> bool:
+    """accelerate only forms a multi-CPU (gloo) group when told `cpu`; on a machine without a GPU that is
+    the only choice, so `accelerate launch --multi_gpu --num_processes N` (or torchrun) works there too."""
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return flag or not torch.cuda.is_available()
+
+
+def process_state() -> PartialState:
+    return PartialState(cpu=use_cpu())
 
 
 def load_adapter(cfg: DistillConfig) -> ModelAdapter:
@@ -62,10 +74,11 @@ def prompt_source(cfg: DistillConfig, verbose: bool = True) -> Prompts:
 
 
 def training_data(cfg: DistillConfig, adapter: ModelAdapter, state: PartialState | None = None,
-                  out: Path | None = None, load: bool = True) -> Pairs | ShardedPairs | OnlinePairs | Path:
+                  out: Path | None = None, load: bool = True,
+                  prompts: Prompts | None = None) -> Pairs | ShardedPairs | OnlinePairs | Path:
     """The teacher pairs of a run: online, or a cache generated (sharded over processes) and loaded."""
-    state = state or PartialState()
-    prompts = prompt_source(cfg, verbose=state.is_main_process)
+    state = state or process_state()
+    prompts = prompts if prompts is not None else prompt_source(cfg, verbose=state.is_main_process)
     if cfg.pairs.online:
         return OnlinePairs(adapter, prompts, cfg.pairs.seed)
     p = cfg.pairs

@@ -8,6 +8,7 @@ The teacher UNet can be replaced by a UNet weights file (how DMD2 ships) and can
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,20 @@ class SDXLConfig:
         if self.resolution < 8 or self.resolution % 8:
             raise ConfigError("sdxl.resolution must be a positive multiple of 8")
         self.sampler.validate()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No per-file 'Loading weights' bars: a run's output is its own progress and errors."""
+    from transformers.utils import logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()
 
 
 def module_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -100,8 +115,9 @@ class SDXLAdapter(ModelAdapter):
         self.folder, self.cfg = folder, cfg
         self.tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer"),
                            CLIPTokenizer.from_pretrained(folder / "tokenizer_2")]
-        self.text_encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder"),
-                              CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")]
+        with _quiet_transformers():
+            self.text_encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder"),
+                                  CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")]
         self.teacher_unet = UNet2DConditionModel.from_pretrained(folder / "unet")
         if self.teacher_unet.config.addition_embed_type != "text_time":
             raise NitroFusionError(f"{folder / 'unet'} is not an SDXL UNet (addition_embed_type is "
