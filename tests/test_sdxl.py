@@ -156,8 +156,11 @@ def test_cli_distils_a_tiny_sdxl_pipeline_for_two_optimiser_steps(tiny_sdxl, pro
 
 
 @pytest.mark.parametrize("sets", [["mixed_precision=bf16", "gradient_checkpointing=true"],
-                                  ["pairs.online=true"], ["pairs.in_memory=true", "pairs.dtype=float16"]])
+                                  ["pairs.online=true"], ["pairs.in_memory=true", "pairs.dtype=float16"],
+                                  ["student_optim.kind=adamw8bit", "heads_optim.kind=adamw8bit"]])
 def test_sdxl_distillation_variants_run(tiny_sdxl, prompt_file, tmp_path, sets):
+    if any("adamw8bit" in s for s in sets):
+        pytest.importorskip("bitsandbytes")
     assert _distill(tiny_sdxl, prompt_file, tmp_path / "run", *sets) == 0
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(e["loss_g"] == e["loss_g"] for e in log)
@@ -197,6 +200,8 @@ def test_pair_generation_sharded_over_processes_equals_one_process(sdxl_adapter,
     (["--prompts", "GOOD", "--teacher", "/nonexistent"], "not a diffusers pipeline"),
     (["--prompts", "GOOD", "--set", "sdxl.sampler.name=Bogus"], "unknown sampler 'Bogus'"),
     (["--prompts", "GOOD", "--set", "sdxl.teacher_lora=/no/lora.safetensors"], "teacher LoRA not found"),
+    (["--prompts", "GOOD", "--set", "sdxl.teacher_unet=/no/unet.safetensors"], "UNet weights file not found"),
+    (["--prompts", "GOOD", "--set", "sdxl.resolution=60"], "sdxl.resolution must be a positive multiple of 8"),
 ])
 def test_sdxl_bad_input_is_one_line_and_exit_2(tiny_sdxl, prompt_file, tmp_path, capsys, argv, needle):
     (tmp_path / "empty.txt").write_text("\n  \n")

@@ -124,6 +124,16 @@ def cmd_evaluate(args) -> None:
     print(f"results: {Path(args.out) / 'results.md'}")
 
 
+def cmd_bench(args) -> None:
+    from .bench import format_table, run_bench, save
+
+    result = run_bench(args.size, args.device, args.overrides, iters=args.iters, warmup=args.warmup)
+    print(format_table(result))
+    if args.out:
+        save(result, args.out)
+        print(f"results: {args.out}")
+
+
 def cmd_presets(args) -> None:
     from .config import available_presets
 
@@ -191,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder (default: the package's assets)")
     p.add_argument("--epochs", type=int, default=6)
     p.set_defaults(func=cmd_classifier)
+
+    p = sub.add_parser("bench", help="time one SDXL-size training iteration and 1-step generation (random "
+                       "weights): s, images/s, peak memory, TFLOP/s")
+    p.add_argument("--size", choices=["full", "tiny"], default="full", help="full: SDXL architecture (GPU); "
+                   "tiny: seconds on a CPU, for tests")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--iters", type=int, default=3, help="timed repetitions per stage (median reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the sdxl-realism preset, e.g. --set micro_batch=4")
+    p.add_argument("--out", help="also write the results as JSON here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("presets", help="list the named presets")
     p.set_defaults(func=cmd_presets)

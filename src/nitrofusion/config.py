@@ -57,6 +57,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return items if origin is list else tuple(items)
     if origin is typing.Literal:
         allowed = typing.get_args(hint)
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans; give the word back
+            value = next((w for w in (("no", "off", "false") if not value else ("yes", "on", "true"))
+                          if w in allowed), value)
         if value not in allowed:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
         return value

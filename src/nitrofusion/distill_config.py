@@ -17,6 +17,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     kind: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes' AdamW8bit (GPU; optimizer state /4)
+    zero: bool = False  # student only: shard the optimiser state over the processes (ZeRO stage 1)
 
     def validate(self) -> None:
         if self.lr <= 0 or len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -71,28 +71,48 @@ def build_sdxl_unet(size: Size = "tiny", seed: int = 0):
     return UNet2DConditionModel(**sdxl_unet_config(size))
 
 
+def build_sdxl_components(size: Size = "tiny", seed: int = 0, text: bool = True) -> dict:
+    """Random-weight SDXL parts in memory: tokenizers, text_encoders (empty lists when text=False),
+    unet, vae, scheduler (SDXL's own scheduler config)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+
+    parts: dict = {"tokenizers": [], "text_encoders": []}
+    if text:
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            vocab = write_tokenizer(Path(tmp))
+            parts["tokenizers"] = [CLIPTokenizer.from_pretrained(tmp) for _ in range(2)]
+        ids = dict(vocab_size=49408 if size == "full" else len(vocab), bos_token_id=vocab[BOS],
+                   eos_token_id=vocab[EOS], pad_token_id=vocab[EOS], max_position_embeddings=77)
+        cfg1, cfg2 = _TEXT[size]
+        torch.manual_seed(seed)
+        parts["text_encoders"] = [CLIPTextModel(CLIPTextConfig(**cfg1, **ids)),
+                                  CLIPTextModelWithProjection(CLIPTextConfig(**cfg2, **ids))]
+    parts["unet"] = build_sdxl_unet(size, seed + 1)
+    torch.manual_seed(seed + 2)
+    blocks = len(_VAE[size]["block_out_channels"])
+    parts["vae"] = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                                 down_block_types=("DownEncoderBlock2D",) * blocks,
+                                 up_block_types=("UpDecoderBlock2D",) * blocks, scaling_factor=0.13025,
+                                 force_upcast=True, **_VAE[size])
+    parts["scheduler"] = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+    return parts
+
+
 def build_random_sdxl(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
     """Write a diffusers StableDiffusionXL folder with random weights (SDXL's scheduler config)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     folder = Path(folder)
-    vocab = write_tokenizer(folder / "tokenizer")
-    write_tokenizer(folder / "tokenizer_2")
-    ids = dict(vocab_size=49408 if size == "full" else len(vocab), bos_token_id=vocab[BOS], eos_token_id=vocab[EOS],
-               pad_token_id=vocab[EOS], max_position_embeddings=77)
-    cfg1, cfg2 = _TEXT[size]
-    torch.manual_seed(seed)
-    CLIPTextModel(CLIPTextConfig(**cfg1, **ids)).save_pretrained(folder / "text_encoder")
-    CLIPTextModelWithProjection(CLIPTextConfig(**cfg2, **ids)).save_pretrained(folder / "text_encoder_2")
-    build_sdxl_unet(size, seed + 1).save_pretrained(folder / "unet")
-    torch.manual_seed(seed + 2)
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-                  down_block_types=("DownEncoderBlock2D",) * len(_VAE[size]["block_out_channels"]),
-                  up_block_types=("UpDecoderBlock2D",) * len(_VAE[size]["block_out_channels"]),
-                  scaling_factor=0.13025, force_upcast=True, **_VAE[size]).save_pretrained(folder / "vae")
-    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                           timestep_spacing="leading", prediction_type="epsilon").save_pretrained(folder / "scheduler")
+    parts = build_sdxl_components(size, seed)
+    for name, tok in zip(("tokenizer", "tokenizer_2"), parts["tokenizers"], strict=True):
+        tok.save_pretrained(folder / name)
+    for name, enc in zip(("text_encoder", "text_encoder_2"), parts["text_encoders"], strict=True):
+        enc.save_pretrained(folder / name)
+    for name in ("unet", "vae", "scheduler"):
+        parts[name].save_pretrained(folder / name)
     parts = {"scheduler": ["diffusers", "EulerDiscreteScheduler"], "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,15 +56,23 @@ def build_student(cfg: DistillConfig, adapter: ModelAdapter) -> torch.nn.Module:
     return student
 
 
-def _adamw(params, o) -> torch.optim.Optimizer:
+def _adamw(params, o, sharded: bool = False) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW); `sharded`: ZeRO stage 1, each rank keeps the optimiser state of
+    its share of the parameters (torch's ZeroRedundancyOptimizer) and broadcasts its updated share."""
+    cls = torch.optim.AdamW
     if o.kind == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise NitroFusionError("optimiser kind 'adamw8bit' needs bitsandbytes: pip install bitsandbytes "
                                    "(GPU), or set kind=adamw") from None
-        return bnb.optim.AdamW8bit(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        cls = bnb.optim.AdamW8bit
+    kw = {"lr": o.lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay}
+    if sharded:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(list(params), optimizer_class=cls, **kw)
+    return cls(params, **kw)
 
 
 WEIGHT_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -116,7 +125,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
                                "choose a new --out")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"  # per process: ranks probe at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -125,7 +134,8 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
         torch.set_num_threads(cfg.threads)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=use_cpu())
     device = acc.device
-    config_lib.save(cfg, run_dir / "config.yaml")  # the fully resolved config of this run
+    if acc.is_main_process:
+        config_lib.save(cfg, run_dir / "config.yaml")  # the fully resolved config of this run
 
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, adapter).to(device)
@@ -133,9 +143,12 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
     adapter.to(device, WEIGHT_DTYPES[cfg.mixed_precision])
     backbone = UNetBackbone(adapter.teacher_unet, cfg.gradient_checkpointing)
     pool = HeadPool(cfg.pool, backbone.channels).to(device)
-    opt_g = _adamw(student.parameters(), cfg.student_optim)
+    zero = cfg.student_optim.zero and acc.num_processes > 1
+    opt_g = _adamw(student.parameters(), cfg.student_optim, sharded=zero)
     opt_d = _adamw(pool.parameters(), cfg.heads_optim)
-    student, opt_g = acc.prepare(student, opt_g)
+    student = acc.prepare(student)
+    if not zero:  # accelerate's optimiser wrapper reads state_dict() at once, which ZeRO only has after consolidating
+        opt_g = acc.prepare(opt_g)
     ema = _EMA(acc.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay > 0 else None
     step_fn = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial)
     loader = make_loader(pairs, cfg.micro_batch, cfg.seed, acc.process_index, acc.num_processes, device)
@@ -145,10 +158,12 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
     step, images, train_seconds, bad_streak = 0, 0, 0.0, 0
     log_path = run_dir / "log.jsonl"
     last = ckpt.latest(run_dir) if resume else None
+    last_saved = -1
     if resume and last is None and acc.is_main_process:
         print(f"no checkpoint in {run_dir / 'checkpoints'}; starting from scratch")
     if last is None:
-        log_path.unlink(missing_ok=True)
+        if acc.is_main_process:
+            log_path.unlink(missing_ok=True)
     else:
         tensors, optim, state = ckpt.load(last)
         acc.unwrap_model(student).load_state_dict(tensors["student"])
@@ -158,11 +173,16 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
             ema.shadow = {k: v.float() for k, v in tensors["ema"].items()}
         opt_g.load_state_dict(optim["g"])
         opt_d.load_state_dict(optim["d"])
-        gen.set_state(tensors["rng"]["trainer"])
-        torch.set_rng_state(tensors["rng"]["torch"])
+        rank_rng = f"{acc.process_index}"
+        if f"trainer.{rank_rng}" in tensors["rng"]:  # each rank continues its own streams
+            gen.set_state(tensors["rng"][f"trainer.{rank_rng}"])
+            torch.set_rng_state(tensors["rng"][f"torch.{rank_rng}"])
+        else:  # saved by a run with fewer processes: fresh, still deterministic streams for this rank
+            gen.manual_seed(cfg.seed * 1000 + acc.process_index + 7919 * state["step"])
         loader.load_state(state["loader"])
         step, images, train_seconds = state["step"], state["images"], state["train_seconds"]
-        if log_path.exists():  # drop entries written after that checkpoint (or by an unfinished run)
+        last_saved = step
+        if acc.is_main_process and log_path.exists():  # drop entries logged after that checkpoint
             kept = [ln for ln in log_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
             atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
 
@@ -171,12 +191,20 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
                     or (cfg.max_minutes and train_seconds >= cfg.max_minutes * 60))
 
     def save_checkpoint() -> None:
+        if zero:  # a collective: every rank sends its optimiser shard to rank 0
+            getattr(opt_g, "optimizer", opt_g).consolidate_state_dict(to=0)
+        nonlocal last_saved
+        last_saved = step
+        # every rank's RNG streams (t*, crops, noise), gathered: resume is exact for any number of processes
+        rng = torch.stack([gen.get_state(), torch.get_rng_state()]).to(device)
+        rng = acc.gather(rng).cpu() if acc.num_processes > 1 else rng.cpu()
         if not acc.is_main_process:
             return
         pool_sd = dict(pool.state_dict())
         pool_sd["__generator__"] = pool.generator_state()
-        tensors = {"student": acc.unwrap_model(student).state_dict(), "pool": pool_sd,
-                   "rng": {"trainer": gen.get_state(), "torch": torch.get_rng_state()}}
+        rngs = {f"{kind}.{r}": rng[2 * r + i] for r in range(acc.num_processes)
+                for i, kind in enumerate(("trainer", "torch"))}
+        tensors = {"student": acc.unwrap_model(student).state_dict(), "pool": pool_sd, "rng": rngs}
         if ema is not None:
             tensors["ema"] = ema.shadow
         state = {"step": step, "images": images, "train_seconds": train_seconds, "loader": loader.state()}
@@ -270,7 +298,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
         if cfg.eval_every and step % cfg.eval_every == 0:
             evaluate()
     bar.close()
-    if ckpt.latest(run_dir) is None or ckpt.latest(run_dir).name != f"step-{step:08d}":
+    if last_saved != step:  # decided from the step alone: every rank must agree (the save may be a collective)
         save_checkpoint()
     acc.wait_for_everyone()
     final = eval_student().eval()

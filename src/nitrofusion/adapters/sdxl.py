@@ -109,28 +109,42 @@ class SDXLAdapter(ModelAdapter):
                  dtype: torch.dtype | None = None) -> None:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        cfg = cfg or SDXLConfig()
         folder = Path(folder)
         check_pipeline_folder(folder)
-        self.folder, self.cfg = folder, cfg
-        self.tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-                           CLIPTokenizer.from_pretrained(folder / "tokenizer_2")]
+        tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+                      CLIPTokenizer.from_pretrained(folder / "tokenizer_2")]
         with _quiet_transformers():
-            self.text_encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder"),
-                                  CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")]
-        self.teacher_unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-        if self.teacher_unet.config.addition_embed_type != "text_time":
+            encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder"),
+                        CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")]
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+        if unet.config.addition_embed_type != "text_time":
             raise NitroFusionError(f"{folder / 'unet'} is not an SDXL UNet (addition_embed_type is "
-                                   f"{self.teacher_unet.config.addition_embed_type!r}, SDXL's is 'text_time')")
-        self.vae = AutoencoderKL.from_pretrained(folder / "vae")
+                                   f"{unet.config.addition_embed_type!r}, SDXL's is 'text_time')")
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        self.folder = folder
+        self._setup(tokenizers, encoders, unet, AutoencoderKL.from_pretrained(folder / "vae"), scheduler_config,
+                    cfg or SDXLConfig(), device, dtype)
+
+    @classmethod
+    def from_components(cls, tokenizers: list, text_encoders: list, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                        scheduler_config: dict, cfg: SDXLConfig | None = None, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> SDXLAdapter:
+        """From models already in memory (e.g. nitrofusion.testing's random full-size SDXL)."""
+        self = cls.__new__(cls)
+        self.folder = None
+        self._setup(tokenizers, text_encoders, unet, vae, scheduler_config, cfg or SDXLConfig(), device, dtype)
+        return self
+
+    def _setup(self, tokenizers, text_encoders, unet, vae, scheduler_config, cfg, device, dtype) -> None:
+        self.cfg, self.tokenizers, self.text_encoders, self.teacher_unet, self.vae = (
+            cfg, tokenizers, text_encoders, unet, vae)
         if cfg.teacher_unet:
             load_unet_weights(self.teacher_unet, Path(cfg.teacher_unet))
         if cfg.teacher_lora:
             self._fuse_lora(Path(cfg.teacher_lora), cfg.lora_scale)
         for m in (*self.text_encoders, self.teacher_unet, self.vae):
             m.requires_grad_(False).eval()
-
-        self.scheduler_config = dict(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
+        self.scheduler_config = dict(scheduler_config)
         sched = DDPMScheduler.from_config(config_for(DDPMScheduler, self.scheduler_config))
         self.alphas_cumprod = sched.alphas_cumprod.clone()
         self.num_train_timesteps = sched.config.num_train_timesteps
