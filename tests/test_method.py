@@ -175,3 +175,33 @@ def test_local_tasks_see_crops_and_unconditional_sees_null(step_parts, monkeypat
     step(x_T, x0, cond, pool.sample_active(), torch.Generator().manual_seed(0))
     # per task: real (no grad) then fake; global full size with prompt, local half size, uncond null
     assert calls == [((16, 16), False, True)] * 2 + [((8, 8), False, False)] * 2 + [((8, 8), True, False)] * 2
+
+
+def test_single_head_baseline_pool_has_one_head_on_the_mid_block():
+    pool = _pool(tasks=["global_cond"], levels=[-1], group_by_t_star=False, dynamic=False, refresh_fraction=0.0)
+    assert len(pool.heads) == 1 and pool.levels == [9]
+    feats = [torch.randn(6, c, 8, 8) for c in [16, 16, 16, 16, 16, 16, 32, 32, 32, 32]]
+    t_idx = torch.tensor([0, 1, 2, 3, 0, 1])
+    logits = pool.logits(0, pool.sample_active(), feats, t_idx)
+    assert logits.shape == (6, 1)
+    assert torch.allclose(logits[:, 0], pool.heads[0](feats[9]))  # the same head for every t*
+    with pytest.raises(Exception, match="feature levels"):
+        _pool(levels=[10])
+
+
+@pytest.mark.parametrize("loss,aggregate", [("hinge", "sum"), ("linear", "per_head"), ("nonsat", "per_head")])
+def test_task_by_task_generator_backward_equals_one_backward(step_parts, loss, aggregate):
+    """The memory-saving path (each task's backbone graph freed after its own backward) is exact."""
+    step, student, pool, x_T, x0, cond = step_parts
+    step.cfg.loss, step.cfg.aggregate = loss, aggregate
+    active = pool.sample_active()
+    grads = []
+    for separable in (True, False):
+        step._separable = lambda s=separable: s
+        student.zero_grad(set_to_none=True)
+        pool.zero_grad(set_to_none=True)
+        logs = step(x_T, x0, cond, active, torch.Generator().manual_seed(0), train_d=False)
+        grads.append(([p.grad.clone() for p in student.parameters()], logs["loss_g"]))
+    (a, la), (b, lb) = grads
+    assert la == pytest.approx(lb, rel=1e-5)
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(a, b, strict=True))

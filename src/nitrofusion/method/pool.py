@@ -30,6 +30,11 @@ class PoolConfig:
     dynamic: bool = True  # False: a static discriminator, always head k=0 of every slot (ablation)
     refresh_fraction: float = 0.01  # share of ALL heads re-initialised per optimiser step; 0 disables
     seed: int = 0
+    # Ablation knobs for a single-head baseline (earlier adversarial distillation: one head on the
+    # backbone's deepest map, shared by every noise level): which levels get heads (empty = all; -1 =
+    # the mid block), and whether heads are grouped by t* (SPEC section 3) or shared across t*.
+    levels: list[int] = field(default_factory=list)
+    group_by_t_star: bool = True
 
     def validate(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
@@ -41,6 +46,8 @@ class PoolConfig:
             raise ConfigError("pool.heads_per_slot, pool.width and pool.depth must be >= 1")
         if not 0 <= self.refresh_fraction <= 1:
             raise ConfigError("pool.refresh_fraction must be in [0, 1]")
+        if len(set(self.levels)) != len(self.levels):
+            raise ConfigError("pool.levels: each level at most once")
 
 
 class HeadPool(nn.Module):
@@ -49,11 +56,16 @@ class HeadPool(nn.Module):
         self.cfg = cfg
         self.tasks = list(cfg.tasks)
         self.t_star = list(cfg.t_star)
-        self.num_levels = len(level_channels)
+        n = len(level_channels)
+        if any(not -n <= lvl < n for lvl in cfg.levels):
+            raise ConfigError(f"pool.levels {cfg.levels}: this backbone has {n} feature levels (0..{n - 1}, -1 = mid)")
+        self.levels = sorted({lvl % n for lvl in cfg.levels}) if cfg.levels else list(range(n))
+        self.num_levels = len(self.levels)
+        self.groups = len(self.t_star) if cfg.group_by_t_star else 1
         self.per_slot = cfg.heads_per_slot if cfg.dynamic else 1
         self.heads = nn.ModuleList(
             Head(level_channels[lvl], cfg.width, cfg.depth)
-            for _task in self.tasks for _t in self.t_star for lvl in range(self.num_levels)
+            for _task in self.tasks for _t in range(self.groups) for lvl in self.levels
             for _k in range(self.per_slot)
         )
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -66,7 +78,7 @@ class HeadPool(nn.Module):
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        return len(self.tasks), len(self.t_star), self.num_levels, self.per_slot
+        return len(self.tasks), self.groups, self.num_levels, self.per_slot
 
     def index(self, task: int, t: int, level: int, k: int) -> int:
         _, nt, nl, nk = self.shape
@@ -110,14 +122,15 @@ class HeadPool(nn.Module):
     def logits(self, task: int, active: torch.Tensor, feats: list[torch.Tensor],
                t_idx: torch.Tensor) -> torch.Tensor:
         """Per-level logits [B, levels] of the active heads for `task`; sample i is judged by the heads
-        of its own t* (t_idx[i])."""
+        of its own t* (t_idx[i]), or by the shared ones when heads are not grouped by t*."""
         out = feats[0].new_zeros(feats[0].shape[0], self.num_levels)
-        for t in range(len(self.t_star)):
-            rows = (t_idx == t).nonzero(as_tuple=True)[0]
+        group = t_idx if self.groups > 1 else torch.zeros_like(t_idx)
+        for t in range(self.groups):
+            rows = (group == t).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
             cols = []
-            for lvl, f in enumerate(feats):
-                cols.append(self.head(task, t, lvl, int(active[task, t, lvl]))(f.index_select(0, rows)))
+            for j, lvl in enumerate(self.levels):
+                cols.append(self.head(task, t, j, int(active[task, t, j]))(feats[lvl].index_select(0, rows)))
             out = out.index_copy(0, rows, torch.stack(cols, dim=1).to(out.dtype))
         return out

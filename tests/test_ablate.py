@@ -1,0 +1,37 @@
+"""`nitrofusion ablate` end to end at a toy budget: every variant x seed trains, is scored, lands in the
+table and plot; a rerun skips finished runs."""
+
+import json
+
+import pytest
+
+from nitrofusion.ablate import VARIANTS, run_ablation, summarise
+
+
+def test_summary_statistics_and_deltas():
+    runs = [{"variant": v, "seed": s, "fid": f, "fid_to_teacher": f + 1, "accuracy": 0.9}
+            for v, fs in (("full", [1.0, 2.0, 3.0]), ("static", [3.0, 4.0, 5.0])) for s, f in enumerate(fs)]
+    s = summarise(runs, ["full", "static"])
+    assert s["full"]["fid"] == {"mean": 2.0, "std": 1.0, "delta_vs_full": 0.0, "delta_in_seed_std": 0.0}
+    assert s["static"]["fid"]["delta_vs_full"] == 2.0 and s["static"]["fid"]["delta_in_seed_std"] == 2.0
+    assert s["static"]["accuracy"]["delta_in_seed_std"] is None  # no spread: no ratio
+
+
+@pytest.mark.slow
+def test_ablate_runs_every_variant_and_skips_finished_runs(tmp_path, monkeypatch):
+    import nitrofusion.ablate as ablate
+
+    sets = ["pairs.count=64", "pairs.shard_size=32", "micro_batch=8", "pool.width=8", "pool.heads_per_slot=2"]
+    messages = []
+    r = run_ablation(tmp_path, seeds=2, budget_images=16, eval_samples=20, overrides=sets, progress=False,
+                     log=messages.append)
+    assert set(r["summary"]) == set(VARIANTS) and all(s["n"] == 2 for s in r["summary"].values())
+    assert len(r["runs"]) == 10 and all(run["images"] == 16 for run in r["runs"])
+    assert (tmp_path / "ablation.png").stat().st_size > 0 and "| single-head" in (tmp_path / "ablation.md").read_text()
+    pools = {v: json.loads((tmp_path / "runs" / f"{v}-seed0" / "result.json").read_text()) for v in VARIANTS}
+    assert len({p["fid"] for p in pools.values()}) > 1  # the variants really differ
+
+    monkeypatch.setattr(ablate, "distill", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    again = run_ablation(tmp_path, seeds=2, budget_images=16, eval_samples=20, overrides=sets, progress=False,
+                         log=messages.append)
+    assert again["summary"] == r["summary"] and sum("skipped" in m for m in messages) == 10
