@@ -134,6 +134,14 @@ def cmd_bench(args) -> None:
         print(f"results: {args.out}")
 
 
+def cmd_ablate(args) -> None:
+    from .ablate import run_ablation
+
+    r = run_ablation(Path(args.out), seeds=args.seeds, budget_images=args.budget, eval_samples=args.eval_samples,
+                     variants=args.variants, overrides=args.overrides)
+    print(f"ablation table: {Path(args.out) / 'ablation.md'} ({r['seconds']:.0f} s)")
+
+
 def cmd_presets(args) -> None:
     from .config import available_presets
 
@@ -213,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the sdxl-realism preset, e.g. --set micro_batch=4")
     p.add_argument("--out", help="also write the results as JSON here")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("ablate", help="the paper's ablation on the mini world: variants x seeds at equal "
+                       "training images, 1-step metrics, table and bar plot (finished runs are skipped)")
+    p.add_argument("--out", required=True, help="folder for runs/, ablation.json, ablation.md, ablation.png")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--budget", type=int, default=6400, help="training images per run (default 6400 = 200 steps)")
+    p.add_argument("--eval-samples", type=int, default=1000, help="held-out prompts/x_T per score")
+    p.add_argument("--variants", nargs="+", help="subset of: full global-only no-refresh static single-head")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the mini preset for every variant (e.g. micro_batch=16)")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("presets", help="list the named presets")
     p.set_defaults(func=cmd_presets)
