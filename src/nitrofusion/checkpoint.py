@@ -42,14 +42,11 @@ def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], 
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name, sd in tensors.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
-    torch.save(optim, tmp / "optim.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+    try:
+        _write(tmp, tensors, optim, state)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint (or its space) behind
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -59,6 +56,17 @@ def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], 
     for stale in root.glob("step-*.tmp-*"):  # left behind by a killed writer
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _write(tmp: Path, tensors: dict[str, dict[str, torch.Tensor]], optim: dict, state: dict) -> None:
+    tmp.mkdir()
+    for name, sd in tensors.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
+    torch.save(optim, tmp / "optim.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
 
 
 def load(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:

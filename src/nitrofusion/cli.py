@@ -83,10 +83,11 @@ def cmd_pairs(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from .train import distill
+    from .train import distill, ensure_writable
     from .worlds import load_adapter, process_state, prompt_source, training_data
 
     cfg = _distill_config(args, _model_args(args))
+    ensure_writable(Path(args.out))  # before minutes of teacher sampling, not after
     state = process_state()
     prompts = prompt_source(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
     adapter = load_adapter(cfg)

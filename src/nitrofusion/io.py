@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -10,6 +11,19 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+
+@contextlib.contextmanager
+def disk_errors(what: str, where: str | Path, fix: str = "then rerun with --resume (the last complete "
+                "checkpoint is intact)"):
+    """A full disk or a read-only folder mid-run becomes one line that says what to do, not a traceback."""
+    from .errors import NitroFusionError
+
+    try:
+        yield
+    except OSError as e:
+        raise NitroFusionError(f"cannot write {what} to {where} ({e.strerror or e}); free space or fix "
+                               f"permissions, {fix}") from None
 
 
 def cache_dir(sub: str) -> Path:

@@ -26,7 +26,7 @@ from . import config as config_lib
 from .adapters.base import ModelAdapter, cond_to
 from .distill_config import DistillConfig
 from .errors import NitroFusionError
-from .io import atomic_write_text
+from .io import atomic_write_text, disk_errors
 from .method.backbone import UNetBackbone
 from .method.pool import HeadPool
 from .method.step import AdversarialStep
@@ -116,6 +116,17 @@ def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter,
     return out
 
 
+def ensure_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"  # per process: ranks probe at once
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise NitroFusionError(f"cannot write to the run folder {run_dir} ({e.strerror}); choose another --out "
+                               "or fix its permissions") from None
+
+
 def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPairs | OnlinePairs,
             run_dir: str | Path,
             resume: bool = False, evaluator: Evaluator | None = None, progress: bool = True) -> dict:
@@ -123,13 +134,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
     if not resume and ckpt.latest(run_dir) is not None:
         raise NitroFusionError(f"{run_dir} already holds a run (checkpoints/); add --resume to continue it or "
                                "choose a new --out")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"  # per process: ranks probe at once
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise NitroFusionError(f"cannot write to the run folder {run_dir} ({e.strerror})") from None
+    ensure_writable(run_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=use_cpu())
@@ -208,8 +213,9 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
         if ema is not None:
             tensors["ema"] = ema.shadow
         state = {"step": step, "images": images, "train_seconds": train_seconds, "loader": loader.state()}
-        ckpt.save(run_dir, step, tensors, {"g": opt_g.state_dict(), "d": opt_d.state_dict()}, state,
-                  cfg.keep_checkpoints)
+        with disk_errors("a checkpoint", run_dir / "checkpoints"):
+            ckpt.save(run_dir, step, tensors, {"g": opt_g.state_dict(), "d": opt_d.state_dict()}, state,
+                      cfg.keep_checkpoints)
 
     def eval_student() -> torch.nn.Module:
         model = acc.unwrap_model(student)
@@ -226,7 +232,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
         result = evaluator(model, step)
         model.train()
         entry = {"step": step, "images": images, "train_seconds": round(train_seconds, 2), "eval": result}
-        with open(log_path, "a") as f:
+        with disk_errors("the training log", log_path), open(log_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
     total = cfg.max_images or None
@@ -285,7 +291,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
                      "refreshed": len(refreshed), **{k: round(v, 5) for k, v in sums.items()}}
             if not finite:  # which task and t* went wrong (SPEC: grouped by t*, so this localises it)
                 entry["nonfinite"] = [f"{task}@t*={ts}" for task, ts in sorted(nonfinite)] or ["gradient"]
-            with open(log_path, "a") as f:
+            with disk_errors("the training log", log_path), open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
         if not finite and bad_streak >= 10:
             save_checkpoint()
@@ -303,7 +309,8 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
     acc.wait_for_everyone()
     final = eval_student().eval()
     if acc.is_main_process:
-        save_student(run_dir, final, adapter, cfg.adversarial.shift)
+        with disk_errors("the student", run_dir / "student"):
+            save_student(run_dir, final, adapter, cfg.adversarial.shift)
         if cfg.eval_every and (step % cfg.eval_every):
             evaluate()
     return {"iterations": step, "images": images, "seconds": round(train_seconds, 1), "student": final,
