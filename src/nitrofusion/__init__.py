@@ -9,4 +9,14 @@ def __getattr__(name: str):
         from .schedulers import TimestepShiftLCMScheduler
 
         return TimestepShiftLCMScheduler
+    if name == "load_pipeline":
+        from .pipeline import load_pipeline
+
+        return load_pipeline
+    if name == "SchedulerMixin":
+        # An exported folder's model_index.json names the scheduler ["nitrofusion", "TimestepShiftLCMScheduler"];
+        # diffusers' loader looks the component's base class up in that same library to pick its load method.
+        from diffusers import SchedulerMixin
+
+        return SchedulerMixin
     raise AttributeError(name)

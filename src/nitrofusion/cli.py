@@ -109,9 +109,48 @@ def cmd_generate(args) -> None:
         prompts += [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
     if not prompts:
         raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
-    paths = generate_to_folder(Path(args.model), prompts, args.steps, args.seed, Path(args.out),
-                               num_per_prompt=args.num_per_prompt)
+    from .pipeline import model_world, parse_dtype
+
+    if model_world(Path(args.model)) == "sdxl":  # SDXL run, exported folder or UNet file (SPEC 5)
+        from .pipeline import generate_to_folder as generate_sdxl
+
+        paths = generate_sdxl(args.model, prompts, args.steps, args.seed, args.out, base=args.base, shift=args.shift,
+                              height=args.height, width=args.width, batch_size=args.batch_size,
+                              num_per_prompt=args.num_per_prompt, device=args.device, dtype=parse_dtype(args.dtype))
+    else:
+        sdxl_only = [f"--{k.replace('_', '-')}" for k in ("base", "shift", "height", "width", "dtype")
+                     if getattr(args, k) is not None]
+        if sdxl_only:
+            raise NitroFusionError(f"{', '.join(sdxl_only)} apply to SDXL models; {args.model} is a mini-world model")
+        paths = generate_to_folder(Path(args.model), prompts, args.steps, args.seed, Path(args.out),
+                                   num_per_prompt=args.num_per_prompt)
     print(f"wrote {len(paths)} images and a grid to {args.out}")
+
+
+def cmd_export(args) -> None:
+    from .export import export
+    from .pipeline import parse_dtype
+
+    r = export(args.model, args.format, args.out, base=args.base, shift=args.shift, rank=args.rank,
+               dtype=parse_dtype(args.dtype), device=args.device)
+    if args.format == "lora":
+        print(f"LoRA rank {r['rank']} on {r['lora_layers']} Linear/Conv2d layers ({r['lora_parameters']:,} "
+              f"parameters): relative error of the delta {r['relative_error_total']:.4f} overall, "
+              f"{r['relative_error_covered']:.4f} on those layers; {100 * r['uncovered_fraction']:.2f}% of the "
+              "delta (squared norm) is in norms/biases that LoRA cannot hold")
+    elif args.format == "single-file":
+        print(f"{r['tensors']} tensors in the original SDXL layout; round trip through diffusers' converters "
+              f"exact for all {r['round_trip_checked']} tensors; sample with shift {r['shift']}, 1-4 steps, no CFG")
+    print(f"exported to {args.out}")
+
+
+def cmd_transfer(args) -> None:
+    from .export import transfer
+    from .pipeline import parse_dtype
+
+    r = transfer(args.student, args.base, args.custom, args.out, dtype=parse_dtype(args.dtype))
+    print(f"custom + (student - base) over {r['tensors']} tensors written to {r['path']}"
+          + (f" (sample with shift {r['shift']})" if r["shift"] is not None else ""))
 
 
 def cmd_evaluate(args) -> None:
@@ -182,15 +221,50 @@ def build_parser() -> argparse.ArgumentParser:
                    "cache that distill reads by itself)")
     p.set_defaults(func=cmd_pairs)
 
-    p = sub.add_parser("generate", help="generate images in 1-4 steps from a run folder or student folder")
-    p.add_argument("--model", required=True, help="run folder (from distill/demo) or its student/ folder")
+    p = sub.add_parser("generate", help="generate images in 1-4 steps from a run, an exported folder or a "
+                       "released NitroSD UNet file")
+    p.add_argument("--model", required=True, help="run folder (from distill/demo) or its student/ folder, an "
+                   "exported diffusers folder, or a UNet .safetensors (with --base)")
+    p.add_argument("--base", help="SDXL pipeline folder giving the text encoders and VAE (default for a run: its "
+                   "teacher folder)")
+    p.add_argument("--shift", type=int, help="timestep shift for a UNet file (default: its metadata or name: "
+                   "realism 250, vibrant 500)")
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     p.add_argument("--prompts", help="text file, one prompt per line")
     p.add_argument("--steps", type=int, default=1, help="1-4 (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="default 0; SDXL image i uses seed + i")
     p.add_argument("--num-per-prompt", type=int, default=1)
+    p.add_argument("--height", type=int, help="SDXL: pixels (default: the run's sdxl.resolution or the UNet's)")
+    p.add_argument("--width", type=int, help="SDXL: pixels (default as --height)")
+    p.add_argument("--batch-size", type=int, default=4, help="SDXL: images per UNet call (default 4)")
+    p.add_argument("--device", default="cpu", help="SDXL: cpu or cuda (default cpu)")
+    p.add_argument("--dtype", help="SDXL: fp32 (default), fp16 or bf16")
     p.add_argument("--out", required=True, help="output folder for PNG files and grid.png")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="export an SDXL student as a diffusers folder, an original-layout single "
+                       "file (A1111/ComfyUI) or a LoRA of student - base")
+    p.add_argument("model", help="SDXL run folder (or student folder / exported folder / UNet file with --base)")
+    p.add_argument("--format", required=True, help="diffusers, single-file or lora")
+    p.add_argument("--out", required=True, help="folder (diffusers, lora) or .safetensors file (single-file); "
+                   "must not exist")
+    p.add_argument("--base", help="base SDXL pipeline folder (default: the run's teacher folder)")
+    p.add_argument("--shift", type=int, help="timestep shift for a UNet file without one")
+    p.add_argument("--rank", type=int, default=64, help="LoRA rank (default 64)")
+    p.add_argument("--dtype", help="weights dtype: fp32 (default: as trained), fp16 or bf16")
+    p.add_argument("--device", default="cpu", help="LoRA: where the SVDs run (cpu or cuda)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("transfer", help="theta_custom + (theta_student - theta_base): a student's speed-up moved "
+                       "onto a fine-tuned SDXL (SPEC section 6)")
+    for role, what in (("student", "the NitroFusion student"), ("base", "the SDXL it was distilled from"),
+                       ("custom", "the fine-tuned SDXL to receive the delta")):
+        p.add_argument(f"--{role}", required=True, help=f"{what}: run, student, pipeline or UNet folder, or UNet "
+                       "weights file (diffusers or original layout)")
+    p.add_argument("--out", required=True, help="student folder (unet/ + scheduler/) or a .safetensors UNet file; "
+                   "must not exist")
+    p.add_argument("--dtype", help="output dtype: fp32 (default), fp16 or bf16")
+    p.set_defaults(func=cmd_transfer)
 
     p = sub.add_parser("evaluate", help="fixed-seed metrics and grids of a student (or 'teacher') at 1-4 steps")
     p.add_argument("--model", required=True, help="run folder, student folder, or 'teacher' for the teacher")

@@ -1,0 +1,469 @@
+"""Moving models out of (and between) NitroFusion runs: diffusers folders, original single files, LoRAs, and
+the weight-delta transfer of SPEC section 6.
+
+- diffusers: a complete SDXL pipeline folder (the base's text encoders, tokenizers and VAE + the student UNet +
+  TimestepShiftLCMScheduler), loadable by stock `StableDiffusionXLPipeline.from_pretrained` once nitrofusion is
+  imported.
+- single-file: the original SDXL checkpoint layout that A1111 and ComfyUI load (model.diffusion_model.*,
+  first_stage_model.*, conditioner.embedders.{0,1}.*). The diffusers -> original key map is built here from the
+  model configs; every export is checked by converting back with diffusers' own original -> diffusers converters
+  and comparing every tensor bitwise.
+- lora: per-layer truncated SVD of student - base over every Linear and Conv2d of the UNet, saved in diffusers'
+  PEFT format; what LoRA cannot hold (norms, biases) is reported, never hidden.
+- transfer: theta_custom + (theta_student - theta_base) in fp32 (SPEC section 6).
+
+Every output is built in a temporary sibling of --out and renamed into place at the end: a failure leaves
+nothing at --out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .errors import NitroFusionError
+from .pipeline import (
+    SHIFT_METADATA_KEY,
+    ModelRef,
+    check_same_layout,
+    is_original_layout,
+    load_pipeline,
+    load_unet,
+    model_kind,
+    need_base,
+    quiet_loading,
+    read_weights_file,
+    resolve,
+    to_diffusers_unet_keys,
+    unet_from_state,
+)
+
+FORMATS = ("diffusers", "single-file", "lora")
+SCHEDULER_ENTRY = ["nitrofusion", "TimestepShiftLCMScheduler"]
+UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+CLIP_L_PREFIX, CLIP_G_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+
+
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `out` to write into (a file or a folder); rename it to `out` only when the
+    block succeeds. An existing `out` is never overwritten."""
+    out = Path(out)
+    if out.exists():
+        raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise NitroFusionError(f"cannot write next to {out} ({e.strerror})") from None
+    try:
+        staged = holder / out.name
+        yield staged
+        if not staged.exists():
+            raise NitroFusionError(f"nothing was written for {out}")
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+# ---- diffusers folder -----------------------------------------------------------------------------------------
+
+
+def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None = None, shift: int | None = None,
+                     dtype: torch.dtype | None = None) -> Path:
+    out = Path(out)
+    if out.exists():  # fail before loading anything
+        raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
+    pipe = load_pipeline(model, base=base, shift=shift, dtype=dtype)
+    size = pipe.nitrofusion_resolution
+    if size and size != pipe.unet.config.sample_size * pipe.vae_scale_factor:
+        # the stock pipeline's default image size comes from sample_size: make it the run's resolution
+        pipe.unet.register_to_config(sample_size=size // pipe.vae_scale_factor)
+    with staged_output(out) as tmp, quiet_loading():
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        index = json.loads((tmp / "model_index.json").read_text())
+        # save_pretrained records the defining module (nitrofusion.schedulers); name the package, whose lazy
+        # attributes give diffusers both the class and its SchedulerMixin base
+        index["scheduler"] = SCHEDULER_ENTRY
+        index.pop("_name_or_path", None)
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+# ---- single file: diffusers -> original SDXL layout -----------------------------------------------------------
+
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def unet_module_map(config) -> dict[str, tuple[str, dict[str, str] | None]]:
+    """diffusers module prefix -> (original prefix, renames of the parts inside it) for an SDXL-layout UNet
+    (SGM's UNetModel: input_blocks / middle_block / output_blocks)."""
+    lpb = config["layers_per_block"]
+    if not isinstance(lpb, int):
+        raise NitroFusionError("single-file export needs one layers_per_block for all UNet blocks (SDXL's layout)")
+    n = len(config["block_out_channels"])
+    m: dict[str, tuple[str, dict[str, str] | None]] = {
+        "time_embedding.linear_1": ("time_embed.0", None), "time_embedding.linear_2": ("time_embed.2", None),
+        "add_embedding.linear_1": ("label_emb.0.0", None), "add_embedding.linear_2": ("label_emb.0.2", None),
+        "conv_in": ("input_blocks.0.0", None), "conv_norm_out": ("out.0", None), "conv_out": ("out.2", None),
+        "mid_block.resnets.0": ("middle_block.0", _UNET_RESNET), "mid_block.attentions.0": ("middle_block.1", None),
+        "mid_block.resnets.1": ("middle_block.2", _UNET_RESNET),
+    }
+    for b in range(n):
+        for j in range(lpb):
+            i = 1 + b * (lpb + 1) + j
+            m[f"down_blocks.{b}.resnets.{j}"] = (f"input_blocks.{i}.0", _UNET_RESNET)
+            m[f"down_blocks.{b}.attentions.{j}"] = (f"input_blocks.{i}.1", None)
+        if b < n - 1:
+            m[f"down_blocks.{b}.downsamplers.0.conv"] = (f"input_blocks.{1 + b * (lpb + 1) + lpb}.0.op", None)
+        has_attention = config["up_block_types"][b].startswith("CrossAttn")
+        for j in range(lpb + 1):
+            i = b * (lpb + 1) + j
+            m[f"up_blocks.{b}.resnets.{j}"] = (f"output_blocks.{i}.0", _UNET_RESNET)
+            m[f"up_blocks.{b}.attentions.{j}"] = (f"output_blocks.{i}.1", None)
+        if b < n - 1:
+            last = b * (lpb + 1) + lpb
+            m[f"up_blocks.{b}.upsamplers.0.conv"] = (f"output_blocks.{last}.{2 if has_attention else 1}.conv", None)
+    return m
+
+
+def vae_module_map(config) -> dict[str, tuple[str, dict[str, str] | None]]:
+    n = len(config["block_out_channels"])
+    resnet = {"conv_shortcut": "nin_shortcut"}
+    m: dict[str, tuple[str, dict[str, str] | None]] = {
+        "quant_conv": ("quant_conv", None), "post_quant_conv": ("post_quant_conv", None)}
+    for part in ("encoder", "decoder"):
+        m[f"{part}.conv_in"] = (f"{part}.conv_in", None)
+        m[f"{part}.conv_out"] = (f"{part}.conv_out", None)
+        m[f"{part}.conv_norm_out"] = (f"{part}.norm_out", None)
+        m[f"{part}.mid_block.attentions.0"] = (f"{part}.mid.attn_1", _VAE_ATTENTION)
+        for k in range(2):
+            m[f"{part}.mid_block.resnets.{k}"] = (f"{part}.mid.block_{k + 1}", resnet)
+    for i in range(n):
+        for j in range(config["layers_per_block"]):
+            m[f"encoder.down_blocks.{i}.resnets.{j}"] = (f"encoder.down.{i}.block.{j}", resnet)
+        m[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (f"encoder.down.{i}.downsample.conv", None)
+        for j in range(config["layers_per_block"] + 1):  # decoder blocks are numbered from the bottom
+            m[f"decoder.up_blocks.{i}.resnets.{j}"] = (f"decoder.up.{n - 1 - i}.block.{j}", resnet)
+        m[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (f"decoder.up.{n - 1 - i}.upsample.conv", None)
+    return m
+
+
+def _remap(state: dict[str, torch.Tensor], modules: dict, what: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):  # the longest module prefix that the map knows
+            prefix = ".".join(parts[:cut])
+            if prefix in modules:
+                new_prefix, renames = modules[prefix]
+                rest = ".".join(parts[cut:])
+                for old, new in (renames or {}).items():
+                    if rest.startswith(old + "."):
+                        rest = new + rest[len(old):]
+                        break
+                out[f"{new_prefix}.{rest}"] = value
+                break
+        else:
+            raise NitroFusionError(f"single-file export: the {what} key '{key}' has no place in the original SDXL "
+                                   "layout (is this an SDXL-layout model?)")
+    return out
+
+
+def unet_to_original(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    return _remap(state, unet_module_map(config), "UNet")
+
+
+def vae_to_original(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    out = _remap(state, vae_module_map(config), "VAE")
+    for k, v in out.items():  # the original mid-block attention is 1x1 convolutions
+        if ".mid.attn_1." in k and k.endswith(".weight") and v.ndim == 2:
+            out[k] = v[:, :, None, None]
+    return out
+
+
+def _with_text_model(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers >= 5.6 flattened CLIPTextModel (no `text_model.` level); the original layout keeps it."""
+    return {k if k.startswith("text_model.") or k == "text_projection.weight" else "text_model." + k: v
+            for k, v in state.items() if not k.endswith("position_ids")}
+
+
+def open_clip_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModelWithProjection -> OpenCLIP text tower (SDXL's second encoder)."""
+    state = _with_text_model(state)
+    fixed = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
+             "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+             "text_model.final_layer_norm.weight": "ln_final.weight",
+             "text_model.final_layer_norm.bias": "ln_final.bias"}
+    inner = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in state.items():
+        if key in fixed:
+            out[fixed[key]] = v
+        elif key == "text_projection.weight":
+            out["text_projection"] = v.T.contiguous()  # OpenCLIP multiplies x @ text_projection
+        elif key.startswith("text_model.encoder.layers."):
+            layer, rest = key.removeprefix("text_model.encoder.layers.").split(".", 1)
+            head = f"transformer.resblocks.{layer}."
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                _, proj, kind = rest.split(".")
+                qkv.setdefault(f"{head}attn.in_proj_{kind}", {})[proj[0]] = v
+                continue
+            for old, new in inner.items():
+                if rest.startswith(old + "."):
+                    out[head + new + rest[len(old):]] = v
+                    break
+            else:
+                raise NitroFusionError(f"single-file export: unknown text encoder key '{key}'")
+        else:
+            raise NitroFusionError(f"single-file export: unknown text encoder key '{key}'")
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)  # OpenCLIP's packed in_proj
+    return out
+
+
+def pipeline_to_original(pipe) -> dict[str, torch.Tensor]:
+    """The whole SDXL pipeline as one original-layout state dict."""
+    sd: dict[str, torch.Tensor] = {}
+    sd.update({UNET_PREFIX + k: v for k, v in unet_to_original(pipe.unet.state_dict(), pipe.unet.config).items()})
+    sd.update({VAE_PREFIX + k: v for k, v in vae_to_original(pipe.vae.state_dict(), pipe.vae.config).items()})
+    sd.update({CLIP_L_PREFIX + k: v for k, v in _with_text_model(pipe.text_encoder.state_dict()).items()})
+    sd.update({CLIP_G_PREFIX + k: v for k, v in open_clip_from_hf(pipe.text_encoder_2.state_dict()).items()})
+    return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def original_to_diffusers(sd: dict[str, torch.Tensor], pipe) -> dict[str, dict[str, torch.Tensor]]:
+    """diffusers' own single-file converters (what `from_single_file` runs), per component."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+
+    back = {"unet": convert_ldm_unet_checkpoint(sd, dict(pipe.unet.config)),
+            "vae": convert_ldm_vae_checkpoint(sd, dict(pipe.vae.config)),
+            "text_encoder": convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(CLIP_L_PREFIX)}),
+            "text_encoder_2": convert_open_clip_checkpoint(pipe.text_encoder_2, sd, prefix=CLIP_G_PREFIX)}
+    for name in ("text_encoder", "text_encoder_2"):  # as from_single_file does for a flattened CLIPTextModel
+        if not hasattr(getattr(pipe, name), "text_model"):
+            back[name] = {k.removeprefix("text_model."): v for k, v in back[name].items()}
+    return back
+
+
+def verify_round_trip(sd: dict[str, torch.Tensor], pipe) -> int:
+    """Convert `sd` back with diffusers' converters; every tensor of every component must come back bitwise.
+    Returns the number of tensors checked."""
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
+
+    for marker in ("clip_sdxl", "open_clip_sdxl"):  # the keys from_single_file recognises SDXL's encoders by
+        if CHECKPOINT_KEY_NAMES[marker] not in sd:
+            raise NitroFusionError(f"single-file export lacks '{CHECKPOINT_KEY_NAMES[marker]}'")
+    back = original_to_diffusers(sd, pipe)
+    checked = 0
+    for name, converted in back.items():
+        own = {k: v for k, v in getattr(pipe, name).state_dict().items() if not k.endswith("position_ids")}
+        check_same_layout(own, converted, f"the single file's {name} (converted back by diffusers)",
+                          f"the exported {name}")
+        bad = [k for k in own if own[k].dtype != converted[k].dtype or not torch.equal(own[k], converted[k])]
+        if bad:
+            raise NitroFusionError(f"single-file round trip is not exact: {len(bad)} {name} tensors differ "
+                                   f"(e.g. '{bad[0]}')")
+        checked += len(own)
+    return checked
+
+
+def export_single_file(model: str | Path, out: str | Path, base: str | Path | None = None,
+                       shift: int | None = None, dtype: torch.dtype | None = None) -> dict:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise NitroFusionError(f"single-file export writes a .safetensors file; --out {out} has another suffix")
+    if out.exists():
+        raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
+    pipe = load_pipeline(model, base=base, shift=shift, dtype=dtype)
+    sd = pipeline_to_original(pipe)
+    checked = verify_round_trip(sd, pipe)
+    shift_used = pipe.scheduler.config.shifted_timestep
+    meta = {SHIFT_METADATA_KEY: str(shift_used), "modelspec.architecture": "stable-diffusion-xl-v1-base",
+            "nitrofusion.sampling": f"TimestepShiftLCMScheduler, shifted_timestep={shift_used}, "
+                                    "original_inference_steps=4, 1-4 steps, guidance scale 0"}
+    with staged_output(out) as tmp:
+        save_file(sd, str(tmp), metadata=meta)
+    return {"path": str(out), "tensors": len(sd), "round_trip_checked": checked, "shift": shift_used}
+
+
+# ---- LoRA: truncated SVD of student - base --------------------------------------------------------------------
+
+
+def lora_from_delta(student: torch.nn.Module, base: torch.nn.Module, rank: int,
+                    device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """PEFT LoRA factors (`{module}.lora_A.weight`, `.lora_B.weight`, scale alpha/r = 1) approximating
+    student - base on every Linear and Conv2d, by truncated SVD in float64 (Eckart-Young: the best rank-r
+    approximation per layer). Layers narrower than `rank` are zero-padded to it, so one rank (and alpha) holds for
+    every layer and any LoRA loader reads it the same way. Returns the factors and the error report."""
+    if rank < 1:
+        raise NitroFusionError(f"--rank must be >= 1 (got {rank})")
+    s_sd, b_sd = student.state_dict(), base.state_dict()
+    check_same_layout(b_sd, s_sd, "the student UNet", "the base UNet")
+    layers = {n: m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
+    lora: dict[str, torch.Tensor] = {}
+    covered_keys: set[str] = set()
+    energy = {"covered": 0.0, "covered_residual": 0.0, "uncovered": 0.0}
+    for name, module in layers.items():
+        key = f"{name}.weight"
+        covered_keys.add(key)
+        delta = (s_sd[key].double() - b_sd[key].double()).to(device)
+        if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
+            covered_keys.discard(key)  # PEFT's conv LoRA is ungrouped: counted below as uncovered
+            continue
+        total = float(delta.square().sum())
+        if total == 0.0:
+            continue  # an unchanged layer needs no LoRA
+        mat = delta.reshape(delta.shape[0], -1)
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        k = min(rank, s.numel())
+        energy["covered"] += total
+        energy["covered_residual"] += float(s[k:].square().sum())
+        root = s[:k].sqrt()
+        b = torch.zeros(mat.shape[0], rank, dtype=torch.float64, device=device)
+        a = torch.zeros(rank, mat.shape[1], dtype=torch.float64, device=device)
+        b[:, :k], a[:k] = u[:, :k] * root, root[:, None] * vh[:k]
+        if isinstance(module, torch.nn.Conv2d):  # PEFT: lora_A is the kxk conv, lora_B a 1x1 conv
+            a, b = a.reshape(rank, *delta.shape[1:]), b[:, :, None, None]
+        dtype = s_sd[key].dtype
+        lora[f"{name}.lora_A.weight"] = a.to("cpu", dtype).contiguous()
+        lora[f"{name}.lora_B.weight"] = b.to("cpu", dtype).contiguous()
+    for key in s_sd:  # norms, biases and anything else LoRA cannot hold
+        if key not in covered_keys:
+            energy["uncovered"] += float((s_sd[key].double() - b_sd[key].double()).square().sum())
+    all_energy = energy["covered"] + energy["uncovered"]
+    report = {
+        "rank": rank,
+        "lora_layers": len(lora) // 2,
+        "lora_parameters": sum(v.numel() for v in lora.values()),
+        "covered_modules": "every Linear and Conv2d of the UNet (attention q/k/v/out, feed-forward, proj_in/out, "
+                           "resnet convs and time projections, down/upsamplers, conv_in/out, time/add embeddings)",
+        "relative_error_covered": (energy["covered_residual"] / energy["covered"]) ** 0.5 if energy["covered"] else 0.0,
+        "relative_error_total": ((energy["covered_residual"] + energy["uncovered"]) / all_energy) ** 0.5
+        if all_energy else 0.0,
+        "uncovered_fraction": energy["uncovered"] / all_energy if all_energy else 0.0,
+        "delta_norm": all_energy ** 0.5,
+    }
+    return lora, report
+
+
+def export_lora(model: str | Path, out: str | Path, rank: int = 64, base: str | Path | None = None,
+                dtype: torch.dtype | None = None, device: str = "cpu") -> dict:
+    """out/pytorch_lora_weights.safetensors (+ lora_report.json): load with `pipe.load_lora_weights(out)` into a
+    pipeline of the base SDXL folder (the run's teacher folder unless --base)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    out = Path(out)
+    if rank < 1:
+        raise NitroFusionError(f"--rank must be >= 1 (got {rank})")
+    if out.exists():
+        raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
+    ref = resolve(model, base)
+    base_dir = need_base(ref, "a LoRA (student - base)")
+    student = load_unet(ref)
+    with quiet_loading():
+        base_unet = UNet2DConditionModel.from_pretrained(base_dir / "unet", dtype=torch.float32)
+    lora, report = lora_from_delta(student, base_unet, rank, device)
+    if dtype is not None:
+        lora = {k: v.to(dtype) for k, v in lora.items()}
+    report["base"] = str(base_dir)
+    with staged_output(out) as tmp:
+        StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=lora, safe_serialization=True)
+        (tmp / "lora_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# ---- transfer: theta_C + (theta_S - theta_B) ------------------------------------------------------------------
+
+
+def _read_unet_state(path: Path, role: str) -> tuple[dict[str, torch.Tensor], dict | None, Path | None]:
+    """(state dict, UNet config or None, shifted-scheduler folder or None) of a run, student, pipeline or UNet
+    folder, or a weights file (diffusers keys, or original layout: converted once a config is known)."""
+    if not path.exists():
+        raise NitroFusionError(f"--{role} not found: {path}")
+    try:
+        ref = ModelRef(model_kind(path), path)
+    except NitroFusionError as e:
+        raise NitroFusionError(f"--{role}: {e}") from None
+    if ref.kind == "file":
+        state, _ = read_weights_file(path)
+        return state, None, None
+    unet = load_unet(ref)
+    return unet.state_dict(), dict(unet.config), ref.scheduler_dir
+
+
+def transfer(student: str | Path, base: str | Path, custom: str | Path, out: str | Path,
+             dtype: torch.dtype | None = None) -> dict:
+    """theta_custom + (theta_student - theta_base), computed in fp32 key by key (SPEC section 6). `out` is a
+    student folder (unet/ + the student's scheduler/ when it has one), or a diffusers-key .safetensors file."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists():
+        raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
+    roles = {"student": Path(student), "base": Path(base), "custom": Path(custom)}
+    read = {role: _read_unet_state(path, role) for role, path in roles.items()}
+    config = next((read[r][1] for r in ("custom", "student", "base") if read[r][1] is not None), None)
+    states = {}
+    for role, (state, _, _) in read.items():
+        if is_original_layout(state):
+            if config is None:
+                raise NitroFusionError(f"--{role} {roles[role]} is an original-layout checkpoint; give at least one "
+                                       "of --student/--base/--custom as a folder so its UNet config is known")
+            state = to_diffusers_unet_keys(state, config)
+        else:
+            state = {k.removeprefix("unet."): v for k, v in state.items()}
+        states[role] = state
+    check_same_layout(states["student"], states["base"], f"--base {roles['base']}", f"--student {roles['student']}")
+    check_same_layout(states["student"], states["custom"], f"--custom {roles['custom']}",
+                      f"--student {roles['student']}")
+    s, b, c = states["student"], states["base"], states["custom"]
+    result = {}
+    for k in list(s):  # popping as we go keeps the peak near three UNets, not four
+        value = c.pop(k).float() + (s.pop(k).float() - b.pop(k).float())  # fp32, in this order (SPEC 6)
+        result[k] = value if dtype is None else value.to(dtype)
+    sched_dir = read["student"][2]
+    shift = json.loads((sched_dir / "scheduler_config.json").read_text())["shifted_timestep"] if sched_dir else None
+    with staged_output(out) as tmp:
+        if out.suffix == ".safetensors":
+            meta = {SHIFT_METADATA_KEY: str(shift)} if shift is not None else None
+            save_file({k: v.contiguous() for k, v in result.items()}, str(tmp), metadata=meta)
+        else:
+            if config is None:
+                raise NitroFusionError("no UNet config among --student/--base/--custom (all are weights files): "
+                                       "give one of them as a folder, or --out FILE.safetensors")
+            unet = unet_from_state(config, result, "(transfer result)", dtype=dtype or torch.float32)
+            with quiet_loading():
+                unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            if sched_dir is not None:
+                shutil.copytree(sched_dir, tmp / "scheduler")
+    return {"path": str(out), "tensors": len(result), "shift": shift}
+
+
+def export(model: str | Path, fmt: str, out: str | Path, base: str | Path | None = None, shift: int | None = None,
+           rank: int = 64, dtype: torch.dtype | None = None, device: str = "cpu") -> dict:
+    if fmt not in FORMATS:
+        raise NitroFusionError(f"unknown export format {fmt!r}: choose diffusers, single-file or lora")
+    if fmt == "diffusers":
+        return {"path": str(export_diffusers(model, out, base, shift, dtype))}
+    if fmt == "single-file":
+        return export_single_file(model, out, base, shift, dtype)
+    return export_lora(model, out, rank, base, dtype, device)

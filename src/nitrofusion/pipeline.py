@@ -1,0 +1,386 @@
+"""SDXL inference in 1-4 steps from any NitroFusion model (SPEC section 5), in a stock `StableDiffusionXLPipeline`.
+
+A model is one of:
+- a run folder (RUN/config.yaml + RUN/student/{unet,scheduler}); the text encoders and VAE come from the
+  run's teacher folder (its `teacher` key) unless `base` is given;
+- a student folder (unet/ + scheduler/, e.g. written by `nitrofusion transfer`), with `base`;
+- an exported diffusers pipeline folder (model_index.json), self-contained;
+- a diffusers UNet folder (config.json) or a UNet weights file with `base`: the released NitroSD checkpoints
+  are diffusers-key UNet state dicts (.safetensors); original-layout (A1111/ComfyUI) checkpoints are converted
+  with diffusers' own converter. The shift comes from `shift`, the file's metadata, or its name.
+
+The scheduler is TimestepShiftLCMScheduler on the base's betas with original_inference_steps=4; the pipeline is
+always called with guidance_scale=0 (SPEC 5: no classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import NitroFusionError
+
+SHIFT_BY_NAME = {"realism": 250, "vibrant": 500}  # the released NitroSD-Realism / -Vibrant (SPEC 2.3)
+SHIFT_METADATA_KEY = "nitrofusion.shifted_timestep"  # written by our single-file and transfer outputs
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise NitroFusionError(f"unknown dtype {name!r}: choose {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No diffusers/transformers progress bars while loading and saving: the command's output is its own result
+    and errors (one line each)."""
+    from diffusers.utils import logging as dlog
+
+    from .adapters.sdxl import _quiet_transformers
+
+    was = dlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    try:
+        with _quiet_transformers():
+            yield
+    finally:
+        if was:
+            dlog.enable_progress_bar()
+
+
+def check_steps(steps: int) -> None:
+    if not 1 <= steps <= 4:
+        raise NitroFusionError(f"steps must be 1, 2, 3 or 4 (got {steps}): the shifted LCM grid has 4 points")
+
+
+@dataclass
+class ModelRef:
+    """Where a model's parts are: `kind` is run | student | pipeline | unet | file."""
+
+    kind: str
+    path: Path
+    base: Path | None = None  # SDXL pipeline folder with the text encoders, tokenizers and VAE
+    resolution: int | None = None  # the run's training resolution (pixels)
+
+    @property
+    def student_dir(self) -> Path | None:
+        return {"run": self.path / "student", "student": self.path}.get(self.kind)
+
+    @property
+    def scheduler_dir(self) -> Path | None:
+        """The folder of the model's own shifted scheduler, when it has one."""
+        for root in (self.student_dir, self.path if self.kind == "pipeline" else None):
+            if root is not None and (root / "scheduler" / "scheduler_config.json").is_file():
+                cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+                if "shifted_timestep" in cfg:
+                    return root / "scheduler"
+        return None
+
+
+def model_kind(path: Path) -> str:
+    if path.is_file() or path.suffix in WEIGHT_SUFFIXES:
+        return "file"
+    if (path / "model_index.json").is_file():
+        return "pipeline"
+    if (path / "config.yaml").is_file() and (path / "student" / "unet" / "config.json").is_file():
+        return "run"
+    if (path / "unet" / "config.json").is_file():
+        return "student"
+    if (path / "config.json").is_file():
+        return "unet"
+    raise NitroFusionError(f"no model in {path}: expected a run folder, a student folder (unet/ + scheduler/), an "
+                           "exported pipeline folder (model_index.json), a UNet folder or a UNet .safetensors file")
+
+
+def run_config(run: Path) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as e:
+        raise NitroFusionError(f"{run / 'config.yaml'} is not valid YAML ({type(e).__name__})") from None
+
+
+def model_world(path: Path) -> str | None:
+    """'sdxl', 'mini', or None (not a model folder/file we recognise): `nitrofusion generate` dispatches on it."""
+    try:
+        kind = model_kind(path)
+    except NitroFusionError:
+        return None
+    if kind == "run":
+        return run_config(path).get("world", "mini")
+    if kind in ("student", "unet"):
+        cfg_file = path / "unet" / "config.json" if kind == "student" else path / "config.json"
+        return "sdxl" if json.loads(cfg_file.read_text()).get("addition_embed_type") == "text_time" else "mini"
+    return "sdxl"
+
+
+def resolve(model: str | Path, base: str | Path | None = None) -> ModelRef:
+    path = Path(model)
+    kind = model_kind(path)
+    ref = ModelRef(kind, path, Path(base) if base else None)
+    if kind == "file" and not path.is_file():
+        raise NitroFusionError(f"UNet weights file not found: {path}")
+    if kind == "run":
+        cfg = run_config(path)
+        if cfg.get("world", "mini") != "sdxl":
+            raise NitroFusionError(f"{path} is a mini-world run; SDXL export, transfer and pipelines need an SDXL run")
+        ref.resolution = (cfg.get("sdxl") or {}).get("resolution")
+        if ref.base is None:
+            if not cfg.get("teacher"):
+                raise NitroFusionError(f"{path / 'config.yaml'} names no teacher folder; pass --base SDXL_FOLDER")
+            ref.base = Path(cfg["teacher"])
+            if not ref.base.is_dir():
+                raise NitroFusionError(f"the run's teacher folder {ref.base} (from {path / 'config.yaml'}) is not "
+                                       "there; pass --base SDXL_FOLDER")
+    if ref.base is not None:
+        from .adapters.sdxl import check_pipeline_folder
+
+        if not ref.base.is_dir():
+            raise NitroFusionError(f"base SDXL folder not found: {ref.base}")
+        check_pipeline_folder(ref.base)
+    return ref
+
+
+def need_base(ref: ModelRef, what: str) -> Path:
+    if ref.base is None:
+        raise NitroFusionError(f"{ref.path} is a {'UNet file' if ref.kind == 'file' else ref.kind + ' folder'}: "
+                               f"{what} needs --base SDXL_FOLDER (the SDXL pipeline its UNet belongs to)")
+    return ref.base
+
+
+# ---- UNet weights ---------------------------------------------------------------------------------------------
+
+
+def is_original_layout(state: dict) -> bool:
+    return any(k.startswith("model.diffusion_model.") or k.startswith("input_blocks.") for k in state)
+
+
+def to_diffusers_unet_keys(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """Diffusers keys from a diffusers state dict (optionally `unet.`-prefixed) or an original-layout one
+    (model.diffusion_model.*, a full A1111/ComfyUI checkpoint included), converted by diffusers' converter."""
+    if is_original_layout(state):
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+        if not any(k.startswith("model.diffusion_model.") for k in state):  # a bare original-layout UNet
+            state = {"model.diffusion_model." + k: v for k, v in state.items()}
+        return convert_ldm_unet_checkpoint(state, dict(config))
+    return {k.removeprefix("unet."): v for k, v in state.items()}
+
+
+def check_same_layout(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor], other_name: str,
+                      ref_name: str) -> None:
+    missing = [k for k in ref if k not in other]
+    unexpected = [k for k in other if k not in ref]
+    shapes = [k for k in ref if k in other and tuple(other[k].shape) != tuple(ref[k].shape)]
+    if missing or unexpected or shapes:
+        example = (missing or unexpected or shapes)[0]
+        detail = (f" ({tuple(other[example].shape)} vs {tuple(ref[example].shape)})" if example in shapes else "")
+        raise NitroFusionError(f"{other_name} does not match {ref_name}: {len(missing)} missing, {len(unexpected)} "
+                               f"unexpected, {len(shapes)} wrong-shape keys (e.g. '{example}'{detail})")
+
+
+def unet_from_state(config: dict, state: dict[str, torch.Tensor], source: str, dtype: torch.dtype | None = None):
+    """A UNet built from `config` holding exactly `state` (no random init: SDXL's 2.6B parameters)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    check_same_layout(unet.state_dict(), state, f"UNet weights {source}", "the base SDXL UNet config")
+    dtype = dtype or torch.float32
+    unet.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
+    return unet.eval()
+
+
+def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict and safetensors metadata (empty for torch files); weights-only, never unpickles objects."""
+    from .adapters.sdxl import read_unet_weights
+
+    state = read_unet_weights(path)
+    meta: dict[str, str] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    return state, meta
+
+
+def load_unet(ref: ModelRef, dtype: torch.dtype | None = None):
+    """The model's UNet (fp32 unless `dtype`)."""
+    from diffusers import UNet2DConditionModel
+
+    if ref.kind == "file":
+        base = need_base(ref, "a UNet weights file")
+        config = UNet2DConditionModel.load_config(base / "unet")
+        state, _ = read_weights_file(ref.path)
+        return unet_from_state(config, to_diffusers_unet_keys(state, config), str(ref.path), dtype)
+    folder = {"run": ref.path / "student" / "unet", "student": ref.path / "unet", "pipeline": ref.path / "unet",
+              "unet": ref.path}[ref.kind]
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, dtype=dtype or torch.float32)
+    except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken folder
+        raise NitroFusionError(f"cannot load the UNet in {folder} ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if unet.config.addition_embed_type != "text_time":
+        raise NitroFusionError(f"{folder} is not an SDXL UNet (addition_embed_type is "
+                               f"{unet.config.addition_embed_type!r}, SDXL's is 'text_time')")
+    return unet.eval()
+
+
+def guess_shift(ref: ModelRef) -> int:
+    """The released checkpoints' shift from the file's metadata or name (NitroSD-Realism 250, -Vibrant 500)."""
+    if ref.kind == "file" and ref.path.suffix == ".safetensors":
+        _, meta = read_weights_file(ref.path)
+        if SHIFT_METADATA_KEY in meta:
+            return int(meta[SHIFT_METADATA_KEY])
+    name = ref.path.name.lower()
+    hits = {s for word, s in SHIFT_BY_NAME.items() if word in name}
+    if len(hits) == 1:
+        return hits.pop()
+    raise NitroFusionError(f"cannot tell the timestep shift of {ref.path.name}: pass --shift 250 (NitroSD-Realism) "
+                           "or --shift 500 (NitroSD-Vibrant), or the shift it was distilled with")
+
+
+def load_scheduler(ref: ModelRef, shift: int | None = None):
+    from .sampling import shifted_scheduler
+    from .schedulers import TimestepShiftLCMScheduler
+
+    if shift is not None and not 1 <= shift <= 1000:
+        raise NitroFusionError(f"--shift must be in 1..1000 (got {shift})")
+    own = ref.scheduler_dir
+    if own is not None:
+        sched = TimestepShiftLCMScheduler.from_pretrained(own)
+        return sched if shift is None else shifted_scheduler(dict(sched.config), shift)
+    if shift is None:
+        shift = guess_shift(ref)
+    source = ref.path if ref.kind == "pipeline" else need_base(ref, "sampling")
+    config = json.loads((source / "scheduler" / "scheduler_config.json").read_text())
+    return shifted_scheduler(config, shift)
+
+
+def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int | None = None,
+                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A stock diffusers `StableDiffusionXLPipeline` with the student UNet and the shifted LCM scheduler
+    (SPEC 5). Call it with guidance_scale=0 and 1-4 steps, or use `generate_images`."""
+    from diffusers import StableDiffusionXLPipeline
+
+    ref = resolve(model, base)
+    if ref.kind == "pipeline" and ref.base is not None:
+        raise NitroFusionError(f"{ref.path} is a complete pipeline folder; --base applies to run folders and UNet "
+                               "files only")
+    if ref.kind == "pipeline" and ref.scheduler_dir is None and shift is None:
+        raise NitroFusionError(f"{ref.path} has no TimestepShiftLCMScheduler; pass --shift S to sample its UNet "
+                               "with one (250 for NitroSD-Realism, 500 for -Vibrant)")
+    if ref.kind != "pipeline":
+        need_base(ref, "a pipeline")
+    scheduler = load_scheduler(ref, shift)
+    dtype = dtype or torch.float32
+    parts = {"scheduler": scheduler}
+    folder = ref.path
+    if ref.kind != "pipeline":
+        parts["unet"] = load_unet(ref, dtype)
+        folder = need_base(ref, "a pipeline")
+    try:
+        with quiet_loading():
+            pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, **parts)
+    except NitroFusionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken folder surfaces as many exception types
+        raise NitroFusionError(f"cannot load the SDXL pipeline in {folder} ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    pipe.set_progress_bar_config(disable=True)
+    pipe.nitrofusion_resolution = ref.resolution  # the run's training resolution: the default image size
+    return pipe.to(device)
+
+
+# ---- generation -----------------------------------------------------------------------------------------------
+
+
+def default_size(pipe) -> int:
+    return getattr(pipe, "nitrofusion_resolution", None) or pipe.default_sample_size * pipe.vae_scale_factor
+
+
+def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
+    """Image i draws its x_T and its re-noising noise from a CPU generator seeded seed + i: the same seed gives
+    the same images on any device and batch size (batch size only changes float rounding inside the UNet)."""
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(start, start + count)]
+
+
+@torch.no_grad()
+def generate_images(pipe, prompts: list[str], steps: int, seed: int = 0, height: int | None = None,
+                    width: int | None = None, batch_size: int = 4) -> list:
+    """PIL images, one per prompt, in 1-4 steps (SPEC 5)."""
+    check_steps(steps)
+    if not prompts:
+        raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
+    if batch_size < 1:
+        raise NitroFusionError(f"--batch-size must be >= 1 (got {batch_size})")
+    size = default_size(pipe)
+    height, width = height or size, width or size
+    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise NitroFusionError(f"height and width must be positive multiples of {multiple} for this model "
+                               f"(got {height}x{width})")
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=0.0, height=height, width=width,
+                   generator=image_generators(seed, start, len(chunk)), output_type="pil")
+        images += out.images
+    return images
+
+
+def save_images(images: list, prompts: list[str], out: Path, steps: int, seed: int, num_per_prompt: int) -> list[Path]:
+    """NNNN.png (prompt, seed and steps in the PNG text) and grid.png: one row per prompt. Each file is written
+    to a temporary name and renamed, so a reader never sees half a PNG."""
+    import numpy as np
+    from PIL.PngImagePlugin import PngInfo
+
+    from .io import atomic_write
+    from .viz import image_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (img, prompt) in enumerate(zip(images, prompts, strict=True)):
+        info = PngInfo()
+        for k, v in (("prompt", prompt), ("seed", str(seed + i)), ("steps", str(steps))):
+            info.add_text(k, v)
+        path = out / f"{i:04d}.png"
+        atomic_write(path, lambda tmp, img=img, info=info: img.save(tmp, format="PNG", pnginfo=info))
+        paths.append(path)
+    tiles = torch.stack([torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1) for img in images])
+    tiles = tiles.float().div(255).view(-1, num_per_prompt, *tiles.shape[1:])
+    labels = [p if len(p) <= 16 else p[:15] + "…" for p in prompts[::num_per_prompt]]
+    scale = max(1, 128 // images[0].height)
+    atomic_write(out / "grid.png", lambda tmp: image_grid(list(tiles), labels, scale).save(tmp, format="PNG"))
+    return paths
+
+
+def generate_to_folder(model: str | Path, prompts: list[str], steps: int, seed: int, out: str | Path,
+                       base: str | Path | None = None, shift: int | None = None, height: int | None = None,
+                       width: int | None = None, batch_size: int = 4, num_per_prompt: int = 1,
+                       device: str = "cpu", dtype: torch.dtype | None = None) -> list[Path]:
+    check_steps(steps)  # before any model loads
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value <= 0 or value % 8):
+            raise NitroFusionError(f"--{name} must be a positive multiple of 8 (got {value})")
+    if batch_size < 1:
+        raise NitroFusionError(f"--batch-size must be >= 1 (got {batch_size})")
+    if num_per_prompt < 1:
+        raise NitroFusionError(f"--num-per-prompt must be >= 1 (got {num_per_prompt})")
+    if not prompts:
+        raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
+    pipe = load_pipeline(model, base=base, shift=shift, device=device, dtype=dtype)
+    prompts = [p for p in prompts for _ in range(num_per_prompt)]
+    images = generate_images(pipe, prompts, steps, seed, height, width, batch_size)
+    return save_images(images, prompts, Path(out), steps, seed, num_per_prompt)
