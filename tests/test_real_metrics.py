@@ -257,3 +257,28 @@ def test_coco_captions_protocol(tmp_path):
     (tmp_path / "bad.tsv").write_text("file_name\tcaption\nonly-a-name\n")
     with pytest.raises(NitroFusionError, match="line 2: expected 'file_name<TAB>caption'"):
         rm.read_caption_pairs(tmp_path / "bad.tsv")
+
+
+def test_evaluate_cli_scores_an_sdxl_run_on_a_caption_set(tiny_sdxl, prompt_file, tiny_clip, tmp_path, capsys):
+    from nitrofusion.cli import main
+
+    run = tmp_path / "run"
+    assert main(["distill", "--preset", "sdxl-tiny", "--teacher", str(tiny_sdxl), "--prompts", str(prompt_file),
+                 "--out", str(run)]) == 0
+    names = _write_pngs(tmp_path / "ref", _images(6, 5, (48, 48)))
+    rm.write_caption_pairs([(f"a photo number {i}", n) for i, n in enumerate(names)], tmp_path / "captions.tsv")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(run), "--coco", str(tmp_path / "captions.tsv"), "--samples", "4",
+                 "--reference", str(tmp_path / "ref"), "--clip", str(tiny_clip), "--steps", "1", "2",
+                 "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert [row["steps"] for row in r["rows"]] == [1, 2] and r["samples"] == 4
+    for row in r["rows"]:
+        assert row["clip_score"]["n"] == 4 and -1 <= row["clip_score"]["value"] <= 1
+        assert row["fd_clip"]["reference_n"] == 4  # the 4 drawn captions' own images, not the whole folder
+        assert "skipped" in row["fid"] and "skipped" in row["aesthetic"] and "skipped" in row["image_reward"]
+    assert r["rows"][0]["clip_score"]["value"] != r["rows"][1]["clip_score"]["value"]
+    md = (out / "results.md").read_text()
+    assert "FD-CLIP (not FID)" in md and "skipped:" in md
+    assert (out / "captions.tsv").exists() and (out / "grid.png").exists()
+    assert "1 step(s): clip_score" in capsys.readouterr().out

@@ -154,13 +154,34 @@ def cmd_transfer(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from .pipeline import model_world
+
+    if args.model != "teacher" and model_world(Path(args.model)) == "sdxl":
+        return _evaluate_sdxl(args)
     from .evaluate import evaluate_mini
 
-    r = evaluate_mini(args.model, args.steps, Path(args.out), samples=args.samples, seed=args.seed,
+    r = evaluate_mini(args.model, args.steps, Path(args.out), samples=args.samples or 2000, seed=args.seed,
                       teacher=args.teacher)
     for row in r["rows"]:
         print(f"{row['model']} {row['steps']} step(s): classifier-FID {row['fid']:.2f} (to teacher "
               f"{row['fid_to_teacher']:.2f}), accuracy {row['accuracy']:.3f}")
+    print(f"results: {Path(args.out) / 'results.md'}")
+
+
+def _evaluate_sdxl(args) -> None:
+    from .evaluate import evaluate_sdxl
+    from .real_metrics import RealMetricsConfig
+
+    cfg = RealMetricsConfig(clip=args.clip or "", inception=args.inception or "", aesthetic=args.aesthetic or "",
+                            aesthetic_clip=args.aesthetic_clip or "", image_reward=args.image_reward or "",
+                            reference=args.reference or "", device=args.device or "")
+    r = evaluate_sdxl(args.model, args.steps, Path(args.out), prompts=args.prompts or "", coco=args.coco or "",
+                      samples=args.samples or 5000, seed=args.seed, metrics_cfg=cfg, base=args.base, shift=args.shift,
+                      batch_size=args.batch_size, device=args.device or "cpu", dtype=args.dtype)
+    for row in r["rows"]:
+        parts = [f"{m} {v['value']:.4g}" if "value" in v else f"{m} skipped ({v['skipped']})"
+                 for m, v in row.items() if isinstance(v, dict)]
+        print(f"{row['steps']} step(s): " + "; ".join(parts))
     print(f"results: {Path(args.out) / 'results.md'}")
 
 
@@ -269,10 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="fixed-seed metrics and grids of a student (or 'teacher') at 1-4 steps")
     p.add_argument("--model", required=True, help="run folder, student folder, or 'teacher' for the teacher")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="step counts, 1-4 (default 1 2 4)")
-    p.add_argument("--samples", type=int, default=2000, help="held-out prompts/x_T (default 2000)")
+    p.add_argument("--samples", type=int, help="held-out prompts/x_T (mini default 2000); prompts or COCO "
+                   "captions for SDXL (default 5000, the paper's COCO-5k)")
     p.add_argument("--seed", type=int, default=0, help="held-out set and re-noising seed")
     p.add_argument("--teacher", help="teacher folder the held-out set comes from (default: shipped)")
     p.add_argument("--out", required=True, help="folder for results.json, results.md, grid.png")
+    g = p.add_argument_group("SDXL models (run folder, exported folder, or UNet file with --base)")
+    g.add_argument("--prompts", help="prompt file (.txt/.csv/.jsonl) to generate from")
+    g.add_argument("--coco", help="COCO captions annotation JSON (captions_val2014.json) or a caption TSV: the "
+                   "COCO-5k protocol (--samples captions, one per image, drawn with --seed)")
+    g.add_argument("--reference", help="reference images folder for FID / FD-CLIP (COCO: the val2014 folder)")
+    g.add_argument("--clip", help="CLIP model folder or hub id for CLIP score and FD-CLIP "
+                   "(the paper's: openai/clip-vit-base-patch32)")
+    g.add_argument("--inception", help="torch-fidelity Inception weights file for FID (needs torch-fidelity)")
+    g.add_argument("--aesthetic", help="LAION improved-aesthetic-predictor MLP weights")
+    g.add_argument("--aesthetic-clip", help="the CLIP ViT-L/14 the aesthetic predictor reads")
+    g.add_argument("--image-reward", help="ImageReward checkpoint (needs the image-reward package)")
+    g.add_argument("--base", help="SDXL base folder (for a UNet file, or to override a run's teacher)")
+    g.add_argument("--shift", type=int, help="timestep shift for a UNet file without one")
+    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--device", help="cuda or cpu")
+    g.add_argument("--dtype", help="fp16, bf16 or fp32")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("teacher", help="train the mini-world teacher (the shipped one came from preset 'mini')")
