@@ -203,6 +203,19 @@ def cmd_ablate(args) -> None:
     print(f"ablation table: {Path(args.out) / 'ablation.md'} ({r['seconds']:.0f} s)")
 
 
+def cmd_app(args) -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise NitroFusionError("the live demo needs gradio: pip install 'nitrofusion[app]'") from None
+    from .app import build_app, launch, make_generator
+    from .pipeline import parse_dtype
+
+    fn, examples = make_generator(args.model, args.base, args.shift, args.device or "cpu", parse_dtype(args.dtype))
+    print(f"serving {args.model} on http://{args.host}:{args.port or 7860} (Ctrl-C stops)")
+    launch(build_app(fn, examples), args.host, args.port)
+
+
 def cmd_presets(args) -> None:
     from .config import available_presets
 
@@ -345,6 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the mini preset for every variant (e.g. micro_batch=16)")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("app", help="live demo in the browser: prompt in, image out in 1-4 steps (gradio)")
+    p.add_argument("--model", required=True, help="run folder, exported folder, or UNet file (with --base)")
+    p.add_argument("--base", help="SDXL base folder (for a UNet file)")
+    p.add_argument("--shift", type=int, help="timestep shift for a UNet file without one")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 exposes the demo to the network)")
+    p.add_argument("--port", type=int, help="port (default: gradio's, 7860 or the next free one)")
+    p.add_argument("--device", help="cuda or cpu")
+    p.add_argument("--dtype", help="fp16, bf16 or fp32")
+    p.set_defaults(func=cmd_app)
 
     p = sub.add_parser("presets", help="list the named presets")
     p.set_defaults(func=cmd_presets)

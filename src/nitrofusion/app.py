@@ -1,0 +1,88 @@
+"""`nitrofusion app`: a live demo of a student, one image per click in 1-4 steps (gradio).
+
+Binds to 127.0.0.1 unless told otherwise (`--host 0.0.0.0` exposes it to the network on purpose); never
+opens a public share link. Works for mini-world runs (instant on a CPU) and SDXL models (anything
+`nitrofusion generate` accepts).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .errors import NitroFusionError
+from .pipeline import check_steps, model_world
+
+Generate = Callable[[str, int, int], Image.Image]
+
+
+def make_generator(model: str | Path, base: str | None = None, shift: int | None = None, device: str = "cpu",
+                   dtype: torch.dtype | None = None) -> tuple[Generate, list[str]]:
+    """(prompt, steps, seed) -> image, and example prompts; the model loads once, here."""
+    path = Path(model)
+    if model_world(path) == "mini":
+        from .generate import load_mini_student
+        from .mini.data import class_prompts
+        from .sampling import generate
+
+        adapter, unet, s = load_mini_student(path)
+
+        @torch.no_grad()
+        def run_mini(prompt: str, steps: int, seed: int) -> Image.Image:
+            gen = torch.Generator().manual_seed(seed)
+            x_T = torch.randn((1, *adapter.latent_shape()), generator=gen)
+            x0 = generate(adapter, unet, x_T, adapter.encode_prompts([prompt]), steps, s, generator=gen)
+            arr = adapter.decode(x0)[0, 0].mul(255).round().byte().numpy()
+            return Image.fromarray(arr).resize((256, 256), Image.NEAREST)  # 16x16 pixels, shown large
+
+        return run_mini, class_prompts()
+    from .pipeline import generate_images, load_pipeline
+
+    pipe = load_pipeline(model, base=base, shift=shift, device=device, dtype=dtype)
+
+    def run_sdxl(prompt: str, steps: int, seed: int) -> Image.Image:
+        return generate_images(pipe, [prompt], steps, seed, batch_size=1)[0]
+
+    return run_sdxl, ["a photo of a red fox in the snow", "an oil painting of a lighthouse at dusk"]
+
+
+def build_app(generate_fn: Generate, examples: list[str], title: str = "nitrofusion"):
+    import gradio as gr
+
+    def on_click(prompt: str, steps: float, seed: float):
+        if not prompt.strip():
+            raise gr.Error("type a prompt")
+        steps, seed = int(steps), int(seed)
+        try:
+            check_steps(steps)
+        except NitroFusionError as e:
+            raise gr.Error(str(e)) from None
+        t0 = time.perf_counter()
+        image = generate_fn(prompt, steps, seed)
+        return image, f"{steps} step(s), seed {seed}: {1000 * (time.perf_counter() - t0):.0f} ms"
+
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"## {title}: one-step generation (1-4 steps with the same weights)")
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="prompt", value=examples[0] if examples else "")
+                steps = gr.Slider(1, 4, value=1, step=1, label="steps")
+                seed = gr.Number(value=0, precision=0, label="seed")
+                button = gr.Button("generate", variant="primary")
+                gr.Examples(examples, inputs=prompt)
+            with gr.Column():
+                image = gr.Image(label="image", type="pil")
+                info = gr.Markdown()
+        button.click(on_click, [prompt, steps, seed], [image, info])
+        prompt.submit(on_click, [prompt, steps, seed], [image, info])
+    return demo
+
+
+def launch(demo, host: str = "127.0.0.1", port: int | None = None, block: bool = True):
+    # share=False always: a public tunnel is never opened implicitly
+    return demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block,
+                       quiet=not block)

@@ -1,0 +1,40 @@
+"""The live demo: generates from a mini run, serves on 127.0.0.1 by default, never shares publicly."""
+
+import os
+import urllib.request
+
+import pytest
+
+from nitrofusion.cli import main
+
+gradio = pytest.importorskip("gradio")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+@pytest.fixture(scope="module")
+def mini_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("app") / "run"
+    assert main(["distill", "--preset", "tiny", "--out", str(run)]) == 0
+    return run
+
+
+def test_app_generates_deterministically_and_binds_to_localhost(mini_run):
+    from nitrofusion.app import build_app, launch, make_generator
+
+    fn, examples = make_generator(mini_run)
+    a, b, c = fn(examples[0], 1, 3), fn(examples[0], 1, 3), fn(examples[0], 4, 3)
+    assert a.size == (256, 256) and a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+    demo = build_app(fn, examples)
+    launch(demo, block=False)
+    try:
+        assert demo.server_name == "127.0.0.1" and not demo.share
+        with urllib.request.urlopen(demo.local_url, timeout=30) as page:
+            assert page.status == 200
+    finally:
+        demo.close()
+
+
+def test_app_cli_refuses_a_missing_model_in_one_line(tmp_path, capsys):
+    assert main(["app", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0]
