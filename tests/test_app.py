@@ -7,8 +7,8 @@ import pytest
 
 from nitrofusion.cli import main
 
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no telemetry calls
 gradio = pytest.importorskip("gradio")
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 @pytest.fixture(scope="module")
