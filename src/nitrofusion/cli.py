@@ -376,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    # diffusers imports bitsandbytes when it is installed, which warns about 4-bit CPU kernels we never use
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
