@@ -21,7 +21,7 @@ from .mini.evaluation import MiniEvaluation, labels_for, per_class
 from .mini.metrics import MiniMetrics
 from .mini.pairsets import held_out_pairs
 from .mini.teacher import load_teacher
-from .viz import save_grid
+from .viz import pil_to_tensor, save_grid
 
 
 def evaluate_mini(model: str, steps: list[int], out: Path, samples: int = 2000, seed: int = 0,
@@ -78,9 +78,6 @@ def evaluate_sdxl(model: str, steps: list[int], out: Path, prompts: str = "", co
                   batch_size: int = 4, device: str = "cpu", dtype: str | None = None, progress: bool = True) -> dict:
     """Real-model metrics (real_metrics.py) of an SDXL student at each step count, on a prompt file or the
     COCO-5k captions (SPEC 6); one image per prompt, image i seeded seed + i, no CFG."""
-    import numpy as np
-    import torch
-
     from .io import disk_errors
     from .pipeline import generate_images, load_pipeline
     from .prompts import open_prompts
@@ -121,8 +118,7 @@ def evaluate_sdxl(model: str, steps: list[int], out: Path, prompts: str = "", co
 
         row = {"steps": s, **evaluate_images(batches(), texts, metrics=metrics)}
         results["rows"].append(row)
-        grid_rows.append(torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
-                                      for im in first]).float() / 255)
+        grid_rows.append(pil_to_tensor(first))
         labels.append(f"{s} step(s)")
     results["seconds"] = round(time.time() - started, 1)
     with disk_errors("evaluation results", out, fix="then rerun"):

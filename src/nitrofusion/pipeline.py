@@ -343,11 +343,10 @@ def generate_images(pipe, prompts: list[str], steps: int, seed: int = 0, height:
 def save_images(images: list, prompts: list[str], out: Path, steps: int, seed: int, num_per_prompt: int) -> list[Path]:
     """NNNN.png (prompt, seed and steps in the PNG text) and grid.png: one row per prompt. Each file is written
     to a temporary name and renamed, so a reader never sees half a PNG."""
-    import numpy as np
     from PIL.PngImagePlugin import PngInfo
 
     from .io import atomic_write
-    from .viz import image_grid
+    from .viz import image_grid, pil_to_tensor
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -358,8 +357,8 @@ def save_images(images: list, prompts: list[str], out: Path, steps: int, seed: i
         path = out / f"{i:04d}.png"
         atomic_write(path, lambda tmp, img=img, info=info: img.save(tmp, format="PNG", pnginfo=info))
         paths.append(path)
-    tiles = torch.stack([torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1) for img in images])
-    tiles = tiles.float().div(255).view(-1, num_per_prompt, *tiles.shape[1:])
+    tiles = pil_to_tensor(images)
+    tiles = tiles.view(-1, num_per_prompt, *tiles.shape[1:])
     labels = [p if len(p) <= 16 else p[:15] + "…" for p in prompts[::num_per_prompt]]
     scale = max(1, 128 // images[0].height)
     atomic_write(out / "grid.png", lambda tmp: image_grid(list(tiles), labels, scale).save(tmp, format="PNG"))

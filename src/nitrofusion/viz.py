@@ -28,6 +28,11 @@ def image_grid(rows: list[torch.Tensor], row_labels: list[str], scale: int = 4, 
     return canvas
 
 
+def pil_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images -> [N, 3, H, W] floats in [0, 1] (the rows `image_grid` takes)."""
+    return torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images]).float() / 255
+
+
 def save_grid(path: str | Path, rows: list[torch.Tensor], row_labels: list[str], scale: int = 4) -> None:
     image_grid(rows, row_labels, scale).save(path)
 

@@ -161,9 +161,11 @@ class SDXLAdapter(ModelAdapter):
     def _fuse_lora(self, path: Path, scale: float) -> None:
         from diffusers import StableDiffusionXLPipeline
 
+        from ..pairs import fingerprint  # per-tensor sums: no second copy of a 10 GB UNet to compare against
+
         if not path.exists():
             raise NitroFusionError(f"teacher LoRA not found: {path}")
-        before = {k: v.clone() for k, v in self.teacher_unet.state_dict().items()}
+        before = fingerprint(self.teacher_unet)
         pipe = StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoders[0],
                                          text_encoder_2=self.text_encoders[1], tokenizer=self.tokenizers[0],
                                          tokenizer_2=self.tokenizers[1], unet=self.teacher_unet,
@@ -175,8 +177,7 @@ class SDXLAdapter(ModelAdapter):
         except Exception as e:  # noqa: BLE001 - diffusers/peft raise many types for a LoRA that does not fit
             raise NitroFusionError(f"LoRA {path} does not apply to this teacher "
                                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        after = self.teacher_unet.state_dict()
-        if all(torch.equal(before[k], after[k]) for k in before):
+        if fingerprint(self.teacher_unet) == before:
             raise NitroFusionError(f"LoRA {path} changed no UNet weight: its keys match no module of this UNet "
                                    "(is it an SDXL LoRA?)")
 
