@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from nitrofusion.ablate import VARIANTS, run_ablation, summarise
+from nitrofusion.ablate import PAPER, run_ablation, summarise
 
 
 def test_summary_statistics_and_deltas():
@@ -25,13 +25,18 @@ def test_ablate_runs_every_variant_and_skips_finished_runs(tmp_path, monkeypatch
     messages = []
     r = run_ablation(tmp_path, seeds=2, budget_images=16, eval_samples=20, overrides=sets, progress=False,
                      log=messages.append)
-    assert set(r["summary"]) == set(VARIANTS) and all(s["n"] == 2 for s in r["summary"].values())
+    assert set(r["summary"]["1"]) == set(PAPER) and all(s["n"] == 2 for s in r["summary"]["1"].values())
     assert len(r["runs"]) == 10 and all(run["images"] == 16 for run in r["runs"])
     assert (tmp_path / "ablation.png").stat().st_size > 0 and "| single-head" in (tmp_path / "ablation.md").read_text()
-    pools = {v: json.loads((tmp_path / "runs" / f"{v}-seed0" / "result.json").read_text()) for v in VARIANTS}
+    pools = {v: json.loads((tmp_path / "runs" / f"{v}-seed0" / "result.json").read_text()) for v in PAPER}
     assert len({p["fid"] for p in pools.values()}) > 1  # the variants really differ
+    assert all(0 <= p["precision"] <= 1 and 0 <= p["recall"] <= 1 for p in pools.values())
 
     monkeypatch.setattr(ablate, "distill", lambda *a, **k: pytest.fail("a finished run was retrained"))
     again = run_ablation(tmp_path, seeds=2, budget_images=16, eval_samples=20, overrides=sets, progress=False,
                          log=messages.append)
     assert again["summary"] == r["summary"] and sum("skipped" in m for m in messages) == 10
+    # a step count a finished run lacks is scored from its saved student, without retraining
+    more = run_ablation(tmp_path, seeds=2, budget_images=16, eval_samples=20, overrides=sets, steps=[1, 4],
+                        variants=["full"], progress=False, log=messages.append)
+    assert more["summary"]["1"]["full"] == r["summary"]["1"]["full"] and more["summary"]["4"]["full"]["n"] == 2

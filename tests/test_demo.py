@@ -11,16 +11,18 @@ pytestmark = pytest.mark.slow
 
 def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--eval-samples", "300", "--minutes", "0",
-            "--set", "max_images=960", "--set", "pairs.count=480", "--set", "eval_every=10",
+    argv = ["demo", "--out", str(out), "--eval-samples", "300", "--minutes", "0", "--images", "960",
+            "--set", "pairs.count=480", "--set", "eval_every=10",
             "--set", "eval_samples=200", "--set", "checkpoint_every=10"]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["teacher"]["steps"] >= 2
     for key in ("fid", "accuracy"):
         assert report["teacher"][key] >= 0 and report["teacher_one_step"][key] >= 0
-        for steps in ("1", "2", "4"):
+        for steps in ("1", "2", "3", "4"):
             assert report["student"][steps][key] >= 0
+    for row in (report["teacher"], report["teacher_one_step"], *report["student"].values()):
+        assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and len(row["class_coverage"]) == 10
     assert report["train"]["iterations"] == 30 and report["train"]["images"] == 960
     for name in ("report.md", "grid.png", "fid_curve.png", "run/student/unet/config.json"):
         assert (out / name).exists(), name

@@ -18,22 +18,40 @@ from . import config as config_lib
 from .adapters.mini import MiniAdapter
 from .distill_config import DistillConfig
 from .errors import NitroFusionError
+from .generate import load_mini_student
 from .io import atomic_write_json, atomic_write_text
 from .mini.evaluation import MiniEvaluation
 from .mini.metrics import MiniMetrics
 from .mini.pairsets import held_out_pairs, training_pairs
 from .mini.teacher import load_teacher
+from .real_data import training_source
 from .train import distill
 
-# name -> (distill preset, what it removes)
-VARIANTS: dict[str, tuple[str, str]] = {
-    "full": ("mini", "full method: 480 heads, 3 task types, dynamic sampling, 1% refresh"),
-    "global-only": ("mini-global", "without multi-scale dual-objective heads (global conditional heads only)"),
-    "no-refresh": ("mini-norefresh", "without pool refresh"),
-    "static": ("mini-static", "without dynamic pool (one fixed head per slot, no refresh)"),
-    "single-head": ("mini-singlehead", "single-head baseline (one head on the mid block, shared by all t*)"),
+# name -> (distill preset, overrides, what it changes). PAPER: the paper's ablation (the default set);
+# the rest test explanations of how the pool and the multi-step stage behave (issue-driven studies).
+VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "full": ("mini", (), "full method: 480 heads, 3 task types, dynamic sampling, 1% refresh"),
+    "global-only": ("mini-global", (), "without multi-scale dual-objective heads (global conditional heads only)"),
+    "no-refresh": ("mini-norefresh", (), "without pool refresh"),
+    "static": ("mini-static", (), "without dynamic pool (one fixed head per slot, no refresh)"),
+    "single-head": ("mini-singlehead", (), "single-head baseline (one head on the mid block, shared by all t*)"),
+    # heads per slot, head lr scaled with how often a head trains (1/k of the steps): lr = 1e-3 * k / 4
+    "hps1": ("mini", ("pool.heads_per_slot=1", "heads_optim.lr=2.5e-4"),
+             "1 head per slot, refreshed 1%, head lr 2.5e-4"),
+    "hps2": ("mini", ("pool.heads_per_slot=2", "heads_optim.lr=5e-4"), "2 heads per slot, head lr 5e-4"),
+    "hps8": ("mini", ("pool.heads_per_slot=8", "heads_optim.lr=2e-3"), "8 heads per slot, head lr 2e-3"),
+    "refresh0.5": ("mini", ("pool.refresh_fraction=0.005",), "refresh 0.5% of the pool per step"),
+    "refresh2": ("mini", ("pool.refresh_fraction=0.02",), "refresh 2% of the pool per step"),
+    # the multi-step stage and the real-data source
+    "one-step": ("mini", ("multistep.p=0",), "one-step training only (the paper's objective)"),
+    "multistep": ("mini", ("multistep.p=0.5",), "multi-step stage: half the samples train a refinement step"),
+    "real-data": ("mini", ("real.source=data",), "real images (Fashion-MNIST train) as the heads' real side"),
+    "real-mix": ("mini", ("real.source=mix", "real.share=0.5"), "half real images, half teacher samples"),
+    "real-mix-r1": ("mini", ("real.source=mix", "real.share=0.5", "adversarial.r1_weight=1.0"),
+                    "half real, half teacher, R1 weight 1 on the heads"),
 }
-METRICS = ("fid", "fid_to_teacher", "accuracy")
+PAPER = ("full", "global-only", "no-refresh", "static", "single-head")
+METRICS = ("fid", "fid_to_teacher", "accuracy", "precision", "recall", "coverage")
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -44,47 +62,67 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 def run_ablation(out: Path, seeds: int = 3, budget_images: int = 6400, eval_samples: int = 1000,
                  variants: list[str] | None = None, overrides: list[str] | None = None,
-                 progress: bool = True, log=print) -> dict:
-    variants = variants or list(VARIANTS)
+                 steps: list[int] | None = None, progress: bool = True, log=print) -> dict:
+    variants = variants or list(PAPER)
+    steps = sorted(set(steps or [1]))
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise NitroFusionError(f"unknown ablation variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     if seeds < 1 or budget_images < 1 or eval_samples < 10:
         raise NitroFusionError("--seeds >= 1, --budget >= 1 image and --eval-samples >= 10 are required")
+    if any(not 1 <= s <= 4 for s in steps):
+        raise NitroFusionError(f"--steps takes values from 1 to 4 (got {steps})")
+    configs = {(v, seed): config_lib.build(DistillConfig, "distill", VARIANTS[v][0], [
+        *(overrides or []), *VARIANTS[v][1], f"max_images={budget_images}", "max_minutes=0", f"seed={seed}",
+        f"pool.seed={seed}", "eval_every=0"]) for v in variants for seed in range(seeds)}  # all checked first
     started = time.time()
     base = config_lib.build(DistillConfig, "distill", "mini", overrides)
     adapter = MiniAdapter(load_teacher(base.teacher or None))
-    pairs = training_pairs(base, adapter, progress=progress)  # every variant inherits the mini pair set
+    cached: list = []
+
+    def teacher_pairs():  # made once, and only if some variant judges against teacher samples
+        if not cached:
+            cached.append(training_pairs(base, adapter, progress=progress))
+        return cached[0]
+
     eval_pairs = held_out_pairs(adapter, eval_samples, base.pairs, progress=progress)
     metrics = MiniMetrics()
     runs = []
     for variant in variants:
-        preset = VARIANTS[variant][0]
         for seed in range(seeds):
+            cfg = configs[variant, seed]
             run_dir = out / "runs" / f"{variant}-seed{seed}"
             done = run_dir / "result.json"
-            if done.exists():
-                runs.append(json.loads(done.read_text()))
+            entry = json.loads(done.read_text()) if done.exists() else None
+            student = None
+            if entry is None:
+                resume = ckpt.latest(run_dir) is not None
+                log(f"{variant} seed {seed}: {'resuming' if resume else 'training'} ({budget_images} images)")
+                data = training_source(cfg, adapter, teacher_pairs, progress=progress)
+                result = distill(cfg, adapter, data, run_dir, resume=resume, progress=progress)
+                student = result["student"]
+                entry = {"variant": variant, "seed": seed, "images": result["images"],
+                         "train_seconds": result["seconds"]}
+            by_steps = entry.setdefault("by_steps", {})
+            missing = [s for s in steps if str(s) not in by_steps or "precision" not in by_steps[str(s)]]
+            if not missing:
                 log(f"{variant} seed {seed}: done before, skipped")
-                continue
-            sets = [*(overrides or []), f"max_images={budget_images}", "max_minutes=0", f"seed={seed}",
-                    f"pool.seed={seed}", "eval_every=0"]
-            cfg = config_lib.build(DistillConfig, "distill", preset, sets)
-            resume = ckpt.latest(run_dir) is not None
-            log(f"{variant} seed {seed}: {'resuming' if resume else 'training'} ({budget_images} images)")
-            result = distill(cfg, adapter, pairs, run_dir, resume=resume, progress=progress)
-            evaluation = MiniEvaluation(adapter, eval_pairs, metrics, cfg.adversarial.shift, seed=0)
-            score = evaluation.score(evaluation.student_images(result["student"], 1), to_teacher=True)
-            entry = {"variant": variant, "seed": seed, "images": result["images"],
-                     "train_seconds": result["seconds"], **score}
-            atomic_write_json(done, entry)
+            else:
+                if student is None:  # finished earlier: score the saved student at the steps asked for now
+                    student = load_mini_student(run_dir)[1]
+                evaluation = MiniEvaluation(adapter, eval_pairs, metrics, cfg.adversarial.shift, seed=0)
+                for s in missing:
+                    by_steps[str(s)] = evaluation.score(evaluation.student_images(student, s), to_teacher=True)
+                    log(f"{variant} seed {seed}, {s} step(s): classifier-FID {by_steps[str(s)]['fid']:.2f}, "
+                        f"precision {by_steps[str(s)]['precision']:.3f}, recall {by_steps[str(s)]['recall']:.3f}")
+                entry.update({m: v for m, v in by_steps[min(by_steps, key=int)].items() if m in METRICS})
+                atomic_write_json(done, entry)
             runs.append(entry)
-            log(f"{variant} seed {seed}: classifier-FID {score['fid']:.2f}, to teacher "
-                f"{score['fid_to_teacher']:.2f}, accuracy {score['accuracy']:.3f}")
-    summary = summarise(runs, variants)
+    summary = {str(s): summarise([{"variant": r["variant"], "seed": r["seed"], **r["by_steps"][str(s)]}
+                                  for r in runs], variants) for s in steps}
     report = {"budget_images": budget_images, "seeds": seeds, "eval_samples": eval_samples,
-              "steps": 1, "metric": "classifier-FID (project Fashion-MNIST classifier, not Inception)",
-              "variants": {v: VARIANTS[v][1] for v in variants}, "summary": summary, "runs": runs,
+              "steps": steps, "metric": "classifier-FID (project Fashion-MNIST classifier, not Inception)",
+              "variants": {v: VARIANTS[v][2] for v in variants}, "summary": summary, "runs": runs,
               "seconds": round(time.time() - started, 1)}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "ablation.json", report)
@@ -94,65 +132,88 @@ def run_ablation(out: Path, seeds: int = 3, budget_images: int = 6400, eval_samp
 
 
 def summarise(runs: list[dict], variants: list[str]) -> dict:
-    """Mean and sample std per variant and metric, and each variant's difference from `full` in units
-    of the pooled seed std (how large a difference is next to seed noise)."""
+    """Mean and sample std per variant and metric, and each variant's difference from the reference (`full`
+    when present, else the first variant) in units of the pooled seed std (a difference next to seed noise)."""
     out: dict = {}
     for v in variants:
         rows = [r for r in runs if r["variant"] == v]
         out[v] = {"n": len(rows)}
         for m in METRICS:
-            mean, sd = _mean_std([r[m] for r in rows])
-            out[v][m] = {"mean": mean, "std": sd}
-    if "full" in out:
-        for v in variants:
-            for m in METRICS:
-                a, b = out["full"][m], out[v][m]
-                pooled = math.sqrt((a["std"] ** 2 + b["std"] ** 2) / 2)
-                out[v][m]["delta_vs_full"] = b["mean"] - a["mean"]
-                out[v][m]["delta_in_seed_std"] = (b["mean"] - a["mean"]) / pooled if pooled > 0 else None
+            if rows and all(m in r for r in rows):
+                mean, sd = _mean_std([r[m] for r in rows])
+                out[v][m] = {"mean": mean, "std": sd}
+    ref = "full" if "full" in out else variants[0]
+    for v in variants:
+        for m in METRICS:
+            if m not in out[v] or m not in out[ref]:
+                continue
+            a, b = out[ref][m], out[v][m]
+            pooled = math.sqrt((a["std"] ** 2 + b["std"] ** 2) / 2)
+            out[v][m]["delta_vs_full"] = b["mean"] - a["mean"]
+            out[v][m]["delta_in_seed_std"] = (b["mean"] - a["mean"]) / pooled if pooled > 0 else None
     return out
 
 
+COLUMNS = (("fid", "classifier-FID to real", ".2f"), ("fid_to_teacher", "classifier-FID to teacher", ".2f"),
+           ("accuracy", "prompt accuracy", ".3f"), ("precision", "precision", ".3f"), ("recall", "recall", ".3f"),
+           ("coverage", "coverage", ".3f"))
+
+
 def render(r: dict) -> str:
-    lines = [f"# Ablation (mini world, 1 step, {r['seeds']} seeds, {r['budget_images']} training images each)",
-             "", f"{r['eval_samples']} held-out prompts and x_T; {r['metric']}. Mean +- std over seeds; "
-             "delta = difference from the full method, in units of the pooled seed std.", "",
-             "| variant | classifier-FID to real | delta | classifier-FID to teacher | delta | prompt accuracy "
-             "| delta |",
-             "|---|---|---|---|---|---|---|"]
-    for v, s in r["summary"].items():
-        cells = []
-        for m, fmt in (("fid", ".2f"), ("fid_to_teacher", ".2f"), ("accuracy", ".3f")):
-            x = s[m]
-            cells.append(f"{x['mean']:{fmt}} +- {x['std']:{fmt}}")
-            d = x.get("delta_in_seed_std")
-            cells.append("-" if v == "full" or d is None else f"{x['delta_vs_full']:+{fmt}} ({d:+.1f} sd)")
-        lines.append(f"| {v}: {r['variants'][v]} | " + " | ".join(cells) + " |")
-    lines += ["", "![ablation](ablation.png)", ""]
+    lines = [f"# Ablation (mini world, {r['seeds']} seeds, {r['budget_images']} training images each)", "",
+             f"{r['eval_samples']} held-out prompts and x_T; {r['metric']}; precision / recall / coverage: k-NN "
+             "manifolds (k=3) in the same classifier's features. Mean +- std over seeds; delta = difference from "
+             "the reference (first row), in units of the pooled seed std.", ""]
+    for steps, summary in r["summary"].items():
+        lines += [f"## {steps} step(s)", "",
+                  "| variant | " + " | ".join(f"{title} | delta" for _, title, _ in COLUMNS) + " |",
+                  "|---|" + "---|---|" * len(COLUMNS)]
+        ref = "full" if "full" in summary else next(iter(summary))
+        for v, s in summary.items():
+            cells = []
+            for m, _, fmt in COLUMNS:
+                x = s.get(m)
+                if x is None:
+                    cells += ["-", "-"]
+                    continue
+                cells.append(f"{x['mean']:{fmt}} +- {x['std']:{fmt}}")
+                d = x.get("delta_in_seed_std")
+                cells.append("-" if v == ref or d is None else f"{x['delta_vs_full']:+{fmt}} ({d:+.1f} sd)")
+            lines.append(f"| {v}: {r['variants'][v]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["![ablation](ablation.png)", ""]
     return "\n".join(lines)
 
 
 def plot(r: dict, path: Path) -> None:
+    """Bars (mean +- std, every seed a dot) per variant for each step count: FID, FID to teacher, accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(r["summary"])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (m, title) in zip(axes, (("fid", "classifier-FID to real (lower is better)"),
-                                     ("fid_to_teacher", "classifier-FID to teacher (lower is better)"),
-                                     ("accuracy", "prompt accuracy (higher is better)")), strict=True):
-        means = [r["summary"][v][m]["mean"] for v in names]
-        stds = [r["summary"][v][m]["std"] for v in names]
-        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=["#3a7" if v == "full" else "#889"
-                                                                     for v in names])
-        for i, v in enumerate(names):  # every seed as a dot: n=3 is too few to trust a bar alone
-            ys = [x[m] for x in r["runs"] if x["variant"] == v]
-            ax.scatter([i] * len(ys), ys, color="k", s=8, zorder=3)
+    step_counts = list(r["summary"])
+    names = list(r["summary"][step_counts[0]])
+    panels = (("fid", "classifier-FID to real (lower is better)"),
+              ("fid_to_teacher", "classifier-FID to teacher (lower is better)"),
+              ("accuracy", "prompt accuracy (higher is better)"), ("recall", "recall (higher is better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4.0))
+    width = 0.8 / len(step_counts)
+    for ax, (m, title) in zip(axes, panels, strict=True):
+        for j, steps in enumerate(step_counts):
+            summary = r["summary"][steps]
+            xs = [i + (j - (len(step_counts) - 1) / 2) * width for i in range(len(names))]
+            means = [summary[v].get(m, {}).get("mean", float("nan")) for v in names]
+            stds = [summary[v].get(m, {}).get("std", 0.0) for v in names]
+            ax.bar(xs, means, width, yerr=stds, capsize=2, label=f"{steps} step(s)")
+            for x, v in zip(xs, names, strict=True):  # every seed as a dot: n=3 is too few to trust a bar alone
+                ys = [run["by_steps"][steps][m] for run in r["runs"]
+                      if run["variant"] == v and m in run["by_steps"].get(steps, {})]
+                ax.scatter([x] * len(ys), ys, color="k", s=6, zorder=3)
         ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
         ax.set_title(title, fontsize=9)
-    fig.suptitle(f"NitroFusion ablation, mini world, 1 step, {r['seeds']} seeds x {r['budget_images']} images")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"NitroFusion mini world, {r['seeds']} seeds x {r['budget_images']} images")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

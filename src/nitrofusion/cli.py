@@ -31,14 +31,16 @@ def cmd_demo(args) -> None:
     from .demo import run_demo
 
     extra = [f"max_minutes={args.minutes}"] if args.minutes is not None else []
+    extra += [f"max_images={args.images}"] if args.images is not None else []
     cfg = _distill_config(args, extra)
     report = run_demo(Path(args.out), cfg, eval_samples=args.eval_samples, resume=args.resume)
     t, s = report["teacher"], report["student"]
     print(f"teacher ({t['sampler']}): classifier-FID {t['fid']:.2f}, accuracy {t['accuracy']:.3f}")
     print(f"teacher forced to 1 step: classifier-FID {report['teacher_one_step']['fid']:.2f}, "
           f"accuracy {report['teacher_one_step']['accuracy']:.3f}")
-    for k in ("1", "2", "4"):
-        print(f"student {k} step(s): classifier-FID {s[k]['fid']:.2f}, accuracy {s[k]['accuracy']:.3f}")
+    for k, m in s.items():
+        print(f"student {k} step(s): classifier-FID {m['fid']:.2f}, accuracy {m['accuracy']:.3f}, "
+              f"precision {m['precision']:.3f}, recall {m['recall']:.3f}")
     print(f"report: {Path(args.out) / 'report.md'} ({report['timing']['total_seconds']:.0f} s in all)")
 
 
@@ -83,6 +85,7 @@ def cmd_pairs(args) -> None:
 
 
 def cmd_distill(args) -> None:
+    from .real_data import training_source
     from .train import distill, ensure_writable
     from .worlds import load_adapter, process_state, prompt_source, training_data
 
@@ -91,8 +94,9 @@ def cmd_distill(args) -> None:
     state = process_state()
     prompts = prompt_source(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
     adapter = load_adapter(cfg)
-    pairs = training_data(cfg, adapter, state, prompts=prompts)
-    result = distill(cfg, adapter, pairs, Path(args.out), resume=args.resume)
+    data = training_source(cfg, adapter, lambda: training_data(cfg, adapter, state, prompts=prompts),
+                           progress=state.is_main_process)
+    result = distill(cfg, adapter, data, Path(args.out), resume=args.resume)
     if state.is_main_process:
         print(f"student written to {Path(args.out) / 'student'}: {result['iterations']} steps, "
               f"{result['images']} images, {result['seconds']:.0f} s")
@@ -164,7 +168,8 @@ def cmd_evaluate(args) -> None:
                       teacher=args.teacher)
     for row in r["rows"]:
         print(f"{row['model']} {row['steps']} step(s): classifier-FID {row['fid']:.2f} (to teacher "
-              f"{row['fid_to_teacher']:.2f}), accuracy {row['accuracy']:.3f}")
+              f"{row['fid_to_teacher']:.2f}), accuracy {row['accuracy']:.3f}, precision {row['precision']:.3f}, "
+              f"recall {row['recall']:.3f}, coverage {row['coverage']:.3f}")
     print(f"results: {Path(args.out) / 'results.md'}")
 
 
@@ -199,7 +204,7 @@ def cmd_ablate(args) -> None:
     from .ablate import run_ablation
 
     r = run_ablation(Path(args.out), seeds=args.seeds, budget_images=args.budget, eval_samples=args.eval_samples,
-                     variants=args.variants, overrides=args.overrides)
+                     variants=args.variants, overrides=args.overrides, steps=args.steps)
     print(f"ablation table: {Path(args.out) / 'ablation.md'} ({r['seconds']:.0f} s)")
 
 
@@ -231,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help=DEMO_HELP, description=DEMO_HELP)
     _add_config_args(p, "mini")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
-    p.add_argument("--minutes", type=float, help="distillation budget in minutes (default: the preset's)")
+    p.add_argument("--images", type=int, help="distillation budget in training images (default: the preset's)")
+    p.add_argument("--minutes", type=float, help="also stop after this many training minutes (0 = no time limit)")
     p.add_argument("--eval-samples", type=int, default=2000, help="held-out prompts/x_T for the metrics")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.set_defaults(func=cmd_demo)
@@ -354,7 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--budget", type=int, default=6400, help="training images per run (default 6400 = 200 steps)")
     p.add_argument("--eval-samples", type=int, default=1000, help="held-out prompts/x_T per score")
-    p.add_argument("--variants", nargs="+", help="subset of: full global-only no-refresh static single-head")
+    p.add_argument("--variants", nargs="+", help="the paper's (default): full global-only no-refresh static "
+                   "single-head; studies: hps1 hps2 hps8 refresh0.5 refresh2 one-step multistep real-data real-mix "
+                   "real-mix-r1")
+    p.add_argument("--steps", nargs="+", type=int, default=[1], help="score each run at these step counts (1-4); "
+                   "finished runs are re-scored for step counts they lack")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the mini preset for every variant (e.g. micro_batch=16)")
     p.set_defaults(func=cmd_ablate)

@@ -1,8 +1,9 @@
 """`nitrofusion demo`: the whole method on the embedded mini world, with pictures and measured numbers.
 
 shipped teacher -> cached teacher pairs -> NitroFusion distillation (time budget) -> evaluation of the
-teacher, the teacher forced to one step, and the student at 1, 2 and 4 steps on the same held-out x_T
-and prompts -> report.md, report.json, grids, classifier-FID curve.
+teacher, the teacher forced to one step, and the student at 1, 2, 3 and 4 steps on the same held-out x_T
+and prompts (classifier-FID, accuracy, precision / recall / coverage) -> report.md, report.json, grid,
+classifier-FID curve. The budget is counted in images, so every machine trains the same model.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from .mini.evaluation import MiniEvaluation, per_class
 from .mini.metrics import MiniMetrics
 from .mini.pairsets import held_out_pairs, training_pairs
 from .mini.teacher import load_teacher
+from .real_data import training_source
 from .train import distill
 from .viz import plot_curves, save_grid
+
+STEPS = (1, 2, 3, 4)
 
 
 def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bool = False,
@@ -37,12 +41,15 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
     metrics = MiniMetrics()
 
     t0 = time.time()
-    train_pairs = training_pairs(cfg, adapter)
+    train_pairs = training_source(cfg, adapter, lambda: training_pairs(cfg, adapter))
     eval_pairs = held_out_pairs(adapter, eval_samples, cfg.pairs)
     pair_seconds = time.time() - t0
-    log(f"teacher pairs ready: {len(train_pairs)} train, {len(eval_pairs)} eval ({pair_seconds:.0f} s)")
+    log(f"training data ready ({cfg.real.source}), {len(eval_pairs)} held-out pairs ({pair_seconds:.0f} s)")
 
     evaluation = MiniEvaluation(adapter, eval_pairs, metrics, cfg.adversarial.shift, seed=cfg.seed)
+    if cfg.max_images:
+        log(f"training budget: {cfg.max_images:,} images (the same model on any machine; the bar shows the time "
+            "left, about 9 minutes on 2 cores)")
     if not resume and (out / "run").exists():
         shutil.rmtree(out / "run")  # the demo's own folder: a rerun starts afresh unless --resume
     result = distill(cfg, adapter, train_pairs, out / "run", resume=resume,
@@ -56,7 +63,7 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
     report["teacher"].update(fid_to_teacher=0.0)
     images = {}
     report["student"] = {}
-    for steps in (1, 2, 4):
+    for steps in STEPS:
         images[steps] = evaluation.student_images(student, steps)
         report["student"][str(steps)] = evaluation.score(images[steps], to_teacher=True)
     eval_seconds = time.time() - t0
@@ -70,8 +77,8 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
     # Pictures: the same prompts and x_T for every row (two per class).
     pick = per_class(evaluation.labels)
     rows = [adapter.decode(eval_pairs.x0[pick]), adapter.decode(one_step[pick])]
-    rows += [adapter.decode(images[s][pick]) for s in (1, 2, 4)]
-    labels = [f"teacher {teacher.sampler.steps} st", "teacher 1 st", "student 1 st", "student 2 st", "student 4 st"]
+    rows += [adapter.decode(images[s][pick]) for s in STEPS]
+    labels = [f"teacher {teacher.sampler.steps} st", "teacher 1 st", *(f"student {s} st" for s in STEPS)]
     save_grid(out / "grid.png", rows, labels, scale=4)
     _plot(out, report)
     atomic_write_json(out / "report.json", report)
@@ -94,6 +101,11 @@ def _plot(out: Path, report: dict) -> None:
                     {"teacher (multi-step)": report["teacher"]["fid"]})
 
 
+def _row(name: str, steps, m: dict) -> str:
+    return (f"| {name} | {steps} | {m['fid']:.2f} | {m.get('fid_to_teacher', 0):.2f} | {m['accuracy']:.3f} | "
+            f"{m['precision']:.3f} | {m['recall']:.3f} | {m['coverage']:.3f} |")
+
+
 def render_markdown(r: dict) -> str:
     t, t1, s = r["teacher"], r["teacher_one_step"], r["student"]
     n = r["eval_samples"]
@@ -103,16 +115,16 @@ def render_markdown(r: dict) -> str:
         f"Teacher: {t['sampler']}. Student: one set of weights, sampled with the shifted LCM scheduler. "
         f"Metrics on {n} held-out prompts and x_T (the same for every row). classifier-FID uses the "
         "project's Fashion-MNIST classifier features (not Inception); accuracy = the classifier agrees "
-        "with the prompt's class.",
+        "with the prompt's class; precision / recall / coverage: k-NN manifolds (k=3) in the same features "
+        "against as many real test images (fidelity / diversity).",
         "",
-        "| model | steps | classifier-FID to real (lower is better) | FID to teacher samples | prompt accuracy |",
-        "|---|---|---|---|---|",
-        f"| teacher | {t['steps']} | {t['fid']:.2f} | 0 | {t['accuracy']:.3f} |",
-        f"| teacher forced to 1 step | 1 | {t1['fid']:.2f} | {t1['fid_to_teacher']:.2f} | {t1['accuracy']:.3f} |",
+        "| model | steps | classifier-FID to real | FID to teacher samples | prompt accuracy | precision | recall "
+        "| coverage |",
+        "|---|---|---|---|---|---|---|---|",
+        _row("teacher", t["steps"], t),
+        _row("teacher forced to 1 step", 1, t1),
+        *(_row("NitroFusion student", k, s[k]) for k in s),
     ]
-    for k in ("1", "2", "4"):
-        lines.append(f"| NitroFusion student | {k} | {s[k]['fid']:.2f} | {s[k]['fid_to_teacher']:.2f} | "
-                     f"{s[k]['accuracy']:.3f} |")
     tr, tm = r["train"], r["timing"]
     lines += [
         "",

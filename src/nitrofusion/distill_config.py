@@ -8,7 +8,9 @@ from typing import Literal
 from .adapters.sdxl import SDXLConfig
 from .errors import ConfigError
 from .method.pool import PoolConfig
+from .method.refine import MultiStepConfig
 from .method.step import AdversarialConfig
+from .real_data import RealConfig
 
 
 @dataclass
@@ -61,6 +63,8 @@ class DistillConfig:
     student_init: str = "teacher"  # "teacher" or a UNet weights file (.safetensors)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    multistep: MultiStepConfig = field(default_factory=MultiStepConfig)  # train the 2-4 step refinements too
+    real: RealConfig = field(default_factory=RealConfig)  # what the heads see as real: teacher, data or mix
     student_optim: OptimConfig = field(default_factory=OptimConfig)
     heads_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
     pairs: PairsConfig = field(default_factory=PairsConfig)
@@ -91,3 +95,4 @@ class DistillConfig:
             raise ConfigError("checkpoint_every, keep_checkpoints and log_every must be >= 1")
         if self.world == "mini" and (self.prompts.source or self.sdxl.teacher_unet or self.sdxl.teacher_lora):
             raise ConfigError("prompts.* and sdxl.* apply to world 'sdxl'; the mini world's prompts are its 10 classes")
+        self.real.check_world(self.world)

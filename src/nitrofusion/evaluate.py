@@ -64,12 +64,17 @@ def evaluate_mini(model: str, steps: list[int], out: Path, samples: int = 2000, 
 def render(r: dict) -> str:
     lines = [f"# Evaluation of {r['model']}", "",
              f"{r['samples']} held-out prompts and x_T (seed {r['seed']}); {r['metric']}.", "",
-             "| model | steps | classifier-FID to real | classifier-FID to teacher | prompt accuracy |",
-             "|---|---|---|---|---|"]
+             "| model | steps | classifier-FID to real | classifier-FID to teacher | prompt accuracy | precision | "
+             "recall | coverage | coverage per class (min / max) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
+        per = [c for c in row["class_coverage"] if c is not None]
         lines.append(f"| {row['model']} | {row['steps']} | {row['fid']:.2f} | {row['fid_to_teacher']:.2f} | "
-                     f"{row['accuracy']:.3f} |")
-    lines += ["", "![samples](grid.png)", ""]
+                     f"{row['accuracy']:.3f} | {row['precision']:.3f} | {row['recall']:.3f} | {row['coverage']:.3f} | "
+                     f"{min(per):.3f} / {max(per):.3f} |")
+    lines += ["", "Precision / recall (Kynkaanniemi et al. 2019) and coverage (Naeem et al. 2020): k-NN manifolds, "
+              "k=3, in the classifier's features, against as many real test images; per class: the real images of a "
+              "class covered by the samples prompted with it.", "", "![samples](grid.png)", ""]
     return "\n".join(lines)
 
 

@@ -292,8 +292,51 @@ class OnlinePairLoader:
         return x_T, x0, texts
 
 
-def make_loader(data: Pairs | ShardedPairs | OnlinePairs, batch_size: int, seed: int, rank: int, world: int,
-                device: str | torch.device = "cpu") -> PairLoader | OnlinePairLoader:
+@dataclass
+class MixedPairs:
+    """Teacher pairs and real images with their prompts, mixed: `share` of every micro-batch is real."""
+
+    teacher: Pairs | ShardedPairs | OnlinePairs
+    real: Pairs | ShardedPairs
+    share: float
+
+    def split(self, batch_size: int) -> tuple[int, int]:
+        """(teacher rows, real rows) of a micro-batch: round(share * B) real, at least one of each."""
+        n_real = round(self.share * batch_size)
+        if not 0 < n_real < batch_size:
+            raise NitroFusionError(f"real.share {self.share} of micro_batch {batch_size} leaves "
+                                   f"{n_real} real rows; each micro-batch needs both kinds: raise micro_batch "
+                                   "or pick a share nearer 0.5")
+        return batch_size - n_real, n_real
+
+
+class MixLoader:
+    """Micro-batch = a teacher-pair batch then a real-image batch, from two independent loaders (the real
+    one seeded apart), so its state is the pair of their states."""
+
+    def __init__(self, data: MixedPairs, batch_size: int, seed: int, rank: int, world: int,
+                 device: str | torch.device = "cpu") -> None:
+        n_teacher, n_real = data.split(batch_size)
+        self.teacher = make_loader(data.teacher, n_teacher, seed, rank, world, device)
+        self.real = PairLoader(data.real, n_real, seed + 104_729, rank, world)
+
+    def state(self) -> dict:
+        return {"teacher": self.teacher.state(), "real": self.real.state()}
+
+    def load_state(self, state: dict) -> None:
+        self.teacher.load_state(state["teacher"])
+        self.real.load_state(state["real"])
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        x_T, x0, prompts = self.teacher.next()
+        rx_T, rx0, rprompts = self.real.next()
+        return torch.cat([x_T, rx_T.to(x_T)]), torch.cat([x0, rx0.to(x0)]), prompts + rprompts
+
+
+def make_loader(data: Pairs | ShardedPairs | OnlinePairs | MixedPairs, batch_size: int, seed: int, rank: int,
+                world: int, device: str | torch.device = "cpu") -> PairLoader | OnlinePairLoader | MixLoader:
+    if isinstance(data, MixedPairs):
+        return MixLoader(data, batch_size, seed, rank, world, device)
     if isinstance(data, OnlinePairs):
         return OnlinePairLoader(data, batch_size, rank, world, device)
     return PairLoader(data, batch_size, seed, rank, world)

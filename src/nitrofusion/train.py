@@ -30,7 +30,7 @@ from .io import atomic_write_text, disk_errors
 from .method.backbone import UNetBackbone
 from .method.pool import HeadPool
 from .method.step import AdversarialStep
-from .pairs import OnlinePairs, Pairs, ShardedPairs, make_loader
+from .pairs import MixedPairs, OnlinePairs, Pairs, ShardedPairs, make_loader
 from .sampling import shifted_scheduler
 from .worlds import use_cpu
 
@@ -127,7 +127,7 @@ def ensure_writable(run_dir: Path) -> None:
                                "or fix its permissions") from None
 
 
-def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPairs | OnlinePairs,
+def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPairs | OnlinePairs | MixedPairs,
             run_dir: str | Path,
             resume: bool = False, evaluator: Evaluator | None = None, progress: bool = True) -> dict:
     run_dir = Path(run_dir)
@@ -155,7 +155,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
     if not zero:  # accelerate's optimiser wrapper reads state_dict() at once, which ZeRO only has after consolidating
         opt_g = acc.prepare(opt_g)
     ema = _EMA(acc.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay > 0 else None
-    step_fn = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial)
+    step_fn = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial, cfg.multistep)
     loader = make_loader(pairs, cfg.micro_batch, cfg.seed, acc.process_index, acc.num_processes, device)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)  # t*, noise, crops
     images_per_step = cfg.micro_batch * cfg.grad_accum * acc.num_processes
@@ -243,6 +243,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
     while budget_left():
         t0 = time.time()
         active = pool.sample_active()  # fixed for all micro-batches of this optimiser step
+        refine_p = cfg.multistep.p if images >= cfg.multistep.start_images else 0.0
         sums: dict[str, float] = {}
         nonfinite: set[tuple[str, int]] = set()
         for micro in range(cfg.grad_accum):
@@ -251,7 +252,8 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
             sync = micro == cfg.grad_accum - 1
             ctx = acc.no_sync(student) if not sync else _nullcontext()
             with ctx, acc.autocast():
-                logs = step_fn(x_T.to(device), x0.to(device), cond, active, gen, loss_scale=1.0 / cfg.grad_accum)
+                logs = step_fn(x_T.to(device), x0.to(device), cond, active, gen, loss_scale=1.0 / cfg.grad_accum,
+                               refine_p=refine_p)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
             nonfinite.update(step_fn.nonfinite)

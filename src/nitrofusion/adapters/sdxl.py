@@ -235,6 +235,15 @@ class SDXLAdapter(ModelAdapter):
         return backbone(x.to(dtype), t, **self._kwargs(x, cond, boxes, dtype))
 
     @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] at the run's resolution -> the latents the UNet works on (the VAE posterior's
+        mean, scaled as the pipeline does): a real sample in the same space as a teacher sample."""
+        z = self.vae.encode(images.to(self.vae.device, torch.float32)).latent_dist.mean
+        if getattr(self.vae.config, "shift_factor", None):
+            z = z - self.vae.config.shift_factor
+        return (z * self.vae.config.scaling_factor).float().cpu()
+
+    @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.vae.device, torch.float32) / self.vae.config.scaling_factor
         if getattr(self.vae.config, "shift_factor", None):

@@ -3,6 +3,7 @@
 hinge:  L_D = E[relu(1 - D(real))] + E[relu(1 + D(fake))],   L_G = -E[D(fake)]
 linear: L_D = E[-D(real)] + E[D(fake)]  (WGAN, no penalty),    L_G = -E[D(fake)]
 nonsat: L_D = E[softplus(-D(real))] + E[softplus(D(fake))],  L_G = E[softplus(-D(fake))]
+R1 (optional, added to L_D): gamma/2 * E_real ||grad D||^2, the gradient taken w.r.t. the heads' inputs.
 """
 
 from __future__ import annotations
@@ -29,3 +30,12 @@ def g_loss(fake: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "nonsat":
         return F.softplus(-fake).mean()
     raise ValueError(f"unknown loss '{kind}' (use one of {LOSSES})")
+
+
+def r1_penalty(discriminator, feats: list[torch.Tensor]) -> torch.Tensor:
+    """Per-sample ||grad_f D(f)||^2 at the given (real) inputs, summed over the list; differentiable, so the
+    heads can be trained to keep it small (R1, Mescheder et al. 2018, here on the heads' inputs)."""
+    feats = [f.detach().requires_grad_(True) for f in feats]
+    d = discriminator(feats)  # [B]
+    grads = torch.autograd.grad(d.sum(), feats, create_graph=True)
+    return torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0)

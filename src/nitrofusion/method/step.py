@@ -15,10 +15,11 @@ from typing import Literal
 import torch
 
 from ..adapters.base import Cond, ModelAdapter
-from ..teachers import add_noise, x0_from_output
+from ..teachers import add_noise
 from .backbone import UNetBackbone
-from .losses import d_loss, g_loss
+from .losses import d_loss, g_loss, r1_penalty
 from .pool import HeadPool
+from .refine import MultiStepConfig, backward_simulate, draw_refinement, student_x0
 
 
 @dataclass
@@ -29,6 +30,9 @@ class AdversarialConfig:
     # per_head: the loss is applied to each head's logit and averaged (as in ADD-style discriminators)
     aggregate: Literal["sum", "per_head"] = "sum"
     crop_fraction: float = 0.5  # local heads judge crops of this side fraction ([ours]: half-size)
+    # R1 on the heads [ours, after LADD / SANA-Sprint]: gamma/2 * E||grad_f D(f)||^2 over the REAL samples'
+    # backbone features f (the heads' inputs), added to L_D; 0 = off (the paper has no penalty)
+    r1_weight: float = 0.0
 
     def validate(self) -> None:
         from ..errors import ConfigError
@@ -37,6 +41,8 @@ class AdversarialConfig:
             raise ConfigError("adversarial.shift must be in [1, 1000]")
         if not 0 < self.crop_fraction < 1:
             raise ConfigError("adversarial.crop_fraction must be in (0, 1)")
+        if not self.r1_weight >= 0:
+            raise ConfigError(f"adversarial.r1_weight must be >= 0 (got {self.r1_weight})")
 
 
 def student_timestep(shift: int, num_train_timesteps: int = 1000) -> int:
@@ -47,10 +53,8 @@ def student_timestep(shift: int, num_train_timesteps: int = 1000) -> int:
 def student_one_step(adapter: ModelAdapter, student: torch.nn.Module, x_T: torch.Tensor, cond: Cond,
                      shift: int) -> torch.Tensor:
     """SPEC 2.3: condition on t_s, input pure noise x_T, convert the output to x0 with alpha_bar[t_s]."""
-    t_s = student_timestep(shift, adapter.num_train_timesteps)
-    t = torch.full((x_T.shape[0],), t_s, device=x_T.device, dtype=torch.long)
-    out = adapter.unet_call(student, x_T, t, cond)
-    return x0_from_output(out.float(), x_T.float(), adapter.alphas_cumprod.to(x_T.device)[t], adapter.prediction_type)
+    t = torch.full((x_T.shape[0],), adapter.num_train_timesteps - 1, device=x_T.device, dtype=torch.long)
+    return student_x0(adapter, student, x_T, t, cond, shift)
 
 
 def random_boxes(n: int, size: tuple[int, int], crop: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
@@ -66,9 +70,22 @@ def crop(x: torch.Tensor, boxes: torch.Tensor, ch: int, cw: int) -> torch.Tensor
 
 class AdversarialStep:
     def __init__(self, adapter: ModelAdapter, student: torch.nn.Module, backbone: UNetBackbone,
-                 pool: HeadPool, cfg: AdversarialConfig) -> None:
+                 pool: HeadPool, cfg: AdversarialConfig, multistep: MultiStepConfig | None = None) -> None:
         self.adapter, self.student, self.backbone, self.pool, self.cfg = adapter, student, backbone, pool, cfg
+        self.multistep = multistep or MultiStepConfig()
         self.nonfinite: list[tuple[str, int]] = []
+
+    def fake_x0(self, x_T: torch.Tensor, cond: Cond, refine_p: float, gen: torch.Generator):
+        """The student's x0 that the heads judge, and the input timestep of each sample's trained step:
+        the one-step sample, or (with probability refine_p) a refinement step made by backward simulation."""
+        n = self.adapter.num_train_timesteps
+        if refine_p <= 0:  # the one-step method, drawing nothing from `gen`
+            return student_one_step(self.adapter, self.student, x_T, cond, self.cfg.shift), None
+        grid = self.multistep.timesteps
+        k = draw_refinement(x_T.shape[0], refine_p, len(grid), gen).to(x_T.device)
+        x_in, t_in = backward_simulate(self.adapter, self.student, x_T, cond, k, grid, self.cfg.shift, gen)
+        x0 = student_x0(self.adapter, self.student, x_in, t_in, cond, self.cfg.shift)
+        return x0, torch.where(k > 0, t_in, torch.full_like(t_in, n - 1))
 
     def crop_size(self, h: int, w: int) -> tuple[int, int]:
         m = self.adapter.crop_multiple
@@ -88,6 +105,13 @@ class AdversarialStep:
         noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
         x_t = add_noise(x0, noise, self.adapter.alphas_cumprod.to(x0.device)[t])
         return self.adapter.backbone_call(self.backbone, x_t, t, cond, boxes)
+
+    def r1(self, feats_real: list[list[torch.Tensor]], active: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
+        """1/2 E_i ||grad D(real_i)||^2 w.r.t. every task's real features: D sums the tasks, whose inputs are
+        disjoint, so the squared norm is the sum of the per-task ones (losses.r1_penalty)."""
+        per_sample = sum(r1_penalty(lambda f, i=i: self.pool.logits(i, active, f, t_idx).sum(1), feats)
+                         for i, feats in enumerate(feats_real))
+        return 0.5 * per_sample.mean()
 
     def _reduce(self, real: list[torch.Tensor] | None, fake: list[torch.Tensor], which: str) -> torch.Tensor:
         """Total loss from per-task [B, levels] logits."""
@@ -116,10 +140,11 @@ class AdversarialStep:
 
     def __call__(self, x_T: torch.Tensor, x0_real: torch.Tensor, cond: Cond, active: torch.Tensor,
                  gen: torch.Generator, loss_scale: float = 1.0, train_g: bool = True,
-                 train_d: bool = True) -> dict[str, float]:
+                 train_d: bool = True, refine_p: float = 0.0) -> dict[str, float]:
         """Forward both players on one micro-batch and backpropagate `loss_scale` x each loss.
+        `refine_p`: probability that a sample trains a refinement step (method/refine.py).
         Sets `self.nonfinite` to the (task, t*) pairs whose logits were not finite."""
-        x0_fake = student_one_step(self.adapter, self.student, x_T, cond, self.cfg.shift)
+        x0_fake, t_in = self.fake_x0(x_T, cond, refine_p, gen)
         x0_real = x0_real.float()
         n_t = len(self.pool.t_star)
         # t* per sample, stratified: every t* group gets floor or ceil of B / len(t*) samples
@@ -161,9 +186,15 @@ class AdversarialStep:
         real_logits = [self.pool.logits(i, active, f, t_idx) for i, f in enumerate(feats_real)]
         fake_logits = [self.pool.logits(i, active, [x.detach() for x in f], t_idx) for i, f in enumerate(feats_fake)]
         loss_d = self._reduce(real_logits, fake_logits, "d")
+        if self.cfg.r1_weight > 0 and train_d:
+            r1 = self.r1(feats_real, active, t_idx)
+            loss_d = loss_d + self.cfg.r1_weight * r1
+            logs["r1"] = r1.item()
         if train_d:
             (loss_d * loss_scale).backward()
         logs["loss_d"] = loss_d.item()
+        if t_in is not None:
+            logs["refine_share"] = (t_in < self.adapter.num_train_timesteps - 1).float().mean().item()
         self.nonfinite = []
         for task, r, f in zip(self.pool.tasks, real_logits, fake_logits, strict=True):
             dr, df = r.detach().sum(1), f.detach().sum(1)

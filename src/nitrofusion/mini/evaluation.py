@@ -31,12 +31,15 @@ class MiniEvaluation:
         self.seed, self.batch_size = seed, batch_size
         self.labels = labels_for(eval_pairs.prompts)
 
-    def score(self, images: torch.Tensor, n: int | None = None, to_teacher: bool = False) -> dict:
+    def score(self, images: torch.Tensor, n: int | None = None, to_teacher: bool = False,
+              manifold: bool = True) -> dict:
         n = n or len(images)
         out = {"fid": round(self.metrics.fid(images[:n]), 3),
                "accuracy": round(self.metrics.accuracy(images[:n], self.labels[:n]), 4)}
         if to_teacher:
             out["fid_to_teacher"] = round(self.metrics.fid(images[:n], reference=self.pairs.x0[:n]), 3)
+        if manifold:
+            out.update(self.metrics.manifold(images[:n], self.labels[:n]))
         return out
 
     def teacher(self) -> dict:
@@ -67,6 +70,6 @@ class MiniEvaluation:
         """Evaluator for the training loop: 1-step classifier-FID and accuracy on the first n pairs."""
 
         def evaluate(unet: torch.nn.Module, step: int) -> dict:
-            return self.score(self.student_images(unet, 1, n))
+            return self.score(self.student_images(unet, 1, n), manifold=False)
 
         return evaluate

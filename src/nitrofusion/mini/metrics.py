@@ -17,6 +17,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ..errors import NitroFusionError
 from ..io import atomic_save_safetensors
+from ..manifold import per_class_coverage, precision_recall_coverage
 from . import data
 from .models import ClassifierFeatures, FashionClassifier
 
@@ -116,6 +117,24 @@ class MiniMetrics:
         for i in range(0, len(images), 1000):
             metric.update(images[i:i + 1000].float().clamp(-1, 1), real=False)
         return float(metric.compute())
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.classifier.features(images[i:i + 1000].float().clamp(-1, 1))
+                          for i in range(0, len(images), 1000)])
+
+    @torch.no_grad()
+    def manifold(self, images: torch.Tensor, labels: torch.Tensor, k: int = 3) -> dict:
+        """Precision, recall and coverage (k-NN manifolds in the classifier's feature space) against as many
+        real test images as there are samples (the first n of the test split), and each class's coverage
+        by the samples prompted with that class."""
+        real, real_labels = data.load_split("test")
+        n = min(len(images), len(real))
+        real_f, fake_f = self.features(real[:n]), self.features(images)
+        out = precision_recall_coverage(real_f, fake_f, k)
+        cover = per_class_coverage(real_f, real_labels[:n], fake_f, labels, len(data.CLASSES), k)
+        out["class_coverage"] = [None if c is None else round(c, 4) for c in cover]
+        return {key: round(v, 4) if isinstance(v, float) else v for key, v in out.items()}
 
     @torch.no_grad()
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:

@@ -1,0 +1,83 @@
+"""The multi-step training stage: train the refinement steps the 1-4 step sampler will ask for.
+
+The paper trains "for one step" and lets more steps refine "bottom-up". With the released sampler a
+refinement step sees an input the one-step objective never trained: the previous x0 re-noised with
+fresh noise to the next UNSHIFTED grid timestep t (749, 499, 249), while the UNet is conditioned on the
+SHIFTED t' = floor(t * s / N) and x0 is read with alpha_bar[t'] (the released scheduler's rule, see
+schedulers.py). This stage trains exactly that call. With probability p a sample's student input is
+made by backward simulation, as in DMD2 (Yin et al. 2024): run the student itself, without gradient,
+along the grid 999 -> t_1 -> ... -> t_k (x0, fresh noise, next t), then train the step at t_k with the
+same adversarial loss against the same real sample. p = 0 is the one-step method bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters.base import Cond, ModelAdapter, cond_index
+from ..teachers import add_noise, x0_from_output
+
+
+@dataclass
+class MultiStepConfig:
+    p: float = 0.0  # probability that a sample trains a refinement step instead of the first step
+    # the refinement grid, unshifted, in sampling order: the released 4-step grid after its first point
+    timesteps: list[int] = field(default_factory=lambda: [749, 499, 249])
+    start_images: int = 0  # training images seen before the stage begins (one-step only until then)
+
+    def validate(self) -> None:
+        from ..errors import ConfigError
+
+        if not 0 <= self.p <= 1:
+            raise ConfigError(f"multistep.p must be in [0, 1] (got {self.p})")
+        if any(not 0 <= t <= 999 for t in self.timesteps):
+            raise ConfigError(f"multistep.timesteps must lie in [0, 999] (got {self.timesteps})")
+        if self.p > 0 and not self.timesteps:
+            raise ConfigError("multistep.timesteps is empty: give the refinement grid, e.g. [749, 499, 249]")
+        if any(a <= b for a, b in zip(self.timesteps, self.timesteps[1:], strict=False)):
+            raise ConfigError(f"multistep.timesteps must decrease, in sampling order (got {self.timesteps})")
+        if self.start_images < 0:
+            raise ConfigError("multistep.start_images must be >= 0")
+
+
+def conditioning_timestep(t: torch.Tensor, shift: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """t' = floor(t * s / N), the timestep the UNet is conditioned on (the released scheduler's shift)."""
+    return torch.div(t * shift, num_train_timesteps, rounding_mode="floor")
+
+
+def student_x0(adapter: ModelAdapter, student: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
+               shift: int) -> torch.Tensor:
+    """One sampler step's x0 for per-sample input timesteps t: condition on t', read x0 with alpha_bar[t']."""
+    t_cond = conditioning_timestep(t, shift, adapter.num_train_timesteps)
+    out = adapter.unet_call(student, x_t, t_cond, cond)
+    ab = adapter.alphas_cumprod.to(x_t.device)[t_cond]
+    return x0_from_output(out.float(), x_t.float(), ab, adapter.prediction_type)
+
+
+@torch.no_grad()
+def backward_simulate(adapter: ModelAdapter, student: torch.nn.Module, x_T: torch.Tensor, cond: Cond,
+                      k: torch.Tensor, grid: list[int], shift: int,
+                      gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs of the step each sample trains: sample i runs k[i] student steps from x_T along
+    [N-1, *grid] (no gradient) and returns (x at grid[k[i]-1], that timestep); k[i] = 0 keeps (x_T, N-1)."""
+    n = adapter.num_train_timesteps
+    x = x_T.clone()
+    t = torch.full((x_T.shape[0],), n - 1, dtype=torch.long, device=x_T.device)
+    ab = adapter.alphas_cumprod.to(x_T.device)
+    for j in range(1, int(k.max()) + 1 if k.numel() else 1):
+        rows = (k >= j).nonzero(as_tuple=True)[0]
+        x0 = student_x0(adapter, student, x[rows], t[rows], cond_index(cond, rows), shift)
+        noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)  # fresh, as at inference
+        t_next = torch.full_like(rows, grid[j - 1])
+        x[rows] = add_noise(x0, noise, ab[t_next]).to(x.dtype)
+        t[rows] = t_next
+    return x, t
+
+
+def draw_refinement(batch: int, p: float, steps: int, gen: torch.Generator) -> torch.Tensor:
+    """k per sample: 0 (the one-step sample) with probability 1 - p, else uniform over 1..steps."""
+    chosen = torch.rand(batch, generator=gen) < p
+    k = torch.randint(1, steps + 1, (batch,), generator=gen)
+    return torch.where(chosen, k, torch.zeros_like(k))
