@@ -25,7 +25,6 @@ from nitrofusion.mini.evaluation import MiniEvaluation
 from nitrofusion.mini.metrics import MiniMetrics
 from nitrofusion.mini.pairsets import held_out_pairs
 from nitrofusion.mini.teacher import load_teacher
-from nitrofusion.sampling import generate
 
 SETTINGS = (("ema", "unshifted"), ("raw", "unshifted"), ("ema", "shifted"))
 
@@ -53,10 +52,7 @@ def main() -> None:
         evaluation = MiniEvaluation(adapter, pairs, metrics, shift, seed=0)
         for weights, renoise in SETTINGS:
             for steps in (1, 2, 3, 4):
-                def fn(x, c, g, s=steps, m=models[weights], r=renoise, sh=shift):
-                    return generate(adapter, m, x, c, s, sh, g, r)
-
-                score = evaluation.score(evaluation._batched(fn))
+                score = evaluation.score(evaluation.student_images(models[weights], steps, renoise=renoise))
                 rows.setdefault(f"{weights}/{renoise}/{steps}", []).append(score)
                 print(f"{run.name} {weights} {renoise} {steps}: FID {score['fid']:.2f} acc {score['accuracy']:.3f}",
                       flush=True)

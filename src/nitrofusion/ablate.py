@@ -45,9 +45,15 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
     # the multi-step stage and the real-data source
     "one-step": ("mini", ("multistep.p=0",), "one-step training only (the paper's objective)"),
     "multistep": ("mini", ("multistep.p=0.5",), "multi-step stage: half the samples train a refinement step"),
-    "real-data": ("mini", ("real.source=data",), "real images (Fashion-MNIST train) as the heads' real side"),
-    "real-mix": ("mini", ("real.source=mix", "real.share=0.5"), "half real images, half teacher samples"),
-    "real-mix-r1": ("mini", ("real.source=mix", "real.share=0.5", "adversarial.r1_weight=1.0"),
+    "multistep-p0.25": ("mini", ("multistep.p=0.25",), "multi-step stage: a quarter of the samples refine"),
+    # (one-step training, so each differs from `one-step` in the real side alone)
+    "real-data": ("mini", ("multistep.p=0", "real.source=data"),
+                  "real images (Fashion-MNIST train) as the heads' real side"),
+    "real-mix": ("mini", ("multistep.p=0", "real.source=mix", "real.share=0.5"),
+                 "half real images, half teacher samples"),
+    "real-data-r1": ("mini", ("multistep.p=0", "real.source=data", "adversarial.r1_weight=1.0"),
+                     "real images, R1 weight 1 on the heads"),
+    "real-mix-r1": ("mini", ("multistep.p=0", "real.source=mix", "real.share=0.5", "adversarial.r1_weight=1.0"),
                     "half real, half teacher, R1 weight 1 on the heads"),
 }
 PAPER = ("full", "global-only", "no-refresh", "static", "single-head")

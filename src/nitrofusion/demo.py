@@ -48,8 +48,8 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
 
     evaluation = MiniEvaluation(adapter, eval_pairs, metrics, cfg.adversarial.shift, seed=cfg.seed)
     if cfg.max_images:
-        log(f"training budget: {cfg.max_images:,} images (the same model on any machine; the bar shows the time "
-            "left, about 9 minutes on 2 cores)")
+        log(f"training budget: {cfg.max_images:,} images, the same model on any machine; the progress bar "
+            "shows the time left")
     if not resume and (out / "run").exists():
         shutil.rmtree(out / "run")  # the demo's own folder: a rerun starts afresh unless --resume
     result = distill(cfg, adapter, train_pairs, out / "run", resume=resume,

@@ -52,8 +52,9 @@ class MiniEvaluation:
         return self._batched(lambda x, c, g: self.adapter.teacher_sample(x, c, spec, g))
 
     @torch.no_grad()
-    def student_images(self, unet: torch.nn.Module, steps: int, n: int | None = None) -> torch.Tensor:
-        return self._batched(lambda x, c, g: generate(self.adapter, unet, x, c, steps, self.shift, g), n)
+    def student_images(self, unet: torch.nn.Module, steps: int, n: int | None = None,
+                       renoise: str = "unshifted") -> torch.Tensor:
+        return self._batched(lambda x, c, g: generate(self.adapter, unet, x, c, steps, self.shift, g, renoise), n)
 
     def _batched(self, fn, n: int | None = None) -> torch.Tensor:
         n = n or len(self.pairs)
