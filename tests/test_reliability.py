@@ -61,3 +61,40 @@ def test_no_code_path_unpickles_arbitrary_objects():
         if re.search(r"^\s*(import pickle|from pickle|import dill)", text, re.M):
             offenders.append(f"{path.name}: imports pickle")
     assert not offenders, offenders
+
+
+@pytest.mark.slow
+def test_resume_continues_the_runs_own_config_and_refuses_other_shapes(tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    assert main(["distill", "--preset", "tiny", "--out", str(run)]) == 0
+    saved = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    for extra, needle in ((["--set", "pool.heads_per_slot=3"], "(pool.heads_per_slot differ)"),
+                          (["--preset", "mini"], "micro_batch")):
+        assert main(["distill", "--out", str(run), "--resume", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and "may change only max_images" in err[0]
+        assert (run / "config.yaml").read_text() == saved  # refused before anything was written
+    # no preset: the run's own (tiny) config, with a longer budget, which a resumed run may change
+    assert main(["distill", "--out", str(run), "--resume", "--set", "max_images=32"]) == 0
+    steps = [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and "max_images: 32" in (run / "config.yaml").read_text()
+    assert "heads_per_slot: 2" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["teacher", "--preset", "tiny"], "choose where to write: --out DIR (or --replace-shipped"),
+    (["classifier"], "choose where to write: --out DIR (or --replace-shipped"),
+    (["classifier", "--out", "x", "--replace-shipped"], "give either --out DIR or --replace-shipped"),
+])
+def test_shipped_assets_are_only_replaced_when_asked(argv, needle, capsys, tmp_path, monkeypatch):
+    from nitrofusion.mini.metrics import CLASSIFIER_FILE
+
+    before = CLASSIFIER_FILE.stat().st_mtime_ns
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert CLASSIFIER_FILE.stat().st_mtime_ns == before

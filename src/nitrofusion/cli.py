@@ -12,8 +12,9 @@ DEMO_HELP = "distil the shipped mini-world teacher into a 1-step student and wri
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
-    p.add_argument("--preset", default=default_preset, help=f"named preset (default: {default_preset}); "
-                   "see `nitrofusion presets`")
+    p.add_argument("--preset", help=f"named preset (default: {default_preset}; with --resume: the run's own "
+                   "config); see `nitrofusion presets`")
+    p.set_defaults(default_preset=default_preset)
     p.add_argument("--config", help="YAML file merged over the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config value, e.g. --set pool.heads_per_slot=2 (repeatable)")
@@ -23,8 +24,36 @@ def _distill_config(args, extra: list[str] | None = None):
     from . import config as config_lib
     from .distill_config import DistillConfig
 
-    return config_lib.build(DistillConfig, "distill", args.preset, list(args.overrides) + (extra or []),
-                            args.config)
+    return config_lib.build(DistillConfig, "distill", args.preset or args.default_preset,
+                            list(args.overrides) + (extra or []), args.config)
+
+
+# Keys a resumed run may change: how long it trains and how it reports, never what it trains.
+RESUMABLE_KEYS = ("max_images", "max_minutes", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every",
+                  "eval_samples", "threads")
+
+
+def _resumed_config(args, extra: list[str]):
+    """`--resume` continues the run folder's own config.yaml; a preset, --config or --set may change only the
+    RESUMABLE_KEYS, anything else is refused before a model loads (the saved config is left untouched)."""
+    from . import config as config_lib
+    from .distill_config import DistillConfig
+
+    saved_path = Path(args.out) / "config.yaml"
+    if not (args.resume and saved_path.is_file()):
+        return _distill_config(args, extra)
+    saved = config_lib.load(DistillConfig, saved_path)
+    if args.preset or args.config:
+        wanted = _distill_config(args, extra)
+    else:
+        wanted = config_lib.load(DistillConfig, saved_path, list(args.overrides) + extra)
+    changed = [k for k in config_lib.differences(saved, wanted) if k not in RESUMABLE_KEYS]
+    if changed:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise NitroFusionError(f"{args.out} was trained with another config ({shown} differ); --resume continues "
+                               f"the run's own config.yaml and may change only {', '.join(RESUMABLE_KEYS)}; "
+                               "drop the other options or start a new --out")
+    return wanted
 
 
 def cmd_demo(args) -> None:
@@ -48,16 +77,29 @@ def cmd_teacher(args) -> None:
     from . import config as config_lib
     from .mini.teacher import ASSET_TEACHER, TeacherTrainConfig, train_teacher
 
-    cfg = config_lib.build(TeacherTrainConfig, "teacher", args.preset, args.overrides, args.config)
-    out = Path(args.out) if args.out else ASSET_TEACHER
+    cfg = config_lib.build(TeacherTrainConfig, "teacher", args.preset or args.default_preset, args.overrides,
+                           args.config)
+    out = _asset_out(args, ASSET_TEACHER)
     info = train_teacher(cfg, out)
     print(f"teacher written to {out}: {info}")
+
+
+def _asset_out(args, shipped: Path) -> Path:
+    """Where `teacher` / `classifier` write: --out, or the package's shipped files only when asked in so many
+    words (a newcomer's trial run must not overwrite what every other command measures with)."""
+    if args.replace_shipped and args.out:
+        raise NitroFusionError("give either --out DIR or --replace-shipped, not both")
+    if args.replace_shipped:
+        return shipped
+    if not args.out:
+        raise NitroFusionError(f"choose where to write: --out DIR (or --replace-shipped to overwrite {shipped})")
+    return Path(args.out)
 
 
 def cmd_classifier(args) -> None:
     from .mini.metrics import ASSET_DIR, train_classifier
 
-    out = Path(args.out) if args.out else ASSET_DIR
+    out = _asset_out(args, ASSET_DIR)
     info = train_classifier(out, epochs=args.epochs)
     print(f"classifier and real-data statistics written to {out}: {info}")
 
@@ -89,7 +131,7 @@ def cmd_distill(args) -> None:
     from .train import distill, ensure_writable
     from .worlds import load_adapter, process_state, prompt_source, training_data
 
-    cfg = _distill_config(args, _model_args(args))
+    cfg = _resumed_config(args, _model_args(args))
     ensure_writable(Path(args.out))  # before minutes of teacher sampling, not after
     state = process_state()
     prompts = prompt_source(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
@@ -334,11 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("teacher", help="train the mini-world teacher (the shipped one came from preset 'mini')")
     _add_config_args(p, "mini")
-    p.add_argument("--out", help="teacher folder (default: the package's shipped teacher)")
+    p.add_argument("--out", help="folder for the trained teacher")
+    p.add_argument("--replace-shipped", action="store_true", help="overwrite the package's shipped teacher instead")
     p.set_defaults(func=cmd_teacher)
 
     p = sub.add_parser("classifier", help="train the mini-world metric classifier and real-data statistics")
-    p.add_argument("--out", help="folder (default: the package's assets)")
+    p.add_argument("--out", help="folder for the classifier and the real-data statistics")
+    p.add_argument("--replace-shipped", action="store_true",
+                   help="overwrite the package's shipped classifier and statistics instead")
     p.add_argument("--epochs", type=int, default=6)
     p.set_defaults(func=cmd_classifier)
 

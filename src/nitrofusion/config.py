@@ -174,4 +174,32 @@ def build(cls: type[T], kind: str, preset: str | None, overrides: list[str] | No
 
 
 def save(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    """Write the resolved config atomically: a reader sees the old file or the new one, never half."""
+    from .io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+def load(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """A config saved by `save` (a run's config.yaml), with dotted overrides applied, validated into `cls`."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path} is unreadable ({type(e).__name__}); restore it or start a new run") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a config mapping; restore it or start a new run")
+    return from_dict(cls, _merge(data, parse_overrides(overrides)))
+
+
+def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs of the same class."""
+    da, db = (to_dict(a), to_dict(b)) if prefix == "" else (a, b)
+    out = []
+    for key in da:
+        where = f"{prefix}{key}"
+        if isinstance(da[key], dict) and isinstance(db.get(key), dict):
+            out += differences(da[key], db[key], f"{where}.")
+        elif da[key] != db.get(key):
+            out.append(where)
+    return out

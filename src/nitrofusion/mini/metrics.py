@@ -24,7 +24,7 @@ from .models import ClassifierFeatures, FashionClassifier
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "mini"
 CLASSIFIER_FILE = ASSET_DIR / "classifier.safetensors"
 REAL_STATS_FILE = ASSET_DIR / "real_stats.safetensors"
-_FIX = "re-create it with: nitrofusion classifier"
+_FIX = "reinstall nitrofusion, or re-create it with: nitrofusion classifier --replace-shipped"
 
 
 def train_classifier(out_dir: Path = ASSET_DIR, epochs: int = 6, resolution: int = 16, seed: int = 0,

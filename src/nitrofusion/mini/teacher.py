@@ -72,7 +72,8 @@ def load_teacher(path: str | Path | None = None) -> MiniTeacher:
     import yaml
 
     root = Path(path) if path else ASSET_TEACHER
-    fix = "re-create it with: nitrofusion teacher --out " + str(root)
+    fix = ("reinstall nitrofusion, or re-create it with: nitrofusion teacher --replace-shipped"
+           if root == ASSET_TEACHER else f"re-create it with: nitrofusion teacher --out {root}")
     for need in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                  "scheduler/scheduler_config.json", "teacher.yaml"):
         if not (root / need).is_file():
