@@ -45,3 +45,44 @@ def test_resolved_config_round_trips(tmp_path):
     config.save(cfg, tmp_path / "c.yaml")
     again = config.build(DistillConfig, "distill", None, config_file=tmp_path / "c.yaml")
     assert again == cfg
+
+
+def _numeric_fields(cls, prefix=""):
+    """(dotted key, field, element type) of every int / float / list-of-numbers field, recursively."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from _numeric_fields(hint, f"{prefix}{f.name}.")
+            continue
+        item = (typing.get_args(hint) or (None,))[0] if typing.get_origin(hint) is list else hint
+        if item in (int, float):
+            yield f"{prefix}{f.name}", f, item, typing.get_origin(hint) is list
+
+
+def _outside(bounds: dict, item: type):
+    if "ge" in bounds:
+        return item(bounds["ge"] - 1)
+    if "gt" in bounds:
+        return item(bounds["gt"])
+    return item(bounds.get("le", bounds.get("lt")) + 1)
+
+
+@pytest.mark.parametrize("kind, preset", [("distill", "tiny"), ("teacher", "tiny")])
+def test_every_numeric_field_declares_its_range_and_refuses_a_value_outside_it(kind, preset):
+    import re
+
+    root = DistillConfig if kind == "distill" else TeacherTrainConfig
+    fields = list(_numeric_fields(root))
+    assert len(fields) > (40 if kind == "distill" else 12)
+    for key, f, item, is_list in fields:
+        bounds = f.metadata.get("range")
+        assert bounds, f"{key} declares no range: give it one with config.ranged(...)"
+        bad = _outside(bounds, item)
+        with pytest.raises(ConfigError, match=re.escape(f"{key} must be ")):
+            config.build(root, kind, preset, [f"{key}={[bad] if is_list else bad}"])
+    with pytest.raises(ConfigError, match="max_minutes must be >= 0"):  # NaN and negatives alike
+        config.build(DistillConfig, "distill", "tiny", ["max_minutes=.nan"])

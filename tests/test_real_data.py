@@ -122,10 +122,11 @@ def test_precision_recall_coverage_hand_computed():
 
 
 @pytest.mark.parametrize("sets, needle", [
-    (["multistep.p=1.5"], "multistep.p must be in [0, 1]"),
-    (["multistep.timesteps=[1200, 499]"], "multistep.timesteps must lie in [0, 999]"),
-    (["adversarial.r1_weight=-1"], "adversarial.r1_weight must be >= 0"),
-    (["real.share=1.5"], "real.share must be in (0, 1)"),
+    (["multistep.p=1.5"], "multistep.p must be >= 0 and <= 1 (got 1.5)"),
+    (["multistep.timesteps=[1200, 499]"], "multistep.timesteps must be >= 0 and <= 999 (got 1200)"),
+    (["multistep.timesteps=[499, 749]"], "multistep.timesteps must decrease"),
+    (["adversarial.r1_weight=-1"], "adversarial.r1_weight must be >= 0 (got -1"),
+    (["real.share=1.5"], "real.share must be > 0 and < 1 (got 1.5)"),
     (["world=sdxl", "teacher=/x", "real.source=data"], "real.source 'data' needs real images: set real.data"),
     (["real.source=mix", "real.data=/imgs"], "real.data applies to world 'sdxl'"),
 ])

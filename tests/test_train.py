@@ -95,7 +95,7 @@ def test_resume_reaches_the_same_weights(mini_adapter, tiny_pairs, tiny_cfg, tmp
     (["distill", "--out", "X", "--set", "pool.widht=3"], "did you mean 'width'"),
     (["distill", "--out", "X", "--teacher", "/nonexistent/teacher"], "teacher file missing: /nonexistent/teacher"),
     (["generate", "--model", "/nonexistent", "--prompt", "a", "--out", "Y"], "no student in /nonexistent"),
-    (["demo", "--set", "micro_batch=-1"], "micro_batch and grad_accum must be >= 1"),
+    (["demo", "--set", "micro_batch=-1"], "micro_batch must be >= 1 (got -1)"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -87,6 +87,40 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+def ranged(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge: float | None = None,
+           gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with its allowed range declared beside it (for a list: every element's range).
+    `from_dict` checks it before the class's own cross-key `validate()`."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return dataclasses.field(default=default, default_factory=factory, metadata={"range": bounds})
+
+
+_RANGE_WORDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def describe_range(bounds: dict) -> str:
+    return " and ".join(f"{_RANGE_WORDS[k]} {v:g}" for k, v in bounds.items())
+
+
+def _in_range(value: float, bounds: dict) -> bool:
+    checks = {"ge": value >= bounds.get("ge", value), "gt": "gt" not in bounds or value > bounds["gt"],
+              "le": value <= bounds.get("le", value), "lt": "lt" not in bounds or value < bounds["lt"]}
+    return all(checks.values()) and value == value  # NaN is never in range
+
+
+def check_ranges(obj: Any, where: str = "config") -> None:
+    """Every field declared with `ranged` holds a value (or, for a list, values) inside its range."""
+    for f in dataclasses.fields(obj):
+        bounds = f.metadata.get("range")
+        if not bounds:
+            continue
+        value = getattr(obj, f.name)
+        for v in value if isinstance(value, list | tuple) else [value]:
+            if not _in_range(v, bounds):
+                key = f"{where}.{f.name}".removeprefix("config.")
+                raise ConfigError(f"{key} must be {describe_range(bounds)} (got {v!r})")
+
+
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     """Build dataclass `cls` from a (partial) mapping; unknown keys and wrong types raise ConfigError."""
     hints = typing.get_type_hints(cls)
@@ -97,6 +131,7 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
             raise ConfigError(f"unknown config key '{where}.{key}'{_suggest(key, names)}".replace("config.", ""))
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}".removeprefix("config."))
     obj = cls(**kwargs)
+    check_ranges(obj, where)
     check = getattr(obj, "validate", None)
     if check is not None:
         check()

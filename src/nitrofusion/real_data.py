@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from .adapters.base import ModelAdapter
+from .config import ranged
 from .errors import ConfigError, NitroFusionError
 from .io import atomic_save_safetensors, cache_dir, disk_errors
 from .pairs import MixedPairs, OnlinePairs, Pairs, ShardedPairs
@@ -35,16 +36,10 @@ CAPTION_KEYS = ("text", "caption", "prompt")
 @dataclass
 class RealConfig:
     source: Literal["teacher", "data", "mix"] = "teacher"  # teacher = the paper; data / mix need real images
-    share: float = 0.5  # mix: fraction of every micro-batch taken from real images
+    share: float = ranged(0.5, gt=0, lt=1)  # mix: fraction of every micro-batch taken from real images
     data: str = ""  # sdxl: a folder of images with captions; mini: empty (Fashion-MNIST's train split)
-    count: int = 0  # real images used, the first `count` in order; 0 = all
-    seed: int = 0  # seeds the x_T of real rows
-
-    def validate(self) -> None:
-        if not 0 < self.share < 1:
-            raise ConfigError(f"real.share must be in (0, 1) (got {self.share})")
-        if self.count < 0:
-            raise ConfigError("real.count must be >= 0 (0 = all)")
+    count: int = ranged(0, ge=0)  # real images used, the first `count` in order; 0 = all
+    seed: int = ranged(0, ge=0, le=2**31 - 1)  # seeds the x_T of real rows
 
     def check_world(self, world: str) -> None:
         if self.source == "teacher":

@@ -8,7 +8,7 @@ A sampler spec names either a diffusers scheduler or an explicit timestep grid w
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -18,6 +18,7 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 
+from .config import ranged
 from .errors import ConfigError
 from .schedulers import config_for
 
@@ -30,10 +31,10 @@ class SamplerSpec:
     # class name (e.g. "LCMScheduler"); x0-renoise: x0 at each of `timesteps`, re-noised with fresh noise
     # to the next (DMD2's 4-step sampler, SPEC section 1)
     name: str = "dpmsolver++"
-    steps: int = 8
-    guidance_scale: float = 2.0
+    steps: int = ranged(8, ge=1, le=1000)
+    guidance_scale: float = ranged(2.0, ge=0, le=100)
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
-    timesteps: list[int] = field(default_factory=list)  # explicit grid (x0-renoise, or a scheduler that takes one)
+    timesteps: list[int] = ranged(factory=list, ge=0, le=999)  # explicit grid (x0-renoise, or a scheduler taking one)
 
     def validate(self) -> None:
         if self.name not in ALIASES and self.name != "x0-renoise" and not _is_scheduler_class(self.name):
@@ -41,10 +42,6 @@ class SamplerSpec:
                               "or a diffusers scheduler class name such as 'DDIMScheduler'")
         if self.timesteps and len(self.timesteps) != self.steps:
             raise ConfigError("sampler.timesteps must have sampler.steps entries")
-        if self.steps < 1:
-            raise ConfigError("sampler.steps must be >= 1")
-        if self.guidance_scale < 0:
-            raise ConfigError("sampler.guidance_scale must be >= 0 (0 or 1 = no guidance)")
 
     def describe(self) -> str:
         g = f", CFG {self.guidance_scale:g}" if self.guidance_scale > 1 else ""

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from ..config import ranged
 from ..errors import ConfigError, NitroFusionError
 from ..schedulers import config_for
 from ..teachers import SamplerSpec
@@ -28,13 +29,13 @@ REQUIRED = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "token
 class SDXLConfig:
     teacher_unet: str = ""  # UNet weights (.safetensors, or .bin read weights-only) replacing the folder's UNet
     teacher_lora: str = ""  # LoRA (file or folder, any format diffusers' SDXL loader reads) fused into the teacher
-    lora_scale: float = 1.0
-    resolution: int = 1024  # pixels; latents are resolution / 8
+    lora_scale: float = ranged(1.0, ge=0)
+    resolution: int = ranged(1024, ge=8, le=8192)  # pixels; latents are resolution / 8
     sampler: SamplerSpec = field(default_factory=lambda: SamplerSpec(
         name="x0-renoise", steps=4, guidance_scale=0.0, timesteps=[999, 749, 499, 249]))
 
     def validate(self) -> None:
-        if self.resolution < 8 or self.resolution % 8:
+        if self.resolution % 8:
             raise ConfigError("sdxl.resolution must be a positive multiple of 8")
         self.sampler.validate()
 

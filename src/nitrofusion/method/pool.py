@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..config import ranged
 from ..errors import ConfigError
 from .heads import Head
 
@@ -23,29 +24,25 @@ TASKS = ("global_cond", "local_cond", "local_uncond")
 @dataclass
 class PoolConfig:
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    t_star: list[int] = field(default_factory=lambda: [10, 250, 500, 750])
-    heads_per_slot: int = 4
-    width: int = 64
-    depth: int = 1
+    t_star: list[int] = ranged(factory=lambda: [10, 250, 500, 750], ge=0, le=999)
+    heads_per_slot: int = ranged(4, ge=1)
+    width: int = ranged(64, ge=1)
+    depth: int = ranged(1, ge=1)
     dynamic: bool = True  # False: a static discriminator, always head k=0 of every slot (ablation)
-    refresh_fraction: float = 0.01  # share of ALL heads re-initialised per optimiser step; 0 disables
-    seed: int = 0
+    refresh_fraction: float = ranged(0.01, ge=0, le=1)  # share of ALL heads re-initialised per step; 0 disables
+    seed: int = ranged(0, ge=0, le=2**31 - 1)
     # Ablation knobs for a single-head baseline (earlier adversarial distillation: one head on the
     # backbone's deepest map, shared by every noise level): which levels get heads (empty = all; -1 =
     # the mid block), and whether heads are grouped by t* (SPEC section 3) or shared across t*.
-    levels: list[int] = field(default_factory=list)
+    levels: list[int] = ranged(factory=list, ge=-64, le=63)
     group_by_t_star: bool = True
 
     def validate(self) -> None:
         bad = [t for t in self.tasks if t not in TASKS]
         if bad or not self.tasks:
             raise ConfigError(f"pool.tasks: unknown {bad} (choose from {', '.join(TASKS)})")
-        if not self.t_star or any(not 0 <= t < 1000 for t in self.t_star):
-            raise ConfigError("pool.t_star: give timesteps in [0, 999]")
-        if self.heads_per_slot < 1 or self.width < 1 or self.depth < 1:
-            raise ConfigError("pool.heads_per_slot, pool.width and pool.depth must be >= 1")
-        if not 0 <= self.refresh_fraction <= 1:
-            raise ConfigError("pool.refresh_fraction must be in [0, 1]")
+        if not self.t_star:
+            raise ConfigError("pool.t_star: give at least one timestep in [0, 999]")
         if len(set(self.levels)) != len(self.levels):
             raise ConfigError("pool.levels: each level at most once")
 

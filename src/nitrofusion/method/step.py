@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from ..adapters.base import Cond, ModelAdapter
+from ..config import ranged
 from ..teachers import add_noise
 from .backbone import UNetBackbone
 from .losses import d_loss, g_loss, r1_penalty
@@ -24,25 +25,16 @@ from .refine import MultiStepConfig, backward_simulate, draw_refinement, student
 
 @dataclass
 class AdversarialConfig:
-    shift: int = 250  # s: the student is conditioned on t_s = floor(999 * s / 1000) (SPEC 2.3)
+    shift: int = ranged(250, ge=1, le=1000)  # s: the student is conditioned on t_s = floor(999 * s / 1000) (SPEC 2.3)
     loss: Literal["hinge", "linear", "nonsat"] = "hinge"
     # sum: one D per sample = all active heads' logits summed over levels and tasks (SPEC section 3);
     # per_head: the loss is applied to each head's logit and averaged (as in ADD-style discriminators)
     aggregate: Literal["sum", "per_head"] = "sum"
-    crop_fraction: float = 0.5  # local heads judge crops of this side fraction ([ours]: half-size)
+    crop_fraction: float = ranged(0.5, gt=0, lt=1)  # local heads judge crops of this side fraction ([ours]: half-size)
     # R1 on the heads [ours, after LADD / SANA-Sprint]: gamma/2 * E||grad_f D(f)||^2 over the REAL samples'
     # backbone features f (the heads' inputs), added to L_D; 0 = off (the paper has no penalty)
-    r1_weight: float = 0.0
+    r1_weight: float = ranged(0.0, ge=0)
 
-    def validate(self) -> None:
-        from ..errors import ConfigError
-
-        if not 1 <= self.shift <= 1000:
-            raise ConfigError("adversarial.shift must be in [1, 1000]")
-        if not 0 < self.crop_fraction < 1:
-            raise ConfigError("adversarial.crop_fraction must be in (0, 1)")
-        if not self.r1_weight >= 0:
-            raise ConfigError(f"adversarial.r1_weight must be >= 0 (got {self.r1_weight})")
 
 
 def student_timestep(shift: int, num_train_timesteps: int = 1000) -> int:

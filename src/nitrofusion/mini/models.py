@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
+from ..config import ranged
 from .text import EMBED_DIM
 
 
 @dataclass
 class MiniUNetConfig:
-    resolution: int = 16
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    layers_per_block: int = 2
-    attention_head_dim: int = 8
-    norm_num_groups: int = 16
+    resolution: int = ranged(16, ge=8, le=1024)
+    block_out_channels: list[int] = ranged(factory=lambda: [32, 64, 64], ge=1)
+    layers_per_block: int = ranged(2, ge=1)
+    attention_head_dim: int = ranged(8, ge=1)
+    norm_num_groups: int = ranged(16, ge=1)
 
     def validate(self) -> None:
         from ..errors import ConfigError

@@ -15,6 +15,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .. import config as config_lib
+from ..config import ranged
 from ..errors import ConfigError, NitroFusionError
 from ..io import atomic_write_text
 from ..teachers import SamplerSpec
@@ -28,19 +29,17 @@ ASSET_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "mini" / "te
 class TeacherTrainConfig:
     model: MiniUNetConfig = field(default_factory=MiniUNetConfig)
     sampler: SamplerSpec = field(default_factory=SamplerSpec)
-    batch_size: int = 64
-    lr: float = 3e-4
-    warmup_iterations: int = 200
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1
-    minutes: float = 40.0
-    max_iterations: int = 0  # 0 = limited by minutes only
-    seed: int = 0
-    threads: int = 0  # 0 = torch default
+    batch_size: int = ranged(64, ge=1)
+    lr: float = ranged(3e-4, gt=0, le=1)
+    warmup_iterations: int = ranged(200, ge=0)
+    ema_decay: float = ranged(0.999, ge=0, lt=1)
+    caption_dropout: float = ranged(0.1, ge=0, lt=1)
+    minutes: float = ranged(40.0, ge=0)
+    max_iterations: int = ranged(0, ge=0)  # 0 = limited by minutes only
+    seed: int = ranged(0, ge=0, le=2**31 - 1)
+    threads: int = ranged(0, ge=0, le=1024)  # 0 = torch default
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.caption_dropout < 1:
-            raise ConfigError("batch_size >= 1, lr > 0 and 0 <= caption_dropout < 1 are required")
         if self.minutes <= 0 and self.max_iterations <= 0:
             raise ConfigError("set minutes > 0 or max_iterations > 0")
 
