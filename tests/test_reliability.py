@@ -98,3 +98,65 @@ def test_shipped_assets_are_only_replaced_when_asked(argv, needle, capsys, tmp_p
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
     assert CLASSIFIER_FILE.stat().st_mtime_ns == before
+
+
+def _bad_files(tmp: Path) -> None:
+    (tmp / "list.yaml").write_text("- micro_batch: 8\n")
+    (tmp / "noise.safetensors").write_bytes(bytes(range(256)) * 8)
+    (tmp / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 64)
+    (tmp / "afile").write_text("I am a file")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["distill", "--out", "R", "--config", "list.yaml"], "must hold a mapping of keys"),
+    (["distill", "--out", "R", "--set", "threads=-1"], "threads must be >= 0 and <= 1024 (got -1)"),
+    (["distill", "--out", "R", "--set", "max_minutes=-1"], "max_minutes must be >= 0"),
+    (["distill", "--out", "R", "--preset", "tiny", "--set", "student_init=noise.safetensors"],
+     "student_init noise.safetensors is not a readable safetensors file"),
+    (["generate", "--model", "M", "--prompts", "binary.txt", "--out", "G"], "is not UTF-8 text"),
+    (["generate", "--model", "M", "--prompt", "a", "--out", "afile"], "--out afile is an existing file"),
+    (["generate", "--model", "M", "--prompt", "a", "--num-per-prompt", "0", "--out", "G"],
+     "--num-per-prompt must be >= 1"),
+    (["generate", "--model", "M", "--prompt", "a", "--seed", str(2**70), "--out", "G"], "--seed must be in [0,"),
+    (["demo", "--out", "afile"], "--out afile is an existing file"),
+    (["evaluate", "--model", "teacher", "--out", "afile"], "--out afile is an existing file"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _bad_files(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder, no half-written output
+
+
+class Payload:  # any non-tensor object makes weights_only loading refuse a file
+    pass
+
+
+def test_a_refused_pickle_is_explained_in_our_words(tmp_path):
+    import torch
+
+    from nitrofusion.adapters.sdxl import read_unet_weights
+
+    torch.save({"w": torch.zeros(2), "x": Payload()}, tmp_path / "evil.bin")
+    with pytest.raises(NitroFusionError) as info:
+        read_unet_weights(tmp_path / "evil.bin")
+    msg = str(info.value)
+    assert "pickled Python objects" in msg and "weights_only=False" not in msg and "\x1b" not in msg
+    assert len(msg.splitlines()) == 1
+
+
+def test_a_bug_is_one_line_with_a_pointer_to_debug(capsys, monkeypatch):
+    import nitrofusion.cli as cli
+
+    def broken(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "cmd_presets", broken)
+    assert main(["presets"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "RuntimeError: boom" in err and "--debug" in err
+    with pytest.raises(RuntimeError):
+        main(["--debug", "presets"])

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .errors import NitroFusionError
-from .pipeline import check_steps, model_world
+from .errors import NitroFusionError, describe
+from .pipeline import check_seed, check_steps, model_world
 
 Generate = Callable[[str, int, int], Image.Image]
 
@@ -54,15 +54,16 @@ def build_app(generate_fn: Generate, examples: list[str], title: str = "nitrofus
     import gradio as gr
 
     def on_click(prompt: str, steps: float, seed: float):
-        if not prompt.strip():
+        if not prompt or not prompt.strip():
             raise gr.Error("type a prompt")
-        steps, seed = int(steps), int(seed)
         try:
+            steps, seed = int(steps), int(seed)
             check_steps(steps)
-        except NitroFusionError as e:
+            check_seed(seed)
+            t0 = time.perf_counter()
+            image = generate_fn(prompt, steps, seed)
+        except (NitroFusionError, ValueError, OverflowError) as e:  # the visitor's input: say so on the page
             raise gr.Error(str(e)) from None
-        t0 = time.perf_counter()
-        image = generate_fn(prompt, steps, seed)
         return image, f"{steps} step(s), seed {seed}: {1000 * (time.perf_counter() - t0):.0f} ms"
 
     with gr.Blocks(title=title) as demo:
@@ -84,5 +85,9 @@ def build_app(generate_fn: Generate, examples: list[str], title: str = "nitrofus
 
 def launch(demo, host: str = "127.0.0.1", port: int | None = None, block: bool = True):
     # share=False always: a public tunnel is never opened implicitly
-    return demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block,
-                       quiet=not block)
+    try:
+        return demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block,
+                           quiet=not block)
+    except OSError as e:  # gradio: "Cannot find empty port ..." when the port is taken
+        raise NitroFusionError(f"cannot serve on {host}:{port or 7860} ({describe(e)}); choose another "
+                               "--port") from None

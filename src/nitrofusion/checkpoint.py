@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import NitroFusionError
+from .errors import NitroFusionError, describe
 
 
 def _fsync(path: Path) -> None:
@@ -75,6 +75,6 @@ def load(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
         optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
         state = json.loads((path / "state.json").read_text())
     except Exception as e:
-        raise NitroFusionError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it to resume "
-                               "from the one before") from None
+        raise NitroFusionError(f"checkpoint {path} is unreadable ({describe(e)}); delete it to resume from the "
+                               "one before") from None
     return tensors, optim, state

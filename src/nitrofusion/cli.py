@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from .errors import NitroFusionError
+from .errors import NitroFusionError, describe
 
 DEMO_HELP = "distil the shipped mini-world teacher into a 1-step student and write a report (~10 min on 2 cores)"
 
@@ -62,6 +63,7 @@ def cmd_demo(args) -> None:
     extra = [f"max_minutes={args.minutes}"] if args.minutes is not None else []
     extra += [f"max_images={args.images}"] if args.images is not None else []
     cfg = _distill_config(args, extra)
+    output_folder(args.out)
     report = run_demo(Path(args.out), cfg, eval_samples=args.eval_samples, resume=args.resume)
     t, s = report["teacher"], report["student"]
     print(f"teacher ({t['sampler']}): classifier-FID {t['fid']:.2f}, accuracy {t['accuracy']:.3f}")
@@ -82,6 +84,14 @@ def cmd_teacher(args) -> None:
     out = _asset_out(args, ASSET_TEACHER)
     info = train_teacher(cfg, out)
     print(f"teacher written to {out}: {info}")
+
+
+def output_folder(out: str) -> Path:
+    """An output folder may exist, but must not be a file (which the command would otherwise trip over later)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise NitroFusionError(f"--out {path} is an existing file; give a folder path")
+    return path
 
 
 def _asset_out(args, shipped: Path) -> Path:
@@ -128,10 +138,11 @@ def cmd_pairs(args) -> None:
 
 def cmd_distill(args) -> None:
     from .real_data import training_source
-    from .train import distill, ensure_writable
+    from .train import distill, ensure_writable, read_student_init
     from .worlds import load_adapter, process_state, prompt_source, training_data
 
     cfg = _resumed_config(args, _model_args(args))
+    read_student_init(cfg, header_only=True)
     ensure_writable(Path(args.out))  # before minutes of teacher sampling, not after
     state = process_state()
     prompts = prompt_source(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
@@ -152,9 +163,18 @@ def cmd_generate(args) -> None:
         path = Path(args.prompts)
         if not path.is_file():
             raise NitroFusionError(f"prompt file not found: {path}")
-        prompts += [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        try:
+            prompts += [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError:
+            raise NitroFusionError(f"prompt file {path} is not UTF-8 text; give one prompt per line") from None
     if not prompts:
         raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
+    if args.num_per_prompt < 1:
+        raise NitroFusionError(f"--num-per-prompt must be >= 1 (got {args.num_per_prompt})")
+    from .pipeline import check_seed
+
+    check_seed(args.seed, "--seed")
+    output_folder(args.out)
     from .pipeline import model_world, parse_dtype
 
     if model_world(Path(args.model)) == "sdxl":  # SDXL run, exported folder or UNet file (SPEC 5)
@@ -202,6 +222,7 @@ def cmd_transfer(args) -> None:
 def cmd_evaluate(args) -> None:
     from .pipeline import model_world
 
+    output_folder(args.out)
     if args.model != "teacher" and model_world(Path(args.model)) == "sdxl":
         return _evaluate_sdxl(args)
     from .evaluate import evaluate_mini
@@ -273,6 +294,7 @@ def cmd_presets(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nitrofusion", description="NitroFusion: dynamic adversarial "
                                      "distillation of text-to-image diffusion models into 1-4 step generators.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks (also NITROFUSION_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help=DEMO_HELP, description=DEMO_HELP)
@@ -436,15 +458,29 @@ def main(argv: list[str] | None = None) -> int:
     # diffusers imports bitsandbytes when it is installed, which warns about 4-bit CPU kernels we never use
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("NITROFUSION_DEBUG", "") not in ("", "0")
     try:
         args.func(args)
     except NitroFusionError as e:
         print(f"nitrofusion: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("nitrofusion: interrupted; rerun with --resume to continue from the last checkpoint",
-              file=sys.stderr)
+        resumable = args.command in ("distill", "demo", "ablate", "pairs")
+        print("nitrofusion: interrupted" + ("; rerun with --resume to continue from the last checkpoint"
+                                            if resumable else ""), file=sys.stderr)
         return 130
+    except OSError as e:  # the file system said no (a path, a permission, a full disk): the user's to fix
+        if debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"nitrofusion: error: {e.strerror or describe(e)}{where} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - anything else is our bug: one line, the traceback on request
+        if debug:
+            raise
+        print(f"nitrofusion: internal error ({describe(e)}); this is a bug in nitrofusion: rerun with --debug "
+              "(or NITROFUSION_DEBUG=1) for the traceback and report it", file=sys.stderr)
+        return 1
     return 0
 
 

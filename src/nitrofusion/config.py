@@ -203,6 +203,9 @@ def build(cls: type[T], kind: str, preset: str | None, overrides: list[str] | No
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys (e.g. `micro_batch: 8`), "
+                              f"not a {type(loaded).__name__}")
         data = _merge(data, loaded)
     data = _merge(data, parse_overrides(overrides))
     return from_dict(cls, data)

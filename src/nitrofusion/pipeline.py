@@ -61,6 +61,14 @@ def check_steps(steps: int) -> None:
         raise NitroFusionError(f"steps must be 1, 2, 3 or 4 (got {steps}): the shifted LCM grid has 4 points")
 
 
+MAX_SEED = 2**63 - 2**32  # torch generators take seeds < 2**64; image i of a batch is seeded seed + i
+
+
+def check_seed(seed: int, name: str = "seed") -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise NitroFusionError(f"{name} must be in [0, 2**63 - 2**32] (got {seed})")
+
+
 @dataclass
 class ModelRef:
     """Where a model's parts are: `kind` is run | student | pipeline | unet | file."""

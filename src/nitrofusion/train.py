@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from . import config as config_lib
 from .adapters.base import ModelAdapter, cond_to
 from .distill_config import DistillConfig
-from .errors import NitroFusionError
+from .errors import NitroFusionError, describe
 from .io import atomic_write_text, disk_errors
 from .method.backbone import UNetBackbone
 from .method.pool import HeadPool
@@ -37,14 +37,33 @@ from .worlds import use_cpu
 Evaluator = Callable[[torch.nn.Module, int], dict]
 
 
+def read_student_init(cfg: DistillConfig, header_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """The student_init weights (None for 'teacher'); a missing or unreadable file is a one-line error.
+    `header_only` reads just the safetensors header: the CLI's check before any teacher pair is generated."""
+    if cfg.student_init == "teacher":
+        return None
+    path = Path(cfg.student_init)
+    if not path.is_file():
+        raise NitroFusionError(f"student_init file not found: {path}; give a .safetensors UNet or 'teacher'")
+    try:
+        if header_only:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+            return None
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file surfaces as several types
+        raise NitroFusionError(f"student_init {path} is not a readable safetensors file ({describe(e)}); give a "
+                               "UNet .safetensors or 'teacher'") from None
+
+
 def build_student(cfg: DistillConfig, adapter: ModelAdapter) -> torch.nn.Module:
     """Student = the teacher's architecture; weights from the teacher or a UNet weights file (SPEC 1)."""
     student = copy.deepcopy(adapter.teacher_unet).float()  # fp32 master weights (SPEC section 4)
-    if cfg.student_init != "teacher":
-        path = Path(cfg.student_init)
-        if not path.is_file():
-            raise NitroFusionError(f"student_init file not found: {path}; give a .safetensors UNet or 'teacher'")
-        state = load_file(str(path))
+    state = read_student_init(cfg)
+    if state is not None:
+        path = cfg.student_init
         missing, unexpected = student.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise NitroFusionError(f"student_init {path} does not match the teacher UNet "
@@ -139,11 +158,10 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
         torch.set_num_threads(cfg.threads)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=use_cpu())
     device = acc.device
-    if acc.is_main_process:
-        config_lib.save(cfg, run_dir / "config.yaml")  # the fully resolved config of this run
-
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, adapter).to(device)
+    if acc.is_main_process:  # the fully resolved config, once the student's weights have loaded
+        config_lib.save(cfg, run_dir / "config.yaml")
     # frozen teacher/backbone/encoders in the autocast dtype; the student keeps fp32 master weights
     adapter.to(device, WEIGHT_DTYPES[cfg.mixed_precision])
     backbone = UNetBackbone(adapter.teacher_unet, cfg.gradient_checkpointing)

@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from ..config import ranged
-from ..errors import ConfigError, NitroFusionError
+from ..errors import ConfigError, NitroFusionError, describe
 from ..schedulers import config_for
 from ..teachers import SamplerSpec
 from .base import Cond, ModelAdapter
@@ -85,8 +85,7 @@ def read_unet_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure is a corrupt/unsupported file for the user
-        raise NitroFusionError(f"cannot read UNet weights {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                               "give a .safetensors file") from None
+        raise NitroFusionError(f"cannot read UNet weights {path} ({describe(e)}); give a .safetensors file") from None
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
