@@ -86,3 +86,14 @@ def test_every_numeric_field_declares_its_range_and_refuses_a_value_outside_it(k
             config.build(root, kind, preset, [f"{key}={[bad] if is_list else bad}"])
     with pytest.raises(ConfigError, match="max_minutes must be >= 0"):  # NaN and negatives alike
         config.build(DistillConfig, "distill", "tiny", ["max_minutes=.nan"])
+
+
+def test_presets_command_describes_every_preset(capsys):
+    from nitrofusion.cli import main
+
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for kind in ("distill", "teacher"):
+        for name in config.available_presets(kind):
+            assert config.preset_description(kind, name), f"{kind}-{name}.yaml has no leading comment"
+            assert f"  {name:16} {config.preset_description(kind, name)}" in out

@@ -58,12 +58,12 @@ def _resumed_config(args, extra: list[str]):
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
-
     extra = [f"max_minutes={args.minutes}"] if args.minutes is not None else []
     extra += [f"max_images={args.images}"] if args.images is not None else []
-    cfg = _distill_config(args, extra)
+    cfg = _distill_config(args, extra)  # checked before torch and diffusers load (seconds)
     output_folder(args.out)
+    from .demo import run_demo
+
     report = run_demo(Path(args.out), cfg, eval_samples=args.eval_samples, resume=args.resume)
     t, s = report["teacher"], report["student"]
     print(f"teacher ({t['sampler']}): classifier-FID {t['fid']:.2f}, accuracy {t['accuracy']:.3f}")
@@ -77,10 +77,12 @@ def cmd_demo(args) -> None:
 
 def cmd_teacher(args) -> None:
     from . import config as config_lib
-    from .mini.teacher import ASSET_TEACHER, TeacherTrainConfig, train_teacher
+    from .mini.config import TeacherTrainConfig
 
     cfg = config_lib.build(TeacherTrainConfig, "teacher", args.preset or args.default_preset, args.overrides,
                            args.config)
+    from .mini.teacher import ASSET_TEACHER, train_teacher
+
     out = _asset_out(args, ASSET_TEACHER)
     info = train_teacher(cfg, out)
     print(f"teacher written to {out}: {info}")
@@ -121,11 +123,11 @@ def _model_args(args) -> list[str]:
 
 
 def cmd_pairs(args) -> None:
+    extra = [f"pairs.dir={args.out}"] if args.out else []  # the folder `distill --set pairs.dir=...` reads
+    cfg = _distill_config(args, _model_args(args) + extra)
     from .pairs import load_pairs
     from .worlds import load_adapter, process_state, prompt_source, training_data
 
-    extra = [f"pairs.dir={args.out}"] if args.out else []  # the folder `distill --set pairs.dir=...` reads
-    cfg = _distill_config(args, _model_args(args) + extra)
     if cfg.pairs.online:
         raise NitroFusionError("pairs.online is set: this preset samples the teacher during training, nothing to "
                                "pre-generate (use --set pairs.online=false)")
@@ -137,11 +139,11 @@ def cmd_pairs(args) -> None:
 
 
 def cmd_distill(args) -> None:
+    cfg = _resumed_config(args, _model_args(args))  # checked before torch and diffusers load (seconds)
     from .real_data import training_source
     from .train import distill, ensure_writable, read_student_init
     from .worlds import load_adapter, process_state, prompt_source, training_data
 
-    cfg = _resumed_config(args, _model_args(args))
     read_student_init(cfg, header_only=True)
     ensure_writable(Path(args.out))  # before minutes of teacher sampling, not after
     state = process_state()
@@ -285,10 +287,12 @@ def cmd_app(args) -> None:
 
 
 def cmd_presets(args) -> None:
-    from .config import available_presets
+    from .config import available_presets, preset_description
 
     for kind in ("distill", "teacher"):
-        print(f"{kind}: {', '.join(available_presets(kind))}")
+        print(f"{kind} presets (--preset NAME):")
+        for name in available_presets(kind):
+            print(f"  {name:16} {preset_description(kind, name)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="text file, one prompt per line")
     p.add_argument("--steps", type=int, default=1, help="1-4 (default 1)")
     p.add_argument("--seed", type=int, default=0, help="default 0; SDXL image i uses seed + i")
-    p.add_argument("--num-per-prompt", type=int, default=1)
+    p.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt, each its own x_T (default 1)")
     p.add_argument("--height", type=int, help="SDXL: pixels (default: the run's sdxl.resolution or the UNet's)")
     p.add_argument("--width", type=int, help="SDXL: pixels (default as --height)")
     p.add_argument("--batch-size", type=int, default=4, help="SDXL: images per UNet call (default 4)")
@@ -391,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-reward", help="ImageReward checkpoint (needs the image-reward package)")
     g.add_argument("--base", help="SDXL base folder (for a UNet file, or to override a run's teacher)")
     g.add_argument("--shift", type=int, help="timestep shift for a UNet file without one")
-    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--batch-size", type=int, default=4, help="images per UNet call (default 4)")
     g.add_argument("--device", help="cuda or cpu")
     g.add_argument("--dtype", help="fp16, bf16 or fp32")
     p.set_defaults(func=cmd_evaluate)
@@ -406,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the classifier and the real-data statistics")
     p.add_argument("--replace-shipped", action="store_true",
                    help="overwrite the package's shipped classifier and statistics instead")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=6, help="passes over the Fashion-MNIST train split (default 6)")
     p.set_defaults(func=cmd_classifier)
 
     p = sub.add_parser("bench", help="time one SDXL-size training iteration and 1-step generation (random "
@@ -415,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "tiny: seconds on a CPU, for tests")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--iters", type=int, default=3, help="timed repetitions per stage (median reported)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per stage first (default 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the sdxl-realism preset, e.g. --set micro_batch=4")
     p.add_argument("--out", help="also write the results as JSON here")
@@ -424,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="the paper's ablation on the mini world: variants x seeds at equal "
                        "training images, 1-step metrics, table and bar plot (finished runs are skipped)")
     p.add_argument("--out", required=True, help="folder for runs/, ablation.json, ablation.md, ablation.png")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="runs per variant, seeds 0..N-1 (default 3)")
     p.add_argument("--budget", type=int, default=6400, help="training images per run (default 6400 = 200 steps)")
     p.add_argument("--eval-samples", type=int, default=1000, help="held-out prompts/x_T per score")
     p.add_argument("--variants", nargs="+", help="the paper's (default): full global-only no-refresh static "

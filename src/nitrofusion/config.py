@@ -167,6 +167,16 @@ def available_presets(kind: str) -> list[str]:
     return sorted(p.stem.removeprefix(f"{kind}-") for p in PRESET_DIR.glob(f"{kind}-*.yaml"))
 
 
+def preset_description(kind: str, name: str) -> str:
+    """The preset file's leading comment, as one line."""
+    words = []
+    for line in (PRESET_DIR / f"{kind}-{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        words.append(line.lstrip("# ").strip())
+    return " ".join(w for w in words if w)
+
+
 def load_preset(kind: str, name: str) -> dict:
     path = PRESET_DIR / f"{kind}-{name}.yaml"
     if not path.exists():

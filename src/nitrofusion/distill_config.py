@@ -1,17 +1,15 @@
-"""The distillation config: every knob of SPEC sections 2-4 plus the run's budget and bookkeeping."""
+"""The distillation config: every knob of SPEC sections 2-4 plus the run's budget and bookkeeping. Torch-free:
+a config is read and checked before any model library loads."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .adapters.sdxl import SDXLConfig
+from .adapters.sdxl_config import SDXLConfig
 from .config import ranged
 from .errors import ConfigError
-from .method.pool import PoolConfig
-from .method.refine import MultiStepConfig
-from .method.step import AdversarialConfig
-from .real_data import RealConfig
+from .method.config import AdversarialConfig, MultiStepConfig, PoolConfig
 
 
 @dataclass
@@ -45,6 +43,25 @@ class PromptsConfig:
     column: str = ""  # empty: the first of prompt / caption / text
     split: str = "train"
     max_chars: int = ranged(1000, ge=1)  # longer prompts are skipped and counted
+
+
+@dataclass
+class RealConfig:
+    source: Literal["teacher", "data", "mix"] = "teacher"  # teacher = the paper; data / mix need real images
+    share: float = ranged(0.5, gt=0, lt=1)  # mix: fraction of every micro-batch taken from real images
+    data: str = ""  # sdxl: a folder of images with captions; mini: empty (Fashion-MNIST's train split)
+    count: int = ranged(0, ge=0)  # real images used, the first `count` in order; 0 = all
+    seed: int = ranged(0, ge=0, le=2**31 - 1)  # seeds the x_T of real rows
+
+    def check_world(self, world: str) -> None:
+        if self.source == "teacher":
+            return
+        if world == "mini" and self.data:
+            raise ConfigError("real.data applies to world 'sdxl'; the mini world's real images are Fashion-MNIST's "
+                              "train split (leave real.data empty)")
+        if world != "mini" and not self.data:
+            raise ConfigError(f"real.source '{self.source}' needs real images: set real.data to a folder of images "
+                              "with captions, or use real.source=teacher")
 
 
 @dataclass

@@ -17,39 +17,17 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from .adapters.base import ModelAdapter
-from .config import ranged
-from .errors import ConfigError, NitroFusionError
+from .errors import NitroFusionError
 from .io import atomic_save_safetensors, cache_dir, disk_errors
 from .pairs import MixedPairs, OnlinePairs, Pairs, ShardedPairs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_KEYS = ("text", "caption", "prompt")
-
-
-@dataclass
-class RealConfig:
-    source: Literal["teacher", "data", "mix"] = "teacher"  # teacher = the paper; data / mix need real images
-    share: float = ranged(0.5, gt=0, lt=1)  # mix: fraction of every micro-batch taken from real images
-    data: str = ""  # sdxl: a folder of images with captions; mini: empty (Fashion-MNIST's train split)
-    count: int = ranged(0, ge=0)  # real images used, the first `count` in order; 0 = all
-    seed: int = ranged(0, ge=0, le=2**31 - 1)  # seeds the x_T of real rows
-
-    def check_world(self, world: str) -> None:
-        if self.source == "teacher":
-            return
-        if world == "mini" and self.data:
-            raise ConfigError("real.data applies to world 'sdxl'; the mini world's real images are Fashion-MNIST's "
-                              "train split (leave real.data empty)")
-        if world != "mini" and not self.data:
-            raise ConfigError(f"real.source '{self.source}' needs real images: set real.data to a folder of images "
-                              "with captions, or use real.source=teacher")
 
 
 def _noise(count: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -8,8 +8,6 @@ A sampler spec names either a diffusers scheduler or an explicit timestep grid w
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from diffusers import (
@@ -18,34 +16,11 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 
-from .config import ranged
 from .errors import ConfigError
+from .sampler_spec import ALIASES, SamplerSpec, _is_scheduler_class  # noqa: F401 - re-exported
 from .schedulers import config_for
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class SamplerSpec:
-    # ddim / dpmsolver++ / euler: a diffusers scheduler with the settings below; any diffusers scheduler
-    # class name (e.g. "LCMScheduler"); x0-renoise: x0 at each of `timesteps`, re-noised with fresh noise
-    # to the next (DMD2's 4-step sampler, SPEC section 1)
-    name: str = "dpmsolver++"
-    steps: int = ranged(8, ge=1, le=1000)
-    guidance_scale: float = ranged(2.0, ge=0, le=100)
-    timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
-    timesteps: list[int] = ranged(factory=list, ge=0, le=999)  # explicit grid (x0-renoise, or a scheduler taking one)
-
-    def validate(self) -> None:
-        if self.name not in ALIASES and self.name != "x0-renoise" and not _is_scheduler_class(self.name):
-            raise ConfigError(f"unknown sampler '{self.name}': use one of {', '.join([*ALIASES, 'x0-renoise'])} "
-                              "or a diffusers scheduler class name such as 'DDIMScheduler'")
-        if self.timesteps and len(self.timesteps) != self.steps:
-            raise ConfigError("sampler.timesteps must have sampler.steps entries")
-
-    def describe(self) -> str:
-        g = f", CFG {self.guidance_scale:g}" if self.guidance_scale > 1 else ""
-        return f"{self.name} {self.steps} steps{g}"
 
 
 def x0_from_output(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
@@ -71,15 +46,6 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) ->
 def default_grid(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """Evenly spaced 'trailing' grid: 4 steps -> [999, 749, 499, 249] (DMD2's)."""
     return [int(num_train_timesteps - 1 - i * (num_train_timesteps // steps)) for i in range(steps)]
-
-
-ALIASES = ("ddim", "dpmsolver++", "euler")
-
-
-def _is_scheduler_class(name: str) -> bool:
-    import diffusers
-
-    return name.endswith("Scheduler") and isinstance(getattr(diffusers, name, None), type)
 
 
 def _scheduler(spec: SamplerSpec, scheduler_config: dict):

@@ -10,34 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from ..config import ranged
 from ..errors import ConfigError, NitroFusionError, describe
 from ..schedulers import config_for
-from ..teachers import SamplerSpec
 from .base import Cond, ModelAdapter
+from .sdxl_config import SDXLConfig
 
 REQUIRED = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-
-
-@dataclass
-class SDXLConfig:
-    teacher_unet: str = ""  # UNet weights (.safetensors, or .bin read weights-only) replacing the folder's UNet
-    teacher_lora: str = ""  # LoRA (file or folder, any format diffusers' SDXL loader reads) fused into the teacher
-    lora_scale: float = ranged(1.0, ge=0)
-    resolution: int = ranged(1024, ge=8, le=8192)  # pixels; latents are resolution / 8
-    sampler: SamplerSpec = field(default_factory=lambda: SamplerSpec(
-        name="x0-renoise", steps=4, guidance_scale=0.0, timesteps=[999, 749, 499, 249]))
-
-    def validate(self) -> None:
-        if self.resolution % 8:
-            raise ConfigError("sdxl.resolution must be a positive multiple of 8")
-        self.sampler.validate()
 
 
 @contextlib.contextmanager

@@ -9,42 +9,12 @@ its state is saved in every checkpoint (generator_state).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-from ..config import ranged
 from ..errors import ConfigError
+from .config import TASKS, PoolConfig  # noqa: F401 - re-exported: the pool's config lives with the others
 from .heads import Head
-
-TASKS = ("global_cond", "local_cond", "local_uncond")
-
-
-@dataclass
-class PoolConfig:
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    t_star: list[int] = ranged(factory=lambda: [10, 250, 500, 750], ge=0, le=999)
-    heads_per_slot: int = ranged(4, ge=1)
-    width: int = ranged(64, ge=1)
-    depth: int = ranged(1, ge=1)
-    dynamic: bool = True  # False: a static discriminator, always head k=0 of every slot (ablation)
-    refresh_fraction: float = ranged(0.01, ge=0, le=1)  # share of ALL heads re-initialised per step; 0 disables
-    seed: int = ranged(0, ge=0, le=2**31 - 1)
-    # Ablation knobs for a single-head baseline (earlier adversarial distillation: one head on the
-    # backbone's deepest map, shared by every noise level): which levels get heads (empty = all; -1 =
-    # the mid block), and whether heads are grouped by t* (SPEC section 3) or shared across t*.
-    levels: list[int] = ranged(factory=list, ge=-64, le=63)
-    group_by_t_star: bool = True
-
-    def validate(self) -> None:
-        bad = [t for t in self.tasks if t not in TASKS]
-        if bad or not self.tasks:
-            raise ConfigError(f"pool.tasks: unknown {bad} (choose from {', '.join(TASKS)})")
-        if not self.t_star:
-            raise ConfigError("pool.t_star: give at least one timestep in [0, 999]")
-        if len(set(self.levels)) != len(self.levels):
-            raise ConfigError("pool.levels: each level at most once")
 
 
 class HeadPool(nn.Module):

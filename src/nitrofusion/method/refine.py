@@ -12,29 +12,11 @@ same adversarial loss against the same real sample. p = 0 is the one-step method
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..adapters.base import Cond, ModelAdapter, cond_index
-from ..config import ranged
 from ..teachers import add_noise, x0_from_output
-
-
-@dataclass
-class MultiStepConfig:
-    p: float = ranged(0.0, ge=0, le=1)  # probability that a sample trains a refinement step instead of the first step
-    # the refinement grid, unshifted, in sampling order: the released 4-step grid after its first point
-    timesteps: list[int] = ranged(factory=lambda: [749, 499, 249], ge=0, le=999)
-    start_images: int = ranged(0, ge=0)  # training images seen before the stage begins (one-step only until then)
-
-    def validate(self) -> None:
-        from ..errors import ConfigError
-
-        if self.p > 0 and not self.timesteps:
-            raise ConfigError("multistep.timesteps is empty: give the refinement grid, e.g. [749, 499, 249]")
-        if any(a <= b for a, b in zip(self.timesteps, self.timesteps[1:], strict=False)):
-            raise ConfigError(f"multistep.timesteps must decrease, in sampling order (got {self.timesteps})")
+from .config import MultiStepConfig  # noqa: F401 - re-exported beside the stage it configures
 
 
 def conditioning_timestep(t: torch.Tensor, shift: int, num_train_timesteps: int = 1000) -> torch.Tensor:

@@ -9,32 +9,15 @@ active heads get gradients. Both losses are backpropagated here; the trainer ste
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 
 from ..adapters.base import Cond, ModelAdapter
-from ..config import ranged
 from ..teachers import add_noise
 from .backbone import UNetBackbone
+from .config import AdversarialConfig, MultiStepConfig
 from .losses import d_loss, g_loss, r1_penalty
 from .pool import HeadPool
-from .refine import MultiStepConfig, backward_simulate, draw_refinement, student_x0
-
-
-@dataclass
-class AdversarialConfig:
-    shift: int = ranged(250, ge=1, le=1000)  # s: the student is conditioned on t_s = floor(999 * s / 1000) (SPEC 2.3)
-    loss: Literal["hinge", "linear", "nonsat"] = "hinge"
-    # sum: one D per sample = all active heads' logits summed over levels and tasks (SPEC section 3);
-    # per_head: the loss is applied to each head's logit and averaged (as in ADD-style discriminators)
-    aggregate: Literal["sum", "per_head"] = "sum"
-    crop_fraction: float = ranged(0.5, gt=0, lt=1)  # local heads judge crops of this side fraction ([ours]: half-size)
-    # R1 on the heads [ours, after LADD / SANA-Sprint]: gamma/2 * E||grad_f D(f)||^2 over the REAL samples'
-    # backbone features f (the heads' inputs), added to L_D; 0 = off (the paper has no penalty)
-    r1_weight: float = ranged(0.0, ge=0)
-
+from .refine import backward_simulate, draw_refinement, student_x0
 
 
 def student_timestep(shift: int, num_train_timesteps: int = 1000) -> int:

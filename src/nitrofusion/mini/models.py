@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from ..config import ranged
+from .config import MiniUNetConfig  # noqa: F401 - re-exported
 from .text import EMBED_DIM
-
-
-@dataclass
-class MiniUNetConfig:
-    resolution: int = ranged(16, ge=8, le=1024)
-    block_out_channels: list[int] = ranged(factory=lambda: [32, 64, 64], ge=1)
-    layers_per_block: int = ranged(2, ge=1)
-    attention_head_dim: int = ranged(8, ge=1)
-    norm_num_groups: int = ranged(16, ge=1)
-
-    def validate(self) -> None:
-        from ..errors import ConfigError
-
-        if len(self.block_out_channels) != 3:
-            raise ConfigError("model.block_out_channels: the mini UNet has exactly 3 blocks (SDXL's layout)")
-        if self.resolution % 4:
-            raise ConfigError("model.resolution must be a multiple of 4 (two downsamplers)")
-        if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ConfigError("model.norm_num_groups must divide every entry of model.block_out_channels")
 
 
 def build_unet(cfg: MiniUNetConfig) -> UNet2DConditionModel:

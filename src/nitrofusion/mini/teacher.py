@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,33 +15,14 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .. import config as config_lib
-from ..config import ranged
-from ..errors import ConfigError, NitroFusionError
+from ..errors import NitroFusionError
 from ..io import atomic_write_text
 from ..teachers import SamplerSpec
 from . import data, text
+from .config import TeacherTrainConfig  # noqa: F401 - re-exported
 from .models import MiniUNetConfig, build_noise_scheduler, build_unet
 
 ASSET_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "mini" / "teacher"
-
-
-@dataclass
-class TeacherTrainConfig:
-    model: MiniUNetConfig = field(default_factory=MiniUNetConfig)
-    sampler: SamplerSpec = field(default_factory=SamplerSpec)
-    batch_size: int = ranged(64, ge=1)
-    lr: float = ranged(3e-4, gt=0, le=1)
-    warmup_iterations: int = ranged(200, ge=0)
-    ema_decay: float = ranged(0.999, ge=0, lt=1)
-    caption_dropout: float = ranged(0.1, ge=0, lt=1)
-    minutes: float = ranged(40.0, ge=0)
-    max_iterations: int = ranged(0, ge=0)  # 0 = limited by minutes only
-    seed: int = ranged(0, ge=0, le=2**31 - 1)
-    threads: int = ranged(0, ge=0, le=1024)  # 0 = torch default
-
-    def validate(self) -> None:
-        if self.minutes <= 0 and self.max_iterations <= 0:
-            raise ConfigError("set minutes > 0 or max_iterations > 0")
 
 
 @dataclass

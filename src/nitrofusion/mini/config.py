@@ -1,0 +1,47 @@
+"""The mini world's config sections (teacher UNet shape, teacher training); torch-free, so configs check fast."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import ranged
+from ..errors import ConfigError
+from ..sampler_spec import SamplerSpec
+
+
+@dataclass
+class MiniUNetConfig:
+    resolution: int = ranged(16, ge=8, le=1024)
+    block_out_channels: list[int] = ranged(factory=lambda: [32, 64, 64], ge=1)
+    layers_per_block: int = ranged(2, ge=1)
+    attention_head_dim: int = ranged(8, ge=1)
+    norm_num_groups: int = ranged(16, ge=1)
+
+    def validate(self) -> None:
+        from ..errors import ConfigError
+
+        if len(self.block_out_channels) != 3:
+            raise ConfigError("model.block_out_channels: the mini UNet has exactly 3 blocks (SDXL's layout)")
+        if self.resolution % 4:
+            raise ConfigError("model.resolution must be a multiple of 4 (two downsamplers)")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ConfigError("model.norm_num_groups must divide every entry of model.block_out_channels")
+
+
+@dataclass
+class TeacherTrainConfig:
+    model: MiniUNetConfig = field(default_factory=MiniUNetConfig)
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    batch_size: int = ranged(64, ge=1)
+    lr: float = ranged(3e-4, gt=0, le=1)
+    warmup_iterations: int = ranged(200, ge=0)
+    ema_decay: float = ranged(0.999, ge=0, lt=1)
+    caption_dropout: float = ranged(0.1, ge=0, lt=1)
+    minutes: float = ranged(40.0, ge=0)
+    max_iterations: int = ranged(0, ge=0)  # 0 = limited by minutes only
+    seed: int = ranged(0, ge=0, le=2**31 - 1)
+    threads: int = ranged(0, ge=0, le=1024)  # 0 = torch default
+
+    def validate(self) -> None:
+        if self.minutes <= 0 and self.max_iterations <= 0:
+            raise ConfigError("set minutes > 0 or max_iterations > 0")
