@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from nitrofusion import checkpoint as ckpt
 from nitrofusion.cli import main
@@ -160,3 +161,22 @@ def test_a_bug_is_one_line_with_a_pointer_to_debug(capsys, monkeypatch):
     assert len(err.splitlines()) == 1 and "RuntimeError: boom" in err and "--debug" in err
     with pytest.raises(RuntimeError):
         main(["--debug", "presets"])
+
+
+@pytest.mark.slow
+def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(mini_adapter, tiny_cfg, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    pairs = verify_and_repair(mini_adapter, ["a photo of a bag"], 16, 0, tmp_path / "pairs", shard_size=8,
+                              batch_size=8, progress=False)
+    distill(tiny_cfg("max_images=48"), mini_adapter, pairs, tmp_path / "straight", progress=False)
+    distill(tiny_cfg("max_images=32"), mini_adapter, pairs, tmp_path / "cut", progress=False)
+    newest = tmp_path / "cut" / "checkpoints" / "step-00000004" / "student.safetensors"
+    newest.write_bytes(newest.read_bytes()[:200])  # a write cut short
+    capsys.readouterr()
+    distill(tiny_cfg("max_images=48"), mini_adapter, pairs, tmp_path / "cut", resume=True, progress=False)
+    assert "resuming from the older step-00000003 instead" in capsys.readouterr().out
+    a, b = (load_file(str(tmp_path / r / "checkpoints" / "step-00000006" / "student.safetensors"))
+            for r in ("straight", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the replayed step 4 is the uninterrupted one
+    assert [d.name for d in ckpt.checkpoint_dirs(tmp_path / "cut")] == ["step-00000005", "step-00000006"]

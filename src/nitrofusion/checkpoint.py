@@ -35,6 +35,27 @@ def latest(run_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
+def load_newest_readable(run_dir: Path, log=print) -> tuple[Path, tuple[dict, dict, dict]] | None:
+    """The newest checkpoint that loads, and its contents; an unreadable newer one (a write cut short by a
+    crash or a full disk) is skipped with a message naming it. None if there is no checkpoint; an error if
+    there are checkpoints and none loads."""
+    dirs = checkpoint_dirs(run_dir)
+    problems = []
+    for path in reversed(dirs):
+        try:
+            loaded = load(path)
+        except NitroFusionError as e:
+            problems.append(str(e))
+            continue
+        for message in problems:
+            log(f"{message.split('; delete it')[0]}; resuming from the older {path.name} instead")
+        return path, loaded
+    if problems:
+        raise NitroFusionError(f"no readable checkpoint in {run_dir / 'checkpoints'} ({problems[0]}); start a new "
+                               "run or restore a checkpoint")
+    return None
+
+
 def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], optim: dict,
          state: dict, keep: int) -> Path:
     root = run_dir / "checkpoints"
@@ -51,6 +72,8 @@ def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], 
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(root)
+    for abandoned in [d for d in checkpoint_dirs(run_dir) if d.name > final.name]:  # e.g. an unreadable one
+        shutil.rmtree(abandoned, ignore_errors=True)  # skipped at resume: a timeline this run has left
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("step-*.tmp-*"):  # left behind by a killed writer

@@ -180,7 +180,9 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
 
     step, images, train_seconds, bad_streak = 0, 0, 0.0, 0
     log_path = run_dir / "log.jsonl"
-    last = ckpt.latest(run_dir) if resume else None
+    found = ckpt.load_newest_readable(run_dir, log=print if acc.is_main_process else lambda _: None) \
+        if resume else None
+    last = found[0] if found else None
     last_saved = -1
     if resume and last is None and acc.is_main_process:
         print(f"no checkpoint in {run_dir / 'checkpoints'}; starting from scratch")
@@ -188,7 +190,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
         if acc.is_main_process:
             log_path.unlink(missing_ok=True)
     else:
-        tensors, optim, state = ckpt.load(last)
+        tensors, optim, state = found[1]
         acc.unwrap_model(student).load_state_dict(tensors["student"])
         pool.set_generator_state(tensors["pool"].pop("__generator__"))
         pool.load_state_dict(tensors["pool"])
