@@ -106,6 +106,7 @@ def _bad_files(tmp: Path) -> None:
     (tmp / "noise.safetensors").write_bytes(bytes(range(256)) * 8)
     (tmp / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 64)
     (tmp / "afile").write_text("I am a file")
+    (tmp / "done" / "checkpoints" / "step-00000001").mkdir(parents=True)
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -121,6 +122,10 @@ def _bad_files(tmp: Path) -> None:
     (["generate", "--model", "M", "--prompt", "a", "--seed", str(2**70), "--out", "G"], "--seed must be in [0,"),
     (["demo", "--out", "afile"], "--out afile is an existing file"),
     (["evaluate", "--model", "teacher", "--out", "afile"], "--out afile is an existing file"),
+    (["evaluate", "--model", "no-such-run", "--out", "E"], "--model no-such-run does not exist"),
+    (["distill", "--out", "done", "--preset", "tiny"], "done already holds a run (checkpoints/); add --resume"),
+    (["distill", "--out", "R", "--preset", "tiny", "--set", "max_images=7"], "less than one optimiser step"),
+    (["distill", "--out", "R", "--preset", "tiny", "--set", "pairs.count=3"], "pairs.count 3 is smaller than"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -140,6 +140,9 @@ def cmd_pairs(args) -> None:
 
 def cmd_distill(args) -> None:
     cfg = _resumed_config(args, _model_args(args))  # checked before torch and diffusers load (seconds)
+    if not args.resume and any((Path(args.out) / "checkpoints").glob("step-*")):
+        raise NitroFusionError(f"{args.out} already holds a run (checkpoints/); add --resume to continue it or "
+                               "choose a new --out")
     from .real_data import training_source
     from .train import distill, ensure_writable, read_student_init
     from .worlds import load_adapter, process_state, prompt_source, training_data
@@ -222,9 +225,12 @@ def cmd_transfer(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    output_folder(args.out)
+    if args.model != "teacher" and not Path(args.model).exists():
+        raise NitroFusionError(f"--model {args.model} does not exist; give a run folder, an exported folder, a UNet "
+                               "file or 'teacher'")
     from .pipeline import model_world
 
-    output_folder(args.out)
     if args.model != "teacher" and model_world(Path(args.model)) == "sdxl":
         return _evaluate_sdxl(args)
     from .evaluate import evaluate_mini

@@ -97,6 +97,12 @@ class DistillConfig:
     def validate(self) -> None:
         if self.max_images <= 0 and self.max_minutes <= 0:
             raise ConfigError("set a budget: max_images > 0 or max_minutes > 0")
+        if self.max_images and self.max_images < self.micro_batch * self.grad_accum:
+            raise ConfigError(f"max_images {self.max_images} is less than one optimiser step "
+                              f"(micro_batch x grad_accum = {self.micro_batch * self.grad_accum} images)")
+        if self.real.source != "data" and not self.pairs.online and self.pairs.count < self.micro_batch:
+            raise ConfigError(f"pairs.count {self.pairs.count} is smaller than micro_batch {self.micro_batch}; "
+                              "generate more pairs or lower micro_batch")
         if self.world == "mini" and (self.prompts.source or self.sdxl.teacher_unet or self.sdxl.teacher_lora):
             raise ConfigError("prompts.* and sdxl.* apply to world 'sdxl'; the mini world's prompts are its 10 classes")
         self.real.check_world(self.world)

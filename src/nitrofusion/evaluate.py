@@ -30,6 +30,10 @@ def evaluate_mini(model: str, steps: list[int], out: Path, samples: int = 2000, 
         raise NitroFusionError(f"--steps takes values from 1 to 4 (got {steps})")
     if samples < 10:
         raise NitroFusionError("--samples must be at least 10")
+    if model != "teacher":
+        from .generate import student_folder
+
+        student_folder(Path(model))  # a wrong path fails now, not after the held-out pairs are made
     started = time.time()
     adapter = MiniAdapter(load_teacher(teacher))
     pairs = held_out_pairs(adapter, samples, PairsConfig(seed=seed), progress)
