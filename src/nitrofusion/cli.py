@@ -193,9 +193,15 @@ def cmd_generate(args) -> None:
                      if getattr(args, k) is not None]
         if sdxl_only:
             raise NitroFusionError(f"{', '.join(sdxl_only)} apply to SDXL models; {args.model} is a mini-world model")
+        from .generate import unknown_prompts
+
+        unknown = unknown_prompts(prompts)
+        if unknown:
+            print(f"nitrofusion: warning: {len(unknown)} prompt(s) outside the mini world's 10 class prompts (e.g. "
+                  f"{unknown[0]!r}); its models were trained on 'a photo of a CLASS' only", file=sys.stderr)
         paths = generate_to_folder(Path(args.model), prompts, args.steps, args.seed, Path(args.out),
                                    num_per_prompt=args.num_per_prompt)
-    print(f"wrote {len(paths)} images and a grid to {args.out}")
+    print(f"wrote {len(paths)} image{'s' if len(paths) != 1 else ''} and a grid to {args.out}")
 
 
 def cmd_export(args) -> None:

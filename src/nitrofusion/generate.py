@@ -15,7 +15,6 @@ from .mini.models import MiniUNetConfig
 from .mini.teacher import MiniTeacher
 from .sampling import generate
 from .teachers import SamplerSpec
-from .viz import save_grid
 
 
 def student_folder(path: Path) -> Path:
@@ -45,23 +44,29 @@ def load_mini_student(path: Path) -> tuple[MiniAdapter, UNet2DConditionModel, in
 @torch.no_grad()
 def generate_images(model_path: Path, prompts: list[str], steps: int, seed: int,
                     num_per_prompt: int = 1) -> torch.Tensor:
+    """Image i (prompts repeated num_per_prompt times) takes its x_T and its re-noising noise from a generator
+    seeded seed + i, as on the SDXL path: one image does not depend on the others in its batch."""
     adapter, unet, shift = load_mini_student(model_path)
     prompts = [p for p in prompts for _ in range(num_per_prompt)]
-    gen = torch.Generator().manual_seed(seed)
-    x_T = torch.randn((len(prompts), *adapter.latent_shape()), generator=gen)
-    x0 = generate(adapter, unet, x_T, adapter.encode_prompts(prompts), steps, shift, generator=gen)
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    x_T = torch.cat([torch.randn((1, *adapter.latent_shape()), generator=g) for g in gens])
+    x0 = generate(adapter, unet, x_T, adapter.encode_prompts(prompts), steps, shift, generator=gens)
     return adapter.decode(x0)
+
+
+def unknown_prompts(prompts: list[str]) -> list[str]:
+    """Prompts a mini-world model never saw: it was trained on the 10 class prompts only."""
+    from .mini.data import class_prompts
+
+    known = set(class_prompts())
+    return [p for p in dict.fromkeys(prompts) if p not in known]
 
 
 def generate_to_folder(model_path: Path, prompts: list[str], steps: int, seed: int, out: Path,
                        num_per_prompt: int = 1) -> list[Path]:
+    from .viz import save_images
+
     images = generate_images(model_path, prompts, steps, seed, num_per_prompt)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, img in enumerate(images):
-        arr = img.mul(255).round().byte().squeeze(0).numpy()
-        path = out / f"{i:04d}.png"
-        Image.fromarray(arr).save(path)
-        paths.append(path)
-    save_grid(out / "grid.png", [images], [f"{steps} step(s)"], scale=4)
-    return paths
+    arrays = images.mul(255).round().byte().squeeze(1).numpy()
+    repeated = [p for p in prompts for _ in range(num_per_prompt)]
+    return save_images([Image.fromarray(a) for a in arrays], repeated, out, steps, seed, num_per_prompt)

@@ -348,31 +348,6 @@ def generate_images(pipe, prompts: list[str], steps: int, seed: int = 0, height:
     return images
 
 
-def save_images(images: list, prompts: list[str], out: Path, steps: int, seed: int, num_per_prompt: int) -> list[Path]:
-    """NNNN.png (prompt, seed and steps in the PNG text) and grid.png: one row per prompt. Each file is written
-    to a temporary name and renamed, so a reader never sees half a PNG."""
-    from PIL.PngImagePlugin import PngInfo
-
-    from .io import atomic_write
-    from .viz import image_grid, pil_to_tensor
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, (img, prompt) in enumerate(zip(images, prompts, strict=True)):
-        info = PngInfo()
-        for k, v in (("prompt", prompt), ("seed", str(seed + i)), ("steps", str(steps))):
-            info.add_text(k, v)
-        path = out / f"{i:04d}.png"
-        atomic_write(path, lambda tmp, img=img, info=info: img.save(tmp, format="PNG", pnginfo=info))
-        paths.append(path)
-    tiles = pil_to_tensor(images)
-    tiles = tiles.view(-1, num_per_prompt, *tiles.shape[1:])
-    labels = [p if len(p) <= 16 else p[:15] + "…" for p in prompts[::num_per_prompt]]
-    scale = max(1, 128 // images[0].height)
-    atomic_write(out / "grid.png", lambda tmp: image_grid(list(tiles), labels, scale).save(tmp, format="PNG"))
-    return paths
-
-
 def generate_to_folder(model: str | Path, prompts: list[str], steps: int, seed: int, out: str | Path,
                        base: str | Path | None = None, shift: int | None = None, height: int | None = None,
                        width: int | None = None, batch_size: int = 4, num_per_prompt: int = 1,
@@ -390,4 +365,6 @@ def generate_to_folder(model: str | Path, prompts: list[str], steps: int, seed: 
     pipe = load_pipeline(model, base=base, shift=shift, device=device, dtype=dtype)
     prompts = [p for p in prompts for _ in range(num_per_prompt)]
     images = generate_images(pipe, prompts, steps, seed, height, width, batch_size)
+    from .viz import save_images
+
     return save_images(images, prompts, Path(out), steps, seed, num_per_prompt)

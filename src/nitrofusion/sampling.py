@@ -20,9 +20,10 @@ def shifted_scheduler(scheduler_config: dict, shift: int) -> TimestepShiftLCMSch
 
 @torch.no_grad()
 def generate(adapter: ModelAdapter, unet: torch.nn.Module, x_T: torch.Tensor, cond: Cond, steps: int,
-             shift: int, generator: torch.Generator | None = None,
+             shift: int, generator: torch.Generator | list[torch.Generator] | None = None,
              renoise: Literal["unshifted", "shifted"] = "unshifted") -> torch.Tensor:
-    """x0 after `steps` (1-4) shifted-LCM steps from x_T; `generator` draws the re-noising noise.
+    """x0 after `steps` (1-4) shifted-LCM steps from x_T; `generator` draws the re-noising noise (one per image
+    when a list, as diffusers' schedulers take it).
     renoise="shifted" is a diagnostic, not the released rule: x0 is re-noised to the next SHIFTED timestep,
     so every refinement input carries exactly the noise its conditioning timestep says."""
     if not 1 <= steps <= 4:

@@ -58,3 +58,27 @@ def plot_curves(path: str | Path, series: dict[str, tuple[list[float], list[floa
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def save_images(images: list, prompts: list[str], out: Path, steps: int, seed: int, num_per_prompt: int) -> list[Path]:
+    """NNNN.png (prompt, seed and steps in the PNG text) and grid.png: one row per prompt. Each file is written
+    to a temporary name and renamed, so a reader never sees half a PNG."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from .io import atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (img, prompt) in enumerate(zip(images, prompts, strict=True)):
+        info = PngInfo()
+        for k, v in (("prompt", prompt), ("seed", str(seed + i)), ("steps", str(steps))):
+            info.add_text(k, v)
+        path = out / f"{i:04d}.png"
+        atomic_write(path, lambda tmp, img=img, info=info: img.save(tmp, format="PNG", pnginfo=info))
+        paths.append(path)
+    tiles = pil_to_tensor(images)
+    tiles = tiles.view(-1, num_per_prompt, *tiles.shape[1:])
+    labels = [p if len(p) <= 16 else p[:15] + "…" for p in prompts[::num_per_prompt]]
+    scale = max(1, 128 // images[0].height)
+    atomic_write(out / "grid.png", lambda tmp: image_grid(list(tiles), labels, scale).save(tmp, format="PNG"))
+    return paths
