@@ -30,6 +30,15 @@ def test_app_generates_deterministically_and_binds_to_localhost(mini_run):
         assert demo.server_name == "127.0.0.1" and not demo.share
         with urllib.request.urlopen(demo.local_url, timeout=30) as page:
             assert page.status == 200
+        from gradio_client import Client
+
+        client = Client(demo.local_url, verbose=False)
+        api = client.view_api(print_info=False, return_format="dict")
+        assert list(api["named_endpoints"]) == ["/generate"]
+        for args, message in ((("a photo of a bag", 7, 0), "greater than maximum value 4"),
+                              (("a photo of a bag", 1, 2**70), "seed must be in"), (("  ", 1, 0), "type a prompt")):
+            with pytest.raises(Exception, match=message):  # a message on the page, not a server traceback
+                client.predict(*args, api_name="/generate")
     finally:
         demo.close()
 

@@ -78,16 +78,18 @@ def build_app(generate_fn: Generate, examples: list[str], title: str = "nitrofus
             with gr.Column():
                 image = gr.Image(label="image", type="pil")
                 info = gr.Markdown()
-        button.click(on_click, [prompt, steps, seed], [image, info])
-        prompt.submit(on_click, [prompt, steps, seed], [image, info])
+        # one named endpoint (/generate) for the button, the Enter key and API clients
+        button.click(on_click, [prompt, steps, seed], [image, info], api_name="generate")
+        prompt.submit(on_click, [prompt, steps, seed], [image, info], api_name=False)
     return demo
 
 
 def launch(demo, host: str = "127.0.0.1", port: int | None = None, block: bool = True):
     # share=False always: a public tunnel is never opened implicitly
     try:
+        # quiet: no share-link hint (we never share) and no second URL line (the CLI prints where it serves)
         return demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block,
-                           quiet=not block)
+                           quiet=True)
     except OSError as e:  # gradio: "Cannot find empty port ..." when the port is taken
         raise NitroFusionError(f"cannot serve on {host}:{port or 7860} ({describe(e)}); choose another "
                                "--port") from None
