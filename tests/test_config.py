@@ -97,3 +97,15 @@ def test_presets_command_describes_every_preset(capsys):
         for name in config.available_presets(kind):
             assert config.preset_description(kind, name), f"{kind}-{name}.yaml has no leading comment"
             assert f"  {name:16} {config.preset_description(kind, name)}" in out
+
+
+def test_every_command_and_option_explains_itself():
+    import argparse
+
+    from nitrofusion.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        assert parser.description, f"`nitrofusion {name} --help` has no description"
+        for action in parser._actions:
+            assert action.help, f"nitrofusion {name} {action.option_strings} has no help line"

@@ -12,13 +12,19 @@ from .errors import NitroFusionError, describe
 DEMO_HELP = "distil the shipped mini-world teacher into a 1-step student and write a report (~10 min on 2 cores)"
 
 
-def _add_config_args(p: argparse.ArgumentParser, default_preset: str) -> None:
-    p.add_argument("--preset", help=f"named preset (default: {default_preset}; with --resume: the run's own "
-                   "config); see `nitrofusion presets`")
+def command(sub, name: str, text: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help starts with the same sentence the command list shows."""
+    return sub.add_parser(name, help=text, description=text)
+
+
+def _add_config_args(p: argparse.ArgumentParser, default_preset: str, example: str = "pool.heads_per_slot=2",
+                     resumable: bool = False) -> None:
+    resume = "; with --resume: the run's own config" if resumable else ""
+    p.add_argument("--preset", help=f"named preset (default: {default_preset}{resume}); see `nitrofusion presets`")
     p.set_defaults(default_preset=default_preset)
     p.add_argument("--config", help="YAML file merged over the preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config value, e.g. --set pool.heads_per_slot=2 (repeatable)")
+                   help=f"override any config value, e.g. --set {example} (repeatable)")
 
 
 def _distill_config(args, extra: list[str] | None = None):
@@ -313,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks (also NITROFUSION_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help=DEMO_HELP, description=DEMO_HELP)
+    p = command(sub, "demo", DEMO_HELP)
     _add_config_args(p, "mini")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--images", type=int, help="distillation budget in training images (default: the preset's)")
@@ -322,9 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("distill", help="run NitroFusion distillation (mini world or SDXL; `accelerate launch "
+    p = command(sub, "distill", "run NitroFusion distillation (mini world or SDXL; `accelerate launch "
                        "-m nitrofusion distill` for many processes)")
-    _add_config_args(p, "mini")
+    _add_config_args(p, "mini", resumable=True)
     p.add_argument("--teacher", help="teacher folder: a diffusers SDXL pipeline (sdxl presets) or a mini teacher")
     p.add_argument("--prompts", help="prompt source for sdxl: .txt, .csv/.jsonl (prompts.column), a datasets "
                    "folder, or hf:NAME")
@@ -332,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("pairs", help="pre-generate and cache the teacher pairs a distillation preset reads "
+    p = command(sub, "pairs", "pre-generate and cache the teacher pairs a distillation preset reads "
                        "(`accelerate launch -m nitrofusion pairs` shards it over processes)")
     _add_config_args(p, "mini")
     p.add_argument("--teacher", help="teacher folder (as for distill)")
@@ -341,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "cache that distill reads by itself)")
     p.set_defaults(func=cmd_pairs)
 
-    p = sub.add_parser("generate", help="generate images in 1-4 steps from a run, an exported folder or a "
+    p = command(sub, "generate", "generate images in 1-4 steps from a run, an exported folder or a "
                        "released NitroSD UNet file")
     p.add_argument("--model", required=True, help="run folder (from distill/demo) or its student/ folder, an "
                    "exported diffusers folder, or a UNet .safetensors (with --base)")
@@ -362,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for PNG files and grid.png")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="export an SDXL student as a diffusers folder, an original-layout single "
+    p = command(sub, "export", "export an SDXL student as a diffusers folder, an original-layout single "
                        "file (A1111/ComfyUI) or a LoRA of student - base")
     p.add_argument("model", help="SDXL run folder (or student folder / exported folder / UNet file with --base)")
     p.add_argument("--format", required=True, help="diffusers, single-file or lora")
@@ -375,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="LoRA: where the SVDs run (cpu or cuda)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("transfer", help="theta_custom + (theta_student - theta_base): a student's speed-up moved "
+    p = command(sub, "transfer", "theta_custom + (theta_student - theta_base): a student's speed-up moved "
                        "onto a fine-tuned SDXL (SPEC section 6)")
     for role, what in (("student", "the NitroFusion student"), ("base", "the SDXL it was distilled from"),
                        ("custom", "the fine-tuned SDXL to receive the delta")):
@@ -386,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="output dtype: fp32 (default), fp16 or bf16")
     p.set_defaults(func=cmd_transfer)
 
-    p = sub.add_parser("evaluate", help="fixed-seed metrics and grids of a student (or 'teacher') at 1-4 steps")
+    p = command(sub, "evaluate", "fixed-seed metrics and grids of a student (or 'teacher') at 1-4 steps")
     p.add_argument("--model", required=True, help="run folder, student folder, or 'teacher' for the teacher")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="step counts, 1-4 (default 1 2 4)")
     p.add_argument("--samples", type=int, help="held-out prompts/x_T (mini default 2000); prompts or COCO "
@@ -412,20 +418,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", help="fp16, bf16 or fp32")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("teacher", help="train the mini-world teacher (the shipped one came from preset 'mini')")
-    _add_config_args(p, "mini")
+    p = command(sub, "teacher", "train the mini-world teacher (the shipped one came from preset 'mini')")
+    _add_config_args(p, "mini", example="max_iterations=2000")
     p.add_argument("--out", help="folder for the trained teacher")
     p.add_argument("--replace-shipped", action="store_true", help="overwrite the package's shipped teacher instead")
     p.set_defaults(func=cmd_teacher)
 
-    p = sub.add_parser("classifier", help="train the mini-world metric classifier and real-data statistics")
+    p = command(sub, "classifier", "train the mini-world metric classifier and real-data statistics")
     p.add_argument("--out", help="folder for the classifier and the real-data statistics")
     p.add_argument("--replace-shipped", action="store_true",
                    help="overwrite the package's shipped classifier and statistics instead")
     p.add_argument("--epochs", type=int, default=6, help="passes over the Fashion-MNIST train split (default 6)")
     p.set_defaults(func=cmd_classifier)
 
-    p = sub.add_parser("bench", help="time one SDXL-size training iteration and 1-step generation (random "
+    p = command(sub, "bench", "time one SDXL-size training iteration and 1-step generation (random "
                        "weights): s, images/s, peak memory, TFLOP/s")
     p.add_argument("--size", choices=["full", "tiny"], default="full", help="full: SDXL architecture (GPU); "
                    "tiny: seconds on a CPU, for tests")
@@ -437,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the results as JSON here")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("ablate", help="the paper's ablation on the mini world: variants x seeds at equal "
+    p = command(sub, "ablate", "the paper's ablation on the mini world: variants x seeds at equal "
                        "training images, 1-step metrics, table and bar plot (finished runs are skipped)")
     p.add_argument("--out", required=True, help="folder for runs/, ablation.json, ablation.md, ablation.png")
     p.add_argument("--seeds", type=int, default=3, help="runs per variant, seeds 0..N-1 (default 3)")
@@ -452,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the mini preset for every variant (e.g. micro_batch=16)")
     p.set_defaults(func=cmd_ablate)
 
-    p = sub.add_parser("app", help="live demo in the browser: prompt in, image out in 1-4 steps (gradio)")
+    p = command(sub, "app", "live demo in the browser: prompt in, image out in 1-4 steps (gradio)")
     p.add_argument("--model", required=True, help="run folder, exported folder, or UNet file (with --base)")
     p.add_argument("--base", help="SDXL base folder (for a UNet file)")
     p.add_argument("--shift", type=int, help="timestep shift for a UNet file without one")
@@ -463,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="fp16, bf16 or fp32")
     p.set_defaults(func=cmd_app)
 
-    p = sub.add_parser("presets", help="list the named presets")
+    p = command(sub, "presets", "list the named presets")
     p.set_defaults(func=cmd_presets)
     return parser
 
