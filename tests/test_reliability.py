@@ -185,3 +185,18 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(mini_adapter
             for r in ("straight", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # the replayed step 4 is the uninterrupted one
     assert [d.name for d in ckpt.checkpoint_dirs(tmp_path / "cut")] == ["step-00000005", "step-00000006"]
+
+
+@pytest.mark.slow
+def test_resume_with_another_number_of_processes_is_refused(mini_adapter, tiny_cfg, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    pairs = verify_and_repair(mini_adapter, ["a photo of a bag"], 16, 0, tmp_path / "pairs", shard_size=8,
+                              batch_size=8, progress=False)
+    distill(tiny_cfg(), mini_adapter, pairs, tmp_path / "run", progress=False)
+    rng_file = ckpt.latest(tmp_path / "run") / "rng.safetensors"
+    rng = load_file(str(rng_file))
+    rng.update({"trainer.1": rng["trainer.0"].clone(), "torch.1": rng["torch.0"].clone()})  # as if 2 processes wrote it
+    save_file(rng, str(rng_file))
+    with pytest.raises(NitroFusionError, match=r"written by 2 process\(es\), this run has 1; resume with the same"):
+        distill(tiny_cfg("max_images=32"), mini_adapter, pairs, tmp_path / "run", resume=True, progress=False)

@@ -191,6 +191,11 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
             log_path.unlink(missing_ok=True)
     else:
         tensors, optim, state = found[1]
+        saved_processes = sum(k.startswith("trainer.") for k in tensors["rng"])
+        if saved_processes != acc.num_processes:  # data order, RNG streams and ZeRO shards are per process
+            raise NitroFusionError(f"{last} was written by {saved_processes} process(es), this run has "
+                                   f"{acc.num_processes}; resume with the same number (accelerate launch "
+                                   f"--num_processes {saved_processes}) or start a new --out")
         acc.unwrap_model(student).load_state_dict(tensors["student"])
         pool.set_generator_state(tensors["pool"].pop("__generator__"))
         pool.load_state_dict(tensors["pool"])
@@ -198,12 +203,8 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
             ema.shadow = {k: v.float() for k, v in tensors["ema"].items()}
         opt_g.load_state_dict(optim["g"])
         opt_d.load_state_dict(optim["d"])
-        rank_rng = f"{acc.process_index}"
-        if f"trainer.{rank_rng}" in tensors["rng"]:  # each rank continues its own streams
-            gen.set_state(tensors["rng"][f"trainer.{rank_rng}"])
-            torch.set_rng_state(tensors["rng"][f"torch.{rank_rng}"])
-        else:  # saved by a run with fewer processes: fresh, still deterministic streams for this rank
-            gen.manual_seed(cfg.seed * 1000 + acc.process_index + 7919 * state["step"])
+        gen.set_state(tensors["rng"][f"trainer.{acc.process_index}"])  # each rank continues its own streams
+        torch.set_rng_state(tensors["rng"][f"torch.{acc.process_index}"])
         loader.load_state(state["loader"])
         step, images, train_seconds = state["step"], state["images"], state["train_seconds"]
         last_saved = step
