@@ -221,7 +221,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
             getattr(opt_g, "optimizer", opt_g).consolidate_state_dict(to=0)
         nonlocal last_saved
         last_saved = step
-        # every rank's RNG streams (t*, crops, noise), gathered: resume is exact for any number of processes
+        # every rank's RNG streams (t*, crops, noise), gathered: a resume with the same number of processes is exact
         rng = torch.stack([gen.get_state(), torch.get_rng_state()]).to(device)
         rng = acc.gather(rng).cpu() if acc.num_processes > 1 else rng.cpu()
         if not acc.is_main_process:
