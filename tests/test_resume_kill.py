@@ -56,3 +56,36 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_teacher, tmp_path)
     assert n1 == n2 == "step-00000012"
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     assert all(torch.equal(p1[k], p2[k]) for k in p1)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tiny_teacher, tmp_path_factory):
+    """A saved tiny teacher and an uninterrupted run of 4 optimiser steps to compare against."""
+    from nitrofusion.mini.teacher import TeacherTrainConfig, save_teacher
+
+    root = tmp_path_factory.mktemp("kill-points")
+    save_teacher(tiny_teacher.unet, TeacherTrainConfig(model=tiny_teacher.model, sampler=tiny_teacher.sampler),
+                 root / "teacher", {"note": "random tiny teacher for tests"})
+    common = ["--preset", "tiny", "--teacher", str(root / "teacher"), "--set", "max_images=32", "--set",
+              "threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = _run([*common, "--out", str(root / "straight")], env)
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    return root, common, env
+
+
+@pytest.mark.parametrize("point", ["pairs-shard:2", "checkpoint-write:3", "checkpoint-rename:3", "student-save:1"])
+def test_kill_9_at_each_write_then_resume_matches(tiny_setup, tmp_path, point):
+    """Killed while a pair shard, a checkpoint (mid-write; after the rename, before pruning) or student/ is being
+    written: --resume ends with the uninterrupted run's weights and a complete student folder."""
+    root, common, env = tiny_setup
+    victim_env = {**env, "NITROFUSION_KILL_AT": point, "NITROFUSION_CACHE": str(tmp_path / "cache")}
+    proc = _run([*common, "--out", str(tmp_path / "run")], victim_env)
+    assert proc.wait(timeout=300) == -signal.SIGKILL, proc.stderr.read()
+    resumed = _run([*common, "--out", str(tmp_path / "run"), "--resume"], {**env, "NITROFUSION_CACHE":
+                                                                          str(tmp_path / "cache")})
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    (n1, s1, p1), (n2, s2, p2) = _final(root / "straight"), _final(tmp_path / "run")
+    assert n1 == n2 == "step-00000004"
+    assert all(torch.equal(s1[k], s2[k]) for k in s1) and all(torch.equal(p1[k], p2[k]) for k in p1)
+    assert (tmp_path / "run" / "student" / "scheduler" / "scheduler_config.json").is_file()

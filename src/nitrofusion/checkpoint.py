@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import faults
 from .errors import NitroFusionError, describe
 
 
@@ -72,6 +73,7 @@ def save(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], 
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(root)
+    faults.point("checkpoint-rename")  # renamed into place, older ones not yet pruned
     for abandoned in [d for d in checkpoint_dirs(run_dir) if d.name > final.name]:  # e.g. an unreadable one
         shutil.rmtree(abandoned, ignore_errors=True)  # skipped at resume: a timeline this run has left
     for old in checkpoint_dirs(run_dir)[:-keep]:
@@ -85,6 +87,7 @@ def _write(tmp: Path, tensors: dict[str, dict[str, torch.Tensor]], optim: dict, 
     tmp.mkdir()
     for name, sd in tensors.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
+    faults.point("checkpoint-write")  # tensors written, optimiser state and position not yet
     torch.save(optim, tmp / "optim.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     for f in tmp.iterdir():

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from . import faults
 from .adapters.base import ModelAdapter
 from .errors import NitroFusionError
 from .io import atomic_save_safetensors, atomic_write_json, cache_dir, disk_errors
@@ -148,6 +149,7 @@ def generate_pairs(adapter: ModelAdapter, prompts: Prompts, count: int, seed: in
             x0.append(adapter.teacher_sample(x_T[i:i + batch_size].to(device).float(), cond,
                                              generator=noise_gen).to(dtype).cpu())
             bar.update(min(batch_size, n - i))
+        faults.point("pairs-shard")  # a shard sampled, not yet written
         with disk_errors("teacher pairs", out, fix="then rerun the same command (finished shards are kept)"):
             atomic_save_safetensors({"x_T": x_T, "x0": torch.cat(x0)}, path, metadata={"prompts": json.dumps(texts)})
     bar.close()

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import config as config_lib
+from . import faults
 from .adapters.base import ModelAdapter, cond_to
 from .distill_config import DistillConfig
 from .errors import NitroFusionError, describe
@@ -131,6 +132,7 @@ def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter,
     """run_dir/student: a diffusers UNet folder plus the shifted LCM scheduler it must be sampled with."""
     out = run_dir / "student"
     student.save_pretrained(out / "unet", safe_serialization=True)
+    faults.point("student-save")  # the UNet written, its scheduler not yet
     shifted_scheduler(adapter.scheduler_config, shift).save_pretrained(out / "scheduler")
     return out
 
