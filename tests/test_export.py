@@ -306,3 +306,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run, tiny_sdxl, tmp_pat
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
     assert set(tmp_path.iterdir()) == before  # no output, no temporary sibling left behind
+
+
+@pytest.mark.slow
+def test_sdxl_generate_prints_only_its_result(run, tmp_path):
+    """A fresh process (warnings are printed once per process): no library chatter before the result line."""
+    import os
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "nitrofusion", "generate", "--model", str(run), "--prompt", PROMPTS[0],
+            "--out", str(tmp_path / "out")]
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    noise = [ln for ln in done.stderr.splitlines() if "torchvision" in ln or "kernels" in ln]
+    assert not noise and done.stdout.strip().splitlines() == [f"wrote 1 image and a grid to {tmp_path / 'out'}"]

@@ -479,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # diffusers imports bitsandbytes when it is installed, which warns about 4-bit CPU kernels we never use
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # transformers warns once per image-processor class that torchvision is missing and it uses the PIL one;
+    # SDXL pipelines name such classes but we never run them: two stray lines before every result
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("NITROFUSION_DEBUG", "") not in ("", "0")
     try:
