@@ -224,3 +224,17 @@ def test_unused_downloaded_weights_are_never_unpickled(tmp_path):
     with pytest.raises(NitroFusionError, match="cannot read UNet weights"):
         read_unet_weights(tmp_path / "evil.bin")
     assert load_file  # safetensors is the preferred format
+
+
+def test_a_truncated_unet_download_is_one_line(tiny_sdxl, tmp_path):
+    import shutil
+
+    from nitrofusion.adapters.sdxl import SDXLAdapter, SDXLConfig
+    from nitrofusion.errors import NitroFusionError
+
+    broken = tmp_path / "pipe"
+    shutil.copytree(tiny_sdxl, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    with pytest.raises(NitroFusionError, match=r"cannot load .*unet as UNet2DConditionModel .*fetch that folder"):
+        SDXLAdapter(broken, SDXLConfig(resolution=64))

@@ -87,6 +87,18 @@ def load_unet_weights(unet: UNet2DConditionModel, path: Path) -> None:
     unet.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
+def _component(cls, folder: Path):
+    """cls.from_pretrained(folder), with a truncated or corrupt weights file (an interrupted download) as one
+    line naming the folder."""
+    try:
+        return cls.from_pretrained(folder)
+    except NitroFusionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - loaders raise OSError, SafetensorError, ValueError... for a bad file
+        raise NitroFusionError(f"cannot load {folder} as {cls.__name__} ({describe(e)}); the download may be "
+                               "incomplete: fetch that folder again") from None
+
+
 class SDXLAdapter(ModelAdapter):
     def __init__(self, folder: str | Path, cfg: SDXLConfig | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None) -> None:
@@ -94,18 +106,17 @@ class SDXLAdapter(ModelAdapter):
 
         folder = Path(folder)
         check_pipeline_folder(folder)
-        tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-                      CLIPTokenizer.from_pretrained(folder / "tokenizer_2")]
+        tokenizers = [_component(CLIPTokenizer, folder / name) for name in ("tokenizer", "tokenizer_2")]
         with _quiet_transformers():
-            encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder"),
-                        CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")]
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+            encoders = [_component(CLIPTextModel, folder / "text_encoder"),
+                        _component(CLIPTextModelWithProjection, folder / "text_encoder_2")]
+        unet = _component(UNet2DConditionModel, folder / "unet")
         if unet.config.addition_embed_type != "text_time":
             raise NitroFusionError(f"{folder / 'unet'} is not an SDXL UNet (addition_embed_type is "
                                    f"{unet.config.addition_embed_type!r}, SDXL's is 'text_time')")
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         self.folder = folder
-        self._setup(tokenizers, encoders, unet, AutoencoderKL.from_pretrained(folder / "vae"), scheduler_config,
+        self._setup(tokenizers, encoders, unet, _component(AutoencoderKL, folder / "vae"), scheduler_config,
                     cfg or SDXLConfig(), device, dtype)
 
     @classmethod
