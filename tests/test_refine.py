@@ -128,3 +128,26 @@ def test_shifted_renoising_diagnostic_is_consistent_in_noise_level(mini_adapter)
         x = add_noise(x0, torch.randn(x_T.shape, generator=g), ab[[249] * 4])
         ref = x0_from_output(mini_adapter.unet_call(unet, x, torch.full((4,), 249), cond), x, ab[[249] * 4], "epsilon")
     torch.testing.assert_close(ours, ref)
+
+
+def test_extra_mode_adds_refinement_rows_to_every_one_step_row(mini_adapter):
+    """mode=extra: the micro-batch keeps all its one-step rows and appends, for the refining pairs, a refinement
+    step from the same x_T judged against the same real sample."""
+    import copy
+
+    from nitrofusion.method.config import MultiStepConfig
+
+    student = copy.deepcopy(mini_adapter.teacher_unet).requires_grad_(True)
+    backbone = UNetBackbone(mini_adapter.teacher_unet)
+    pool = HeadPool(PoolConfig(width=8, heads_per_slot=1), backbone.channels)
+    step = AdversarialStep(mini_adapter, student, backbone, pool, AdversarialConfig(shift=500),
+                           MultiStepConfig(p=0.5, mode="extra"))
+    seen = []
+    backbone_forward = backbone.forward
+    backbone.forward = lambda x, *a, **k: seen.append(x.shape[0]) or backbone_forward(x, *a, **k)
+    x_T, cond = _inputs(mini_adapter, 8)
+    logs = step(x_T, torch.zeros_like(x_T), cond, pool.sample_active(), torch.Generator().manual_seed(0),
+                refine_p=0.5)
+    extra = seen[0] - 8
+    assert 0 < extra <= 8 and all(n == 8 + extra for n in seen)  # every view has the enlarged batch
+    assert logs["refine_share"] == pytest.approx(extra / (8 + extra))

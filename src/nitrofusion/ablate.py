@@ -46,6 +46,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "one-step": ("mini", ("multistep.p=0",), "one-step training only (the paper's objective)"),
     "multistep": ("mini", ("multistep.p=0.5",), "multi-step stage: half the samples train a refinement step"),
     "multistep-p0.25": ("mini", ("multistep.p=0.25",), "multi-step stage: a quarter of the samples refine"),
+    "multistep-extra": ("mini", ("multistep.p=0.5", "multistep.mode=extra"),
+                        "multi-step stage: every sample one-step, half of them also a refinement step"),
     # (one-step training, so each differs from `one-step` in the real side alone)
     "real-data": ("mini", ("multistep.p=0", "real.source=data"),
                   "real images (Fashion-MNIST train) as the heads' real side"),

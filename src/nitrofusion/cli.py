@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=1000, help="held-out prompts/x_T per score")
     p.add_argument("--variants", nargs="+", help="the paper's (default): full global-only no-refresh static "
                    "single-head; studies: hps1 hps2 hps8 refresh0.5 refresh2 one-step multistep multistep-p0.25 "
-                   "real-data real-mix real-data-r1 real-mix-r1")
+                   "multistep-extra real-data real-mix real-data-r1 real-mix-r1")
     p.add_argument("--steps", nargs="+", type=int, default=[1], help="score each run at these step counts (1-4); "
                    "finished runs are re-scored for step counts they lack")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -57,6 +57,10 @@ class MultiStepConfig:
     # the refinement grid, unshifted, in sampling order: the released 4-step grid after its first point
     timesteps: list[int] = ranged(factory=lambda: [749, 499, 249], ge=0, le=999)
     start_images: int = ranged(0, ge=0)  # training images seen before the stage begins (one-step only until then)
+    # replace: a refining sample trains its refinement step INSTEAD of its one-step mapping; extra: every sample
+    # trains the one-step mapping and the refining ones ALSO a refinement step, from the same pair (equal images
+    # seen, about 1 + p times the student compute) [ours]
+    mode: Literal["replace", "extra"] = "replace"
 
     def validate(self) -> None:
         from ..errors import ConfigError

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.base import Cond, ModelAdapter
+from ..adapters.base import Cond, ModelAdapter, cond_cat, cond_index
 from ..teachers import add_noise
 from .backbone import UNetBackbone
 from .config import AdversarialConfig, MultiStepConfig
@@ -119,7 +119,17 @@ class AdversarialStep:
         """Forward both players on one micro-batch and backpropagate `loss_scale` x each loss.
         `refine_p`: probability that a sample trains a refinement step (method/refine.py).
         Sets `self.nonfinite` to the (task, t*) pairs whose logits were not finite."""
-        x0_fake, t_in = self.fake_x0(x_T, cond, refine_p, gen)
+        if refine_p > 0 and self.multistep.mode == "extra":  # the refining pairs again, as extra rows
+            rows = (torch.rand(x_T.shape[0], generator=gen) < refine_p).nonzero(as_tuple=True)[0].to(x_T.device)
+            x0_fake = student_one_step(self.adapter, self.student, x_T, cond, self.cfg.shift)
+            t_in = torch.full((x_T.shape[0],), self.adapter.num_train_timesteps - 1, device=x_T.device)
+            if rows.numel():
+                x0_ref, t_ref = self.fake_x0(x_T[rows], cond_index(cond, rows), 1.0, gen)
+                x0_fake, t_in = torch.cat([x0_fake, x0_ref]), torch.cat([t_in, t_ref])
+                x_T, x0_real = torch.cat([x_T, x_T[rows]]), torch.cat([x0_real, x0_real[rows]])
+                cond = cond_cat(cond, cond_index(cond, rows))
+        else:
+            x0_fake, t_in = self.fake_x0(x_T, cond, refine_p, gen)
         x0_real = x0_real.float()
         n_t = len(self.pool.t_star)
         # t* per sample, stratified: every t* group gets floor or ceil of B / len(t*) samples
