@@ -199,8 +199,9 @@ def cmd_generate(args) -> None:
                      if getattr(args, k) is not None]
         if sdxl_only:
             raise NitroFusionError(f"{', '.join(sdxl_only)} apply to SDXL models; {args.model} is a mini-world model")
-        from .generate import unknown_prompts
+        from .generate import student_folder, unknown_prompts
 
+        student_folder(Path(args.model))  # a wrong path is the one line, before any warning
         unknown = unknown_prompts(prompts)
         if unknown:
             print(f"nitrofusion: warning: {len(unknown)} prompt(s) outside the mini world's 10 class prompts (e.g. "
