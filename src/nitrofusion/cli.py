@@ -495,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         print("nitrofusion: interrupted" + ("; rerun with --resume to continue from the last checkpoint"
                                             if resumable else ""), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`nitrofusion presets | head -1`): not an error to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second complaint at exit
+        return 1
     except OSError as e:  # the file system said no (a path, a permission, a full disk): the user's to fix
         if debug:
             raise
