@@ -201,11 +201,3 @@ def test_resume_with_another_number_of_processes_is_refused(mini_adapter, tiny_c
     with pytest.raises(NitroFusionError, match=r"written by 2 process\(es\), this run has 1; resume with the same"):
         distill(tiny_cfg("max_images=32"), mini_adapter, pairs, tmp_path / "run", resume=True, progress=False)
 
-
-def test_openmp_waits_passively_unless_the_user_chose(monkeypatch, capsys):
-    import os
-
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert main(["presets"]) == 0 and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert main(["presets"]) == 0 and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -478,10 +478,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import logging
 
-    # OpenMP threads that spin while waiting collapse when another process shares the cores (a tiny distill
-    # step took 40x longer beside two busy processes with OMP_WAIT_POLICY=ACTIVE); passive waiting avoids that.
-    # Set before torch loads; a user's own setting wins. Measured in README ("Threads on a shared machine").
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # diffusers imports bitsandbytes when it is installed, which warns about 4-bit CPU kernels we never use
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # transformers warns once per image-processor class that torchvision is missing and it uses the PIL one;
