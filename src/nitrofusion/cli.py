@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .errors import NitroFusionError, describe
 
-DEMO_HELP = "distil the shipped mini-world teacher into a 1-step student and write a report (~10 min on 2 cores)"
+DEMO_HELP = ("distil the shipped mini-world teacher into a 1-4 step student and write a report (~10-13 min on 2 "
+             "cores)")
 
 
 def command(sub, name: str, text: str) -> argparse.ArgumentParser:
