@@ -1,5 +1,5 @@
 """Inference and interoperability on a tiny random SDXL run: 1-4 step generation through a stock diffusers
-pipeline, diffusers / single-file / LoRA export, weight-delta transfer (SPEC sections 5 and 6), bad input."""
+pipeline, diffusers / single-file / LoRA export, weight-delta transfer (docs/method.md §5 and §6), bad input."""
 
 import json
 import sys
@@ -71,7 +71,7 @@ def test_generate_from_a_run_in_1_to_4_steps_and_the_same_seed_gives_the_same_pn
 
 @pytest.mark.parametrize("steps", [1, 4])
 def test_the_pipeline_is_the_training_time_sampler(run, tiny_sdxl, sdxl_adapter, steps):
-    """load_pipeline's stock SDXL pipeline == sampling.generate (SPEC 5) on the same x_T and noise."""
+    """load_pipeline's stock SDXL pipeline == sampling.generate (docs/method.md §5) on the same x_T and noise."""
     from nitrofusion import load_pipeline
     from nitrofusion.sampling import generate
 

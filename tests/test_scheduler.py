@@ -38,7 +38,7 @@ def test_from_config_keeps_the_source_config_and_round_trips(tmp_path):
 
 
 def _reference(model, x, steps, shift, ab, generator):
-    """SPEC section 5 written out by hand: UNet at floor(t*s/1000), x0 from alpha_bar[t'], LCM boundary
+    """docs/method.md §5 written out by hand: UNet at floor(t*s/1000), x0 from alpha_bar[t'], LCM boundary
     scalings at t', fresh noise to the next unshifted t."""
     grid = {1: [999], 2: [999, 499], 3: [999, 749, 499], 4: [999, 749, 499, 249]}[steps]
     for i, t in enumerate(grid):
@@ -73,7 +73,7 @@ def test_outputs_match_the_spec_for_the_same_generator(steps):
 
 
 def test_training_x0_is_the_one_step_sample(mini_adapter):
-    """The trainer's one-step x0 (SPEC 2.3) is what the scheduler returns at 1 step (boundary scalings
+    """The trainer's one-step x0 (docs/method.md §2.3) is what the scheduler returns at 1 step (boundary scalings
     at t'=249 differ from 1 by < 1e-7)."""
     unet = mini_adapter.teacher_unet
     x_T = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))

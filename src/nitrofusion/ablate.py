@@ -1,4 +1,4 @@
-"""`nitrofusion ablate`: the paper's ablation (SPEC section 6), measured on the mini world with seeds.
+"""`nitrofusion ablate`: the paper's ablation (docs/method.md §6), measured on the mini world with seeds.
 
 Every variant trains for the same number of images from the same teacher pairs and the same student
 initialisation, once per seed (seed = student data order, head init, pool sampling, t*, crops and noise),

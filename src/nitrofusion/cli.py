@@ -189,7 +189,7 @@ def cmd_generate(args) -> None:
     output_folder(args.out)
     from .pipeline import model_world, parse_dtype
 
-    if model_world(Path(args.model)) == "sdxl":  # SDXL run, exported folder or UNet file (SPEC 5)
+    if model_world(Path(args.model)) == "sdxl":  # SDXL run, exported folder or UNet file (docs/method.md §5)
         from .pipeline import generate_to_folder as generate_sdxl
 
         paths = generate_sdxl(args.model, prompts, args.steps, args.seed, args.out, base=args.base, shift=args.shift,
@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = command(sub, "transfer", "theta_custom + (theta_student - theta_base): a student's speed-up moved "
-                       "onto a fine-tuned SDXL (SPEC section 6)")
+                       "onto a fine-tuned SDXL (docs/method.md §6)")
     for role, what in (("student", "the NitroFusion student"), ("base", "the SDXL it was distilled from"),
                        ("custom", "the fine-tuned SDXL to receive the delta")):
         p.add_argument(f"--{role}", required=True, help=f"{what}: run, student, pipeline or UNet folder, or UNet "

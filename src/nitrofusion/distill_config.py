@@ -1,4 +1,4 @@
-"""The distillation config: every knob of SPEC sections 2-4 plus the run's budget and bookkeeping. Torch-free:
+"""The distillation config: every knob of docs/method.md §2-4 plus the run's budget and bookkeeping. Torch-free:
 a config is read and checked before any model library loads."""
 
 from __future__ import annotations

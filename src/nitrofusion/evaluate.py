@@ -86,7 +86,7 @@ def evaluate_sdxl(model: str, steps: list[int], out: Path, prompts: str = "", co
                   seed: int = 0, metrics_cfg=None, base: str | None = None, shift: int | None = None,
                   batch_size: int = 4, device: str = "cpu", dtype: str | None = None, progress: bool = True) -> dict:
     """Real-model metrics (real_metrics.py) of an SDXL student at each step count, on a prompt file or the
-    COCO-5k captions (SPEC 6); one image per prompt, image i seeded seed + i, no CFG."""
+    COCO-5k captions (docs/method.md §6); one image per prompt, image i seeded seed + i, no CFG."""
     from .io import disk_errors
     from .pipeline import generate_images, load_pipeline
     from .prompts import open_prompts

@@ -1,5 +1,5 @@
 """Moving models out of (and between) NitroFusion runs: diffusers folders, original single files, LoRAs, and
-the weight-delta transfer of SPEC section 6.
+the weight-delta transfer of docs/method.md §6.
 
 - diffusers: a complete SDXL pipeline folder (the base's text encoders, tokenizers and VAE + the student UNet +
   TimestepShiftLCMScheduler), loadable by stock `StableDiffusionXLPipeline.from_pretrained` once nitrofusion is
@@ -10,7 +10,7 @@ the weight-delta transfer of SPEC section 6.
   and comparing every tensor bitwise.
 - lora: per-layer truncated SVD of student - base over every Linear and Conv2d of the UNet, saved in diffusers'
   PEFT format; what LoRA cannot hold (norms, biases) is reported, never hidden.
-- transfer: theta_custom + (theta_student - theta_base) in fp32 (SPEC section 6).
+- transfer: theta_custom + (theta_student - theta_base) in fp32 (docs/method.md §6).
 
 Every output is built in a temporary sibling of --out and renamed into place at the end: a failure leaves
 nothing at --out.
@@ -412,7 +412,7 @@ def _read_unet_state(path: Path, role: str) -> tuple[dict[str, torch.Tensor], di
 
 def transfer(student: str | Path, base: str | Path, custom: str | Path, out: str | Path,
              dtype: torch.dtype | None = None) -> dict:
-    """theta_custom + (theta_student - theta_base), computed in fp32 key by key (SPEC section 6). `out` is a
+    """theta_custom + (theta_student - theta_base), computed in fp32 key by key (docs/method.md §6). `out` is a
     student folder (unet/ + the student's scheduler/ when it has one), or a diffusers-key .safetensors file."""
     from safetensors.torch import save_file
 
@@ -438,7 +438,7 @@ def transfer(student: str | Path, base: str | Path, custom: str | Path, out: str
     s, b, c = states["student"], states["base"], states["custom"]
     result = {}
     for k in list(s):  # popping as we go keeps the peak near three UNets, not four
-        value = c.pop(k).float() + (s.pop(k).float() - b.pop(k).float())  # fp32, in this order (SPEC 6)
+        value = c.pop(k).float() + (s.pop(k).float() - b.pop(k).float())  # fp32, in this order (docs/method.md §6)
         result[k] = value if dtype is None else value.to(dtype)
     sched_dir = read["student"][2]
     shift = json.loads((sched_dir / "scheduler_config.json").read_text())["shifted_timestep"] if sched_dir else None

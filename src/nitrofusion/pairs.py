@@ -1,4 +1,4 @@
-"""Teacher pairs (SPEC section 2.2): for each prompt a Gaussian x_T and the teacher's multi-step sample
+"""Teacher pairs (docs/method.md §2.2): for each prompt a Gaussian x_T and the teacher's multi-step sample
 from that same x_T. Generated once, cached on disk in checksummed safetensors shards, read by the trainer.
 
 Shard s is generated from its own seed (seed, s), so a cache is identical however many processes
@@ -259,7 +259,7 @@ class PairLoader:
 
 @dataclass
 class OnlinePairs:
-    """Teacher pairs sampled during training (SPEC 2.2 allows online or cached): no cache on disk."""
+    """Teacher pairs sampled during training (docs/method.md §2.2 allows online or cached): no cache on disk."""
 
     adapter: ModelAdapter
     prompts: Prompts

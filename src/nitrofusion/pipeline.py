@@ -1,4 +1,4 @@
-"""SDXL inference in 1-4 steps from any NitroFusion model (SPEC section 5), in a stock `StableDiffusionXLPipeline`.
+"""SDXL inference in 1-4 steps from any NitroFusion model (docs/method.md §5), in a stock `StableDiffusionXLPipeline`.
 
 A model is one of:
 - a run folder (RUN/config.yaml + RUN/student/{unet,scheduler}); the text encoders and VAE come from the
@@ -10,7 +10,7 @@ A model is one of:
   with diffusers' own converter. The shift comes from `shift`, the file's metadata, or its name.
 
 The scheduler is TimestepShiftLCMScheduler on the base's betas with original_inference_steps=4; the pipeline is
-always called with guidance_scale=0 (SPEC 5: no classifier-free guidance).
+always called with guidance_scale=0 (docs/method.md §5: no classifier-free guidance).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from .errors import NitroFusionError
 
-SHIFT_BY_NAME = {"realism": 250, "vibrant": 500}  # the released NitroSD-Realism / -Vibrant (SPEC 2.3)
+SHIFT_BY_NAME = {"realism": 250, "vibrant": 500}  # the released NitroSD-Realism / -Vibrant (docs/method.md §2.3)
 SHIFT_METADATA_KEY = "nitrofusion.shifted_timestep"  # written by our single-file and transfer outputs
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -279,7 +279,7 @@ def load_scheduler(ref: ModelRef, shift: int | None = None):
 def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int | None = None,
                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """A stock diffusers `StableDiffusionXLPipeline` with the student UNet and the shifted LCM scheduler
-    (SPEC 5). Call it with guidance_scale=0 and 1-4 steps, or use `generate_images`."""
+    (docs/method.md §5). Call it with guidance_scale=0 and 1-4 steps, or use `generate_images`."""
     from diffusers import StableDiffusionXLPipeline
 
     ref = resolve(model, base)
@@ -327,7 +327,7 @@ def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]
 @torch.no_grad()
 def generate_images(pipe, prompts: list[str], steps: int, seed: int = 0, height: int | None = None,
                     width: int | None = None, batch_size: int = 4) -> list:
-    """PIL images, one per prompt, in 1-4 steps (SPEC 5)."""
+    """PIL images, one per prompt, in 1-4 steps (docs/method.md §5)."""
     check_steps(steps)
     if not prompts:
         raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")

@@ -1,4 +1,4 @@
-"""Real-model quality metrics for SDXL-size models (SPEC 6), each computed through its usual library with the
+"""Real-model quality metrics for SDXL-size models (docs/method.md §6), each computed through its usual library with the
 user's weights: a local path, or a hub id on a connected machine. A metric whose weights or library are missing
 is SKIPPED with a one-line reason in the results, never faked and never replaced by a stand-in under its name.
 Weights that are given but cannot be loaded are an error (before any image is generated), not a skip.
@@ -24,7 +24,7 @@ Images enter as [B, 3, H, W] floats in [0, 1] (or uint8, or PIL images) and are 
 when they are saved to PNG and scored from files. Nothing keeps the images: FID keeps feature sums, the others
 running sums, so 5000 images at 1024x1024 stream through in `batch_size` chunks.
 
-COCO-5k protocol (the paper's, SPEC 6):
+COCO-5k protocol (the paper's, docs/method.md §6):
 1. Captions: `coco_captions(captions_val2014.json, n=5000, seed=0)` picks 5000 images of the COCO captions
    annotation file at random with a fixed seed and one of each image's captions, giving (caption, file_name)
    pairs; `write_caption_pairs` saves them as a TSV so the exact set can be published and reused

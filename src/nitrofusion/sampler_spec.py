@@ -13,7 +13,7 @@ from .errors import ConfigError
 class SamplerSpec:
     # ddim / dpmsolver++ / euler: a diffusers scheduler with the settings below; any diffusers scheduler
     # class name (e.g. "LCMScheduler"); x0-renoise: x0 at each of `timesteps`, re-noised with fresh noise
-    # to the next (DMD2's 4-step sampler, SPEC section 1)
+    # to the next (DMD2's 4-step sampler, docs/method.md §1)
     name: str = "dpmsolver++"
     steps: int = ranged(8, ge=1, le=1000)
     guidance_scale: float = ranged(2.0, ge=0, le=100)

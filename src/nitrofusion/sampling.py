@@ -1,4 +1,4 @@
-"""1-4 step generation with one set of student weights through TimestepShiftLCMScheduler (SPEC section 5)."""
+"""1-4 step generation with one set of student weights through TimestepShiftLCMScheduler (docs/method.md §5)."""
 
 from __future__ import annotations
 

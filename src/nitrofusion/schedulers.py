@@ -1,4 +1,4 @@
-"""TimestepShiftLCMScheduler: NitroFusion's 1-4 step sampler (SPEC section 5).
+"""TimestepShiftLCMScheduler: NitroFusion's 1-4 step sampler (docs/method.md §5).
 
 Behaves as the authors' released scheduler: the step grid is LCM's with original_inference_steps=4
 ({999, 749, 499, 249}); the UNet is called at t' = floor(t * s / 1000) and the x0 estimate uses

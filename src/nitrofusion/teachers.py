@@ -2,7 +2,7 @@
 
 `predict(x, t)` returns the teacher's model output (guidance already applied by the adapter).
 A sampler spec names either a diffusers scheduler or an explicit timestep grid with x0 re-noising
-(DMD2's 4-step sampler, SPEC section 1).
+(DMD2's 4-step sampler, docs/method.md §1).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def x0_from_output(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
                    prediction_type: str) -> torch.Tensor:
     """x0 from a model output at noise level alpha_bar (broadcast per sample).
-    eps: x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab)  (SPEC section 2.3); v: x0 = sqrt(ab) x_t - sqrt(1-ab) v."""
+    eps: x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab)  (docs/method.md §2.3); v: x0 = sqrt(ab) x_t - sqrt(1-ab) v."""
     ab = alpha_bar.to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
     if prediction_type == "epsilon":
         return (x_t - (1 - ab).sqrt() * output) / ab.sqrt()

@@ -60,8 +60,8 @@ def read_student_init(cfg: DistillConfig, header_only: bool = False) -> dict[str
 
 
 def build_student(cfg: DistillConfig, adapter: ModelAdapter) -> torch.nn.Module:
-    """Student = the teacher's architecture; weights from the teacher or a UNet weights file (SPEC 1)."""
-    student = copy.deepcopy(adapter.teacher_unet).float()  # fp32 master weights (SPEC section 4)
+    """Student = the teacher's architecture; weights from the teacher or a UNet weights file (docs/method.md §1)."""
+    student = copy.deepcopy(adapter.teacher_unet).float()  # fp32 master weights (docs/method.md §4)
     state = read_student_init(cfg)
     if state is not None:
         path = cfg.student_init
@@ -314,7 +314,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
             entry = {"step": step, "images": images, "train_seconds": round(train_seconds, 2),
                      "images_per_second": round(images_per_step / dt, 2), "skipped": not finite,
                      "refreshed": len(refreshed), **{k: round(v, 5) for k, v in sums.items()}}
-            if not finite:  # which task and t* went wrong (SPEC: grouped by t*, so this localises it)
+            if not finite:  # which task and t* went wrong (docs/method.md §3: grouped by t*, so this localises it)
                 entry["nonfinite"] = [f"{task}@t*={ts}" for task, ts in sorted(nonfinite)] or ["gradient"]
             with disk_errors("the training log", log_path), open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")

@@ -1,4 +1,4 @@
-"""What the method asks of a model family (DESIGN: two worlds, one core).
+"""What the method asks of a model family (two worlds, one core: see README).
 
 A conditioning `Cond` is a dict of tensors whose first dimension is the batch, so the core can index,
 concatenate and null it without knowing what is inside.
@@ -54,7 +54,7 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def null_cond(self, cond: Cond) -> Cond:
-        """The null prompt for the same batch: zero embeddings (SPEC section 3)."""
+        """The null prompt for the same batch: zero embeddings (docs/method.md §3)."""
 
     @abstractmethod
     def unet_call(self, unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:

@@ -2,7 +2,7 @@
 pooled embeddings, micro-conditioning time_ids, VAE latents).
 
 The teacher UNet can be replaced by a UNet weights file (how DMD2 ships) and can have a LoRA fused in
-(how Hyper-SDXL ships). The null prompt is zero embeddings, pooled included (SPEC section 3; SDXL's own
+(how Hyper-SDXL ships). The null prompt is zero embeddings, pooled included (docs/method.md §3; SDXL's own
 `force_zeros_for_empty_prompt`). The VAE only decodes, for viewing and evaluation.
 """
 

@@ -1,9 +1,9 @@
-"""The frozen discriminator backbone E (SPEC section 3): the teacher UNet's conv_in, down blocks and mid
+"""The frozen discriminator backbone E (docs/method.md §3): the teacher UNet's conv_in, down blocks and mid
 block, returning every residual output of the down path plus the mid-block output.
 
 For SDXL's block layout that is 10 maps: conv_in; 2 resnets + downsampler of block 0; the same of block 1;
 2 resnets of block 2; mid. E reuses the teacher's module (no copy). Its parameters never train, but it is
-NOT run under no_grad in the G step: the generator's gradient flows through it (SPEC section 4).
+NOT run under no_grad in the G step: the generator's gradient flows through it (docs/method.md §4).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ class PoolConfig:
     seed: int = ranged(0, ge=0, le=2**31 - 1)
     # Ablation knobs for a single-head baseline (earlier adversarial distillation: one head on the
     # backbone's deepest map, shared by every noise level): which levels get heads (empty = all; -1 =
-    # the mid block), and whether heads are grouped by t* (SPEC section 3) or shared across t*.
+    # the mid block), and whether heads are grouped by t* (docs/method.md §3) or shared across t*.
     levels: list[int] = ranged(factory=list, ge=-64, le=63)
     group_by_t_star: bool = True
 
@@ -40,9 +40,9 @@ class PoolConfig:
 
 @dataclass
 class AdversarialConfig:
-    shift: int = ranged(250, ge=1, le=1000)  # s: the student is conditioned on t_s = floor(999 * s / 1000) (SPEC 2.3)
+    shift: int = ranged(250, ge=1, le=1000)  # s: student conditioned on floor(999 s / 1000) (docs/method.md §2.3)
     loss: Literal["hinge", "linear", "nonsat"] = "hinge"
-    # sum: one D per sample = all active heads' logits summed over levels and tasks (SPEC section 3);
+    # sum: one D per sample = all active heads' logits summed over levels and tasks (docs/method.md §3);
     # per_head: the loss is applied to each head's logit and averaged (as in ADD-style discriminators)
     aggregate: Literal["sum", "per_head"] = "sum"
     crop_fraction: float = ranged(0.5, gt=0, lt=1)  # local heads judge crops of this side fraction ([ours]: half-size)

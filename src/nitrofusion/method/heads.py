@@ -1,4 +1,4 @@
-"""One discriminator head (SPEC section 3): [4x4 conv stride 2 -> GroupNorm -> SiLU] x depth, then a
+"""One discriminator head (docs/method.md §3): [4x4 conv stride 2 -> GroupNorm -> SiLU] x depth, then a
 1x1 conv to a logit map averaged over space. Light by design: the pool holds hundreds of them."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Head(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def reset_parameters(self) -> None:
-        """Fresh default initialisation (the pool refresh of SPEC section 3)."""
+        """Fresh default initialisation (the pool refresh of docs/method.md §3)."""
         for m in self.modules():
             if m is not self and hasattr(m, "reset_parameters"):
                 m.reset_parameters()

@@ -1,4 +1,4 @@
-"""Adversarial losses on discriminator outputs D (SPEC section 4). Adversarial only: no regression term.
+"""Adversarial losses on discriminator outputs D (docs/method.md §4). Adversarial only: no regression term.
 
 hinge:  L_D = E[relu(1 - D(real))] + E[relu(1 + D(fake))],   L_G = -E[D(fake)]
 linear: L_D = E[-D(real)] + E[D(fake)]  (WGAN, no penalty),    L_G = -E[D(fake)]

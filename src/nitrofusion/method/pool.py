@@ -1,4 +1,4 @@
-"""The dynamic head pool (SPEC section 3).
+"""The dynamic head pool (docs/method.md §3).
 
 Heads are indexed by (task, t*, level, k). Each optimiser step activates ONE head per (task, t*, level)
 slot, chosen at random (dynamic sampling), and afterwards re-initialises a uniformly chosen ~1% of ALL

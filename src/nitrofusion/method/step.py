@@ -1,4 +1,4 @@
-"""One adversarial micro-step (SPEC section 2), model-agnostic.
+"""One adversarial micro-step (docs/method.md §2), model-agnostic.
 
 Data flows one way: teacher pair (x_T, x0_real, prompt) -> student one-step x0_fake from the SAME x_T ->
 re-noise both to a per-sample t* (independent noise) -> frozen backbone E (whole sample, or a crop;
@@ -27,7 +27,7 @@ def student_timestep(shift: int, num_train_timesteps: int = 1000) -> int:
 
 def student_one_step(adapter: ModelAdapter, student: torch.nn.Module, x_T: torch.Tensor, cond: Cond,
                      shift: int) -> torch.Tensor:
-    """SPEC 2.3: condition on t_s, input pure noise x_T, convert the output to x0 with alpha_bar[t_s]."""
+    """docs/method.md §2.3: condition on t_s, input pure noise x_T, convert the output to x0 with alpha_bar[t_s]."""
     t = torch.full((x_T.shape[0],), adapter.num_train_timesteps - 1, device=x_T.device, dtype=torch.long)
     return student_x0(adapter, student, x_T, t, cond, shift)
 

