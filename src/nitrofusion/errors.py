@@ -17,4 +17,4 @@ def describe(e: BaseException) -> str:
     if type(e).__name__ == "UnpicklingError":
         return "it holds pickled Python objects beyond plain tensors, which are never loaded"
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__

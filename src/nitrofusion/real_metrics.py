@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import NitroFusionError
+from .errors import NitroFusionError, describe
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FID_FEATURES = 2048
@@ -79,11 +79,6 @@ class RealMetricsConfig:
 
 def _device(name: str) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).splitlines()[0][:200] if str(e) else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _as_tensor(out: Any) -> Tensor:
@@ -169,7 +164,7 @@ def load_aesthetic_mlp(path: str | Path) -> AestheticMLP:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a bad file surfaces as many exception types
-        raise NitroFusionError(f"cannot read aesthetic predictor weights {path} ({_one_line(e)}); "
+        raise NitroFusionError(f"cannot read aesthetic predictor weights {path} ({describe(e)}); "
                                f"{_AESTHETIC_FIX}") from None
     first = state.get("layers.0.weight") if isinstance(state, dict) else None
     if not isinstance(first, Tensor) or first.ndim != 2:
@@ -200,7 +195,7 @@ def load_clip(name: str, what: str) -> tuple[nn.Module, Any]:
             model = CLIPModel.from_pretrained(name)
             processor = CLIPProcessor.from_pretrained(name)
     except Exception as e:  # noqa: BLE001 - missing files, no network and bad configs all land here
-        raise NitroFusionError(f"cannot load the CLIP model {name!r} for {what} ({_one_line(e)}); give a folder "
+        raise NitroFusionError(f"cannot load the CLIP model {name!r} for {what} ({describe(e)}); give a folder "
                                "saved by transformers (model + processor files) or a hub id on a connected "
                                "machine") from None
     return model.eval().requires_grad_(False), processor
@@ -276,7 +271,7 @@ def read_reference_image(path: Path, size: int) -> Tensor:
             im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.BICUBIC)
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise NitroFusionError(f"cannot read reference image {path} ({_one_line(e)}); replace or remove it") from None
+        raise NitroFusionError(f"cannot read reference image {path} ({describe(e)}); replace or remove it") from None
 
 
 def iter_reference(paths: Sequence[Path], size: int, batch_size: int) -> Iterable[Tensor]:
@@ -368,7 +363,7 @@ class RealMetrics:
             self._fid = FrechetInceptionDistance(feature=FID_FEATURES, reset_real_features=False,
                                                  feature_extractor_weights_path=str(cfg.inception)).to(self.device)
         except Exception as e:  # noqa: BLE001 - a wrong file surfaces as pickle, key or shape errors
-            raise NitroFusionError(f"cannot load Inception weights {cfg.inception} ({_one_line(e)}); give "
+            raise NitroFusionError(f"cannot load Inception weights {cfg.inception} ({describe(e)}); give "
                                    "torch-fidelity's weights-inception-2015-12-05-6726825d.pth") from None
         self.weights["fid"] = cfg.inception
 
@@ -402,7 +397,7 @@ class RealMetrics:
         try:
             self._image_reward = RM.load(cfg.image_reward, device=str(self.device))
         except Exception as e:  # noqa: BLE001 - the package raises RuntimeError, OSError, download errors
-            raise NitroFusionError(f"cannot load ImageReward {cfg.image_reward!r} ({_one_line(e)}); give the "
+            raise NitroFusionError(f"cannot load ImageReward {cfg.image_reward!r} ({describe(e)}); give the "
                                    "ImageReward.pt file, or ImageReward-v1.0 on a connected machine") from None
         self.weights["image_reward"] = cfg.image_reward
 
@@ -541,7 +536,7 @@ def coco_captions(path: str | Path, n: int = 5000, seed: int = 0) -> list[tuple[
     except FileNotFoundError:
         raise NitroFusionError(f"COCO captions file not found: {path}") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise NitroFusionError(f"{path} is not a COCO captions annotation file ({_one_line(e)}); give "
+        raise NitroFusionError(f"{path} is not a COCO captions annotation file ({describe(e)}); give "
                                "annotations/captions_val2014.json") from None
     ids = sorted(i for i in captions if i in files)  # sorted first: the draw must not depend on file order
     if len(ids) < n:
@@ -567,7 +562,7 @@ def read_caption_pairs(path: str | Path) -> list[tuple[str, str]]:
     except FileNotFoundError:
         raise NitroFusionError(f"captions file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise NitroFusionError(f"cannot read captions file {path} ({_one_line(e)})") from None
+        raise NitroFusionError(f"cannot read captions file {path} ({describe(e)})") from None
     pairs = []
     for number, row in enumerate(rows, start=1):
         if not row or not "".join(row).strip() or (number == 1 and row == ["file_name", "caption"]):

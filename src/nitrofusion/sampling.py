@@ -9,7 +9,7 @@ import torch
 from .adapters.base import Cond, ModelAdapter
 from .errors import NitroFusionError
 from .schedulers import TimestepShiftLCMScheduler, config_for
-from .teachers import add_noise, x0_from_output
+from .teachers import SamplerSpec, sample
 
 
 def shifted_scheduler(scheduler_config: dict, shift: int) -> TimestepShiftLCMScheduler:
@@ -30,24 +30,15 @@ def generate(adapter: ModelAdapter, unet: torch.nn.Module, x_T: torch.Tensor, co
         raise NitroFusionError(f"steps must be 1, 2, 3 or 4 (got {steps}): the shifted LCM grid has 4 points")
     sched = shifted_scheduler(adapter.scheduler_config, shift)
     sched.set_timesteps(steps, device=x_T.device)
-    if renoise == "shifted":
-        return _generate_consistent(adapter, unet, x_T, cond, sched.timesteps.tolist(), generator)
+    if renoise == "shifted":  # the x0-renoise sampler (teachers.py) on the shifted grid, with the student
+        grid = sched.timesteps.tolist()
+        spec = SamplerSpec(name="x0-renoise", steps=len(grid), timesteps=grid, guidance_scale=0.0)
+        predict = adapter.guided_predict(unet, cond, 0.0)
+        return sample(predict, x_T.float(), spec, adapter.scheduler_config, adapter.alphas_cumprod.to(x_T.device),
+                      generator)
     x = x_T
     for t in sched.timesteps:
         out = adapter.unet_call(unet, x, t.expand(x.shape[0]), cond)
         x = sched.step(out.float(), t, x.float(), generator=generator).prev_sample
     return x
 
-
-def _generate_consistent(adapter: ModelAdapter, unet: torch.nn.Module, x_T: torch.Tensor, cond: Cond,
-                         shifted_grid: list[int], generator: torch.Generator | None) -> torch.Tensor:
-    ab = adapter.alphas_cumprod.to(x_T.device)
-    x = x_T.float()
-    for i, t in enumerate(shifted_grid):
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        x0 = x0_from_output(adapter.unet_call(unet, x, tt, cond).float(), x, ab[tt], adapter.prediction_type)
-        if i + 1 == len(shifted_grid):
-            return x0
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = add_noise(x0, noise, ab[torch.full_like(tt, shifted_grid[i + 1])])
-    return x
