@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import threads
 from .errors import NitroFusionError, describe
 
 DEMO_HELP = ("distil the shipped mini-world teacher into a 1-4 step student and write a report (~10-13 min on 2 "
@@ -485,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     # SDXL pipelines name such classes but we never run them: two stray lines before every result
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    threads.set_default_environment()  # before torch loads: OpenMP reads it once (threads.py has the rule)
     debug = args.debug or os.environ.get("NITROFUSION_DEBUG", "") not in ("", "0")
     try:
         args.func(args)

@@ -13,9 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from . import config as config_lib
+from . import threads
 from .adapters.mini import MiniAdapter
 from .distill_config import DistillConfig
 from .io import atomic_write_json, atomic_write_text
@@ -34,8 +33,7 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
              log=print) -> dict:
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads.apply(cfg.threads)  # 0: the automatic rule (threads.py)
     teacher = load_teacher(cfg.teacher or None)
     adapter = MiniAdapter(teacher)
     metrics = MiniMetrics()

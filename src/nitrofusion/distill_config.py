@@ -92,7 +92,7 @@ class DistillConfig:
     eval_samples: int = ranged(500, ge=10)
     log_every: int = ranged(1, ge=1)
     seed: int = ranged(0, ge=0, le=2**31 - 1)
-    threads: int = ranged(0, ge=0, le=1024)
+    threads: int = ranged(0, ge=0, le=1024)  # 0 = automatic: usable cores less one (threads.py)
 
     def validate(self) -> None:
         if self.max_images <= 0 and self.max_minutes <= 0:

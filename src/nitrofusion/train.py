@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import config as config_lib
-from . import faults
+from . import faults, threads
 from .adapters.base import ModelAdapter, cond_to
 from .distill_config import DistillConfig
 from .errors import NitroFusionError, describe
@@ -156,8 +156,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
         raise NitroFusionError(f"{run_dir} already holds a run (checkpoints/); add --resume to continue it or "
                                "choose a new --out")
     ensure_writable(run_dir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads.apply(cfg.threads)  # 0: the automatic rule (threads.py)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=use_cpu())
     device = acc.device
     torch.manual_seed(cfg.seed)

@@ -40,7 +40,7 @@ class TeacherTrainConfig:
     minutes: float = ranged(40.0, ge=0)
     max_iterations: int = ranged(0, ge=0)  # 0 = limited by minutes only
     seed: int = ranged(0, ge=0, le=2**31 - 1)
-    threads: int = ranged(0, ge=0, le=1024)  # 0 = torch default
+    threads: int = ranged(0, ge=0, le=1024)  # 0 = automatic: usable cores less one (threads.py)
 
     def validate(self) -> None:
         if self.minutes <= 0 and self.max_iterations <= 0:

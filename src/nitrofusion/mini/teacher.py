@@ -15,6 +15,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .. import config as config_lib
+from .. import threads
 from ..errors import NitroFusionError
 from ..io import atomic_write_text
 from ..teachers import SamplerSpec
@@ -71,8 +72,7 @@ def load_teacher(path: str | Path | None = None) -> MiniTeacher:
 
 
 def train_teacher(cfg: TeacherTrainConfig, out: Path) -> dict:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads.apply(cfg.threads)  # 0: the automatic rule (threads.py)
     torch.manual_seed(cfg.seed)
     images, labels = data.load_split("train", cfg.model.resolution)
     prompts = text.encode(data.class_prompts())  # [10, L, 384]
