@@ -1,6 +1,7 @@
 """The live demo: generates from a mini run, serves on 127.0.0.1 by default, never shares publicly."""
 
 import os
+import socket
 import urllib.request
 
 import pytest
@@ -47,3 +48,13 @@ def test_app_cli_refuses_a_missing_model_in_one_line(tmp_path, capsys):
     assert main(["app", "--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0]
+
+
+def test_app_cli_refuses_a_taken_port_in_one_line(mini_run, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["app", "--model", str(mini_run), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot serve on 127.0.0.1:{port}" in err[0] and "--port" in err[0], err
