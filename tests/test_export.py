@@ -179,7 +179,8 @@ def test_from_single_file_loads_every_component_of_a_single_file_export_bitwise(
 def test_lora_error_falls_as_rank_grows_and_it_moves_the_base_toward_the_student(run, tiny_sdxl, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from nitrofusion.export import lora_from_delta
+    from nitrofusion.export import KOHYA_LORA_FILE, lora_from_delta
+    from nitrofusion.pipeline import guess_shift, load_unet, resolve
 
     student = UNet2DConditionModel.from_pretrained(run / "student" / "unet")
     base = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
@@ -209,6 +210,10 @@ def test_lora_error_falls_as_rank_grows_and_it_moves_the_base_toward_the_student
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # keeps the fused weights
         fused = pipe.unet.state_dict()
+        assert guess_shift(resolve(out / KOHYA_LORA_FILE)) == 250  # the run's shift rides along in the metadata
+        for name in ("pytorch_lora_weights.safetensors", KOHYA_LORA_FILE):  # a LoRA file as --model, with --base
+            got = load_unet(resolve(out / name, tiny_sdxl)).state_dict()
+            assert got.keys() == fused.keys() and all(torch.allclose(got[k], fused[k], atol=1e-6) for k in got)
         s, b = student.state_dict(), base.state_dict()
         factors = load_file(str(out / "pytorch_lora_weights.safetensors"))
         covered = [k.removeprefix("unet.").removesuffix(".lora_A.weight") + ".weight" for k in factors
@@ -217,7 +222,31 @@ def test_lora_error_falls_as_rank_grows_and_it_moves_the_base_toward_the_student
         norm = sum((s[k].double() - b[k].double()).square().sum() for k in covered)
         assert float(err / norm) ** 0.5 == pytest.approx(report["relative_error_covered"], rel=1e-3, abs=1e-5)
         gaps[rank] = float((out_l - out_s).norm())
+        _check_kohya_file(out, rank, base, factors, out_l, x, t, cond, tiny_sdxl)
     assert gaps[64] < gaps[4] < float((out_b - out_s).norm())
+
+
+def _check_kohya_file(out, rank, base, factors, out_peft, x, t, cond, tiny_sdxl):
+    """The kohya-style file holds the PEFT file's factors under the original SDXL module names (those A1111 and
+    ComfyUI map LoRA keys to), and diffusers' kohya converter loads it to the same UNet."""
+    from nitrofusion.export import KOHYA_LORA_FILE, unet_to_original
+
+    kohya = load_file(str(out / KOHYA_LORA_FILE))
+    original = unet_to_original(base.state_dict(), base.config)
+    modules = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): v.shape for k, v in original.items()
+               if k.endswith(".weight") and v.ndim >= 2}
+    stems = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in kohya}
+    assert stems <= modules.keys() and len(stems) == sum(k.endswith(".lora_A.weight") for k in factors)
+    for stem in stems:
+        down, up = kohya[f"{stem}.lora_down.weight"], kohya[f"{stem}.lora_up.weight"]
+        assert float(kohya[f"{stem}.alpha"]) == rank and down.shape[0] == rank
+        assert (up.flatten(1) @ down.flatten(1)).numel() == modules[stem].numel()
+    assert sorted(v.sum().item() for k, v in kohya.items() if k.endswith("lora_down.weight")) == sorted(
+        v.sum().item() for k, v in factors.items() if k.endswith("lora_A.weight"))
+    pipe = _stock(tiny_sdxl)
+    pipe.load_lora_weights(str(out), weight_name=KOHYA_LORA_FILE)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, **cond).sample, out_peft, rtol=1e-5, atol=1e-5)
 
 
 def test_transfer_is_exact_arithmetic(run, tiny_sdxl, tmp_path):
@@ -266,6 +295,17 @@ def _bad(tmp_path, tiny_sdxl, run):
     other = {k: (torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k == "conv_in.weight" else v)
              for k, v in state.items()}
     save_file(other, str(tmp_path / "other_shape.safetensors"))
+    from diffusers import UNet2DConditionModel
+
+    from nitrofusion.export import lora_from_delta
+
+    sd1 = [UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=4,
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768)
+           for _ in range(2)]  # Stable Diffusion 1.x's text width: another family than the SDXL base
+    save_file(sd1[0].state_dict(), str(tmp_path / "sd15_model.safetensors"))
+    lora, _ = lora_from_delta(sd1[1], sd1[0], 2)
+    save_file({"unet." + k: v for k, v in lora.items()}, str(tmp_path / "sd15_lora.safetensors"))
     return {"RUN": str(run), "SDXL": str(tiny_sdxl), "T": str(tmp_path)}
 
 
@@ -278,6 +318,12 @@ def _bad(tmp_path, tiny_sdxl, run):
      "cannot tell the timestep shift of unnamed.safetensors"),
     (["generate", "--model", "T/missing_key.safetensors", "--base", "SDXL", "--shift", "250", "--prompt", "a",
       "--out", "T/o"], "1 missing, 0 unexpected, 0 wrong-shape keys (e.g. 'conv_in.weight')"),
+    (["generate", "--model", "T/sd15_model.safetensors", "--base", "SDXL", "--shift", "250", "--prompt", "a",
+      "--out", "T/o"], "sd15_model.safetensors is Stable Diffusion 1.x (cross-attention width 768), but the base "
+                       "<SDXL> is an SDXL-layout UNet (cross-attention width 64)"),
+    (["generate", "--model", "T/sd15_lora.safetensors", "--base", "SDXL", "--shift", "250", "--prompt", "a",
+      "--out", "T/o"], "LoRA T/sd15_lora.safetensors is Stable Diffusion 1.x (cross-attention width 768), but the "
+                       "base <SDXL> is an SDXL-layout"),
     (["generate", "--model", "RUN", "--base", "T/nope", "--prompt", "a", "--out", "T/o"],
      "base SDXL folder not found"),
     (["generate", "--model", "RUN", "--prompt", "a", "--height", "60", "--out", "T/o"],
@@ -300,7 +346,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run, tiny_sdxl, tmp_pat
     subs = _bad(tmp_path, tiny_sdxl, run)
     argv = [subs.get(a, a) for a in argv]
     argv = [a.replace("T/", subs["T"] + "/") for a in argv]
-    needle = needle.replace("T/", subs["T"] + "/")
+    needle = needle.replace("T/", subs["T"] + "/").replace("<SDXL>", subs["SDXL"])
     before = set(tmp_path.iterdir())
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

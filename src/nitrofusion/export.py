@@ -35,6 +35,7 @@ from .pipeline import (
     check_same_layout,
     is_original_layout,
     load_pipeline,
+    load_scheduler,
     load_unet,
     model_kind,
     need_base,
@@ -365,11 +366,32 @@ def lora_from_delta(student: torch.nn.Module, base: torch.nn.Module, rank: int,
     return lora, report
 
 
+KOHYA_LORA_FILE = "kohya_lora.safetensors"
+
+
+def lora_to_kohya(lora: dict[str, torch.Tensor], unet_config, rank: int) -> dict[str, torch.Tensor]:
+    """The same factors under the kohya / sd-scripts names that A1111, Forge and ComfyUI read for SDXL:
+    `lora_unet_{original module path, dots as underscores}.lora_down.weight` (= PEFT's lora_A), `.lora_up.weight`
+    (= lora_B) and `.alpha` (= rank, so the scale alpha/rank is 1 as in the PEFT file)."""
+    modules = [k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")]
+    renamed = _remap({f"{m}.weight": lora[f"{m}.lora_A.weight"] for m in modules}, unet_module_map(unet_config),
+                     "LoRA")
+    out: dict[str, torch.Tensor] = {}
+    for module, orig in zip(modules, renamed, strict=True):  # _remap keeps the order
+        stem = "lora_unet_" + orig.removesuffix(".weight").replace(".", "_")
+        out[f"{stem}.lora_down.weight"] = lora[f"{module}.lora_A.weight"]
+        out[f"{stem}.lora_up.weight"] = lora[f"{module}.lora_B.weight"]
+        out[f"{stem}.alpha"] = torch.tensor(float(rank), dtype=lora[f"{module}.lora_A.weight"].dtype)
+    return out
+
+
 def export_lora(model: str | Path, out: str | Path, rank: int = 64, base: str | Path | None = None,
                 dtype: torch.dtype | None = None, device: str = "cpu") -> dict:
-    """out/pytorch_lora_weights.safetensors (+ lora_report.json): load with `pipe.load_lora_weights(out)` into a
-    pipeline of the base SDXL folder (the run's teacher folder unless --base)."""
+    """out/pytorch_lora_weights.safetensors (diffusers/PEFT keys: `pipe.load_lora_weights(out)` into a pipeline of
+    the base SDXL folder, the run's teacher folder unless --base), out/kohya_lora.safetensors (the same factors
+    under kohya names, for A1111 / ComfyUI) and lora_report.json."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
 
     out = Path(out)
     if rank < 1:
@@ -387,6 +409,11 @@ def export_lora(model: str | Path, out: str | Path, rank: int = 64, base: str | 
     report["base"] = str(base_dir)
     with staged_output(out) as tmp:
         StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=lora, safe_serialization=True)
+        meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+                "ss_base_model_version": "sdxl_base_v1-0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
+        if ref.scheduler_dir is not None:  # so `generate --model kohya_lora.safetensors --base SDXL` needs no --shift
+            meta[SHIFT_METADATA_KEY] = str(load_scheduler(ref).config.shifted_timestep)
+        save_file(lora_to_kohya(lora, base_unet.config, rank), str(tmp / KOHYA_LORA_FILE), metadata=meta)
         (tmp / "lora_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

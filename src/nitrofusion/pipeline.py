@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import NitroFusionError
+from .architectures import check_family, is_lora
+from .errors import NitroFusionError, describe
 
 SHIFT_BY_NAME = {"realism": 250, "vibrant": 500}  # the released NitroSD-Realism / -Vibrant (docs/method.md §2.3)
 SHIFT_METADATA_KEY = "nitrofusion.shifted_timestep"  # written by our single-file and transfer outputs
@@ -231,6 +232,9 @@ def load_unet(ref: ModelRef, dtype: torch.dtype | None = None):
         base = need_base(ref, "a UNet weights file")
         config = UNet2DConditionModel.load_config(base / "unet")
         state, _ = read_weights_file(ref.path)
+        if is_lora(state):
+            return unet_with_lora(base, state, ref.path, dtype)
+        check_family(state, config, f"UNet weights {ref.path}", base)
         return unet_from_state(config, to_diffusers_unet_keys(state, config), str(ref.path), dtype)
     folder = {"run": ref.path / "student" / "unet", "student": ref.path / "unet", "pipeline": ref.path / "unet",
               "unet": ref.path}[ref.kind]
@@ -243,6 +247,33 @@ def load_unet(ref: ModelRef, dtype: torch.dtype | None = None):
         raise NitroFusionError(f"{folder} is not an SDXL UNet (addition_embed_type is "
                                f"{unet.config.addition_embed_type!r}, SDXL's is 'text_time')")
     return unet.eval()
+
+
+def unet_with_lora(base: Path, lora: dict[str, torch.Tensor], source: Path, dtype: torch.dtype | None = None):
+    """The base UNet with a UNet LoRA (diffusers/PEFT or kohya keys, as `export --format lora` writes) fused in;
+    every factor must find its layer."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    if any(k.startswith(("lora_te", "text_encoder", "te_")) for k in lora):
+        raise NitroFusionError(f"LoRA {source} also holds text-encoder factors; nitrofusion applies UNet LoRAs only "
+                               "(export one without the text encoders)")
+    with quiet_loading():
+        unet = UNet2DConditionModel.from_pretrained(base / "unet", dtype=torch.float32)
+    check_family(lora, unet.config, f"LoRA {source}", base)
+    try:
+        with quiet_loading():
+            converted, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(lora), unet_config=unet.config)
+            unet.load_lora_adapter(converted, network_alphas=alphas, prefix="unet", adapter_name="nitrofusion")
+    except Exception as e:  # noqa: BLE001 - diffusers' converters raise many types for a foreign layout
+        raise NitroFusionError(f"cannot apply LoRA {source} to the UNet of {base} ({describe(e)})") from None
+    wanted = sum(k.endswith(("lora_A.weight", "lora.down.weight")) for k in converted)
+    applied = sum(1 for m in unet.modules() if "nitrofusion" in getattr(m, "lora_A", {}))
+    if applied != wanted:
+        raise NitroFusionError(f"LoRA {source} does not fit the UNet of {base}: {wanted - applied} of its {wanted} "
+                               "layers have no place in it (a LoRA for another base model?)")
+    unet.fuse_lora(lora_scale=1.0)
+    unet.unload_lora()
+    return unet.to(dtype or torch.float32).eval()
 
 
 def guess_shift(ref: ModelRef) -> int:

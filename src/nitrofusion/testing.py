@@ -71,9 +71,11 @@ def build_sdxl_unet(size: Size = "tiny", seed: int = 0):
     return UNet2DConditionModel(**sdxl_unet_config(size))
 
 
-def build_sdxl_components(size: Size = "tiny", seed: int = 0, text: bool = True) -> dict:
+def build_sdxl_components(size: Size = "tiny", seed: int = 0, text: bool = True,
+                          dtype: torch.dtype | None = None) -> dict:
     """Random-weight SDXL parts in memory: tokenizers, text_encoders (empty lists when text=False),
-    unet, vae, scheduler (SDXL's own scheduler config)."""
+    unet, vae, scheduler (SDXL's own scheduler config). Each part is cast to `dtype` as soon as it is built,
+    so a full-size fp16 build peaks near one fp32 UNet (10 GB), not the whole fp32 pipeline."""
     import tempfile
 
     from diffusers import AutoencoderKL, EulerDiscreteScheduler
@@ -89,24 +91,25 @@ def build_sdxl_components(size: Size = "tiny", seed: int = 0, text: bool = True)
                    eos_token_id=vocab[EOS], pad_token_id=vocab[EOS], max_position_embeddings=77)
         cfg1, cfg2 = _TEXT[size]
         torch.manual_seed(seed)
-        parts["text_encoders"] = [CLIPTextModel(CLIPTextConfig(**cfg1, **ids)),
-                                  CLIPTextModelWithProjection(CLIPTextConfig(**cfg2, **ids))]
-    parts["unet"] = build_sdxl_unet(size, seed + 1)
+        parts["text_encoders"] = [CLIPTextModel(CLIPTextConfig(**cfg1, **ids)).to(dtype),
+                                  CLIPTextModelWithProjection(CLIPTextConfig(**cfg2, **ids)).to(dtype)]
+    parts["unet"] = build_sdxl_unet(size, seed + 1).to(dtype)
     torch.manual_seed(seed + 2)
     blocks = len(_VAE[size]["block_out_channels"])
     parts["vae"] = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
                                  down_block_types=("DownEncoderBlock2D",) * blocks,
                                  up_block_types=("UpDecoderBlock2D",) * blocks, scaling_factor=0.13025,
-                                 force_upcast=True, **_VAE[size])
+                                 force_upcast=True, **_VAE[size]).to(dtype)
     parts["scheduler"] = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                                 steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
     return parts
 
 
-def build_random_sdxl(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
-    """Write a diffusers StableDiffusionXL folder with random weights (SDXL's scheduler config)."""
+def build_random_sdxl(folder: str | Path, size: Size = "tiny", seed: int = 0, dtype: torch.dtype | None = None) -> Path:
+    """Write a diffusers StableDiffusionXL folder with random weights (SDXL's scheduler config); `dtype`
+    (e.g. float16) halves a full-size folder on disk."""
     folder = Path(folder)
-    parts = build_sdxl_components(size, seed)
+    parts = build_sdxl_components(size, seed, dtype=dtype)
     for name, tok in zip(("tokenizer", "tokenizer_2"), parts["tokenizers"], strict=True):
         tok.save_pretrained(folder / name)
     for name, enc in zip(("text_encoder", "text_encoder_2"), parts["text_encoders"], strict=True):

@@ -1,0 +1,64 @@
+"""Which model family a weights file belongs to, so a file from another family is refused in one line that
+names both, instead of failing deep inside a key converter.
+
+UNet families differ in their cross-attention width (the text encoder's hidden size): 768 for Stable
+Diffusion 1.x, 1024 for 2.x, 1280 for the SDXL refiner, 2048 for SDXL. It is read from the first
+cross-attention key projection under every naming we meet: diffusers, the original (SGM/LDM) layout, PEFT
+LoRA factors and kohya LoRA factors. Files without cross-attention (DiT and flow models) are named by
+diffusers' own single-file detector.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import NitroFusionError
+
+FAMILIES = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 1280: "the SDXL refiner", 2048: "SDXL"}
+# the key projection of a cross-attention layer (its input width is the text width), by naming scheme
+_CROSS_ATTENTION_KEYS = ("attn2.to_k.weight", "attn2.to_k.lora_A.weight", "attn2.to_k.lora_down.weight",
+                         "attn2_to_k.lora_down.weight", "attn2.to_k.lora.down.weight")
+
+
+def is_lora(state: dict[str, torch.Tensor]) -> bool:
+    return any(".lora_A." in k or ".lora_down." in k or ".lora.down." in k for k in state)
+
+
+def cross_attention_width(state: dict[str, torch.Tensor]) -> int | None:
+    for key, value in state.items():
+        if key.endswith(_CROSS_ATTENTION_KEYS) and value.ndim >= 2:
+            return int(value.shape[1])
+    return None
+
+
+def family_name(width: int | None) -> str:
+    if width is None:
+        return "an unknown architecture"
+    return FAMILIES.get(width, f"a UNet with cross-attention width {width}") + (
+        f" (cross-attention width {width})" if width in FAMILIES else "")
+
+
+def describe_state(state: dict[str, torch.Tensor]) -> str:
+    width = cross_attention_width(state)
+    if width is not None:
+        return family_name(width)
+    try:  # no cross-attention: a transformer family; let diffusers' checkpoint detector name it
+        from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+        return f"'{infer_diffusers_model_type(state)}' (diffusers' name; not a UNet with cross-attention)"
+    except Exception:  # noqa: BLE001 - the detector indexes keys it assumes; any failure means "unknown"
+        return "an unknown architecture (no cross-attention weights)"
+
+
+def check_family(state: dict[str, torch.Tensor], unet_config: dict, what: str, base: Path) -> None:
+    """Refuse `state` (a UNet or a LoRA) unless it has the base UNet's cross-attention width."""
+    want = int(unet_config["cross_attention_dim"])
+    got = cross_attention_width(state)
+    if got != want:
+        base_name = family_name(want)
+        if want not in FAMILIES and unet_config.get("addition_embed_type") == "text_time":
+            base_name = f"an SDXL-layout UNet (cross-attention width {want})"
+        raise NitroFusionError(f"{what} is {describe_state(state)}, but the base {base} is {base_name}: "
+                               "give a base of the same family (or a file made for this base)")
