@@ -42,7 +42,9 @@ from .pipeline import (
     quiet_loading,
     read_weights_file,
     resolve,
+    stored_dtype,
     to_diffusers_unet_keys,
+    unet_folder,
     unet_from_state,
 )
 
@@ -400,9 +402,11 @@ def export_lora(model: str | Path, out: str | Path, rank: int = 64, base: str | 
         raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
     ref = resolve(model, base)
     base_dir = need_base(ref, "a LoRA (student - base)")
-    student = load_unet(ref)
+    # each UNet in the dtype it is stored in (the delta is taken per layer in float64, so nothing is lost): two
+    # fp16 SDXL UNets take 10 GB, two fp32 ones 21 GB
+    student = load_unet(ref, stored_dtype(unet_folder(ref)))
     with quiet_loading():
-        base_unet = UNet2DConditionModel.from_pretrained(base_dir / "unet", dtype=torch.float32)
+        base_unet = UNet2DConditionModel.from_pretrained(base_dir / "unet", dtype=stored_dtype(base_dir / "unet"))
     lora, report = lora_from_delta(student, base_unet, rank, device)
     if dtype is not None:
         lora = {k: v.to(dtype) for k, v in lora.items()}

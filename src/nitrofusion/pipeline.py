@@ -224,6 +224,28 @@ def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return state, meta
 
 
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def unet_folder(ref: ModelRef) -> Path | None:
+    """The diffusers UNet folder of a folder model (None for a weights file)."""
+    return {"run": ref.path / "student" / "unet", "student": ref.path / "unet", "pipeline": ref.path / "unet",
+            "unet": ref.path}.get(ref.kind)
+
+
+def stored_dtype(folder: Path | None) -> torch.dtype:
+    """The dtype a UNet folder's safetensors hold, so it can be read without a lossless-but-doubling fp32
+    upcast (an fp16 SDXL UNet is 5 GB, 10 GB in fp32); fp32 when unknown."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors")) if folder is not None and folder.is_dir() else []
+    if not files:
+        return torch.float32
+    with safe_open(str(files[0]), "pt") as f:
+        keys = list(f.keys())
+        return _SAFETENSORS_DTYPES.get(f.get_slice(keys[0]).get_dtype(), torch.float32) if keys else torch.float32
+
+
 def load_unet(ref: ModelRef, dtype: torch.dtype | None = None):
     """The model's UNet (fp32 unless `dtype`)."""
     from diffusers import UNet2DConditionModel
@@ -236,8 +258,7 @@ def load_unet(ref: ModelRef, dtype: torch.dtype | None = None):
             return unet_with_lora(base, state, ref.path, dtype)
         check_family(state, config, f"UNet weights {ref.path}", base)
         return unet_from_state(config, to_diffusers_unet_keys(state, config), str(ref.path), dtype)
-    folder = {"run": ref.path / "student" / "unet", "student": ref.path / "unet", "pipeline": ref.path / "unet",
-              "unet": ref.path}[ref.kind]
+    folder = unet_folder(ref)
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, dtype=dtype or torch.float32)
     except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken folder
