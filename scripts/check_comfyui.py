@@ -4,8 +4,8 @@
         --python comfy-venv/bin/python --work /tmp/comfy-check
 
 1. builds a random-weight SDXL of the real architecture (fp16 on disk) and exports it with
-   `export --format single-file --dtype float16`; a perturbed copy of its UNet plays a trained student,
-   exported with `export --format lora` (diffusers/PEFT keys and the kohya-style file);
+   `export --format single-file --dtype float16`; writes random rank-4 LoRA factors for every Linear and
+   Conv2d with the writer of `export --format lora` (diffusers/PEFT keys and the kohya-style file);
 2. computes the references with diffusers and our pipeline: UNet outputs at t = 999 and t = 249, the
    1-step latent of our TimestepShiftLCMScheduler pipeline (docs/method.md §5), a VAE decode, both text
    encoders' last hidden states, and the UNet with each LoRA loaded by `pipe.load_lora_weights`;
@@ -38,31 +38,36 @@ def build_models(work: Path, shift: int, rank: int) -> dict[str, Path]:
     from nitrofusion.export import export
     from nitrofusion.testing import build_random_sdxl
 
-    paths = {"base": work / "base", "single": work / "model.safetensors", "student": work / "student-unet",
-             "lora": work / "lora"}
+    paths = {"base": work / "base", "single": work / "model.safetensors", "lora": work / "lora"}
     if not paths["base"].exists():
         log("building a random full-size SDXL (fp16 on disk)")
         build_random_sdxl(paths["base"], "full", seed=0, dtype=torch.float16)
     if not paths["single"].exists():
         log("export --format single-file --dtype float16")
         export(paths["base"], "single-file", paths["single"], shift=shift, dtype=torch.float16)
-    if not paths["student"].exists():
+    if not paths["lora"].exists():
+        # random rank-r factors on every Linear and Conv2d, written by the same function as `export --format lora`:
+        # the file format is what is checked here (the SVD extraction is tested on tiny models; on a full SDXL it
+        # takes about an hour of CPU)
+        from accelerate import init_empty_weights
         from diffusers import UNet2DConditionModel
 
-        log("a perturbed UNet as the 'student'")
-        unet = UNet2DConditionModel.from_pretrained(paths["base"] / "unet", torch_dtype=torch.float32)
+        from nitrofusion.export import save_lora_files
+
+        log(f"random rank-{rank} LoRA factors, saved as export --format lora saves them")
+        config = UNet2DConditionModel.load_config(paths["base"] / "unet")
+        with init_empty_weights():
+            unet = UNet2DConditionModel.from_config(config)
         gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in unet.parameters():
-                if p.ndim >= 2:  # a low-rank change, as training makes: rank-2 per layer
-                    flat = p.view(p.shape[0], -1)
-                    u = torch.randn(flat.shape[0], 2, generator=gen)
-                    v = torch.randn(2, flat.shape[1], generator=gen)
-                    flat += 0.02 * flat.std() * (u @ v) / flat.shape[1] ** 0.5
-        unet.to(torch.float16).save_pretrained(paths["student"])
-    if not paths["lora"].exists():
-        log(f"export --format lora --rank {rank}")
-        export(paths["student"], "lora", paths["lora"], base=paths["base"], rank=rank, dtype=torch.float16)
+        lora = {}
+        for name, module in unet.named_modules():
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and getattr(module, "groups", 1) == 1:
+                w = module.weight
+                a = torch.randn(rank, *w.shape[1:], generator=gen) / w[0].numel() ** 0.5
+                b = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=gen) * 0.01
+                lora[f"{name}.lora_A.weight"], lora[f"{name}.lora_B.weight"] = a.half(), b.half()
+        paths["lora"].mkdir()
+        save_lora_files(paths["lora"], lora, unet.config, rank, shift)
     return paths
 
 
@@ -101,7 +106,7 @@ def references(paths: dict[str, Path], work: Path, shift: int) -> tuple[dict, di
                                 ("kohya", paths["lora"] / "kohya_lora.safetensors")):
             if not lora_file.exists():
                 continue
-            pipe.load_lora_weights(str(lora_file), adapter_name=name)
+            pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name=name)
             ref[f"lora_{name}_t249"] = pipe.unet(inp["x"], inp["t249"], inp["context"], added_cond_kwargs=added).sample
             pipe.delete_adapters(name)
         del pipe
@@ -138,11 +143,17 @@ def main() -> int:
     ap.add_argument("--work", required=True, type=Path)
     ap.add_argument("--shift", type=int, default=250)
     ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     paths = build_models(args.work, args.shift, args.rank)
-    inp, ref = references(paths, args.work, args.shift)
-    save_file({k: v.contiguous() for k, v in inp.items()}, str(args.work / "inputs.safetensors"))
+    if args.prepare_only:  # a child process, so its fp32 UNet is gone before ComfyUI loads its own
+        inp, ref = references(paths, args.work, args.shift)
+        save_file({k: v.contiguous() for k, v in inp.items()}, str(args.work / "inputs.safetensors"))
+        save_file({k: v.contiguous() for k, v in ref.items()}, str(args.work / "reference.safetensors"))
+        return 0
+    subprocess.run([sys.executable, __file__, *sys.argv[1:], "--prepare-only"], check=True)
+    ref = load_file(str(args.work / "reference.safetensors"))
     loras = [f"{n}={f}" for n, f in (("peft", paths["lora"] / "pytorch_lora_weights.safetensors"),
                                       ("kohya", paths["lora"] / "kohya_lora.safetensors")) if f.exists()]
     log("ComfyUI side")

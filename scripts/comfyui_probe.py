@@ -57,6 +57,8 @@ def main() -> None:
     from safetensors.torch import load_file, save_file
 
     recorder = Recorder()
+    for handler in logging.getLogger().handlers:  # ComfyUI's console handler: warnings only, the rest is recorded
+        handler.setLevel(logging.WARNING)
     logging.getLogger().addHandler(recorder)
     logging.getLogger().setLevel(logging.DEBUG)
     report: dict = {"comfyui": args.comfyui}

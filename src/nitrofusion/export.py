@@ -392,8 +392,7 @@ def export_lora(model: str | Path, out: str | Path, rank: int = 64, base: str | 
     """out/pytorch_lora_weights.safetensors (diffusers/PEFT keys: `pipe.load_lora_weights(out)` into a pipeline of
     the base SDXL folder, the run's teacher folder unless --base), out/kohya_lora.safetensors (the same factors
     under kohya names, for A1111 / ComfyUI) and lora_report.json."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from safetensors.torch import save_file
+    from diffusers import UNet2DConditionModel
 
     out = Path(out)
     if rank < 1:
@@ -411,15 +410,27 @@ def export_lora(model: str | Path, out: str | Path, rank: int = 64, base: str | 
     if dtype is not None:
         lora = {k: v.to(dtype) for k, v in lora.items()}
     report["base"] = str(base_dir)
+    # the run's shift rides along, so `generate --model kohya_lora.safetensors --base SDXL` needs no --shift
+    shift = load_scheduler(ref).config.shifted_timestep if ref.scheduler_dir is not None else None
     with staged_output(out) as tmp:
-        StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=lora, safe_serialization=True)
-        meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
-                "ss_base_model_version": "sdxl_base_v1-0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
-        if ref.scheduler_dir is not None:  # so `generate --model kohya_lora.safetensors --base SDXL` needs no --shift
-            meta[SHIFT_METADATA_KEY] = str(load_scheduler(ref).config.shifted_timestep)
-        save_file(lora_to_kohya(lora, base_unet.config, rank), str(tmp / KOHYA_LORA_FILE), metadata=meta)
+        save_lora_files(tmp, lora, base_unet.config, rank, shift)
         (tmp / "lora_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def save_lora_files(folder: Path, lora: dict[str, torch.Tensor], unet_config, rank: int,
+                    shift: int | None = None) -> None:
+    """PEFT factors (`{module}.lora_A.weight` / `.lora_B.weight`, scale 1) as diffusers'
+    pytorch_lora_weights.safetensors and as the kohya-style file."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=lora, safe_serialization=True)
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+            "ss_base_model_version": "sdxl_base_v1-0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
+    if shift is not None:
+        meta[SHIFT_METADATA_KEY] = str(shift)
+    save_file(lora_to_kohya(lora, unet_config, rank), str(folder / KOHYA_LORA_FILE), metadata=meta)
 
 
 # ---- transfer: theta_C + (theta_S - theta_B) ------------------------------------------------------------------
