@@ -64,7 +64,7 @@ def build_models(work: Path, shift: int, rank: int) -> dict[str, Path]:
             if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and getattr(module, "groups", 1) == 1:
                 w = module.weight
                 a = torch.randn(rank, *w.shape[1:], generator=gen) / w[0].numel() ** 0.5
-                b = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=gen) * 0.01
+                b = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=gen) * 0.05
                 lora[f"{name}.lora_A.weight"], lora[f"{name}.lora_B.weight"] = a.half(), b.half()
         paths["lora"].mkdir()
         save_lora_files(paths["lora"], lora, unet.config, rank, shift)
@@ -118,7 +118,10 @@ def references(paths: dict[str, Path], work: Path, shift: int) -> tuple[dict, di
     return inp, ref
 
 
-def compare(ref: dict, got: dict, report: dict) -> list[dict]:
+def compare(ref: dict, got: dict) -> list[dict]:
+    """fp16 weights computed in fp32 on both sides: only summation order differs (relative L2 < 1e-3). A LoRA
+    is judged on its effect: ComfyUI stores patched weights in fp16 (`lora_base_t249` is its unpatched UNet in
+    the same setting), so the error is measured against the size of the change the LoRA makes."""
     rows = []
     for key, want in ref.items():
         have = got.get(key)
@@ -129,8 +132,14 @@ def compare(ref: dict, got: dict, report: dict) -> list[dict]:
             rows.append({"check": key, "ok": False, "note": f"shape {tuple(have.shape)} vs {tuple(want.shape)}"})
             continue
         err = float((have - want).abs().max())
+        if key.startswith("lora_"):
+            effect = want - ref["unet_t249"]
+            rel = float(((have - got["lora_base_t249"]) - effect).norm() / effect.norm().clamp_min(1e-12))
+            size = float(effect.norm() / ref["unet_t249"].norm())
+            rows.append({"check": key, "ok": rel < 0.05, "max_abs_err": err, "rel_l2_err": rel,
+                         "note": f"error {rel:.2e} of the LoRA's effect (which moves the output by {size:.1%})"})
+            continue
         rel = float((have - want).norm() / want.norm().clamp_min(1e-12))
-        # fp16 weights computed in fp32 on both sides: only summation order differs
         rows.append({"check": key, "ok": rel < 1e-3, "max_abs_err": err, "rel_l2_err": rel})
     return rows
 
@@ -166,7 +175,7 @@ def main() -> int:
     probe = json.loads((args.work / "comfy.json").read_text())
     commit = subprocess.run(["git", "-C", str(args.comfyui), "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    rows = compare(ref, got, probe)
+    rows = compare(ref, got)
     rows.insert(0, {"check": "detected as SDXL (EPS)", "ok": probe["detected"] == "SDXL" and
                     probe["model_type"] == "EPS", "note": f"{probe['detected']} {probe['model_type']}"})
     rows.insert(1, {"check": "no missing / unexpected / left-over keys", "ok": not probe["load_problems"],

@@ -9,6 +9,7 @@ keys, LoRA keys not applied). It imports nothing from nitrofusion: only ComfyUI,
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import logging
@@ -33,6 +34,17 @@ class Recorder(logging.Handler):
 
 def keys_reported(messages: list[str], *prefixes: str) -> list[str]:
     return [m[:300] for m in messages if m.startswith(prefixes)]
+
+
+def unet_call(base_model, inp, y):
+    """The UNet at t = 249 on the check's fixed input, in ComfyUI's compute dtype."""
+    import torch
+
+    dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+    cast = {"dtype": dtype}
+    with torch.autocast("cpu", enabled=False):
+        return base_model.diffusion_model(inp["x"].to(**cast), inp["t249"], context=inp["context"].to(**cast),
+                                          y=y.to(**cast)).float()
 
 
 def main() -> None:
@@ -101,17 +113,23 @@ def main() -> None:
             encoder = getattr(clip.cond_stage_model, name).transformer
             out[f"text_{name}"] = encoder(input_tokens=inp["token_ids"].long(), dtype=torch.float32)[0].float()
 
+    # LoRAs: ComfyUI patches a copy of every weight it changes, so the fp32 UNet would be held twice (21 GB).
+    # Reload the UNet alone with fp16 weights (computed in fp32 by ComfyUI's manual cast) and patch that.
+    del model, shifted, clip, vae, base_model
+    gc.collect()
+    model = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=False,
+                                                  model_options={"dtype": torch.float16})[0]
+    recorder.take()
+    with torch.no_grad():
+        m = model.model
+        out["lora_base_t249"] = unet_call(m, inp, y)
         for item in args.lora:
             name, path = item.split("=", 1)
             lora = comfy.utils.load_torch_file(path)
-            recorder.take()
             patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
             not_loaded = keys_reported(recorder.take(), "lora key not loaded")
             patched.patch_model()
-            m = patched.model
-            out[f"lora_{name}_t249"] = m.diffusion_model(inp["x"].to(m.get_dtype()), inp["t249"],
-                                                         context=inp["context"].to(m.get_dtype()),
-                                                         y=y.to(m.get_dtype())).float()
+            out[f"lora_{name}_t249"] = unet_call(patched.model, inp, y)
             patched.unpatch_model()
             report[f"lora_{name}"] = {"keys": len(lora), "not_loaded": len(not_loaded), "examples": not_loaded[:5]}
     save_file({k: v.contiguous() for k, v in out.items()}, args.out)

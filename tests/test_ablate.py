@@ -17,6 +17,20 @@ def test_summary_statistics_and_deltas():
     assert s["static"]["accuracy"]["delta_in_seed_std"] is None  # no spread: no ratio
 
 
+def test_every_variant_is_a_valid_config_that_differs_from_full():
+    from nitrofusion import config as config_lib
+    from nitrofusion.ablate import VARIANTS
+    from nitrofusion.distill_config import DistillConfig
+
+    built = {v: config_lib.build(DistillConfig, "distill", preset, list(sets)) for v, (preset, sets, _) in
+             VARIANTS.items()}
+    # multistep-p0.25 became the mini default (so `full`); it stays by name for the study's records
+    assert {v for v in VARIANTS if v != "full" and built[v] == built["full"]} == {"multistep-p0.25"}
+    static, refreshed = built["static"], built["static-refresh"]  # the refresh's effect alone, at k = 1
+    assert refreshed.pool.refresh_fraction == 0.01 and static.pool.refresh_fraction == 0
+    assert refreshed.heads_optim == static.heads_optim and refreshed.pool.heads_per_slot == 1
+
+
 @pytest.mark.slow
 def test_ablate_runs_every_variant_and_skips_finished_runs(tmp_path, monkeypatch):
     import nitrofusion.ablate as ablate

@@ -40,6 +40,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
              "1 head per slot, refreshed 1%, head lr 2.5e-4"),
     "hps2": ("mini", ("pool.heads_per_slot=2", "heads_optim.lr=5e-4"), "2 heads per slot, head lr 5e-4"),
     "hps8": ("mini", ("pool.heads_per_slot=8", "heads_optim.lr=2e-3"), "8 heads per slot, head lr 2e-3"),
+    "static-refresh": ("mini", ("pool.heads_per_slot=1",),
+                       "1 head per slot at the static pool's head lr 1e-3, refreshed 1% (static + refresh)"),
     "refresh0.5": ("mini", ("pool.refresh_fraction=0.005",), "refresh 0.5% of the pool per step"),
     "refresh2": ("mini", ("pool.refresh_fraction=0.02",), "refresh 2% of the pool per step"),
     # the multi-step stage and the real-data source
