@@ -22,18 +22,18 @@ class Recorder(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
+        self.messages: list[tuple[int, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        self.messages.append((record.levelno, record.getMessage()))
 
-    def take(self) -> list[str]:
+    def take(self) -> list[tuple[int, str]]:
         out, self.messages = self.messages, []
         return out
 
 
-def keys_reported(messages: list[str], *prefixes: str) -> list[str]:
-    return [m[:300] for m in messages if m.startswith(prefixes)]
+def keys_reported(messages: list[tuple[int, str]], *prefixes: str, level: int = logging.DEBUG) -> list[str]:
+    return [m[:300] for lvl, m in messages if m.startswith(prefixes) and lvl >= level]
 
 
 def unet_call(base_model, inp, y):
@@ -81,9 +81,12 @@ def main() -> None:
     report["detected"] = type(base_model.model_config).__name__
     report["model_type"] = base_model.model_type.name
     report["unet_dtype"] = str(base_model.get_dtype())
-    report["load_problems"] = keys_reported(messages, "unet missing", "unet unexpected", "clip missing",
-                                            "clip unexpected", "Missing VAE keys", "Leftover VAE keys",
-                                            "left over keys", "no CLIP")
+    # ComfyUI itself demotes a CLIP "missing" list holding only logit_scale / CLIP-L's text_projection (which
+    # the original SDXL files lack too) to a debug line; any other missing key is a warning
+    report["load_problems"] = (keys_reported(messages, "unet missing", "unet unexpected", "clip unexpected",
+                                             "Missing VAE keys", "Leftover VAE keys", "left over keys", "no CLIP")
+                               + keys_reported(messages, "clip missing", level=logging.WARNING))
+    report["benign"] = [m for m in keys_reported(messages, "clip missing") if m not in report["load_problems"]]
     report["clip_models"] = sorted(n for n, _ in clip.cond_stage_model.named_children()) if clip else []
 
     inp = load_file(args.inputs)
