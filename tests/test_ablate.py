@@ -29,6 +29,9 @@ def test_every_variant_is_a_valid_config_that_differs_from_full():
     static, refreshed = built["static"], built["static-refresh"]  # the refresh's effect alone, at k = 1
     assert refreshed.pool.refresh_fraction == 0.01 and static.pool.refresh_fraction == 0
     assert refreshed.heads_optim == static.heads_optim and refreshed.pool.heads_per_slot == 1
+    # the preset README reports as the best one-step student is exactly the measured `static` + p = 0
+    assert config_lib.build(DistillConfig, "distill", "mini-static-1step", []) == config_lib.build(
+        DistillConfig, "distill", "mini-static", ["multistep.p=0"])
 
 
 @pytest.mark.slow
