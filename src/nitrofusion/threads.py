@@ -34,9 +34,13 @@ def _local_processes(environ=os.environ) -> int:
         return 1
 
 
+def _automatic(environ) -> int:
+    return auto_threads(usable_cores(), _local_processes(environ))
+
+
 def set_default_environment(environ=os.environ) -> None:
     """Give OpenMP the automatic count unless the user chose one (OMP_NUM_THREADS wins)."""
-    environ.setdefault("OMP_NUM_THREADS", str(auto_threads(usable_cores(), _local_processes(environ))))
+    environ.setdefault("OMP_NUM_THREADS", str(_automatic(environ)))
 
 
 def apply(threads: int) -> int:
@@ -45,7 +49,6 @@ def apply(threads: int) -> int:
 
     if threads <= 0:
         from_env = os.environ.get("OMP_NUM_THREADS", "")
-        threads = int(from_env) if from_env.isdigit() and int(from_env) > 0 else auto_threads(
-            usable_cores(), _local_processes())
+        threads = int(from_env) if from_env.isdigit() and int(from_env) > 0 else _automatic(os.environ)
     torch.set_num_threads(threads)
     return threads
