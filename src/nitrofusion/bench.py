@@ -94,11 +94,11 @@ def run_bench(size: str = "full", device: str | None = None, overrides: list[str
     cls = SDXLAdapter if text else _UntokenizedSDXL
     adapter = cls.from_components(parts["tokenizers"], parts["text_encoders"], parts["unet"], parts["vae"],
                                   dict(parts["scheduler"].config), cfg.sdxl)
-    student = build_student(cfg, adapter).to(device_)
-    adapter.to(device_, amp)
+    student = build_student(cfg, adapter, device_, amp)
     backbone = UNetBackbone(adapter.teacher_unet, cfg.gradient_checkpointing)
     pool = HeadPool(cfg.pool, backbone.channels).to(device_)
-    opt_g, opt_d = _adamw(student.parameters(), cfg.student_optim), _adamw(pool.parameters(), cfg.heads_optim)
+    opt_g = _adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim)
+    opt_d = _adamw(pool.parameters(), cfg.heads_optim)
     step = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial)
     b = cfg.micro_batch
     prompts = [f"a benchmark prompt number {i}" for i in range(b)]

@@ -152,7 +152,7 @@ def cmd_distill(args) -> None:
         raise NitroFusionError(f"{args.out} already holds a run (checkpoints/); add --resume to continue it or "
                                "choose a new --out")
     from .real_data import training_source
-    from .train import distill, ensure_writable, read_student_init
+    from .train import check_student, distill, ensure_writable, read_student_init
     from .worlds import load_adapter, process_state, prompt_source, training_data
 
     read_student_init(cfg, header_only=True)
@@ -160,6 +160,7 @@ def cmd_distill(args) -> None:
     state = process_state()
     prompts = prompt_source(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
     adapter = load_adapter(cfg)
+    check_student(cfg, adapter)  # LoRA targets against the real UNet, still before any teacher pair
     data = training_source(cfg, adapter, lambda: training_data(cfg, adapter, state, prompts=prompts),
                            progress=state.is_main_process)
     result = distill(cfg, adapter, data, Path(args.out), resume=args.resume)
@@ -219,7 +220,10 @@ def cmd_export(args) -> None:
 
     r = export(args.model, args.format, args.out, base=args.base, shift=args.shift, rank=args.rank,
                dtype=parse_dtype(args.dtype), device=args.device)
-    if args.format == "lora":
+    if args.format == "lora" and "source" in r:
+        print(f"LoRA rank {r['rank']} (alpha {r['alpha']:g}) on {r['lora_layers']} layers "
+              f"({r['lora_parameters']:,} parameters): {r['source']}")
+    elif args.format == "lora":
         print(f"LoRA rank {r['rank']} on {r['lora_layers']} Linear/Conv2d layers ({r['lora_parameters']:,} "
               f"parameters): relative error of the delta {r['relative_error_total']:.4f} overall, "
               f"{r['relative_error_covered']:.4f} on those layers; {100 * r['uncovered_fraction']:.2f}% of the "
@@ -379,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "must not exist")
     p.add_argument("--base", help="base SDXL pipeline folder (default: the run's teacher folder)")
     p.add_argument("--shift", type=int, help="timestep shift for a UNet file without one")
-    p.add_argument("--rank", type=int, default=64, help="LoRA rank (default 64)")
+    p.add_argument("--rank", type=int, help="LoRA rank of the SVD extraction from a full student (e.g. 64); a LoRA "
+                   "run exports its trained adapters and takes no --rank")
     p.add_argument("--dtype", help="weights dtype: fp32 (default: as trained), fp16 or bf16")
     p.add_argument("--device", default="cpu", help="LoRA: where the SVDs run (cpu or cuda)")
     p.set_defaults(func=cmd_export)

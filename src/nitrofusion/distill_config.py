@@ -64,13 +64,32 @@ class RealConfig:
                               "with captions, or use real.source=teacher")
 
 
+# LoRA targets by default: attention (self and cross: q, k, v, out), feed-forward (GEGLU in, out) and the
+# resnets' two 3x3 convolutions; PEFT matches a name or its ending after a dot
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+
+
+@dataclass
+class StudentConfig:
+    kind: Literal["full", "lora"] = "full"  # full = the paper (every UNet weight trains); lora = adapters only [ours]
+    rank: int = ranged(16, ge=1, le=4096)  # lora: rank r of every adapter
+    alpha: float = ranged(0.0, ge=0)  # lora: scale = alpha / rank; 0 = rank (scale 1)
+    dropout: float = ranged(0.0, ge=0, lt=1)  # lora: dropout on the adapters' input
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # lora: layer names (see above)
+
+    def validate(self) -> None:
+        if self.kind == "lora" and not self.targets:
+            raise ConfigError("student.targets is empty: name the layers to adapt, e.g. [to_q, to_k, to_v, to_out.0]")
+
+
 @dataclass
 class DistillConfig:
     world: Literal["mini", "sdxl"] = "mini"
     teacher: str = ""  # teacher folder: a diffusers SDXL pipeline (sdxl); empty = the shipped teacher (mini)
     sdxl: SDXLConfig = field(default_factory=SDXLConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)  # sdxl; the mini world uses its 10 classes
-    student_init: str = "teacher"  # "teacher" or a UNet weights file (.safetensors)
+    student_init: str = "teacher"  # "teacher", or a .safetensors UNet (student.kind full) / LoRA (kind lora)
+    student: StudentConfig = field(default_factory=StudentConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     multistep: MultiStepConfig = field(default_factory=MultiStepConfig)  # train the 2-4 step refinements too

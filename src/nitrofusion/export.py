@@ -369,12 +369,15 @@ def lora_from_delta(student: torch.nn.Module, base: torch.nn.Module, rank: int,
 
 
 KOHYA_LORA_FILE = "kohya_lora.safetensors"
+PEFT_LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for the PEFT-format file
+LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraConfig in that file's header
 
 
-def lora_to_kohya(lora: dict[str, torch.Tensor], unet_config, rank: int) -> dict[str, torch.Tensor]:
+def lora_to_kohya(lora: dict[str, torch.Tensor], unet_config, rank: int,
+                  alpha: float | None = None) -> dict[str, torch.Tensor]:
     """The same factors under the kohya / sd-scripts names that A1111, Forge and ComfyUI read for SDXL:
     `lora_unet_{original module path, dots as underscores}.lora_down.weight` (= PEFT's lora_A), `.lora_up.weight`
-    (= lora_B) and `.alpha` (= rank, so the scale alpha/rank is 1 as in the PEFT file)."""
+    (= lora_B) and `.alpha` (kohya's scale is alpha/rank, as PEFT's; alpha defaults to the rank: scale 1)."""
     modules = [k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")]
     renamed = _remap({f"{m}.weight": lora[f"{m}.lora_A.weight"] for m in modules}, unet_module_map(unet_config),
                      "LoRA")
@@ -383,23 +386,69 @@ def lora_to_kohya(lora: dict[str, torch.Tensor], unet_config, rank: int) -> dict
         stem = "lora_unet_" + orig.removesuffix(".weight").replace(".", "_")
         out[f"{stem}.lora_down.weight"] = lora[f"{module}.lora_A.weight"]
         out[f"{stem}.lora_up.weight"] = lora[f"{module}.lora_B.weight"]
-        out[f"{stem}.alpha"] = torch.tensor(float(rank), dtype=lora[f"{module}.lora_A.weight"].dtype)
+        out[f"{stem}.alpha"] = torch.tensor(float(alpha or rank), dtype=lora[f"{module}.lora_A.weight"].dtype)
     return out
 
 
-def export_lora(model: str | Path, out: str | Path, rank: int = 64, base: str | Path | None = None,
+def trained_lora_dir(ref) -> Path | None:
+    """A LoRA student's adapters (run/student/lora, written by the trainer), if the model is such a run."""
+    from .train import LORA_DIR
+
+    folder = ref.student_dir / LORA_DIR if ref.student_dir is not None else None
+    return folder if folder is not None and (folder / PEFT_LORA_FILE).is_file() else None
+
+
+def export_trained_lora(ref, lora_dir: Path, out: Path, dtype: torch.dtype | None) -> dict:
+    """A LoRA run's adapters, handed on without approximation: the same factors, rank, alpha and targets
+    (diffusers' adapter metadata), written again so --dtype applies and the kohya file matches."""
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = lora_dir / PEFT_LORA_FILE
+    factors = {k.removeprefix("unet."): v for k, v in load_file(str(path)).items()}
+    with safe_open(str(path), "pt") as f:
+        packed = json.loads((f.metadata() or {}).get(LORA_METADATA_KEY, "{}"))  # flat: "unet.r", "unet.lora_alpha"
+    meta = {k.removeprefix("unet."): v for k, v in packed.items() if k.startswith("unet.")}
+    rank, alpha = int(meta.get("r", 0)), float(meta.get("lora_alpha", 0))
+    if not rank:
+        raise NitroFusionError(f"{path} lacks its adapter settings (rank, alpha); re-run the training's last step")
+    if dtype is not None:
+        factors = {k: v.to(dtype) for k, v in factors.items()}
+    unet_config = UNet2DConditionModel.load_config(unet_folder(ref))
+    shift = load_scheduler(ref).config.shifted_timestep if ref.scheduler_dir is not None else None
+    report = {"source": "the run's trained LoRA adapters (exact)", "rank": rank, "alpha": alpha,
+              "targets": meta.get("target_modules"), "lora_layers": len(factors) // 2,
+              "lora_parameters": sum(v.numel() for v in factors.values())}
+    with staged_output(out) as tmp:
+        save_lora_files(tmp, factors, unet_config, rank, shift, alpha=alpha, metadata=meta)
+        (tmp / "lora_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def export_lora(model: str | Path, out: str | Path, rank: int | None = None, base: str | Path | None = None,
                 dtype: torch.dtype | None = None, device: str = "cpu") -> dict:
     """out/pytorch_lora_weights.safetensors (diffusers/PEFT keys: `pipe.load_lora_weights(out)` into a pipeline of
     the base SDXL folder, the run's teacher folder unless --base), out/kohya_lora.safetensors (the same factors
-    under kohya names, for A1111 / ComfyUI) and lora_report.json."""
+    under kohya names, for A1111 / ComfyUI) and lora_report.json. A LoRA run hands on its trained adapters; any
+    other model needs `rank`: its LoRA is a truncated SVD of student - base."""
     from diffusers import UNet2DConditionModel
 
     out = Path(out)
-    if rank < 1:
+    if rank is not None and rank < 1:
         raise NitroFusionError(f"--rank must be >= 1 (got {rank})")
     if out.exists():
         raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
     ref = resolve(model, base)
+    trained = trained_lora_dir(ref)
+    if trained is not None:
+        if rank is not None:
+            raise NitroFusionError(f"{model} trained LoRA adapters, which export hands on exactly; drop --rank "
+                                   "(an SVD of its merged UNet would only approximate them)")
+        return export_trained_lora(ref, trained, out, dtype)
+    if rank is None:
+        raise NitroFusionError(f"{model} is a full student: its LoRA is a truncated SVD of student - base; give "
+                               "--rank N (e.g. 64; the report states the error)")
     base_dir = need_base(ref, "a LoRA (student - base)")
     # each UNet in the dtype it is stored in (the delta is taken per layer in float64, so nothing is lost): two
     # fp16 SDXL UNets take 10 GB, two fp32 ones 21 GB
@@ -419,18 +468,21 @@ def export_lora(model: str | Path, out: str | Path, rank: int = 64, base: str | 
 
 
 def save_lora_files(folder: Path, lora: dict[str, torch.Tensor], unet_config, rank: int,
-                    shift: int | None = None) -> None:
-    """PEFT factors (`{module}.lora_A.weight` / `.lora_B.weight`, scale 1) as diffusers'
-    pytorch_lora_weights.safetensors and as the kohya-style file."""
+                    shift: int | None = None, alpha: float | None = None, metadata: dict | None = None) -> None:
+    """PEFT factors (`{module}.lora_A.weight` / `.lora_B.weight`, scale alpha/rank, 1 unless `alpha`) as diffusers'
+    pytorch_lora_weights.safetensors and as the kohya-style file. `metadata`: the adapter's LoraConfig, stored
+    as diffusers does so `load_lora_weights` rebuilds the same adapter (rank, alpha, targets)."""
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
-    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=lora, safe_serialization=True)
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
+    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=lora, safe_serialization=True,
+                                                unet_lora_adapter_metadata=metadata)
+    alpha = alpha or rank
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
             "ss_base_model_version": "sdxl_base_v1-0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
     if shift is not None:
         meta[SHIFT_METADATA_KEY] = str(shift)
-    save_file(lora_to_kohya(lora, unet_config, rank), str(folder / KOHYA_LORA_FILE), metadata=meta)
+    save_file(lora_to_kohya(lora, unet_config, rank, alpha), str(folder / KOHYA_LORA_FILE), metadata=meta)
 
 
 # ---- transfer: theta_C + (theta_S - theta_B) ------------------------------------------------------------------
@@ -501,7 +553,7 @@ def transfer(student: str | Path, base: str | Path, custom: str | Path, out: str
 
 
 def export(model: str | Path, fmt: str, out: str | Path, base: str | Path | None = None, shift: int | None = None,
-           rank: int = 64, dtype: torch.dtype | None = None, device: str = "cpu") -> dict:
+           rank: int | None = None, dtype: torch.dtype | None = None, device: str = "cpu") -> dict:
     if fmt not in FORMATS:
         raise NitroFusionError(f"unknown export format {fmt!r}: choose diffusers, single-file or lora")
     if fmt == "diffusers":

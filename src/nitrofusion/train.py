@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import config as config_lib
 from . import faults, threads
+from . import student as student_lib
 from .adapters.base import ModelAdapter, cond_to
 from .distill_config import DistillConfig
 from .errors import NitroFusionError, describe
@@ -39,38 +40,59 @@ Evaluator = Callable[[torch.nn.Module, int], dict]
 
 
 def read_student_init(cfg: DistillConfig, header_only: bool = False) -> dict[str, torch.Tensor] | None:
-    """The student_init weights (None for 'teacher'); a missing or unreadable file is a one-line error.
-    `header_only` reads just the safetensors header: the CLI's check before any teacher pair is generated."""
+    """The student_init weights (None for 'teacher'); a missing or unreadable file, or a file of the other
+    student kind (a UNet for a LoRA student, LoRA factors for a full one), is a one-line error. `header_only`
+    reads just the safetensors header: the CLI's check before any teacher pair is generated."""
     if cfg.student_init == "teacher":
         return None
     path = Path(cfg.student_init)
     if not path.is_file():
         raise NitroFusionError(f"student_init file not found: {path}; give a .safetensors UNet or 'teacher'")
+    student_lib.check_init_kind(path, cfg.student.kind)
+    if header_only:
+        return None
     try:
-        if header_only:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                f.keys()
-            return None
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file surfaces as several types
         raise NitroFusionError(f"student_init {path} is not a readable safetensors file ({describe(e)}); give a "
                                "UNet .safetensors or 'teacher'") from None
 
 
-def build_student(cfg: DistillConfig, adapter: ModelAdapter) -> torch.nn.Module:
-    """Student = the teacher's architecture; weights from the teacher or a UNet weights file (docs/method.md §1)."""
-    student = copy.deepcopy(adapter.teacher_unet).float()  # fp32 master weights (docs/method.md §4)
+def check_student(cfg: DistillConfig, adapter: ModelAdapter) -> None:
+    """What can be checked once the teacher UNet exists, before minutes of teacher sampling: the init file's
+    kind and the LoRA target names."""
+    read_student_init(cfg, header_only=True)
+    if cfg.student.kind == "lora":
+        student_lib.check_targets(adapter.teacher_unet, cfg.student.targets)
+
+
+def build_student(cfg: DistillConfig, adapter: ModelAdapter, device: torch.device | str = "cpu",
+                  weight_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The student on `device`, the frozen teacher/backbone/encoders moved there in `weight_dtype`.
+    full: the teacher's architecture, fp32 master weights copied before the teacher is cast (docs/method.md §1, §4).
+    lora: the teacher UNet itself, cast, with fp32 adapters added (docs/method.md §7): no second UNet."""
     state = read_student_init(cfg)
-    if state is not None:
-        path = cfg.student_init
-        missing, unexpected = student.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise NitroFusionError(f"student_init {path} does not match the teacher UNet "
-                                   f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. "
-                                   f"{(missing or unexpected)[0]})")
-    student.requires_grad_(True).train()
+    if cfg.student.kind == "lora":
+        adapter.to(device, weight_dtype)
+        s = cfg.student
+        student = adapter.teacher_unet
+        student_lib.add_lora(student, s.rank, s.alpha, s.dropout, s.targets)
+        student.to(device)
+        if state is not None:
+            student_lib.load_init_factors(student, state, Path(cfg.student_init))
+    else:
+        student = copy.deepcopy(adapter.teacher_unet).float()
+        if state is not None:
+            path = cfg.student_init
+            missing, unexpected = student.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise NitroFusionError(f"student_init {path} does not match the teacher UNet "
+                                       f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. "
+                                       f"{(missing or unexpected)[0]})")
+        student.requires_grad_(True)
+        student.to(device)
+        adapter.to(device, weight_dtype)
+    student.train()
     if cfg.gradient_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
         student.enable_gradient_checkpointing()
     return student
@@ -99,18 +121,17 @@ WEIGHT_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _EMA:
+    """EMA of the trainable weights (a LoRA student: its adapters only), in fp32."""
+
     def __init__(self, module: torch.nn.Module, decay: float) -> None:
         self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+        self.shadow = {k: v.detach().clone().float() for k, v in student_lib.trainable_state(module).items()}
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
-        for k, v in module.state_dict().items():
+        for k, v in student_lib.trainable_state(module).items():
             if v.is_floating_point():
                 self.shadow[k].lerp_(v.float(), 1 - self.decay)
-
-    def copy_to(self, module: torch.nn.Module) -> None:
-        module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
 
 
 def average_active_head_grads(acc: Accelerator, pool: HeadPool, active: torch.Tensor) -> None:
@@ -128,12 +149,25 @@ def average_active_head_grads(acc: Accelerator, pool: HeadPool, active: torch.Te
         offset += p.numel()
 
 
-def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter, shift: int) -> Path:
-    """run_dir/student: a diffusers UNet folder plus the shifted LCM scheduler it must be sampled with."""
+LORA_DIR = "lora"  # run_dir/student/lora: a LoRA student's trained adapters
+
+
+def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter, shift: int,
+                 lora: tuple[dict[str, torch.Tensor], dict] | None = None) -> Path:
+    """run_dir/student: a diffusers UNet folder (a LoRA student's merged into its base) plus the shifted LCM
+    scheduler it must be sampled with; for a LoRA student also lora/ with the adapters themselves
+    (PEFT factors + LoraConfig metadata, and a kohya file), which `export --format lora` hands on exactly."""
     out = run_dir / "student"
     student.save_pretrained(out / "unet", safe_serialization=True)
     faults.point("student-save")  # the UNet written, its scheduler not yet
     shifted_scheduler(adapter.scheduler_config, shift).save_pretrained(out / "scheduler")
+    if lora is not None:
+        from .export import save_lora_files
+
+        factors, metadata = lora
+        (out / LORA_DIR).mkdir(exist_ok=True)
+        save_lora_files(out / LORA_DIR, factors, student.config, int(metadata["r"]), shift,
+                        alpha=float(metadata["lora_alpha"]), metadata=metadata)
     return out
 
 
@@ -151,7 +185,18 @@ def ensure_writable(run_dir: Path) -> None:
 def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPairs | OnlinePairs | MixedPairs,
             run_dir: str | Path,
             resume: bool = False, evaluator: Evaluator | None = None, progress: bool = True) -> dict:
-    run_dir = Path(run_dir)
+    """Train a student; returns its summary with the final (EMA, merged) student. A LoRA student lives on the
+    adapter's teacher UNet: its adapters are removed on the way out, so the adapter serves the next run as the
+    plain teacher (ablate trains many runs on one adapter)."""
+    try:
+        return _distill(cfg, adapter, pairs, Path(run_dir), resume, evaluator, progress)
+    finally:
+        if student_lib.has_lora(adapter.teacher_unet):
+            student_lib.remove_lora(adapter.teacher_unet)
+
+
+def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, resume: bool,
+             evaluator: Evaluator | None, progress: bool) -> dict:
     if not resume and ckpt.latest(run_dir) is not None:
         raise NitroFusionError(f"{run_dir} already holds a run (checkpoints/); add --resume to continue it or "
                                "choose a new --out")
@@ -160,15 +205,14 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=use_cpu())
     device = acc.device
     torch.manual_seed(cfg.seed)
-    student = build_student(cfg, adapter).to(device)
+    # frozen teacher/backbone/encoders in the autocast dtype; the student keeps fp32 master weights
+    student = build_student(cfg, adapter, device, WEIGHT_DTYPES[cfg.mixed_precision])
     if acc.is_main_process:  # the fully resolved config, once the student's weights have loaded
         config_lib.save(cfg, run_dir / "config.yaml")
-    # frozen teacher/backbone/encoders in the autocast dtype; the student keeps fp32 master weights
-    adapter.to(device, WEIGHT_DTYPES[cfg.mixed_precision])
     backbone = UNetBackbone(adapter.teacher_unet, cfg.gradient_checkpointing)
     pool = HeadPool(cfg.pool, backbone.channels).to(device)
     zero = cfg.student_optim.zero and acc.num_processes > 1
-    opt_g = _adamw(student.parameters(), cfg.student_optim, sharded=zero)
+    opt_g = _adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim, sharded=zero)
     opt_d = _adamw(pool.parameters(), cfg.heads_optim)
     student = acc.prepare(student)
     if not zero:  # accelerate's optimiser wrapper reads state_dict() at once, which ZeRO only has after consolidating
@@ -197,7 +241,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
             raise NitroFusionError(f"{last} was written by {saved_processes} process(es), this run has "
                                    f"{acc.num_processes}; resume with the same number (accelerate launch "
                                    f"--num_processes {saved_processes}) or start a new --out")
-        acc.unwrap_model(student).load_state_dict(tensors["student"])
+        student_lib.load_trainable_state(acc.unwrap_model(student), tensors["student"])
         pool.set_generator_state(tensors["pool"].pop("__generator__"))
         pool.load_state_dict(tensors["pool"])
         if ema is not None and "ema" in tensors:
@@ -231,7 +275,7 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
         pool_sd["__generator__"] = pool.generator_state()
         rngs = {f"{kind}.{r}": rng[2 * r + i] for r in range(acc.num_processes)
                 for i, kind in enumerate(("trainer", "torch"))}
-        tensors = {"student": acc.unwrap_model(student).state_dict(), "pool": pool_sd, "rng": rngs}
+        tensors = {"student": student_lib.trainable_state(acc.unwrap_model(student)), "pool": pool_sd, "rng": rngs}
         if ema is not None:
             tensors["ema"] = ema.shadow
         state = {"step": step, "images": images, "train_seconds": train_seconds, "loader": loader.state()}
@@ -240,12 +284,8 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
                       cfg.keep_checkpoints)
 
     def eval_student() -> torch.nn.Module:
-        model = acc.unwrap_model(student)
-        if ema is None:
-            return model
-        copy_ = copy.deepcopy(model)
-        ema.copy_to(copy_)
-        return copy_
+        """A plain UNet for evaluation and saving: the EMA weights when kept, a LoRA student merged."""
+        return student_lib.merged(acc.unwrap_model(student), ema.shadow if ema is not None else None)
 
     def evaluate() -> None:
         if evaluator is None or not acc.is_main_process:
@@ -333,8 +373,13 @@ def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPai
     acc.wait_for_everyone()
     final = eval_student().eval()
     if acc.is_main_process:
+        model = acc.unwrap_model(student)
+        lora = None
+        if cfg.student.kind == "lora":
+            lora = (student_lib.peft_factors(model, ema.shadow if ema is not None else None),
+                    student_lib.lora_metadata(model))
         with disk_errors("the student", run_dir / "student"):
-            save_student(run_dir, final, adapter, cfg.adversarial.shift)
+            save_student(run_dir, final, adapter, cfg.adversarial.shift, lora)
         if cfg.eval_every and (step % cfg.eval_every):
             evaluate()
     return {"iterations": step, "images": images, "seconds": round(train_seconds, 1), "student": final,

@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ..student import base_only
 from ..teachers import Predict, SamplerSpec, sample
 
 Cond = dict[str, torch.Tensor]
@@ -86,5 +87,9 @@ class ModelAdapter(ABC):
     def teacher_sample(self, x_T: torch.Tensor, cond: Cond, spec: SamplerSpec | None = None,
                        generator: torch.Generator | None = None) -> torch.Tensor:
         spec = spec or self.sampler
+        with base_only(self.teacher_unet):  # a LoRA student shares this UNet: the teacher is its base
+            return self._teacher_sample(x_T, cond, spec, generator)
+
+    def _teacher_sample(self, x_T, cond, spec, generator) -> torch.Tensor:
         predict = self.guided_predict(self.teacher_unet, cond, spec.guidance_scale)
         return sample(predict, x_T, spec, self.scheduler_config, self.alphas_cumprod.to(x_T.device), generator)

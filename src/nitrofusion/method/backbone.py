@@ -2,8 +2,9 @@
 block, returning every residual output of the down path plus the mid-block output.
 
 For SDXL's block layout that is 10 maps: conv_in; 2 resnets + downsampler of block 0; the same of block 1;
-2 resnets of block 2; mid. E reuses the teacher's module (no copy). Its parameters never train, but it is
-NOT run under no_grad in the G step: the generator's gradient flows through it (docs/method.md §4).
+2 resnets of block 2; mid. E reuses the teacher's module (no copy; a LoRA student's adapters on that module
+are off while E runs). Its parameters never train, but it is NOT run under no_grad in the G step: the
+generator's gradient flows through it (docs/method.md §4).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ..student import base_only, has_lora
 
 
 def level_channels(unet: UNet2DConditionModel) -> list[int]:
@@ -33,7 +36,8 @@ class UNetBackbone(nn.Module):
         super().__init__()
         self.unet = unet
         self.gradient_checkpointing = gradient_checkpointing
-        unet.requires_grad_(False)
+        if not has_lora(unet):  # a LoRA student's base is frozen already, and its adapters must stay trainable
+            unet.requires_grad_(False)
         self.channels = level_channels(unet)
 
     @property
@@ -42,11 +46,21 @@ class UNetBackbone(nn.Module):
 
     def _block(self, block, *args, **kwargs):
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False, **kwargs)
+            # the recomputation runs inside the backward, outside forward()'s base_only: enter it again there
+            return checkpoint(self._base_block, block, *args, use_reentrant=False, **kwargs)
         return block(*args, **kwargs)
+
+    def _base_block(self, block, *args, **kwargs):
+        with base_only(self.unet):
+            return block(*args, **kwargs)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict | None = None) -> list[torch.Tensor]:
+        """E is the frozen base: a LoRA student's adapters, which live on this very module, are off."""
+        with base_only(self.unet):
+            return self._forward(sample, timestep, encoder_hidden_states, added_cond_kwargs)
+
+    def _forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs) -> list[torch.Tensor]:
         u = self.unet
         # Mirrors UNet2DConditionModel.forward up to the mid block (time, added conditions, down, mid).
         emb = u.time_embedding(u.get_time_embed(sample=sample, timestep=timestep), None)
