@@ -51,8 +51,11 @@ def _launch(tmp_path, *sets):
 
 
 @pytest.mark.slow
-def test_two_processes_keep_bitwise_identical_pools(tmp_path):
-    r0, r1 = _launch(tmp_path)
+@pytest.mark.parametrize("student", ["full", "lora"])
+def test_two_processes_keep_bitwise_identical_pools(tmp_path, student):
+    """And students: DDP averages a full student's gradients, or a LoRA student's adapter gradients only."""
+    lora = ("student.kind=lora", "student.rank=4", "student_optim.lr=1e-3") if student == "lora" else ()
+    r0, r1 = _launch(tmp_path, *lora)
     assert r0.keys() == r1.keys()
     different = [k for k in r0 if not torch.equal(r0[k], r1[k])]
     assert not different, different[:5]
