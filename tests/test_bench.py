@@ -24,3 +24,51 @@ def test_bench_cli_writes_json(tmp_path, capsys):
                  "--out", str(tmp_path / "b.json")]) == 0
     assert "TFLOP/s" in capsys.readouterr().out
     assert json.loads((tmp_path / "b.json").read_text())["micro_batch"] == 2
+
+
+def test_lora_parameter_count_of_the_memory_model_is_peft_s(tiny_cfg):
+    from nitrofusion.memory import _lora_parameters
+    from nitrofusion.student import add_lora, trainable_state
+    from nitrofusion.testing import build_sdxl_unet
+
+    unet = build_sdxl_unet("tiny")
+    cfg = tiny_cfg("student.kind=lora", "student.rank=3")
+    predicted = _lora_parameters(unet, cfg)
+    add_lora(unet, 3, 0, 0, cfg.student.targets)
+    assert predicted == sum(p.numel() for p in trainable_state(unet).values()) > 0
+
+
+def test_saved_bytes_counts_what_autograd_keeps_once_and_not_the_weights():
+    import torch
+
+    from nitrofusion.memory import CheckpointCounter, SavedBytes
+
+    lin1, lin2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+    exclude = {p.untyped_storage()._cdata for p in (*lin1.parameters(), *lin2.parameters())}
+    x = torch.randn(5, 8, requires_grad=True)
+    counter = SavedBytes(exclude)
+    with counter.hooks():
+        lin2(torch.relu(lin1(x)))
+    # x (for lin1's weight grad), relu's output (for relu's backward and lin2's weight grad: one storage)
+    assert counter.total == 4 * (5 * 8 + 5 * 16)
+    counter = SavedBytes(exclude)
+    ckpt = CheckpointCounter(counter)
+    with counter.hooks():  # lin1+relu checkpointed: only its input is kept, its graph is the recompute peak
+        lin2(ckpt(lambda h: torch.relu(lin1(h)), x))
+    assert ckpt.peak == 4 * (5 * 8 + 5 * 16) and counter.total == 4 * (5 * 8 + 5 * 16)
+
+
+def test_memory_model_cli_prints_every_sdxl_preset(tmp_path, capsys):
+    assert main(["bench", "--memory", "--out", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    for preset in ("sdxl-realism (full)", "sdxl-realism-lora (lora)", "sdxl-vibrant (full)",
+                   "sdxl-vibrant-lora (lora)"):
+        assert preset in out
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert 2.5e9 < result["unet_parameters"] < 2.7e9  # SDXL's UNet, counted on the meta device
+    full, lora = result["rows"][0], result["rows"][1]
+    assert full["trainable_parameters"] == result["unet_parameters"] > 10 * lora["trainable_parameters"]
+    assert full["total"] > lora["total"]
+    per_image = result["activations_per_image"]
+    assert per_image["1024px, checkpointing on"]["student"] < per_image["1024px, checkpointing off"]["student"]
+    assert per_image["512px, checkpointing off"]["student"] < per_image["1024px, checkpointing off"]["student"]

@@ -283,6 +283,16 @@ def _evaluate_sdxl(args) -> None:
 def cmd_bench(args) -> None:
     from .bench import format_table, run_bench, save
 
+    if args.memory:
+        from .memory import format_memory, memory_model
+
+        result = memory_model(overrides=args.overrides)
+        print(format_memory(result))
+        if args.out:
+            save(result, args.out)
+            print(f"results: {args.out}")
+        return
+
     result = run_bench(args.size, args.device, args.overrides, iters=args.iters, warmup=args.warmup)
     print(format_table(result))
     if args.out:
@@ -448,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per stage first (default 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the sdxl-realism preset, e.g. --set micro_batch=4")
+    p.add_argument("--memory", action="store_true", help="instead: the memory model of every SDXL preset (full and "
+                   "LoRA students; weights, gradients, optimiser state, pool, activations), counted on the meta "
+                   "device: seconds, on a CPU")
     p.add_argument("--out", help="also write the results as JSON here")
     p.set_defaults(func=cmd_bench)
 
