@@ -168,7 +168,9 @@ def run_bench(size: str = "full", device: str | None = None, overrides: list[str
     return {"device": torch.cuda.get_device_name(device_) if device_.type == "cuda" else "cpu", "size": size,
             "micro_batch": b, "resolution": cfg.sdxl.resolution, "mixed_precision": cfg.mixed_precision,
             "gradient_checkpointing": cfg.gradient_checkpointing, "heads_active": active, "heads": len(pool.heads),
-            "optimizer": cfg.student_optim.kind, "text_encoders": text, "torch": torch.__version__,
+            "optimizer": cfg.student_optim.kind, "text_encoders": text,
+            "student": cfg.student.kind if cfg.student.kind == "full" else f"lora rank {cfg.student.rank}",
+            "torch": torch.__version__,
             "parameters": {"student": sum(p.numel() for p in student.parameters()),
                            "pool": sum(p.numel() for p in pool.parameters())}, "rows": rows}
 
@@ -177,7 +179,7 @@ def format_table(result: dict) -> str:
     head = (f"device: {result['device']}; SDXL {result['size']} random weights; micro-batch {result['micro_batch']}, "
             f"{result['resolution']}px, {result['mixed_precision']}, grad checkpointing "
             f"{result['gradient_checkpointing']}, {result['heads_active']} of {result['heads']} heads active, "
-            f"student optimiser {result['optimizer']}")
+            f"student {result.get('student', 'full')}, optimiser {result['optimizer']}")
     lines = [head, "", "| stage | s | images/s | peak memory GiB | TFLOP | TFLOP/s |", "|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
