@@ -229,3 +229,42 @@ def test_lora_export_bad_input(lora_run, tiny_sdxl, tmp_path, capsys, argv, need
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_on_a_fused_teacher_lora_the_student_is_both_loras_stacked(tiny_sdxl, tmp_path):
+    """The Vibrant recipe: Hyper-SDXL's LoRA fused into the teacher at 0.125, our adapters trained on top.
+    A stock pipeline with both LoRAs as adapters (0.125 and 1.0) reproduces the training-time student."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from nitrofusion import config
+    from nitrofusion.adapters.sdxl import SDXLAdapter
+    from nitrofusion.distill_config import DistillConfig
+    from nitrofusion.student import load_trainable_state
+    from nitrofusion.testing import build_sdxl_unet
+
+    unet = build_sdxl_unet("tiny", seed=1)  # the folder's UNet, with a random "Hyper-SDXL" LoRA
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"]))
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "hyper", unet_lora_layers=get_peft_model_state_dict(unet))
+    (tmp_path / "prompts.txt").write_text("a red cat\na photo of a dog\n")
+    assert main(["distill", "--preset", "sdxl-tiny", "--teacher", str(tiny_sdxl), "--prompts",
+                 str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "run"),
+                 "--set", f"sdxl.teacher_lora={tmp_path / 'hyper'}", "--set", "sdxl.lora_scale=0.125",
+                 "--set", "student.kind=lora", "--set", "student.rank=4", "--set", "student_optim.lr=1e-2"]) == 0
+    assert main(["export", str(tmp_path / "run"), "--format", "lora", "--out", str(tmp_path / "nitro")]) == 0
+    cfg = config.load(DistillConfig, tmp_path / "run" / "config.yaml")
+    student = build_student(cfg, SDXLAdapter(tiny_sdxl, cfg.sdxl)).eval()  # Hyper fused at 0.125, then ours
+    ck = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    load_trainable_state(student, load_file(str(ck / "student.safetensors")))
+    x, t, cond = _sdxl_inputs()
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.load_lora_weights(str(tmp_path / "hyper"), adapter_name="hyper")
+    pipe.load_lora_weights(str(tmp_path / "nitro"), adapter_name="nitro")
+    with torch.no_grad():
+        want = student(x, t, **cond).sample
+        pipe.set_adapters(["hyper", "nitro"], [0.125, 1.0])
+        torch.testing.assert_close(pipe.unet(x, t, **cond).sample, want, rtol=1e-4, atol=1e-5)
+        pipe.set_adapters(["nitro"], [1.0])  # without the teacher's LoRA it is another model
+        assert (pipe.unet(x, t, **cond).sample - want).abs().max() > 1e-3
