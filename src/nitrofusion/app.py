@@ -21,10 +21,14 @@ Generate = Callable[[str, int, int], Image.Image]
 
 
 def make_generator(model: str | Path, base: str | None = None, shift: int | None = None, device: str = "cpu",
-                   dtype: torch.dtype | None = None) -> tuple[Generate, list[str]]:
-    """(prompt, steps, seed) -> image, and example prompts; the model loads once, here."""
+                   dtype: torch.dtype | None = None, fast: bool = False,
+                   vae: str | None = None) -> tuple[Generate, list[str]]:
+    """(prompt, steps, seed) -> image, and example prompts; the model loads once, here. `fast` / `vae`: SDXL
+    only (fast.py)."""
     path = Path(model)
     if model_world(path) == "mini":
+        if fast or vae:
+            raise NitroFusionError(f"--fast and --vae apply to SDXL models; {model} is a mini-world model")
         from .generate import load_mini_student
         from .mini.data import class_prompts
         from .sampling import generate
@@ -42,7 +46,7 @@ def make_generator(model: str | Path, base: str | None = None, shift: int | None
         return run_mini, class_prompts()
     from .pipeline import generate_images, load_pipeline
 
-    pipe = load_pipeline(model, base=base, shift=shift, device=device, dtype=dtype)
+    pipe = load_pipeline(model, base=base, shift=shift, device=device, dtype=dtype, fast=fast, vae=vae)
 
     def run_sdxl(prompt: str, steps: int, seed: int) -> Image.Image:
         return generate_images(pipe, [prompt], steps, seed, batch_size=1)[0]

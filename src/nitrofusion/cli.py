@@ -196,10 +196,11 @@ def cmd_generate(args) -> None:
 
         paths = generate_sdxl(args.model, prompts, args.steps, args.seed, args.out, base=args.base, shift=args.shift,
                               height=args.height, width=args.width, batch_size=args.batch_size,
-                              num_per_prompt=args.num_per_prompt, device=args.device, dtype=parse_dtype(args.dtype))
+                              num_per_prompt=args.num_per_prompt, device=args.device, dtype=parse_dtype(args.dtype),
+                              fast=args.fast, vae=args.vae)
     else:
-        sdxl_only = [f"--{k.replace('_', '-')}" for k in ("base", "shift", "height", "width", "dtype")
-                     if getattr(args, k) is not None]
+        sdxl_only = [f"--{k.replace('_', '-')}" for k in ("base", "shift", "height", "width", "dtype", "vae")
+                     if getattr(args, k) is not None] + (["--fast"] if args.fast else [])
         if sdxl_only:
             raise NitroFusionError(f"{', '.join(sdxl_only)} apply to SDXL models; {args.model} is a mini-world model")
         from .generate import student_folder, unknown_prompts
@@ -316,7 +317,8 @@ def cmd_app(args) -> None:
     from .app import build_app, launch, make_generator
     from .pipeline import parse_dtype
 
-    fn, examples = make_generator(args.model, args.base, args.shift, args.device or "cpu", parse_dtype(args.dtype))
+    fn, examples = make_generator(args.model, args.base, args.shift, args.device or "cpu", parse_dtype(args.dtype),
+                                  fast=args.fast, vae=args.vae)
     print(f"serving {args.model} on http://{args.host}:{args.port or 7860} (Ctrl-C stops)")
     launch(build_app(fn, examples), args.host, args.port)
 
@@ -328,6 +330,12 @@ def cmd_presets(args) -> None:
         print(f"{kind} presets (--preset NAME):")
         for name in available_presets(kind):
             print(f"  {name:16} {preset_description(kind, name)}")
+
+
+def _fast_args(p) -> None:
+    p.add_argument("--fast", action="store_true", help="SDXL: fused QKV, channels_last and torch.compile of UNet and "
+                   "VAE decoder (first images pay the compile time; falls back to eager where compile cannot run)")
+    p.add_argument("--vae", help="SDXL: decode with this AutoencoderTiny (e.g. TAESDXL) or AutoencoderKL folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -382,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="SDXL: images per UNet call (default 4)")
     p.add_argument("--device", default="cpu", help="SDXL: cpu or cuda (default cpu)")
     p.add_argument("--dtype", help="SDXL: fp32 (default), fp16 or bf16")
+    _fast_args(p)
     p.add_argument("--out", required=True, help="output folder for PNG files and grid.png")
     p.set_defaults(func=cmd_generate)
 
@@ -488,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default: gradio's, 7860 or the next free one)")
     p.add_argument("--device", help="cuda or cpu")
     p.add_argument("--dtype", help="fp16, bf16 or fp32")
+    _fast_args(p)
     p.set_defaults(func=cmd_app)
 
     p = command(sub, "presets", "list the named presets")

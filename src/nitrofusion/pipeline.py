@@ -329,11 +329,18 @@ def load_scheduler(ref: ModelRef, shift: int | None = None):
 
 
 def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int | None = None,
-                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None, fast: bool = False,
+                  vae: str | Path | None = None, log=print):
     """A stock diffusers `StableDiffusionXLPipeline` with the student UNet and the shifted LCM scheduler
-    (docs/method.md §5). Call it with guidance_scale=0 and 1-4 steps, or use `generate_images`."""
+    (docs/method.md §5). Call it with guidance_scale=0 and 1-4 steps, or use `generate_images`.
+    `vae`: decode with this AutoencoderTiny/AutoencoderKL folder; `fast`: fused QKV, channels_last and
+    torch.compile where it runs (fast.py)."""
     from diffusers import StableDiffusionXLPipeline
 
+    if vae is not None:
+        from .fast import load_vae
+
+        load_vae(vae)  # a wrong folder fails before the SDXL pipeline loads
     ref = resolve(model, base)
     if ref.kind == "pipeline" and ref.base is not None:
         raise NitroFusionError(f"{ref.path} is a complete pipeline folder; --base applies to run folders and UNet "
@@ -360,7 +367,16 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     pipe.set_progress_bar_config(disable=True)
     pipe.nitrofusion_resolution = ref.resolution  # the run's training resolution: the default image size
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if vae is not None:
+        from .fast import use_vae
+
+        use_vae(pipe, vae)
+    if fast:
+        from .fast import make_fast
+
+        make_fast(pipe, log=log)
+    return pipe
 
 
 # ---- generation -----------------------------------------------------------------------------------------------
@@ -403,7 +419,8 @@ def generate_images(pipe, prompts: list[str], steps: int, seed: int = 0, height:
 def generate_to_folder(model: str | Path, prompts: list[str], steps: int, seed: int, out: str | Path,
                        base: str | Path | None = None, shift: int | None = None, height: int | None = None,
                        width: int | None = None, batch_size: int = 4, num_per_prompt: int = 1,
-                       device: str = "cpu", dtype: torch.dtype | None = None) -> list[Path]:
+                       device: str = "cpu", dtype: torch.dtype | None = None, fast: bool = False,
+                       vae: str | Path | None = None) -> list[Path]:
     check_steps(steps)  # before any model loads
     for name, value in (("height", height), ("width", width)):
         if value is not None and (value <= 0 or value % 8):
@@ -414,7 +431,7 @@ def generate_to_folder(model: str | Path, prompts: list[str], steps: int, seed: 
         raise NitroFusionError(f"--num-per-prompt must be >= 1 (got {num_per_prompt})")
     if not prompts:
         raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
-    pipe = load_pipeline(model, base=base, shift=shift, device=device, dtype=dtype)
+    pipe = load_pipeline(model, base=base, shift=shift, device=device, dtype=dtype, fast=fast, vae=vae)
     prompts = [p for p in prompts for _ in range(num_per_prompt)]
     images = generate_images(pipe, prompts, steps, seed, height, width, batch_size)
     from .viz import save_images

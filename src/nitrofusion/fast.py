@@ -1,0 +1,85 @@
+"""Fast SDXL inference (`load_pipeline(..., fast=True)`, `generate --fast`, `app --fast`): the stock diffusers
+pipeline with the usual speed-ups applied in place, nothing re-implemented.
+
+- fused QKV projections: one matmul per attention instead of three (diffusers' `fuse_qkv_projections`);
+- channels_last for the UNet and the VAE (the layout cuDNN's convolutions prefer);
+- torch.compile (inductor) of the UNet and of the VAE decoder, where a probe compile on the device and dtype
+  succeeds; otherwise one line says why and the pipeline stays eager. `cuda_graphs=True` compiles with
+  mode "reduce-overhead" (CUDA graphs: every call must have the same shapes);
+- an optional tiny VAE decoder (`--vae FOLDER`: diffusers' AutoencoderTiny, e.g. TAESDXL) in place of SDXL's.
+Half precision is the pipeline's dtype (`--dtype fp16|bf16`), as for the eager path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .errors import NitroFusionError, describe
+
+VAE_CLASSES = ("AutoencoderTiny", "AutoencoderKL")
+
+
+def load_vae(folder: str | Path, dtype: torch.dtype | None = None):
+    """A diffusers AutoencoderTiny or AutoencoderKL folder (config.json + weights); anything else is one line."""
+    folder = Path(folder)
+    config = folder / "config.json"
+    try:
+        name = json.loads(config.read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError):
+        name = None
+    if name not in VAE_CLASSES:
+        what = f"a {name} folder" if name else "not a diffusers model folder"
+        raise NitroFusionError(f"--vae {folder} is {what}; give an AutoencoderTiny (e.g. TAESDXL) or "
+                               "AutoencoderKL folder")
+    import diffusers
+
+    try:
+        return getattr(diffusers, name).from_pretrained(folder, torch_dtype=dtype or torch.float32)
+    except Exception as e:  # noqa: BLE001 - a truncated weights file surfaces as several types
+        raise NitroFusionError(f"cannot load the VAE in {folder} ({describe(e)})") from None
+
+
+def compile_problem(device: torch.device, dtype: torch.dtype, backend: str = "inductor") -> str | None:
+    """Why torch.compile cannot run here (None if a probe function compiles and runs)."""
+    try:
+        probe = torch.compile(lambda x: torch.nn.functional.silu(x) * 2 + 1, fullgraph=True, backend=backend)
+        probe(torch.ones(16, device=device, dtype=dtype))
+        return None
+    except Exception as e:  # noqa: BLE001 - no compiler, unsupported dtype/device: all mean "stay eager"
+        return describe(e)
+
+
+def use_vae(pipe, folder: str | Path) -> None:
+    """Decode with the VAE in `folder` (the pipeline's dtype and device)."""
+    pipe.vae = load_vae(folder, pipe.unet.dtype).to(pipe.unet.device)
+
+
+def make_fast(pipe, compile: bool = True, cuda_graphs: bool = False, backend: str = "inductor",
+              log: Callable[[str], None] = print) -> dict:
+    """Apply the speed-ups to a loaded SDXL pipeline in place; returns what was applied. `backend`: torch.compile's
+    (tests use "aot_eager": the same graph capture in seconds, without inductor's code generation)."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    tiny_vae = type(pipe.vae).__name__ == "AutoencoderTiny"
+    applied = {"fused_qkv": False, "channels_last": True, "compiled": False, "tiny_vae": tiny_vae}
+    try:
+        pipe.fuse_qkv_projections(unet=True, vae=not tiny_vae)
+        applied["fused_qkv"] = True
+    except Exception as e:  # noqa: BLE001 - a processor without a fused form: keep the unfused attention
+        log(f"fast: QKV projections not fused ({describe(e)})")
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    if compile:
+        problem = compile_problem(device, dtype, backend)
+        if problem is not None:
+            log(f"fast: torch.compile cannot run on {device} in {str(dtype).removeprefix('torch.')} ({problem}); "
+                "running eager with fused QKV and channels_last")
+        else:
+            mode = "reduce-overhead" if cuda_graphs and device.type == "cuda" else None
+            pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True, backend=backend)
+            pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, backend=backend)
+            applied["compiled"] = mode or "default"
+    return applied

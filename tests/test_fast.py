@@ -1,0 +1,92 @@
+"""Fast SDXL inference (fast.py) on a tiny random pipeline: the fast path gives the eager path's images, a tiny
+VAE decodes, and what cannot run is said in one line."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from nitrofusion.cli import main
+from nitrofusion.errors import NitroFusionError
+from nitrofusion.fast import compile_problem, make_fast
+from nitrofusion.pipeline import image_generators, load_pipeline
+
+PROMPTS = ["a red cat", "a photo of a dog"]
+
+
+def _images(pipe, steps):
+    return pipe(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=0.0, height=64, width=64,
+                generator=image_generators(0, 0, len(PROMPTS)), output_type="np").images
+
+
+def test_fast_path_gives_the_eager_images(tiny_sdxl):
+    """Fused QKV, channels_last and a full-graph capture of UNet and VAE decoder (aot_eager: torch.compile's
+    graph capture without inductor's code generation, seconds instead of minutes on a CPU). Tolerance 1e-4 on
+    images in [0, 1]: fused QKV changes the order of float sums (measured: about 2e-6)."""
+    eager = load_pipeline(tiny_sdxl, shift=250)
+    fast = load_pipeline(tiny_sdxl, shift=250)
+    logs = []
+    applied = make_fast(fast, backend="aot_eager", log=logs.append)
+    assert applied == {"fused_qkv": True, "channels_last": True, "compiled": "default", "tiny_vae": False}, logs
+    assert type(fast.unet).__name__ == "OptimizedModule" and not logs
+    assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for steps in (1, 4):
+        a, b = _images(eager, steps), _images(fast, steps)
+        assert a.shape == b.shape == (2, 64, 64, 3) and np.abs(a - b).max() < 1e-4
+
+
+def test_compile_falls_back_to_eager_in_one_line(tiny_sdxl, monkeypatch):
+    import nitrofusion.fast as fast_mod
+
+    monkeypatch.setattr(fast_mod, "compile_problem", lambda *a: "no C++ compiler")
+    pipe = load_pipeline(tiny_sdxl, shift=250)
+    logs = []
+    applied = make_fast(pipe, log=logs.append)
+    assert applied["compiled"] is False and applied["fused_qkv"]
+    assert len(logs) == 1 and "torch.compile cannot run on cpu in float32 (no C++ compiler)" in logs[0]
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    assert _images(pipe, 1).shape == (2, 64, 64, 3)
+
+
+def test_a_probe_that_fails_names_the_reason():
+    assert compile_problem(torch.device("cpu"), torch.float32, backend="no-such-backend") is not None
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    from diffusers import AutoencoderTiny
+
+    folder = tmp_path_factory.mktemp("taesd")
+    torch.manual_seed(0)
+    # two blocks: one 2x upsampling, the tiny pipeline's VAE scale (TAESDXL's three give SDXL's 8x)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)).save_pretrained(folder)
+    return folder
+
+
+def test_a_tiny_vae_decodes(tiny_sdxl, tiny_vae, tmp_path):
+    pipe = load_pipeline(tiny_sdxl, shift=250, vae=tiny_vae)
+    assert type(pipe.vae).__name__ == "AutoencoderTiny"
+    applied = make_fast(pipe, backend="aot_eager")
+    assert applied["tiny_vae"] and applied["fused_qkv"]
+    images = _images(pipe, 1)
+    assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
+    assert main(["generate", "--model", str(tiny_sdxl), "--shift", "250", "--prompt", "a red cat", "--vae",
+                 str(tiny_vae), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "0000.png").is_file()
+
+
+@pytest.mark.parametrize("which, needle", [
+    ("unet", "is a UNet2DConditionModel folder; give an AutoencoderTiny (e.g. TAESDXL) or AutoencoderKL folder"),
+    ("empty", "is not a diffusers model folder"),
+])
+def test_a_wrong_vae_folder_is_one_line(tiny_sdxl, tmp_path, capsys, which, needle):
+    folder = tiny_sdxl / "unet" if which == "unet" else tmp_path / "empty"
+    folder.mkdir(exist_ok=True)
+    with pytest.raises(NitroFusionError, match=re.escape(needle)):
+        load_pipeline(tiny_sdxl, shift=250, vae=folder)
+    assert main(["generate", "--model", str(tiny_sdxl), "--shift", "250", "--prompt", "a", "--vae", str(folder),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
