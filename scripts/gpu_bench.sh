@@ -17,3 +17,6 @@ python3 -m nitrofusion bench --set student_optim.kind=adamw8bit --out "$OUT/benc
 python3 -m nitrofusion bench --set student.kind=lora --set student.rank=64 --set student.alpha=64 \
   --set micro_batch=2 --out "$OUT/bench-lora.json" 2>&1 | tee "$OUT/bench-lora.md"
 python3 -m nitrofusion bench --memory --out "$OUT/memory.json" 2>&1 | tee "$OUT/memory.md"
+# Fast one-step inference (issue 14): stock diffusers eager vs generate --fast, 1024 and 512 px (compiles take
+# minutes: last, and bounded, so the tables above come back whatever happens here)
+timeout 300 python3 -m nitrofusion bench --inference --out "$OUT/inference.json" 2>&1 | tee "$OUT/inference.md"

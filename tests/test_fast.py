@@ -90,3 +90,15 @@ def test_a_wrong_vae_folder_is_one_line(tiny_sdxl, tmp_path, capsys, which, need
                  "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
+
+
+def test_inference_bench_compares_stock_and_fast_in_one_run():
+    from nitrofusion.inference_bench import format_inference, run_inference_bench
+
+    # backend "eager": dynamo's capture alone, so every shape's (re)compilation costs little on a CPU
+    result = run_inference_bench("tiny", "cpu", iters=1, warmup=0, backend="eager", progress=lambda _: None)
+    assert [(r["px"], r["path"]) for r in result["rows"]] == [(64, "stock eager"), (64, "fast"), (32, "stock eager"),
+                                                              (32, "fast")]
+    keys = ("first_call_s", "unet_ms", "vae_decode_ms", "1_step_ms", "4_step_ms", "batch8_images_per_s")
+    assert all(r[k] > 0 for r in result["rows"] for k in keys)
+    assert result["fast"]["compiled"] == "default" and "% of stock eager" in format_inference(result)

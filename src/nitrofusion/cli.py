@@ -284,6 +284,17 @@ def _evaluate_sdxl(args) -> None:
 def cmd_bench(args) -> None:
     from .bench import format_table, run_bench, save
 
+    if args.inference:
+        from .inference_bench import format_inference, run_inference_bench
+        from .pipeline import parse_dtype
+
+        result = run_inference_bench(args.size, args.device, parse_dtype(args.dtype), iters=max(args.iters, 1),
+                                     warmup=args.warmup)
+        print(format_inference(result))
+        if args.out:
+            save(result, args.out)
+            print(f"results: {args.out}")
+        return
     if args.memory:
         from .memory import format_memory, memory_model
 
@@ -467,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per stage first (default 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override the sdxl-realism preset, e.g. --set micro_batch=4")
+    p.add_argument("--inference", action="store_true", help="instead: 1-step SDXL generation, stock diffusers eager "
+                   "vs the fast path (generate --fast), at 1024 and 512 px: UNet, VAE, 1 and 4 steps, batch 8")
+    p.add_argument("--dtype", help="--inference: fp16 (default on cuda), bf16 or fp32 (default on cpu)")
     p.add_argument("--memory", action="store_true", help="instead: the memory model of every SDXL preset (full and "
                    "LoRA students; weights, gradients, optimiser state, pool, activations), counted on the meta "
                    "device: seconds, on a CPU")

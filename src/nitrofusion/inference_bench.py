@@ -1,0 +1,120 @@
+"""`nitrofusion bench --inference`: stock diffusers eager against the fast path (fast.py), in one run.
+
+A random-weight SDXL pipeline (full architecture, or `--size tiny` for a CPU test) with the student's shifted
+LCM scheduler, twice: as diffusers builds it, and with `make_fast` applied. For each resolution (1024 and 512
+px; 64 and 32 for tiny), at batch 1: the first call (compilation included), UNet latency, VAE decode latency,
+end-to-end latency of 1 and 4 steps (text encoding, sampling, decoding, PIL conversion); then images/s at
+batch 8 and 1 step. Weights do not change timings, so random ones are fine.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+
+from .bench import _sync
+from .fast import make_fast
+from .sampling import shifted_scheduler
+from .testing import build_sdxl_components
+
+RESOLUTIONS = {"full": (1024, 512), "tiny": (64, 32)}
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _pipeline(size: str, device: torch.device, dtype: torch.dtype, shift: int):
+    from diffusers import StableDiffusionXLPipeline
+
+    parts = build_sdxl_components(size, dtype=dtype)
+    te1, te2 = parts["text_encoders"]
+    tok1, tok2 = parts["tokenizers"]
+    scheduler = shifted_scheduler(dict(parts["scheduler"].config), shift)
+    pipe = StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
+                                     tokenizer_2=tok2, unet=parts["unet"], scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def run_inference_bench(size: str = "full", device: str | None = None, dtype: torch.dtype | None = None,
+                        iters: int = 5, warmup: int = 1, backend: str = "inductor", shift: int = 250,
+                        progress: Callable[[str], None] = print) -> dict:
+    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device_.type == "cuda" else torch.float32)
+    progress(f"building random-weight SDXL ({size}, {str(dtype).removeprefix('torch.')}) on {device_} ...")
+    eager = _pipeline(size, device_, dtype, shift)
+    fast = copy.deepcopy(eager)
+    applied = make_fast(fast, backend=backend, log=progress)
+    rows = []
+    for px in RESOLUTIONS[size]:
+        for name, pipe in (("stock eager", eager), ("fast", fast)):
+            progress(f"measuring {name} at {px}px ...")
+            rows.append({"path": name, "px": px, **_measure_pipe(pipe, px, device_, dtype, iters, warmup)})
+    return {"device": torch.cuda.get_device_name(device_) if device_.type == "cuda" else "cpu", "size": size,
+            "dtype": str(dtype).removeprefix("torch."), "fast": applied, "backend": backend, "torch": torch.__version__,
+            "rows": rows}
+
+
+@torch.no_grad()
+def _measure_pipe(pipe, px: int, device: torch.device, dtype: torch.dtype, iters: int, warmup: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    latent = px // pipe.vae_scale_factor
+    x = torch.randn(1, pipe.unet.config.in_channels, latent, latent, generator=gen).to(device, dtype)
+    embeds, pooled = pipe.encode_prompt("a benchmark prompt", device=device, do_classifier_free_guidance=False)[::2]
+    time_ids = torch.tensor([[px, px, 0, 0, px, px]], device=device, dtype=dtype)
+    t = torch.tensor([249], device=device)
+
+    def unet():
+        pipe.unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
+
+    def vae():
+        pipe.vae.decode((x / pipe.vae.config.scaling_factor).to(pipe.vae.dtype))
+
+    def end_to_end(steps: int, batch: int = 1):
+        return lambda: pipe(prompt=["a benchmark prompt"] * batch, num_inference_steps=steps, guidance_scale=0.0,
+                            height=px, width=px, output_type="pil")
+
+    _sync(device)
+    t0 = time.perf_counter()
+    end_to_end(1)()  # compiles UNet and decoder at this shape (fast path); eager: the first call's overhead
+    _sync(device)
+    first = time.perf_counter() - t0
+    out = {"first_call_s": first}
+    for key, fn in (("unet_ms", unet), ("vae_decode_ms", vae), ("1_step_ms", end_to_end(1)),
+                    ("4_step_ms", end_to_end(4))):
+        for _ in range(warmup):
+            fn()
+        out[key] = 1000 * _median_seconds(fn, device, iters)
+    batch8 = end_to_end(1, 8)
+    for _ in range(warmup):
+        batch8()
+    out["batch8_images_per_s"] = 8 / _median_seconds(batch8, device, max(1, iters // 2))
+    return out
+
+
+def format_inference(result: dict) -> str:
+    applied = ", ".join(f"{k} {v}" for k, v in result["fast"].items())
+    lines = [f"device: {result['device']}; SDXL {result['size']} random weights, {result['dtype']}; fast path: "
+             f"{applied}; compile backend {result['backend']}", "",
+             "| px | path | first call s | UNet ms | VAE decode ms | 1 step ms | 4 steps ms | batch 8 img/s |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['px']} | {r['path']} | {r['first_call_s']:.2f} | {r['unet_ms']:.1f} | "
+                     f"{r['vae_decode_ms']:.1f} | {r['1_step_ms']:.1f} | {r['4_step_ms']:.1f} | "
+                     f"{r['batch8_images_per_s']:.2f} |")
+    for px in sorted({r["px"] for r in result["rows"]}, reverse=True):
+        e, f = (next(r for r in result["rows"] if r["px"] == px and r["path"] == p) for p in ("stock eager", "fast"))
+        lines.append(f"\n{px}px, 1 step end to end: fast = {100 * f['1_step_ms'] / e['1_step_ms']:.0f}% of stock "
+                     f"eager; {1000 / f['1_step_ms']:.1f} images/s at batch 1")
+    return "\n".join(lines)
