@@ -72,3 +72,20 @@ def test_memory_model_cli_prints_every_sdxl_preset(tmp_path, capsys):
     per_image = result["activations_per_image"]
     assert per_image["1024px, checkpointing on"]["student"] < per_image["1024px, checkpointing off"]["student"]
     assert per_image["512px, checkpointing off"]["student"] < per_image["1024px, checkpointing off"]["student"]
+
+
+def test_the_step_profile_names_every_part_of_an_optimiser_step(capsys):
+    from nitrofusion.step_profile import format_profile, profile_step
+
+    r = profile_step("mini", "cpu", ["micro_batch=4", "pool.heads_per_slot=2"], steps=1, warmup=0,
+                     progress=lambda _: None)
+    parts = {x["part"] for x in r["rows"]}
+    tasks = ("global_cond", "local_cond", "local_uncond")
+    expected = {"student forward", "student backward", "optimisers", "pool refresh", "heads forward (D)",
+                "heads backward (D)", "heads forward (G)", *(f"E forward, {v} ({t})" for v in ("real", "fake")
+                                                             for t in tasks),
+                *(f"backward through E ({t})" for t in tasks)}
+    assert expected <= parts
+    assert abs(sum(x["share"] for x in r["rows"]) - 1) < 1e-9 and r["images_per_step"] == 4
+    assert r["tflop_per_step"] > 0 and r["matmul_peak_tflops"] > 0 and r["images_per_second"] > 0
+    assert "| student backward |" in format_profile(r)

@@ -70,19 +70,14 @@ def _measure(fn: Callable[[], object], device: torch.device, iters: int, warmup:
             "tflops": counter.get_total_flops() / 1e12 / seconds}
 
 
-def run_bench(size: str = "full", device: str | None = None, overrides: list[str] | None = None,
-              iters: int = 3, warmup: int = 1, progress: Callable[[str], None] = print) -> dict:
-    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if size == "full" and device_.type == "cpu" and device is None:
-        raise NitroFusionError("no GPU here: full-size SDXL takes many minutes per stage on a CPU; use --size tiny, "
-                               "or --device cpu if you mean it")
+def sdxl_setup(size: str, device_: torch.device, overrides: list[str] | None, progress: Callable[[str], None]):
+    """(config, adapter, autocast dtype, text encoders present) of a random-weight SDXL for the benches."""
     sets = list(overrides or [])
     if size == "tiny":
         sets = ["sdxl.resolution=64", "pool.width=8", *sets]
     if device_.type == "cpu":
         sets = ["mixed_precision=no", *sets]  # CPU bf16 autocast is slower than fp32
     cfg = config_lib.build(DistillConfig, "distill", "sdxl-realism", sets)
-    amp = WEIGHT_DTYPES[cfg.mixed_precision]
     try:
         import transformers  # noqa: F401
 
@@ -94,6 +89,21 @@ def run_bench(size: str = "full", device: str | None = None, overrides: list[str
     cls = SDXLAdapter if text else _UntokenizedSDXL
     adapter = cls.from_components(parts["tokenizers"], parts["text_encoders"], parts["unet"], parts["vae"],
                                   dict(parts["scheduler"].config), cfg.sdxl)
+    return cfg, adapter, WEIGHT_DTYPES[cfg.mixed_precision], text
+
+
+def bench_device(size: str, device: str | None) -> torch.device:
+    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if size == "full" and device_.type == "cpu" and device is None:
+        raise NitroFusionError("no GPU here: full-size SDXL takes many minutes per stage on a CPU; use --size tiny, "
+                               "or --device cpu if you mean it")
+    return device_
+
+
+def run_bench(size: str = "full", device: str | None = None, overrides: list[str] | None = None,
+              iters: int = 3, warmup: int = 1, progress: Callable[[str], None] = print) -> dict:
+    device_ = bench_device(size, device)
+    cfg, adapter, amp, text = sdxl_setup(size, device_, overrides, progress)
     student = build_student(cfg, adapter, device_, amp)
     backbone = UNetBackbone(adapter.teacher_unet, cfg.gradient_checkpointing)
     pool = HeadPool(cfg.pool, backbone.channels).to(device_)

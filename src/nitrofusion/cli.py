@@ -283,7 +283,15 @@ def _evaluate_sdxl(args) -> None:
 
 def cmd_bench(args) -> None:
     from .bench import format_table, run_bench, save
+    from .step_profile import format_profile, profile_step
 
+    if args.size == "mini":  # the mini world's step, part by part (no SDXL stages to time)
+        result = profile_step("mini", args.device, args.overrides, steps=max(args.iters, 1), warmup=args.warmup)
+        print(format_profile(result))
+        if args.out:
+            save(result, args.out)
+            print(f"results: {args.out}")
+        return
     if args.inference:
         from .inference_bench import format_inference, run_inference_bench
         from .pipeline import parse_dtype
@@ -306,7 +314,10 @@ def cmd_bench(args) -> None:
         return
 
     result = run_bench(args.size, args.device, args.overrides, iters=args.iters, warmup=args.warmup)
+    result["profile"] = profile_step(args.size, args.device, args.overrides, steps=max(args.iters, 1),
+                                     warmup=args.warmup)
     print(format_table(result))
+    print("\n" + format_profile(result["profile"]))
     if args.out:
         save(result, args.out)
         print(f"results: {args.out}")
@@ -471,8 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "bench", "time one SDXL-size training iteration and 1-step generation (random "
                        "weights): s, images/s, peak memory, TFLOP/s")
-    p.add_argument("--size", choices=["full", "tiny"], default="full", help="full: SDXL architecture (GPU); "
-                   "tiny: seconds on a CPU, for tests")
+    p.add_argument("--size", choices=["full", "tiny", "mini"], default="full", help="full: SDXL architecture (GPU); "
+                   "tiny: seconds on a CPU, for tests; mini: the mini world's training step, part by part")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--iters", type=int, default=3, help="timed repetitions per stage (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per stage first (default 1)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters.base import Cond, ModelAdapter, cond_cat, cond_index
+from ..stopwatch import section
 from ..teachers import add_noise
 from .backbone import UNetBackbone
 from .config import AdversarialConfig, MultiStepConfig
@@ -129,7 +130,8 @@ class AdversarialStep:
                 x_T, x0_real = torch.cat([x_T, x_T[rows]]), torch.cat([x0_real, x0_real[rows]])
                 cond = cond_cat(cond, cond_index(cond, rows))
         else:
-            x0_fake, t_in = self.fake_x0(x_T, cond, refine_p, gen)
+            with section("student forward"):
+                x0_fake, t_in = self.fake_x0(x_T, cond, refine_p, gen)
         x0_real = x0_real.float()
         n_t = len(self.pool.t_star)
         # t* per sample, stratified: every t* group gets floor or ceil of B / len(t*) samples
@@ -143,13 +145,16 @@ class AdversarialStep:
         feats_real, feats_fake, g_terms = [], [], []
         for i, task in enumerate(self.pool.tasks):
             real_v, fake_v, c, boxes = self._views(task, x0_real, fake_in, cond, gen)
-            with torch.no_grad():
+            with torch.no_grad(), section(f"E forward, real ({task})"):
                 feats_real.append(self._features(real_v, t, c, boxes, gen))
-            f = self._features(fake_v, t, c, boxes, gen)
+            with section(f"E forward, fake ({task})"):
+                f = self._features(fake_v, t, c, boxes, gen)
             if per_task:  # G step for this task: heads frozen, gradient through E into fake_in
                 self.pool.requires_grad_(False)
-                term = self._g_term(self.pool.logits(i, active, f, t_idx))
-                (term * loss_scale).backward()
+                with section("heads forward (G)"):
+                    term = self._g_term(self.pool.logits(i, active, f, t_idx))
+                with section(f"backward through E ({task})"):
+                    (term * loss_scale).backward()
                 self.pool.requires_grad_(True)
                 g_terms.append(term.detach())
                 f = [x.detach() for x in f]
@@ -158,7 +163,8 @@ class AdversarialStep:
         logs: dict[str, float] = {}
         if per_task:
             if fake_in.grad is not None:
-                x0_fake.backward(fake_in.grad)
+                with section("student backward"):
+                    x0_fake.backward(fake_in.grad)
             logs["loss_g"] = torch.stack(g_terms).sum().item()
         elif train_g:  # G step over all tasks at once (non-separable loss)
             self.pool.requires_grad_(False)
@@ -168,15 +174,19 @@ class AdversarialStep:
             self.pool.requires_grad_(True)
             logs["loss_g"] = loss_g.item()
         # D step: everything detached; only the active heads enter the graph
-        real_logits = [self.pool.logits(i, active, f, t_idx) for i, f in enumerate(feats_real)]
-        fake_logits = [self.pool.logits(i, active, [x.detach() for x in f], t_idx) for i, f in enumerate(feats_fake)]
-        loss_d = self._reduce(real_logits, fake_logits, "d")
+        with section("heads forward (D)"):
+            real_logits = [self.pool.logits(i, active, f, t_idx) for i, f in enumerate(feats_real)]
+            fake_logits = [self.pool.logits(i, active, [x.detach() for x in f], t_idx)
+                           for i, f in enumerate(feats_fake)]
+            loss_d = self._reduce(real_logits, fake_logits, "d")
         if self.cfg.r1_weight > 0 and train_d:
-            r1 = self.r1(feats_real, active, t_idx)
+            with section("R1"):
+                r1 = self.r1(feats_real, active, t_idx)
             loss_d = loss_d + self.cfg.r1_weight * r1
             logs["r1"] = r1.item()
         if train_d:
-            (loss_d * loss_scale).backward()
+            with section("heads backward (D)"):
+                (loss_d * loss_scale).backward()
         logs["loss_d"] = loss_d.item()
         if t_in is not None:
             logs["refine_share"] = (t_in < self.adapter.num_train_timesteps - 1).float().mean().item()

@@ -1,0 +1,132 @@
+"""Where one optimiser step's time goes (`nitrofusion bench --size mini`, and with every SDXL bench).
+
+Runs the training step exactly as `train.py` composes it (heads sampled once, `grad_accum` adversarial
+micro-steps, both optimisers, the refresh) on the preset's micro-batch, with a `Stopwatch` over the named
+sections that method/step.py marks: the student's forward and backward, E's forward per task for the real and
+the fake view, E's backward per task (the G gradient on its way to the student), the heads for G and D, and
+here the data, the optimisers and the refresh. Inputs are random tensors of the right shapes: time does not
+depend on the data. Also: FLOPs per step (torch's FlopCounterMode), the achieved FLOP/s, and the machine's
+measured matmul peak to set them against.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import config as config_lib
+from .distill_config import DistillConfig
+from .method.backbone import UNetBackbone
+from .method.pool import HeadPool
+from .method.step import AdversarialStep
+from .stopwatch import Stopwatch, section
+from .train import _adamw, build_student
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype | None = None) -> float:
+    """FLOP/s of a large square matmul here (the best of 5): the machine's practical ceiling."""
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = dtype or torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def _mini_setup(overrides: list[str] | None):
+    from .adapters.mini import MiniAdapter
+    from .mini.data import class_prompts
+    from .mini.teacher import load_teacher
+
+    cfg = config_lib.build(DistillConfig, "distill", "mini", list(overrides or []))
+    return cfg, MiniAdapter(load_teacher()), None, class_prompts()
+
+
+def profile_step(size: str = "mini", device: str | None = None, overrides: list[str] | None = None,
+                 steps: int = 3, warmup: int = 1, progress: Callable[[str], None] = print) -> dict:
+    from .bench import bench_device, sdxl_setup
+
+    device_ = bench_device(size, device)
+    if size == "mini":
+        cfg, adapter, amp, prompts = _mini_setup(overrides)
+    else:
+        # one micro-batch per step: the SDXL recipe's 20 would make each profiled step a minute on a GPU
+        cfg, adapter, amp, _ = sdxl_setup(size, device_, ["grad_accum=1", *(overrides or [])], progress)
+        prompts = [f"a benchmark prompt number {i}" for i in range(8)]
+    torch.manual_seed(0)
+    student = build_student(cfg, adapter, device_, amp)
+    backbone = UNetBackbone(adapter.teacher_unet, cfg.gradient_checkpointing)
+    pool = HeadPool(cfg.pool, backbone.channels).to(device_)
+    opt_g = _adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim)
+    opt_d = _adamw(pool.parameters(), cfg.heads_optim)
+    step_fn = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial, cfg.multistep)
+    autocast = torch.autocast(device_.type, dtype=amp, enabled=amp is not None)
+    gen = torch.Generator().manual_seed(0)
+    b = cfg.micro_batch
+    shape = (b, *adapter.latent_shape())
+
+    def one_step() -> None:
+        active = pool.sample_active()
+        for _ in range(cfg.grad_accum):
+            with section("data + prompt encoding"):
+                x_T, x0 = torch.randn(shape, generator=gen).to(device_), torch.randn(shape, generator=gen).to(device_)
+                names = [prompts[i % len(prompts)] for i in range(b)]
+                cond = {k: v.to(device_) for k, v in adapter.encode_prompts(names).items()}
+            with autocast:
+                step_fn(x_T, x0, cond, active, gen, loss_scale=1.0 / cfg.grad_accum, refine_p=cfg.multistep.p)
+        with section("optimisers"):
+            opt_g.step()
+            opt_d.step()
+            opt_g.zero_grad(set_to_none=True)
+            opt_d.zero_grad(set_to_none=True)
+        with section("pool refresh"):
+            pool.refresh(opt_d)
+
+    progress(f"profiling {steps} optimiser steps ({size}, micro-batch {b} x {cfg.grad_accum}) ...")
+    for _ in range(warmup):
+        one_step()
+    times = []
+    with Stopwatch(device_) as watch:
+        for _ in range(steps):
+            watch.sync()
+            t0 = time.perf_counter()
+            one_step()
+            watch.sync()
+            times.append(time.perf_counter() - t0)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        one_step()
+    step_s = sorted(times)[len(times) // 2]
+    total = sum(times)
+    rows = [{"part": name, "ms": 1000 * t / steps, "share": t / total}
+            for name, t in sorted(watch.totals.items(), key=lambda kv: -kv[1])]
+    other = total - sum(watch.totals.values())
+    rows.append({"part": "other (Python, loss bookkeeping)", "ms": 1000 * other / steps, "share": other / total})
+    flops = counter.get_total_flops()
+    peak = matmul_peak(device_, amp)
+    images = b * cfg.grad_accum
+    return {"device": torch.cuda.get_device_name(device_) if device_.type == "cuda" else "cpu", "size": size,
+            "threads": torch.get_num_threads(), "images_per_step": images, "step_seconds": step_s,
+            "images_per_second": images / step_s, "tflop_per_step": flops / 1e12,
+            "achieved_tflops": flops / 1e12 / step_s, "matmul_peak_tflops": peak / 1e12, "rows": rows}
+
+
+def format_profile(r: dict) -> str:
+    lines = [f"one optimiser step, {r['size']} on {r['device']} ({r['threads']} threads): {r['images_per_step']} "
+             f"images in {r['step_seconds']:.3f} s = {r['images_per_second']:.1f} images/s; "
+             f"{r['tflop_per_step'] * 1e3:.1f} GFLOP per step, {r['achieved_tflops'] * 1e3:.1f} GFLOP/s achieved "
+             f"against a measured matmul peak of {r['matmul_peak_tflops'] * 1e3:.1f} GFLOP/s "
+             f"({100 * r['achieved_tflops'] / r['matmul_peak_tflops']:.0f}%)", "",
+             "| part | ms per step | share |", "|---|---:|---:|"]
+    lines += [f"| {x['part']} | {x['ms']:.1f} | {100 * x['share']:.1f}% |" for x in r["rows"]]
+    return "\n".join(lines)
