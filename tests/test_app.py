@@ -58,3 +58,47 @@ def test_app_cli_refuses_a_taken_port_in_one_line(mini_run, capsys):
         assert main(["app", "--model", str(mini_run), "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"cannot serve on 127.0.0.1:{port}" in err[0] and "--port" in err[0], err
+
+
+def _serve(mini_run):
+    from nitrofusion.app import build_app, launch, make_generator
+
+    fn, examples = make_generator(mini_run)
+    demo = build_app(fn, examples)
+    launch(demo, block=False)
+    return demo
+
+
+@pytest.mark.skipif(__import__("nitrofusion.browser").browser.find_browser() is None,
+                    reason="needs chromium and chromium-driver (scripts/install.sh installs them)")
+def test_the_app_draws_as_a_visitor_types_in_two_browser_tabs(mini_run, tmp_path):
+    """Headless Chromium types key by key, no click and no Enter: the live mode makes the image of the whole
+    prompt and shows its latency; two tabs typing at once are both served (one queue, each tab's latest)."""
+    import threading
+
+    from nitrofusion.browser import open_browser, screenshot, type_and_wait
+
+    demo = _serve(mini_run)
+    drivers = []
+    try:
+        drivers = [open_browser(), open_browser()]
+        prompts = ["a photo of a sandal", "a photo of a bag"]
+        results: dict[int, dict] = {}
+
+        def visit(i):
+            results[i] = type_and_wait(drivers[i], demo.local_url, prompts[i], keystroke_pause=0.02)
+
+        threads = [threading.Thread(target=visit, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert sorted(results) == [0, 1]
+        for i, p in enumerate(prompts):
+            assert f"“{p}”: 1 step(s), seed 0" in results[i]["latency_text"] and " ms" in results[i]["latency_text"]
+        shot = screenshot(drivers[0], tmp_path / "app.png")
+        assert shot.stat().st_size > 10_000
+    finally:
+        for d in drivers:
+            d.quit()
+        demo.close()

@@ -20,11 +20,14 @@ from .pipeline import check_seed, check_steps, model_world
 Generate = Callable[[str, int, int], Image.Image]
 
 
+LIVE_SIZE = 512  # SDXL images while typing: 1 step at 512x512 keeps up with a typist on a GPU
+
+
 def make_generator(model: str | Path, base: str | None = None, shift: int | None = None, device: str = "cpu",
-                   dtype: torch.dtype | None = None, fast: bool = False,
-                   vae: str | None = None) -> tuple[Generate, list[str]]:
-    """(prompt, steps, seed) -> image, and example prompts; the model loads once, here. `fast` / `vae`: SDXL
-    only (fast.py)."""
+                   dtype: torch.dtype | None = None, fast: bool = False, vae: str | None = None,
+                   size: int | None = LIVE_SIZE) -> tuple[Generate, list[str]]:
+    """(prompt, steps, seed) -> image, and example prompts; the model loads once, here. `fast` / `vae` / `size`
+    (pixels; None = the run's resolution): SDXL only (fast.py)."""
     path = Path(model)
     if model_world(path) == "mini":
         if fast or vae:
@@ -49,7 +52,7 @@ def make_generator(model: str | Path, base: str | None = None, shift: int | None
     pipe = load_pipeline(model, base=base, shift=shift, device=device, dtype=dtype, fast=fast, vae=vae)
 
     def run_sdxl(prompt: str, steps: int, seed: int) -> Image.Image:
-        return generate_images(pipe, [prompt], steps, seed, batch_size=1)[0]
+        return generate_images(pipe, [prompt], steps, seed, height=size, width=size, batch_size=1)[0]
 
     return run_sdxl, ["a photo of a red fox in the snow", "an oil painting of a lighthouse at dusk"]
 
@@ -68,7 +71,15 @@ def build_app(generate_fn: Generate, examples: list[str], title: str = "nitrofus
             image = generate_fn(prompt, steps, seed)
         except (NitroFusionError, ValueError, OverflowError) as e:  # the visitor's input: say so on the page
             raise gr.Error(str(e)) from None
-        return image, f"{steps} step(s), seed {seed}: {1000 * (time.perf_counter() - t0):.0f} ms"
+        return image, f"“{prompt.strip()}”: {steps} step(s), seed {seed}, {1000 * (time.perf_counter() - t0):.0f} ms"
+
+    def on_type(prompt: str, steps: float, seed: float):
+        if not prompt or not prompt.strip():  # half-typed: keep the last image
+            return gr.skip(), gr.skip()
+        try:
+            return on_click(prompt, steps, seed)
+        except gr.Error:  # a bad field while typing shows nothing; the button says why
+            return gr.skip(), gr.skip()
 
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"## {title}: one-step generation (1-4 steps with the same weights)")
@@ -85,6 +96,13 @@ def build_app(generate_fn: Generate, examples: list[str], title: str = "nitrofus
         # one named endpoint (/generate) for the button, the Enter key and API clients
         button.click(on_click, [prompt, steps, seed], [image, info], api_name="generate")
         prompt.submit(on_click, [prompt, steps, seed], [image, info], api_name=False)
+        # live: a new image as the visitor types. always_last is the debounce: while this tab's image is being
+        # made, keystrokes only replace its one pending request, so a fast typist never floods the queue, and
+        # the shared queue (one worker, first come first served) takes the tabs' latest prompts in turn
+        live = dict(trigger_mode="always_last", show_progress="hidden", api_name=False)
+        prompt.input(on_type, [prompt, steps, seed], [image, info], **live)
+        steps.change(on_type, [prompt, steps, seed], [image, info], **live)
+    demo.queue(default_concurrency_limit=1)
     return demo
 
 

@@ -336,11 +336,13 @@ def cmd_app(args) -> None:
         import gradio  # noqa: F401
     except ImportError:
         raise NitroFusionError("the live demo needs gradio: pip install 'nitrofusion[app]'") from None
-    from .app import build_app, launch, make_generator
+    from .app import LIVE_SIZE, build_app, launch, make_generator
     from .pipeline import parse_dtype
 
+    if args.size is not None and (args.size <= 0 or args.size % 8):
+        raise NitroFusionError(f"--size must be a positive multiple of 8 (got {args.size})")
     fn, examples = make_generator(args.model, args.base, args.shift, args.device or "cpu", parse_dtype(args.dtype),
-                                  fast=args.fast, vae=args.vae)
+                                  fast=args.fast, vae=args.vae, size=args.size or LIVE_SIZE)
     print(f"serving {args.model} on http://{args.host}:{args.port or 7860} (Ctrl-C stops)")
     launch(build_app(fn, examples), args.host, args.port)
 
@@ -522,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default: gradio's, 7860 or the next free one)")
     p.add_argument("--device", help="cuda or cpu")
     p.add_argument("--dtype", help="fp16, bf16 or fp32")
+    p.add_argument("--size", type=int, help="SDXL: image side in pixels (default 512: live while typing)")
     _fast_args(p)
     p.set_defaults(func=cmd_app)
 
