@@ -268,3 +268,19 @@ def test_on_a_fused_teacher_lora_the_student_is_both_loras_stacked(tiny_sdxl, tm
         torch.testing.assert_close(pipe.unet(x, t, **cond).sample, want, rtol=1e-4, atol=1e-5)
         pipe.set_adapters(["nitro"], [1.0])  # without the teacher's LoRA it is another model
         assert (pipe.unet(x, t, **cond).sample - want).abs().max() > 1e-3
+
+
+def test_a_lora_student_skips_non_finite_steps_like_a_full_one(adapter, pairs, tiny_cfg, tmp_path, monkeypatch):
+    from nitrofusion.method.pool import HeadPool
+
+    logits = HeadPool.logits
+    monkeypatch.setattr(HeadPool, "logits", lambda self, *a: logits(self, *a) * torch.nan)
+    with pytest.raises(NitroFusionError, match="non-finite loss or gradient"):
+        distill(tiny_cfg(*LORA, "max_images=400"), adapter, pairs, tmp_path, progress=False)
+    ck = sorted((tmp_path / "checkpoints").iterdir())[-1]
+    saved = load_file(str(ck / "student.safetensors"))
+    lora_b = [v for k, v in saved.items() if ".lora_B." in k]
+    assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b)  # B still at its zero init: no step taken
+    from nitrofusion.student import has_lora
+
+    assert not has_lora(adapter.teacher_unet)  # given back even when the run stops with an error
