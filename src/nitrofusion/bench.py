@@ -181,7 +181,7 @@ def run_bench(size: str = "full", device: str | None = None, overrides: list[str
             "optimizer": cfg.student_optim.kind, "text_encoders": text,
             "student": cfg.student.kind if cfg.student.kind == "full" else f"lora rank {cfg.student.rank}",
             "torch": torch.__version__,
-            "parameters": {"student": sum(p.numel() for p in student.parameters()),
+            "parameters": {"student_trainable": sum(p.numel() for p in student.parameters() if p.requires_grad),
                            "pool": sum(p.numel() for p in pool.parameters())}, "rows": rows}
 
 
