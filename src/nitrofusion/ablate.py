@@ -48,8 +48,12 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "lora4": ("mini-lora", ("student.rank=4", "student.alpha=4"), "LoRA student, rank 4 (adapter lr 1e-3)"),
     "lora16": ("mini-lora", ("student.rank=16", "student.alpha=16"), "LoRA student, rank 16 (adapter lr 1e-3)"),
     "lora64": ("mini-lora", ("student.rank=64", "student.alpha=64"), "LoRA student, rank 64 (adapter lr 1e-3)"),
+    "lora4-lr2e-4": ("mini-lora", ("student.rank=4", "student.alpha=4", "student_optim.lr=2e-4"),
+                     "LoRA student, rank 4, adapter lr 2e-4 (10x the full student's)"),
     "lora16-lr2e-4": ("mini-lora", ("student.rank=16", "student.alpha=16", "student_optim.lr=2e-4"),
                       "LoRA student, rank 16, adapter lr 2e-4 (10x the full student's)"),
+    "lora64-lr2e-4": ("mini-lora", ("student.rank=64", "student.alpha=64", "student_optim.lr=2e-4"),
+                      "LoRA student, rank 64, adapter lr 2e-4 (10x the full student's)"),
     # the multi-step stage and the real-data source
     "one-step": ("mini", ("multistep.p=0",), "one-step training only (the paper's objective)"),
     "multistep": ("mini", ("multistep.p=0.5",), "multi-step stage: half the samples train a refinement step"),
