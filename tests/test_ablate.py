@@ -6,6 +6,7 @@ import json
 import pytest
 
 from nitrofusion.ablate import PAPER, run_ablation, summarise
+from nitrofusion.errors import NitroFusionError
 
 
 def test_summary_statistics_and_deltas():
@@ -57,3 +58,9 @@ def test_ablate_runs_every_variant_and_skips_finished_runs(tmp_path, monkeypatch
     more = run_ablation(tmp_path, seeds=2, budget_images=16, eval_samples=20, overrides=sets, steps=[1, 4],
                         variants=["full"], progress=False, log=messages.append)
     assert more["summary"]["1"]["full"] == r["summary"]["1"]["full"] and more["summary"]["4"]["full"]["n"] == 2
+    # a slice of the seeds (--seed-start): seed 1 alone is the finished seed-1 run, skipped
+    part = run_ablation(tmp_path, seeds=1, seed_start=1, budget_images=16, eval_samples=20, overrides=sets,
+                        variants=["full"], progress=False, log=messages.append)
+    assert [(x["variant"], x["seed"]) for x in part["runs"]] == [("full", 1)]
+    with pytest.raises(NitroFusionError, match="--seed-start >= 0"):
+        run_ablation(tmp_path, seeds=1, seed_start=-1, progress=False)

@@ -84,6 +84,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def run_ablation(out: Path, seeds: int = 3, budget_images: int = 6400, eval_samples: int = 1000,
+                 seed_start: int = 0,
                  variants: list[str] | None = None, overrides: list[str] | None = None,
                  steps: list[int] | None = None, progress: bool = True, log=print) -> dict:
     variants = variants or list(PAPER)
@@ -91,13 +92,15 @@ def run_ablation(out: Path, seeds: int = 3, budget_images: int = 6400, eval_samp
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise NitroFusionError(f"unknown ablation variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    if seeds < 1 or budget_images < 1 or eval_samples < 10:
-        raise NitroFusionError("--seeds >= 1, --budget >= 1 image and --eval-samples >= 10 are required")
+    if seeds < 1 or budget_images < 1 or eval_samples < 10 or seed_start < 0:
+        raise NitroFusionError("--seeds >= 1, --seed-start >= 0, --budget >= 1 image and --eval-samples >= 10 are "
+                               "required")
+    seed_range = range(seed_start, seed_start + seeds)  # a slice of the seeds: split one study over processes
     if any(not 1 <= s <= 4 for s in steps):
         raise NitroFusionError(f"--steps takes values from 1 to 4 (got {steps})")
     configs = {(v, seed): config_lib.build(DistillConfig, "distill", VARIANTS[v][0], [
         *(overrides or []), *VARIANTS[v][1], f"max_images={budget_images}", "max_minutes=0", f"seed={seed}",
-        f"pool.seed={seed}", "eval_every=0"]) for v in variants for seed in range(seeds)}  # all checked first
+        f"pool.seed={seed}", "eval_every=0"]) for v in variants for seed in seed_range}  # all checked first
     started = time.time()
     base = config_lib.build(DistillConfig, "distill", "mini", overrides)
     adapter = MiniAdapter(load_teacher(base.teacher or None))
@@ -112,7 +115,7 @@ def run_ablation(out: Path, seeds: int = 3, budget_images: int = 6400, eval_samp
     metrics = MiniMetrics()
     runs = []
     for variant in variants:
-        for seed in range(seeds):
+        for seed in seed_range:
             cfg = configs[variant, seed]
             run_dir = out / "runs" / f"{variant}-seed{seed}"
             done = run_dir / "result.json"

@@ -326,7 +326,8 @@ def cmd_bench(args) -> None:
 def cmd_ablate(args) -> None:
     from .ablate import run_ablation
 
-    r = run_ablation(Path(args.out), seeds=args.seeds, budget_images=args.budget, eval_samples=args.eval_samples,
+    r = run_ablation(Path(args.out), seeds=args.seeds, seed_start=args.seed_start, budget_images=args.budget,
+                     eval_samples=args.eval_samples,
                      variants=args.variants, overrides=args.overrides, steps=args.steps)
     print(f"ablation table: {Path(args.out) / 'ablation.md'} ({r['seconds']:.0f} s)")
 
@@ -504,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "training images, 1-step metrics, table and bar plot (finished runs are skipped)")
     p.add_argument("--out", required=True, help="folder for runs/, ablation.json, ablation.md, ablation.png")
     p.add_argument("--seeds", type=int, default=3, help="runs per variant, seeds 0..N-1 (default 3)")
+    p.add_argument("--seed-start", type=int, default=0, help="first seed (default 0): seeds S..S+N-1, to split one "
+                   "study over several processes or machines sharing --out")
     p.add_argument("--budget", type=int, default=6400, help="training images per run (default 6400 = 200 steps)")
     p.add_argument("--eval-samples", type=int, default=1000, help="held-out prompts/x_T per score")
     p.add_argument("--variants", nargs="+", help="the paper's (default): full global-only no-refresh static "
