@@ -287,37 +287,25 @@ def cmd_bench(args) -> None:
 
     if args.size == "mini":  # the mini world's step, part by part (no SDXL stages to time)
         result = profile_step("mini", args.device, args.overrides, steps=max(args.iters, 1), warmup=args.warmup)
-        print(format_profile(result))
-        if args.out:
-            save(result, args.out)
-            print(f"results: {args.out}")
-        return
-    if args.inference:
+        text = format_profile(result)
+    elif args.inference:
         from .inference_bench import format_inference, run_inference_bench
         from .pipeline import parse_dtype
 
         result = run_inference_bench(args.size, args.device, parse_dtype(args.dtype), iters=max(args.iters, 1),
                                      warmup=args.warmup)
-        print(format_inference(result))
-        if args.out:
-            save(result, args.out)
-            print(f"results: {args.out}")
-        return
-    if args.memory:
+        text = format_inference(result)
+    elif args.memory:
         from .memory import format_memory, memory_model
 
         result = memory_model(overrides=args.overrides)
-        print(format_memory(result))
-        if args.out:
-            save(result, args.out)
-            print(f"results: {args.out}")
-        return
-
-    result = run_bench(args.size, args.device, args.overrides, iters=args.iters, warmup=args.warmup)
-    result["profile"] = profile_step(args.size, args.device, args.overrides, steps=max(args.iters, 1),
-                                     warmup=args.warmup)
-    print(format_table(result))
-    print("\n" + format_profile(result["profile"]))
+        text = format_memory(result)
+    else:
+        result = run_bench(args.size, args.device, args.overrides, iters=args.iters, warmup=args.warmup)
+        result["profile"] = profile_step(args.size, args.device, args.overrides, steps=max(args.iters, 1),
+                                         warmup=args.warmup)
+        text = format_table(result) + "\n\n" + format_profile(result["profile"])
+    print(text)
     if args.out:
         save(result, args.out)
         print(f"results: {args.out}")

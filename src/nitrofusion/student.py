@@ -25,6 +25,8 @@ ADAPTER = "nitrofusion"  # the PEFT adapter name of a LoRA student
 
 
 def tuner_layers(model: nn.Module) -> list[nn.Module]:
+    if not getattr(model, "peft_config", None):  # diffusers sets it with the first adapter, drops it on unload:
+        return []  # a full student's backbone calls skip the walk over every module
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
