@@ -205,3 +205,24 @@ def test_task_by_task_generator_backward_equals_one_backward(step_parts, loss, a
     (a, la), (b, lb) = grads
     assert la == pytest.approx(lb, rel=1e-5)
     assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(a, b, strict=True))
+
+
+def test_logits_of_several_feature_sets_in_one_call_equal_one_call_per_set():
+    torch.manual_seed(0)
+    pool = _pool(heads_per_slot=2)
+    active = pool.sample_active()
+    t_idx = torch.tensor([0, 1, 2, 3, 0, 1, 2])  # 7 samples: uneven groups
+    sizes = [16, 8, 8, 8, 4, 4, 4, 2, 2, 2]
+
+    def feats():
+        return [torch.randn(7, c, s, s) for c, s in zip(pool_channels(), sizes, strict=True)]
+
+    real, fake = feats(), feats()
+    for task in range(len(pool.tasks)):
+        both = pool.logits_many(task, active, [real, fake], t_idx)
+        for got, f in zip(both, (real, fake), strict=True):
+            torch.testing.assert_close(got, pool.logits(task, active, f, t_idx), rtol=1e-5, atol=1e-6)
+
+
+def pool_channels():
+    return [16, 16, 16, 16, 16, 16, 32, 32, 32, 32]

@@ -1,9 +1,13 @@
 """`nitrofusion demo`: the whole method on the embedded mini world, with pictures and measured numbers.
 
-shipped teacher -> cached teacher pairs -> NitroFusion distillation (time budget) -> evaluation of the
-teacher, the teacher forced to one step, and the student at 1, 2, 3 and 4 steps on the same held-out x_T
-and prompts (classifier-FID, accuracy, precision / recall / coverage) -> report.md, report.json, grid,
-classifier-FID curve. The budget is counted in images, so every machine trains the same model.
+shipped teacher -> teacher pairs -> NitroFusion distillation -> evaluation of the teacher, the teacher
+forced to one step, and the student at 1, 2, 3 and 4 steps on the same held-out x_T and prompts
+(classifier-FID, accuracy, precision / recall / coverage) -> report.md, report.json, grid, curve.
+
+The budget is counted in images, so every machine trains the same model, only later. Two processes
+share the work (helper.py): both generate the training pairs, then the helper generates the held-out
+pairs and scores the teacher while the main process trains, then each scores half of the student's step
+counts. With one usable core the helper's jobs run inline, with the same numbers.
 """
 
 from __future__ import annotations
@@ -13,75 +17,174 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from . import config as config_lib
 from . import threads
 from .adapters.mini import MiniAdapter
 from .distill_config import DistillConfig
+from .helper import Helper, Inline, start_helper
 from .io import atomic_write_json, atomic_write_text
+from .mini import demo_jobs
+from .mini.data import class_prompts
 from .mini.evaluation import MiniEvaluation, per_class
 from .mini.metrics import MiniMetrics
-from .mini.pairsets import held_out_pairs, training_pairs
+from .mini.pairsets import EVAL_SEED_OFFSET, held_out_pairs, pair_dir
 from .mini.teacher import load_teacher
+from .pairs import drop_corrupt_shards, load_pairs, pair_inputs, write_index_file
 from .real_data import training_source
 from .train import distill
 from .viz import plot_curves, save_grid
 
 STEPS = (1, 2, 3, 4)
+MAIN_STEPS, HELPER_STEPS = (1, 4), (2, 3)  # 5 student calls per sample on each side
+# One training image costs about this many teacher-UNet image evaluations (student forward and backward,
+# the backbone per task, heads; measured on the mini preset, 2-core AMD EPYC, 1 thread): the forecast's
+# training term. It is only a forecast: the progress bar shows the measured time left.
+TRAIN_CALLS_PER_IMAGE = 6.6
+
+
+class Forecast:
+    """Expected time of the demo's phases from one measured unit: the seconds of one teacher-UNet image
+    evaluation at the pair batch size, timed at start-up (about a second)."""
+
+    def __init__(self, adapter: MiniAdapter, batch: int) -> None:
+        x = torch.randn(batch, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0))
+        cond = adapter.encode_prompts(class_prompts()[:1] * batch)
+        t = torch.full((batch,), 500)
+        with torch.no_grad():
+            adapter.unet_call(adapter.teacher_unet, x, t, cond)  # warm-up
+            start = time.perf_counter()
+            for _ in range(3):
+                adapter.unet_call(adapter.teacher_unet, x, t, cond)
+        self.call = (time.perf_counter() - start) / (3 * batch)
+        spec = adapter.sampler
+        self.calls_per_pair = spec.steps * (2 if spec.guidance_scale > 1 else 1)
+
+    def phases(self, train_pairs: int, images: int, minutes: float, eval_samples: int,
+               processes: int) -> dict[str, float]:
+        """Seconds per phase, each split over `processes` the way run_demo splits it."""
+        pairs = train_pairs * self.calls_per_pair * self.call / processes
+        train = images * TRAIN_CALLS_PER_IMAGE * self.call if images else minutes * 60
+        held_out = eval_samples * (self.calls_per_pair + 2) * self.call  # + the teacher at one step
+        if processes == 1:
+            train += held_out
+        else:
+            train = max(train, held_out)
+        student_calls = sum(STEPS) if processes == 1 else max(sum(MAIN_STEPS), sum(HELPER_STEPS))
+        return {"teacher pairs": pairs, "training": train, "evaluation": eval_samples * student_calls * self.call}
+
+
+class Progress:
+    """Per-phase timings against the forecast; what is left is the forecast scaled by how the finished
+    phases compared with theirs (a busy machine runs every phase slower alike)."""
+
+    def __init__(self, plan: dict[str, float], log) -> None:
+        self.plan, self.log = dict(plan), log
+        self.planned_done = self.took = 0.0
+
+    def done(self, phase: str, seconds: float, what: str) -> None:
+        self.planned_done += self.plan.pop(phase)
+        self.took += seconds
+        line = f"{what}: {seconds:.0f} s"
+        if self.plan:
+            ratio = self.took / self.planned_done if self.planned_done >= 1 else 1.0
+            left = sum(self.plan.values()) * ratio
+            line += f"; about {left:.0f} s left ({', '.join(self.plan)})"
+        self.log(line)
 
 
 def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bool = False,
              log=print) -> dict:
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    threads.apply(cfg.threads)  # 0: the automatic rule (threads.py)
-    teacher = load_teacher(cfg.teacher or None)
-    adapter = MiniAdapter(teacher)
+    main_threads = threads.apply(cfg.threads)  # 0: the automatic rule (threads.py)
+    teacher_path = cfg.teacher or None
+    adapter = MiniAdapter(load_teacher(teacher_path))
     metrics = MiniMetrics()
+    with start_helper(main_threads) as helper:
+        processes = 1 if isinstance(helper, Inline) else 2
+        forecast = Forecast(adapter, cfg.pairs.batch_size)
+        needs_pairs = cfg.real.source != "data"
+        plan = forecast.phases(cfg.pairs.count if needs_pairs else 0, cfg.max_images, cfg.max_minutes,
+                              eval_samples, processes)
+        timing = {"startup_seconds": round(time.time() - started, 1)}
+        log(f"demo: {cfg.max_images:,} training images (the same model on any machine), {eval_samples} held-out "
+            f"samples, this process at {main_threads} thread(s) and {helper.describe()}; expected about "
+            f"{sum(plan.values()):.0f} s on this machine (" + ", ".join(f"{k} {v:.0f} s" for k, v in plan.items())
+            + ")")
+        progress = Progress(plan, log)
 
-    t0 = time.time()
-    train_pairs = training_source(cfg, adapter, lambda: training_pairs(cfg, adapter))
-    eval_pairs = held_out_pairs(adapter, eval_samples, cfg.pairs)
-    pair_seconds = time.time() - t0
-    log(f"training data ready ({cfg.real.source}), {len(eval_pairs)} held-out pairs ({pair_seconds:.0f} s)")
+        t0 = time.time()
+        train_pairs = training_source(cfg, adapter, lambda: _training_pairs(cfg, adapter, helper, teacher_path))
+        timing["teacher_pairs_seconds"] = round(time.time() - t0, 1)
+        progress.done("teacher pairs", timing["teacher_pairs_seconds"], f"training data ready ({cfg.real.source})")
 
-    evaluation = MiniEvaluation(adapter, eval_pairs, metrics, cfg.adversarial.shift, seed=cfg.seed)
-    if cfg.max_images:
-        log(f"training budget: {cfg.max_images:,} images, the same model on any machine; the progress bar "
-            "shows the time left")
-    if not resume and (out / "run").exists():
-        shutil.rmtree(out / "run")  # the demo's own folder: a rerun starts afresh unless --resume
-    result = distill(cfg, adapter, train_pairs, out / "run", resume=resume,
-                     evaluator=evaluation.curve(cfg.eval_samples))
-    student = result["student"]
+        # the helper: held-out pairs and the teacher's rows, while this process trains
+        teacher_job = helper.submit(demo_jobs.teacher_rows, teacher_path, eval_samples, cfg.pairs, cfg.seed)
+        inputs = pair_inputs(adapter, class_prompts(), eval_samples, cfg.pairs.seed + EVAL_SEED_OFFSET,
+                             cfg.pairs.shard_size)
+        curve = MiniEvaluation(adapter, inputs, metrics, cfg.adversarial.shift, seed=cfg.seed)
+        if not resume and (out / "run").exists():
+            shutil.rmtree(out / "run")  # the demo's own folder: a rerun starts afresh unless --resume
+        t0 = time.time()
+        result = distill(cfg, adapter, train_pairs, out / "run", resume=resume,
+                         evaluator=curve.curve(cfg.eval_samples))
+        teacher = teacher_job.result()
+        timing["train_seconds"] = round(time.time() - t0, 1)
+        progress.done("training", timing["train_seconds"],
+                      f"distillation ({result['images']:,} images) and the held-out pairs")
 
-    t0 = time.time()
-    report: dict = {"teacher": evaluation.teacher()}
-    one_step = evaluation.teacher_one_step_images()
-    report["teacher_one_step"] = evaluation.score(one_step, to_teacher=True)
-    report["teacher"].update(fid_to_teacher=0.0)
-    images = {}
-    report["student"] = {}
-    for steps in STEPS:
-        images[steps] = evaluation.student_images(student, steps)
-        report["student"][str(steps)] = evaluation.score(images[steps], to_teacher=True)
-    eval_seconds = time.time() - t0
+        t0 = time.time()
+        student_job = helper.submit(demo_jobs.student_rows, teacher_path, str(out / "run" / "student" / "unet"),
+                                    eval_samples, cfg.pairs, cfg.adversarial.shift, cfg.seed, list(HELPER_STEPS))
+        eval_pairs = held_out_pairs(adapter, eval_samples, cfg.pairs, progress=False)  # the helper's, on disk
+        evaluation = MiniEvaluation(adapter, eval_pairs, metrics, cfg.adversarial.shift, seed=cfg.seed)
+        pick = per_class(evaluation.labels)
+        rows = {}
+        for k in MAIN_STEPS:
+            images = evaluation.student_images(result["student"], k)
+            rows[k] = {"scores": evaluation.score(images, to_teacher=True), "grid": images[pick]}
+        rows.update(student_job.result())
+        timing["eval_seconds"] = round(time.time() - t0, 1)
+        progress.done("evaluation", timing["eval_seconds"], "evaluation")
+
+    report: dict = {"teacher": teacher["teacher"], "teacher_one_step": teacher["teacher_one_step"],
+                    "student": {str(k): rows[k]["scores"] for k in STEPS}}
     report["train"] = {"iterations": result["iterations"], "images": result["images"],
                        "seconds": result["seconds"]}
     report["eval_samples"] = len(eval_pairs)
-    report["timing"] = {"teacher_pairs_seconds": round(pair_seconds, 1), "eval_seconds": round(eval_seconds, 1),
-                        "total_seconds": round(time.time() - started, 1)}
+    timing["total_seconds"] = round(time.time() - started, 1)
+    report["timing"] = timing
+    report["processes"] = processes
     report["config"] = config_lib.to_dict(cfg)
 
     # Pictures: the same prompts and x_T for every row (two per class).
-    pick = per_class(evaluation.labels)
-    rows = [adapter.decode(eval_pairs.x0[pick]), adapter.decode(one_step[pick])]
-    rows += [adapter.decode(images[s][pick]) for s in STEPS]
-    labels = [f"teacher {teacher.sampler.steps} st", "teacher 1 st", *(f"student {s} st" for s in STEPS)]
-    save_grid(out / "grid.png", rows, labels, scale=4)
+    grid = [adapter.decode(eval_pairs.x0[pick]), adapter.decode(teacher["grid"])]
+    grid += [adapter.decode(rows[k]["grid"]) for k in STEPS]
+    labels = [f"teacher {adapter.sampler.steps} st", "teacher 1 st", *(f"student {k} st" for k in STEPS)]
+    save_grid(out / "grid.png", grid, labels, scale=4)
     _plot(out, report)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
+
+
+def _training_pairs(cfg: DistillConfig, adapter: MiniAdapter, helper: Helper | Inline, teacher: str | None):
+    """The preset's training pairs, their shards split between this process and the helper (shard s to
+    process s % 2), indexed and loaded here: the same cache a single process writes."""
+    pc = cfg.pairs
+    out = pair_dir(pc.dir, adapter, pc.count, pc.seed)
+    drop_corrupt_shards(out)
+    processes = 1 if isinstance(helper, Inline) else 2
+    jobs = [helper.submit(demo_jobs.pair_shards, teacher, pc.count, pc.seed, str(out), pc.shard_size,
+                          pc.batch_size, i, processes) for i in range(1, processes)]
+    demo_jobs.share_of_pairs(adapter, pc.count, pc.seed, str(out), pc.shard_size, pc.batch_size, 0, processes,
+                             progress=True)
+    for job in jobs:
+        job.result()
+    write_index_file(out, pc.count, pc.seed, pc.shard_size, adapter)
+    return load_pairs(out)
 
 
 def _plot(out: Path, report: dict) -> None:

@@ -90,7 +90,15 @@ class HeadPool(nn.Module):
                t_idx: torch.Tensor) -> torch.Tensor:
         """Per-level logits [B, levels] of the active heads for `task`; sample i is judged by the heads
         of its own t* (t_idx[i]), or by the shared ones when heads are not grouped by t*."""
-        out = feats[0].new_zeros(feats[0].shape[0], self.num_levels)
+        return self.logits_many(task, active, [feats], t_idx)[0]
+
+    def logits_many(self, task: int, active: torch.Tensor, feat_sets: list[list[torch.Tensor]],
+                    t_idx: torch.Tensor) -> list[torch.Tensor]:
+        """`logits` of several feature sets at the same t* (the D step's real and fake views), each head
+        called once on all their rows: a head's output for a row depends on that row alone (its conv and
+        per-sample GroupNorm), so this equals one call per set, in a fraction of the calls."""
+        b = feat_sets[0][0].shape[0]
+        outs = [f[0].new_zeros(b, self.num_levels) for f in feat_sets]
         group = t_idx if self.groups > 1 else torch.zeros_like(t_idx)
         for t in range(self.groups):
             rows = (group == t).nonzero(as_tuple=True)[0]
@@ -98,6 +106,8 @@ class HeadPool(nn.Module):
                 continue
             cols = []
             for j, lvl in enumerate(self.levels):
-                cols.append(self.head(task, t, j, int(active[task, t, j]))(feats[lvl].index_select(0, rows)))
-            out = out.index_copy(0, rows, torch.stack(cols, dim=1).to(out.dtype))
-        return out
+                x = torch.cat([f[lvl].index_select(0, rows) for f in feat_sets])
+                cols.append(self.head(task, t, j, int(active[task, t, j]))(x))
+            per_set = torch.stack(cols, dim=1).split(rows.numel())
+            outs = [o.index_copy(0, rows, v.to(o.dtype)) for o, v in zip(outs, per_set, strict=True)]
+        return outs

@@ -175,9 +175,9 @@ class AdversarialStep:
             logs["loss_g"] = loss_g.item()
         # D step: everything detached; only the active heads enter the graph
         with section("heads forward (D)"):
-            real_logits = [self.pool.logits(i, active, f, t_idx) for i, f in enumerate(feats_real)]
-            fake_logits = [self.pool.logits(i, active, [x.detach() for x in f], t_idx)
-                           for i, f in enumerate(feats_fake)]
+            both = [self.pool.logits_many(i, active, [r, [x.detach() for x in f]], t_idx)
+                    for i, (r, f) in enumerate(zip(feats_real, feats_fake, strict=True))]
+            real_logits, fake_logits = [r for r, _ in both], [f for _, f in both]
             loss_d = self._reduce(real_logits, fake_logits, "d")
         if self.cfg.r1_weight > 0 and train_d:
             with section("R1"):

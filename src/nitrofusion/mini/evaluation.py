@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 from ..adapters.mini import MiniAdapter
-from ..pairs import Pairs
+from ..pairs import PairInputs, Pairs
 from ..sampling import generate
 from .data import class_prompts
 from .metrics import MiniMetrics
@@ -25,7 +25,7 @@ def per_class(labels: torch.Tensor, n: int = 2) -> torch.Tensor:
 
 
 class MiniEvaluation:
-    def __init__(self, adapter: MiniAdapter, eval_pairs: Pairs, metrics: MiniMetrics, shift: int,
+    def __init__(self, adapter: MiniAdapter, eval_pairs: Pairs | PairInputs, metrics: MiniMetrics, shift: int,
                  seed: int = 0, batch_size: int = 500) -> None:
         self.adapter, self.pairs, self.metrics, self.shift = adapter, eval_pairs, metrics, shift
         self.seed, self.batch_size = seed, batch_size

@@ -1,0 +1,69 @@
+"""The demo's jobs that may run in the helper process (helper.py): each loads what it needs by path,
+so it can be pickled into a spawned interpreter, and returns only numbers and the few images a grid
+shows. Run in either process, a job gives the same result: every random draw is seeded by the job's
+arguments (pair shards by shard, evaluations by `seed`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from ..adapters.mini import MiniAdapter
+from ..distill_config import PairsConfig
+from ..pairs import generate_pairs
+from .data import class_prompts
+from .evaluation import MiniEvaluation, per_class
+from .metrics import MiniMetrics
+from .pairsets import held_out_pairs
+from .teacher import load_teacher
+
+_loaded: dict = {}  # per process: the teacher's adapter and the metrics, loaded once for all its jobs
+
+
+def world(teacher: str | None) -> tuple[MiniAdapter, MiniMetrics]:
+    if _loaded.get("teacher", "unset") != teacher:
+        _loaded.update(teacher=teacher, adapter=MiniAdapter(load_teacher(teacher)), metrics=MiniMetrics())
+    return _loaded["adapter"], _loaded["metrics"]
+
+
+def share_of_pairs(adapter: MiniAdapter, count: int, seed: int, out: str, shard_size: int, batch_size: int,
+                   index: int, processes: int, progress: bool = False) -> None:
+    """Process `index`'s share of a pair set's shards (shard s goes to process s % processes); no index file."""
+    generate_pairs(adapter, class_prompts(), count, seed, out, shard_size=shard_size, batch_size=batch_size,
+                   process_index=index, num_processes=processes, progress=progress, write_index=False)
+
+
+def pair_shards(teacher: str | None, *args) -> None:
+    """share_of_pairs for a process that has not loaded the teacher yet."""
+    share_of_pairs(MiniAdapter(load_teacher(teacher)), *args)
+
+
+def teacher_rows(teacher: str | None, eval_samples: int, pairs: PairsConfig, seed: int) -> dict:
+    """The held-out pair set (generated here when missing), then the teacher's and the teacher-at-one-step
+    rows of the report, with the one-step row's grid images."""
+    adapter, metrics = world(teacher)
+    evaluation = MiniEvaluation(adapter, held_out_pairs(adapter, eval_samples, pairs, progress=False), metrics,
+                                shift=0, seed=seed)
+    one_step = evaluation.teacher_one_step_images()
+    return {"teacher": {**evaluation.teacher(), "fid_to_teacher": 0.0},
+            "teacher_one_step": evaluation.score(one_step, to_teacher=True),
+            "grid": one_step[per_class(evaluation.labels)]}
+
+
+def student_rows(teacher: str | None, student_unet: str, eval_samples: int, pairs: PairsConfig, shift: int,
+                 seed: int, steps: list[int]) -> dict[int, dict]:
+    """The student (read from its saved fp32 folder: the very weights training ended with) at each step
+    count: {steps: {"scores": report row, "grid": grid images}}."""
+    adapter, metrics = world(teacher)
+    unet = UNet2DConditionModel.from_pretrained(Path(student_unet), use_safetensors=True).eval()
+    evaluation = MiniEvaluation(adapter, held_out_pairs(adapter, eval_samples, pairs, progress=False), metrics,
+                                shift=shift, seed=seed)
+    pick = per_class(evaluation.labels)
+    out = {}
+    for k in steps:
+        with torch.no_grad():
+            images = evaluation.student_images(unet, k)
+        out[k] = {"scores": evaluation.score(images, to_teacher=True), "grid": images[pick]}
+    return out
