@@ -273,8 +273,8 @@ def test_on_a_fused_teacher_lora_the_student_is_both_loras_stacked(tiny_sdxl, tm
 def test_a_lora_student_skips_non_finite_steps_like_a_full_one(adapter, pairs, tiny_cfg, tmp_path, monkeypatch):
     from nitrofusion.method.pool import HeadPool
 
-    logits = HeadPool.logits
-    monkeypatch.setattr(HeadPool, "logits", lambda self, *a: logits(self, *a) * torch.nan)
+    logits = HeadPool.logits_many
+    monkeypatch.setattr(HeadPool, "logits_many", lambda self, *a: [x * torch.nan for x in logits(self, *a)])
     with pytest.raises(NitroFusionError, match="non-finite loss or gradient"):
         distill(tiny_cfg(*LORA, "max_images=400"), adapter, pairs, tmp_path, progress=False)
     ck = sorted((tmp_path / "checkpoints").iterdir())[-1]

@@ -168,13 +168,15 @@ def test_local_tasks_see_crops_and_unconditional_sees_null(step_parts, monkeypat
     real_call = step.adapter.backbone_call
 
     def spy(backbone, x, t, c, boxes):
-        calls.append((tuple(x.shape[-2:]), bool(c["states"].abs().sum() == 0), boxes is None))
+        null = [bool(part.abs().sum() == 0) for part in c["states"].split(x_T.shape[0])]
+        calls.append((tuple(x.shape), null, boxes is None))
         return real_call(backbone, x, t, c, boxes)
 
     monkeypatch.setattr(step.adapter, "backbone_call", spy)
     step(x_T, x0, cond, pool.sample_active(), torch.Generator().manual_seed(0))
-    # per task: real (no grad) then fake; global full size with prompt, local half size, uncond null
-    assert calls == [((16, 16), False, True)] * 2 + [((8, 8), False, False)] * 2 + [((8, 8), True, False)] * 2
+    # real (no grad) then fake: the global task full size with the prompt; the two crop tasks in one call,
+    # half size, local_cond's rows with the prompt and then local_uncond's with the null prompt
+    assert calls == [((8, 1, 16, 16), [False], True)] * 2 + [((16, 1, 8, 8), [False, True], False)] * 2
 
 
 def test_single_head_baseline_pool_has_one_head_on_the_mid_block():
@@ -226,3 +228,24 @@ def test_logits_of_several_feature_sets_in_one_call_equal_one_call_per_set():
 
 def pool_channels():
     return [16, 16, 16, 16, 16, 16, 32, 32, 32, 32]
+
+
+def test_crop_tasks_in_one_backbone_call_equal_one_call_per_task(step_parts):
+    """task_groups batches the two crop tasks through E; per-task calls (the reference) give the same
+    losses, student gradients and head gradients from the same random draws."""
+    step, student, pool, x_T, x0, cond = step_parts
+    assert step.task_groups() == [[0], [1, 2]]
+    active = pool.sample_active()
+    results = []
+    for groups in (step.task_groups(), [[0], [1], [2]]):
+        step.task_groups = lambda g=groups: g
+        student.zero_grad(set_to_none=True)
+        pool.zero_grad(set_to_none=True)
+        logs = step(x_T, x0, cond, active, torch.Generator().manual_seed(0))
+        heads = [p.grad.clone() for p in pool.parameters() if p.grad is not None]
+        results.append((logs, [p.grad.clone() for p in student.parameters()], heads))
+    (la, ga, ha), (lb, gb, hb) = results
+    assert la.keys() == lb.keys() and all(la[k] == pytest.approx(lb[k], rel=1e-5, abs=1e-6) for k in la)
+    assert len(ha) == len(hb) > 0
+    for x, y in zip([*ga, *ha], [*gb, *hb], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)

@@ -109,13 +109,13 @@ def test_non_finite_losses_skip_steps_then_stop_with_a_checkpoint(mini_adapter, 
     from nitrofusion.errors import NitroFusionError
     from nitrofusion.method.pool import HeadPool
 
-    logits = HeadPool.logits
+    logits = HeadPool.logits_many  # every head call goes through it (`logits` is its one-set case)
 
-    def poisoned(self, task, active, feats, t_idx):  # NaN from the local-conditional heads at t* = 500 only
-        out = logits(self, task, active, feats, t_idx)
-        return torch.where((t_idx == 2)[:, None] & (task == 1), torch.nan, out)
+    def poisoned(self, task, active, feat_sets, t_idx):  # NaN from the local-conditional heads at t* = 500 only
+        return [torch.where((t_idx == 2)[:, None] & (task == 1), torch.nan, out)
+                for out in logits(self, task, active, feat_sets, t_idx)]
 
-    monkeypatch.setattr(HeadPool, "logits", poisoned)
+    monkeypatch.setattr(HeadPool, "logits_many", poisoned)
     before = {k: v.clone() for k, v in mini_adapter.teacher_unet.state_dict().items()}
     with pytest.raises(NitroFusionError, match=r"non-finite loss or gradient \(last: local_cond@t\*=500\)"):
         distill(tiny_cfg("max_images=400"), mini_adapter, tiny_pairs, tmp_path, progress=False)

@@ -10,8 +10,8 @@ from pathlib import Path
 from . import threads
 from .errors import NitroFusionError, describe
 
-DEMO_HELP = ("distil the shipped mini-world teacher into a 1-4 step student and write a report (~10-13 min on 2 "
-             "cores)")
+DEMO_HELP = ("distil the shipped mini-world teacher into a 1-4 step student and write a report (about 5 min "
+             "on 2 cores)")
 
 
 def command(sub, name: str, text: str) -> argparse.ArgumentParser:
@@ -358,11 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = command(sub, "demo", DEMO_HELP)
-    _add_config_args(p, "mini")
+    _add_config_args(p, "mini-demo")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--images", type=int, help="distillation budget in training images (default: the preset's)")
     p.add_argument("--minutes", type=float, help="also stop after this many training minutes (0 = no time limit)")
-    p.add_argument("--eval-samples", type=int, default=2000, help="held-out prompts/x_T for the metrics")
+    p.add_argument("--eval-samples", type=int, default=1000, help="held-out prompts/x_T for the metrics (default "
+                   "1000; the README's tables use 2000)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.set_defaults(func=cmd_demo)
 

@@ -174,7 +174,7 @@ def _training_pairs(cfg: DistillConfig, adapter: MiniAdapter, helper: Helper | I
     """The preset's training pairs, their shards split between this process and the helper (shard s to
     process s % 2), indexed and loaded here: the same cache a single process writes."""
     pc = cfg.pairs
-    out = pair_dir(pc.dir, adapter, pc.count, pc.seed)
+    out = pair_dir(pc.dir, adapter, pc.count, pc.seed, pc.shard_size)
     drop_corrupt_shards(out)
     processes = 1 if isinstance(helper, Inline) else 2
     jobs = [helper.submit(demo_jobs.pair_shards, teacher, pc.count, pc.seed, str(out), pc.shard_size,

@@ -74,12 +74,15 @@ def fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(adapter: ModelAdapter, prompts: Prompts, count: int, seed: int) -> str:
-    """Teacher weights, sampler, latent shape, prompts (a list's content, a source's identity), count, seed."""
+def cache_key(adapter: ModelAdapter, prompts: Prompts, count: int, seed: int, shard_size: int) -> str:
+    """Teacher weights, sampler, latent shape, prompts (a list's content, a source's identity), count, seed and
+    shard size (shard s is drawn from its own seed, so another shard size is another pair set)."""
     h = hashlib.sha256()
     h.update(fingerprint(adapter.teacher_unet).encode())
     h.update(repr(adapter.sampler).encode())
     h.update(f"{count}:{seed}:{adapter.latent_shape()}".encode())
+    if shard_size != 1000:  # the default keeps the key it had before shard sizes were keyed
+        h.update(f":shard_size={shard_size}".encode())
     if isinstance(prompts, PromptSource):
         h.update(prompts.identity().encode())
     else:
@@ -88,11 +91,12 @@ def cache_key(adapter: ModelAdapter, prompts: Prompts, count: int, seed: int) ->
     return h.hexdigest()[:16]
 
 
-def pair_dir(root: str, adapter: ModelAdapter, prompts: Prompts, count: int, seed: int) -> Path:
+def pair_dir(root: str, adapter: ModelAdapter, prompts: Prompts, count: int, seed: int,
+             shard_size: int = 1000) -> Path:
     """`root`/count-seed when a folder is configured, else the shared cache keyed by `cache_key`."""
     if root:
         return Path(root) / f"{count}-{seed}"
-    return cache_dir("pairs") / cache_key(adapter, prompts, count, seed)
+    return cache_dir("pairs") / cache_key(adapter, prompts, count, seed, shard_size)
 
 
 def shard_prompts(prompts: Prompts, shard: int, shard_size: int, n: int, gen: torch.Generator) -> list[str]:
@@ -160,7 +164,12 @@ def generate_pairs(adapter: ModelAdapter, prompts: Prompts, count: int, seed: in
     out.mkdir(parents=True, exist_ok=True)
     n_shards = (count + shard_size - 1) // shard_size
     mine = [s for s in range(n_shards) if s % num_processes == process_index]
-    existing = _read_meta(out).get("shards", {}) if (out / META).exists() else {}
+    meta = _read_meta(out) if (out / META).exists() else {}
+    if meta.get("shard_size", shard_size) != shard_size:
+        raise NitroFusionError(f"the teacher pairs in {out} were written with pairs.shard_size={meta['shard_size']}, "
+                               f"this run asks for {shard_size}; set pairs.shard_size={meta['shard_size']} or "
+                               "choose another pairs.dir")
+    existing = meta.get("shards", {})
     bar = tqdm(total=sum(min(shard_size, count - s * shard_size) for s in mine), desc="teacher pairs",
                unit="pair", disable=not progress, dynamic_ncols=True)
     for s in mine:

@@ -82,7 +82,7 @@ def training_data(cfg: DistillConfig, adapter: ModelAdapter, state: PartialState
     if cfg.pairs.online:
         return OnlinePairs(adapter, prompts, cfg.pairs.seed)
     p = cfg.pairs
-    out = out or pair_dir(p.dir, adapter, prompts, p.count, p.seed)
+    out = out or pair_dir(p.dir, adapter, prompts, p.count, p.seed, p.shard_size)
     if state.is_main_process:
         drop_corrupt_shards(out)
     state.wait_for_everyone()

@@ -77,10 +77,26 @@ class AdversarialStep:
         c = cond if task == "local_cond" else self.adapter.null_cond(cond)
         return crop(real, boxes, ch, cw), crop(fake, boxes, ch, cw), c, boxes
 
-    def _features(self, x0: torch.Tensor, t: torch.Tensor, cond: Cond, boxes, gen: torch.Generator):
+    def _noised(self, x0: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
-        x_t = add_noise(x0, noise, self.adapter.alphas_cumprod.to(x0.device)[t])
-        return self.adapter.backbone_call(self.backbone, x_t, t, cond, boxes)
+        return add_noise(x0, noise, self.adapter.alphas_cumprod.to(x0.device)[t])
+
+    def task_groups(self) -> list[list[int]]:
+        """Tasks whose views share a shape, so E sees them in one call: the whole-image task alone, the
+        crop tasks together (same t*, same crop size; only their prompts differ)."""
+        local = [i for i, task in enumerate(self.pool.tasks) if task != "global_cond"]
+        return [[i] for i, task in enumerate(self.pool.tasks) if task == "global_cond"] + ([local] if local else [])
+
+    def _features(self, x_ts: list[torch.Tensor], t: torch.Tensor, conds: list[Cond],
+                  boxes: list) -> list[list[torch.Tensor]]:
+        """E's feature levels of each task's noised view, from ONE backbone call over all of them: a row's
+        features depend on that row alone, so this equals one call per task, with fewer and larger kernels."""
+        if len(x_ts) == 1:
+            return [self.adapter.backbone_call(self.backbone, x_ts[0], t, conds[0], boxes[0])]
+        feats = self.adapter.backbone_call(self.backbone, torch.cat(x_ts), t.repeat(len(x_ts)), cond_cat(*conds),
+                                           None if boxes[0] is None else torch.cat(boxes))
+        per_level = [f.split(x_ts[0].shape[0]) for f in feats]
+        return [[level[k] for level in per_level] for k in range(len(x_ts))]
 
     def r1(self, feats_real: list[list[torch.Tensor]], active: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
         """1/2 E_i ||grad D(real_i)||^2 w.r.t. every task's real features: D sums the tasks, whose inputs are
@@ -142,23 +158,36 @@ class AdversarialStep:
         # freeing its backbone graph; the student's graph is then walked once with the summed gradient.
         per_task = train_g and self._separable()
         fake_in = x0_fake.detach().requires_grad_() if per_task else (x0_fake if train_g else x0_fake.detach())
-        feats_real, feats_fake, g_terms = [], [], []
-        for i, task in enumerate(self.pool.tasks):
-            real_v, fake_v, c, boxes = self._views(task, x0_real, fake_in, cond, gen)
-            with torch.no_grad(), section(f"E forward, real ({task})"):
-                feats_real.append(self._features(real_v, t, c, boxes, gen))
-            with section(f"E forward, fake ({task})"):
-                f = self._features(fake_v, t, c, boxes, gen)
-            if per_task:  # G step for this task: heads frozen, gradient through E into fake_in
+        feats_real: dict[int, list[torch.Tensor]] = {}
+        feats_fake: dict[int, list[torch.Tensor]] = {}
+        g_terms = []
+        for group in self.task_groups():
+            name = " + ".join(self.pool.tasks[i] for i in group)
+            real_x, fake_x, conds, boxes = [], [], [], []
+            for i in group:  # random draws in task order: boxes, then the real view's noise, then the fake's
+                real_v, fake_v, c, b = self._views(self.pool.tasks[i], x0_real, fake_in, cond, gen)
+                real_x.append(self._noised(real_v, t, gen))
+                fake_x.append(self._noised(fake_v, t, gen))
+                conds.append(c)
+                boxes.append(b)
+            with torch.no_grad(), section(f"E forward, real ({name})"):
+                real = self._features(real_x, t, conds, boxes)
+            with section(f"E forward, fake ({name})"):
+                fake = self._features(fake_x, t, conds, boxes)
+            if per_task:  # G step for these tasks: heads frozen, gradient through E into fake_in
                 self.pool.requires_grad_(False)
                 with section("heads forward (G)"):
-                    term = self._g_term(self.pool.logits(i, active, f, t_idx))
-                with section(f"backward through E ({task})"):
-                    (term * loss_scale).backward()
+                    terms = [self._g_term(self.pool.logits(i, active, f, t_idx))
+                             for i, f in zip(group, fake, strict=True)]
+                with section(f"backward through E ({name})"):
+                    (torch.stack(terms).sum() * loss_scale).backward()
                 self.pool.requires_grad_(True)
-                g_terms.append(term.detach())
-                f = [x.detach() for x in f]
-            feats_fake.append(f)
+                g_terms += [term.detach() for term in terms]
+                fake = [[x.detach() for x in f] for f in fake]
+            feats_real.update(zip(group, real, strict=True))
+            feats_fake.update(zip(group, fake, strict=True))
+        feats_real = [feats_real[i] for i in range(len(self.pool.tasks))]
+        feats_fake = [feats_fake[i] for i in range(len(self.pool.tasks))]
 
         logs: dict[str, float] = {}
         if per_task:

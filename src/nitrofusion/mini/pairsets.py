@@ -14,14 +14,15 @@ from .data import class_prompts
 EVAL_SEED_OFFSET = 1_000_003
 
 
-def pair_dir(root: str, adapter: MiniAdapter, count: int, seed: int) -> Path:
+def pair_dir(root: str, adapter: MiniAdapter, count: int, seed: int, shard_size: int = 1000) -> Path:
     """`root`/count-seed when a folder is configured, else the shared cache keyed by teacher and sampler."""
-    return _pair_dir(root, adapter, class_prompts(), count, seed)
+    return _pair_dir(root, adapter, class_prompts(), count, seed, shard_size)
 
 
 def _pairs(adapter: MiniAdapter, cfg: PairsConfig, count: int, seed: int, out: Path | None,
            progress: bool) -> Pairs:
-    return verify_and_repair(adapter, class_prompts(), count, seed, out or pair_dir(cfg.dir, adapter, count, seed),
+    out = out or pair_dir(cfg.dir, adapter, count, seed, cfg.shard_size)
+    return verify_and_repair(adapter, class_prompts(), count, seed, out,
                              shard_size=cfg.shard_size, batch_size=cfg.batch_size, progress=progress)
 
 
