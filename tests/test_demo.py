@@ -11,7 +11,8 @@ pytestmark = pytest.mark.slow
 
 def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--eval-samples", "300", "--minutes", "0", "--images", "960",
+    # the demo's own preset (micro-batch 16, 400-pair shards split over its two processes), cut down
+    argv = ["demo", "--out", str(out), "--eval-samples", "300", "--minutes", "0", "--images", "480",
             "--set", "pairs.count=480", "--set", "eval_every=10",
             "--set", "eval_samples=200", "--set", "checkpoint_every=10"]
     assert main(argv) == 0
@@ -23,7 +24,10 @@ def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
             assert report["student"][steps][key] >= 0
     for row in (report["teacher"], report["teacher_one_step"], *report["student"].values()):
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and len(row["class_coverage"]) == 10
-    assert report["train"]["iterations"] == 30 and report["train"]["images"] == 960
+    assert report["train"]["iterations"] == 30 and report["train"]["images"] == 480
+    assert report["config"]["micro_batch"] == 16 and not report["config"]["pool"]["dynamic"]
+    timing = report["timing"]
+    assert all(timing[k] > 0 for k in ("teacher_pairs_seconds", "train_seconds", "eval_seconds", "total_seconds"))
     for name in ("report.md", "grid.png", "fid_curve.png", "run/student/unet/config.json"):
         assert (out / name).exists(), name
     # 30 adversarial steps already improve 1-step quality over the initial weights (~40 -> ~27 here)
@@ -33,3 +37,4 @@ def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
     assert "classifier-FID" in (out / "report.md").read_text()
     printed = capsys.readouterr().out
     assert "student 1 step(s): classifier-FID" in printed
+    assert "expected about" in printed and "s left (training, evaluation)" in printed

@@ -67,3 +67,15 @@ def test_student_rows_in_a_helper_equal_inline(teacher_dir, tiny_teacher, tmp_pa
     for k in inline:
         assert inline[k]["scores"] == spawned[k]["scores"]
         assert torch.equal(inline[k]["grid"], spawned[k]["grid"])
+
+
+def test_demo_progress_scales_what_is_left_by_how_the_finished_phases_went():
+    from nitrofusion.demo import Progress
+
+    lines = []
+    progress = Progress({"teacher pairs": 10.0, "training": 20.0, "evaluation": 30.0}, lines.append)
+    progress.done("teacher pairs", 20.0, "pairs")  # twice the forecast: the rest is expected twice as slow
+    progress.done("training", 20.0, "training")  # 40 s for a forecast of 30 s so far
+    progress.done("evaluation", 5.0, "evaluation")
+    assert lines == ["pairs: 20 s; about 100 s left (training, evaluation)",
+                     "training: 20 s; about 40 s left (evaluation)", "evaluation: 5 s"]

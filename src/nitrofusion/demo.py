@@ -229,9 +229,11 @@ def render_markdown(r: dict) -> str:
     tr, tm = r["train"], r["timing"]
     lines += [
         "",
-        f"Distillation: {tr['iterations']} optimiser steps, {tr['images']} images, {tr['seconds']:.0f} s. "
-        f"Teacher pairs: {tm['teacher_pairs_seconds']:.0f} s (cached after the first run). "
-        f"Evaluation: {tm['eval_seconds']:.0f} s. Whole demo: {tm['total_seconds']:.0f} s.",
+        f"Distillation: {tr['iterations']} optimiser steps, {tr['images']} images, {tr['seconds']:.0f} s of "
+        f"training. Phases ({r.get('processes', 1)} process(es)): start-up {tm.get('startup_seconds', 0):.0f} s, "
+        f"teacher pairs {tm['teacher_pairs_seconds']:.0f} s (cached after the first run), distillation beside "
+        f"the held-out pairs {tm.get('train_seconds', 0):.0f} s, evaluation {tm['eval_seconds']:.0f} s; whole "
+        f"demo {tm['total_seconds']:.0f} s.",
         "",
         "![teacher vs student](grid.png)",
         "",
