@@ -11,8 +11,8 @@ pytestmark = pytest.mark.slow
 
 def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    # the demo's own preset (micro-batch 16, 400-pair shards split over its two processes), cut down
-    argv = ["demo", "--out", str(out), "--eval-samples", "300", "--minutes", "0", "--images", "480",
+    # the demo's own preset (static pool, 400-pair shards split over its two processes), cut down
+    argv = ["demo", "--out", str(out), "--eval-samples", "300", "--minutes", "0", "--images", "960",
             "--set", "pairs.count=480", "--set", "eval_every=10",
             "--set", "eval_samples=200", "--set", "checkpoint_every=10"]
     assert main(argv) == 0
@@ -24,8 +24,8 @@ def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
             assert report["student"][steps][key] >= 0
     for row in (report["teacher"], report["teacher_one_step"], *report["student"].values()):
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and len(row["class_coverage"]) == 10
-    assert report["train"]["iterations"] == 30 and report["train"]["images"] == 480
-    assert report["config"]["micro_batch"] == 16 and not report["config"]["pool"]["dynamic"]
+    assert report["train"]["iterations"] == 30 and report["train"]["images"] == 960
+    assert report["config"]["micro_batch"] == 32 and not report["config"]["pool"]["dynamic"]
     timing = report["timing"]
     assert all(timing[k] > 0 for k in ("teacher_pairs_seconds", "train_seconds", "eval_seconds", "total_seconds"))
     for name in ("report.md", "grid.png", "fid_curve.png", "run/student/unet/config.json"):

@@ -149,5 +149,7 @@ def test_extra_mode_adds_refinement_rows_to_every_one_step_row(mini_adapter):
     logs = step(x_T, torch.zeros_like(x_T), cond, pool.sample_active(), torch.Generator().manual_seed(0),
                 refine_p=0.5)
     extra = seen[0] - 8
-    assert 0 < extra <= 8 and all(n == 8 + extra for n in seen)  # every view has the enlarged batch
+    # every view has the enlarged batch: E's calls are the global task's (real, fake) and then the two crop
+    # tasks' together (real, fake: twice the rows)
+    assert 0 < extra <= 8 and seen == [8 + extra] * 2 + [2 * (8 + extra)] * 2
     assert logs["refine_share"] == pytest.approx(extra / (8 + extra))

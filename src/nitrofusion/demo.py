@@ -38,10 +38,12 @@ from .viz import plot_curves, save_grid
 
 STEPS = (1, 2, 3, 4)
 MAIN_STEPS, HELPER_STEPS = (1, 4), (2, 3)  # 5 student calls per sample on each side
-# One training image costs about this many teacher-UNet image evaluations (student forward and backward,
-# the backbone per task, heads; measured on the mini preset, 2-core AMD EPYC, 1 thread): the forecast's
-# training term. It is only a forecast: the progress bar shows the measured time left.
-TRAIN_CALLS_PER_IMAGE = 6.6
+# The forecast's costs in teacher-UNet image evaluations, measured with the demo's preset on a 2-core AMD
+# EPYC at 1 thread per process: one training image (student forward and backward with the multi-step
+# stage, the backbone per task, heads, optimisers, the 1-step curve) and the metrics per scored sample
+# (classifier features, FID, k-NN manifolds). It is only a forecast: the progress bar shows the time left.
+TRAIN_CALLS_PER_IMAGE = 6.5
+METRIC_CALLS_PER_SAMPLE = 1.0
 
 
 class Forecast:
@@ -72,7 +74,8 @@ class Forecast:
         else:
             train = max(train, held_out)
         student_calls = sum(STEPS) if processes == 1 else max(sum(MAIN_STEPS), sum(HELPER_STEPS))
-        return {"teacher pairs": pairs, "training": train, "evaluation": eval_samples * student_calls * self.call}
+        scoring = eval_samples * (student_calls + METRIC_CALLS_PER_SAMPLE) * self.call
+        return {"teacher pairs": pairs, "training": train, "evaluation": scoring}
 
 
 class Progress:
@@ -100,9 +103,11 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
     out.mkdir(parents=True, exist_ok=True)
     main_threads = threads.apply(cfg.threads)  # 0: the automatic rule (threads.py)
     teacher_path = cfg.teacher or None
-    adapter = MiniAdapter(load_teacher(teacher_path))
-    metrics = MiniMetrics()
     with start_helper(main_threads) as helper:
+        if isinstance(helper, Helper):  # it starts up (seconds of imports) while this process loads
+            helper.submit(demo_jobs.warm_up, teacher_path)
+        adapter = MiniAdapter(load_teacher(teacher_path))
+        metrics = MiniMetrics()
         processes = 1 if isinstance(helper, Inline) else 2
         forecast = Forecast(adapter, cfg.pairs.batch_size)
         needs_pairs = cfg.real.source != "data"

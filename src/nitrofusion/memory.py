@@ -10,8 +10,9 @@ few (group-norm statistics, softmax inputs) in fp32, and the CUDA context and al
 0.5-2 GB) are not included: the model's totals are lower bounds to compare against a measured peak.
 
 One adversarial micro-step holds, at its peak (method/step.py): the student's graph for the whole micro-batch,
-plus ONE task's backbone graph (a separable loss frees each task's graph after its own backward): the global
-task at the full latent size, or a local task on crops of `crop_fraction` of the side.
+plus ONE backbone call's graph (a separable loss frees each call's graph after its own backward): the global
+task at the full latent size, or both local tasks on crops of `crop_fraction` of the side (they share one
+call: AdversarialStep.task_groups).
 """
 
 from __future__ import annotations
@@ -233,7 +234,8 @@ def memory_model(presets: tuple[str, ...] = PRESETS, overrides: list[str] | None
             parts["student EMA (fp32)"] = 4 * trainable
         px = cfg.sdxl.resolution
         a = acts.get((px, cfg.gradient_checkpointing)) or activation_bytes(unet, px, cfg.gradient_checkpointing)
-        per_image = a["student"] + max(a["backbone_global"], a["backbone_local"])
+        crop_tasks = sum(task != "global_cond" for task in cfg.pool.tasks)
+        per_image = a["student"] + max(a["backbone_global"], crop_tasks * a["backbone_local"])
         activations = cfg.micro_batch * per_image + a["recompute_peak"] * cfg.micro_batch
         rows.append({"preset": name, "student": cfg.student.kind, "trainable_parameters": trainable,
                      "pool_parameters": heads, "micro_batch": cfg.micro_batch, "resolution": px,
@@ -242,7 +244,7 @@ def memory_model(presets: tuple[str, ...] = PRESETS, overrides: list[str] | None
     per_image = {f"{px}px, checkpointing {'on' if ck else 'off'}": {
         "student": v["student"], "backbone_global": v["backbone_global"], "backbone_local": v["backbone_local"],
         "recompute_peak": v["recompute_peak"],
-        "per_image_peak": v["student"] + max(v["backbone_global"], v["backbone_local"]) + v["recompute_peak"]}
+        "per_image_peak": v["student"] + max(v["backbone_global"], 2 * v["backbone_local"]) + v["recompute_peak"]}
         for (px, ck), v in acts.items()}
     return {"unet_parameters": unet_params, "rows": rows, "activations_per_image": per_image}
 
@@ -262,8 +264,9 @@ def format_memory(result: dict) -> str:
         f"{gib(r['activations'])} (x{r['micro_batch']}, {r['resolution']}px, ckpt "
         f"{'on' if r['gradient_checkpointing'] else 'off'})" for r in rows) + " |")
     lines.append("| **total (lower bound)** | " + " | ".join(f"**{gib(r['total'])}**" for r in rows) + " |")
-    lines += ["", "Activations per image, GiB (student forward + the larger backbone task + one checkpointed "
-              "block's recomputation):", "", "| setting | student | E global | E local | recompute | peak |",
+    lines += ["", "Activations per image, GiB (student forward + the larger backbone call, the global task or the "
+              "two local tasks together, + one checkpointed block's recomputation):", "",
+              "| setting | student | E global | E local (one task) | recompute | peak |",
               "|---|---:|---:|---:|---:|---:|"]
     for k, v in result["activations_per_image"].items():
         lines.append(f"| {k} | {gib(v['student'])} | {gib(v['backbone_global'])} | {gib(v['backbone_local'])} | "

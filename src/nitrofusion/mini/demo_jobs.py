@@ -36,8 +36,13 @@ def share_of_pairs(adapter: MiniAdapter, count: int, seed: int, out: str, shard_
 
 
 def pair_shards(teacher: str | None, *args) -> None:
-    """share_of_pairs for a process that has not loaded the teacher yet."""
-    share_of_pairs(MiniAdapter(load_teacher(teacher)), *args)
+    """share_of_pairs in the helper (its teacher loaded once, by `warm_up` if that ran first)."""
+    share_of_pairs(world(teacher)[0], *args)
+
+
+def warm_up(teacher: str | None) -> None:
+    """Imports and loads while the main process loads its own copy (a spawned interpreter takes seconds)."""
+    world(teacher)
 
 
 def teacher_rows(teacher: str | None, eval_samples: int, pairs: PairsConfig, seed: int) -> dict:
