@@ -79,3 +79,12 @@ def test_demo_progress_scales_what_is_left_by_how_the_finished_phases_went():
     progress.done("evaluation", 5.0, "evaluation")
     assert lines == ["pairs: 20 s; about 100 s left (training, evaluation)",
                      "training: 20 s; about 40 s left (evaluation)", "evaluation: 5 s"]
+
+
+def test_demo_progress_ignores_a_phase_the_cache_skipped():
+    from nitrofusion.demo import Progress
+
+    lines = []
+    progress = Progress({"teacher pairs": 30.0, "training": 20.0, "evaluation": 10.0}, lines.append)
+    progress.done("teacher pairs", 0.5, "pairs")  # found in the cache: no evidence about this machine's speed
+    assert lines == ["pairs: 0 s; about 30 s left (training, evaluation)"]

@@ -80,15 +80,18 @@ class Forecast:
 
 class Progress:
     """Per-phase timings against the forecast; what is left is the forecast scaled by how the finished
-    phases compared with theirs (a busy machine runs every phase slower alike)."""
+    phases compared with theirs (a busy machine runs every phase slower alike), ignoring a phase that was
+    mostly skipped."""
 
     def __init__(self, plan: dict[str, float], log) -> None:
         self.plan, self.log = dict(plan), log
         self.planned_done = self.took = 0.0
 
     def done(self, phase: str, seconds: float, what: str) -> None:
-        self.planned_done += self.plan.pop(phase)
-        self.took += seconds
+        planned = self.plan.pop(phase)
+        if seconds >= 0.25 * planned:  # a phase mostly skipped (teacher pairs found in the cache) says nothing
+            self.planned_done += planned
+            self.took += seconds
         line = f"{what}: {seconds:.0f} s"
         if self.plan:
             ratio = self.took / self.planned_done if self.planned_done >= 1 else 1.0
