@@ -111,7 +111,7 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
             helper.submit(demo_jobs.warm_up, teacher_path)
         adapter = MiniAdapter(load_teacher(teacher_path))
         metrics = MiniMetrics()
-        processes = 1 if isinstance(helper, Inline) else 2
+        processes = helper.processes
         forecast = Forecast(adapter, cfg.pairs.batch_size)
         needs_pairs = cfg.real.source != "data"
         plan = forecast.phases(cfg.pairs.count if needs_pairs else 0, cfg.max_images, cfg.max_minutes,
@@ -148,11 +148,7 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
                                     eval_samples, cfg.pairs, cfg.adversarial.shift, cfg.seed, list(HELPER_STEPS))
         eval_pairs = held_out_pairs(adapter, eval_samples, cfg.pairs, progress=False)  # the helper's, on disk
         evaluation = MiniEvaluation(adapter, eval_pairs, metrics, cfg.adversarial.shift, seed=cfg.seed)
-        pick = per_class(evaluation.labels)
-        rows = {}
-        for k in MAIN_STEPS:
-            images = evaluation.student_images(result["student"], k)
-            rows[k] = {"scores": evaluation.score(images, to_teacher=True), "grid": images[pick]}
+        rows = demo_jobs.score_student(evaluation, result["student"], list(MAIN_STEPS))
         rows.update(student_job.result())
         timing["eval_seconds"] = round(time.time() - t0, 1)
         progress.done("evaluation", timing["eval_seconds"], "evaluation")
@@ -168,7 +164,7 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
     report["config"] = config_lib.to_dict(cfg)
 
     # Pictures: the same prompts and x_T for every row (two per class).
-    grid = [adapter.decode(eval_pairs.x0[pick]), adapter.decode(teacher["grid"])]
+    grid = [adapter.decode(eval_pairs.x0[per_class(evaluation.labels)]), adapter.decode(teacher["grid"])]
     grid += [adapter.decode(rows[k]["grid"]) for k in STEPS]
     labels = [f"teacher {adapter.sampler.steps} st", "teacher 1 st", *(f"student {k} st" for k in STEPS)]
     save_grid(out / "grid.png", grid, labels, scale=4)
@@ -184,10 +180,10 @@ def _training_pairs(cfg: DistillConfig, adapter: MiniAdapter, helper: Helper | I
     pc = cfg.pairs
     out = pair_dir(pc.dir, adapter, pc.count, pc.seed, pc.shard_size)
     drop_corrupt_shards(out)
-    processes = 1 if isinstance(helper, Inline) else 2
+    n = helper.processes
     jobs = [helper.submit(demo_jobs.pair_shards, teacher, pc.count, pc.seed, str(out), pc.shard_size,
-                          pc.batch_size, i, processes) for i in range(1, processes)]
-    demo_jobs.share_of_pairs(adapter, pc.count, pc.seed, str(out), pc.shard_size, pc.batch_size, 0, processes,
+                          pc.batch_size, i, n) for i in range(1, n)]
+    demo_jobs.share_of_pairs(adapter, pc.count, pc.seed, str(out), pc.shard_size, pc.batch_size, 0, n,
                              progress=True)
     for job in jobs:
         job.result()

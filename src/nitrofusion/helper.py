@@ -30,6 +30,8 @@ def _init_worker(num_threads: int) -> None:
 class Helper:
     """One spawned worker process with `num_threads` torch threads; jobs run one after another."""
 
+    processes = 2  # with the main one
+
     def __init__(self, num_threads: int = 1) -> None:
         self.num_threads = num_threads
         self._pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"),
@@ -55,6 +57,7 @@ class Inline:
     """The same interface, run in this process at submit time: for a machine with one usable core."""
 
     num_threads = 0
+    processes = 1
 
     def submit(self, fn: Callable, *args, **kwargs) -> Future:
         future: Future = Future()

@@ -59,16 +59,19 @@ def teacher_rows(teacher: str | None, eval_samples: int, pairs: PairsConfig, see
 
 def student_rows(teacher: str | None, student_unet: str, eval_samples: int, pairs: PairsConfig, shift: int,
                  seed: int, steps: list[int]) -> dict[int, dict]:
-    """The student (read from its saved fp32 folder: the very weights training ended with) at each step
-    count: {steps: {"scores": report row, "grid": grid images}}."""
+    """`score_student` for the student read from its saved fp32 folder (the very weights training ended with)."""
     adapter, metrics = world(teacher)
     unet = UNet2DConditionModel.from_pretrained(Path(student_unet), use_safetensors=True).eval()
     evaluation = MiniEvaluation(adapter, held_out_pairs(adapter, eval_samples, pairs, progress=False), metrics,
                                 shift=shift, seed=seed)
+    return score_student(evaluation, unet, steps)
+
+
+def score_student(evaluation: MiniEvaluation, unet: torch.nn.Module, steps: list[int]) -> dict[int, dict]:
+    """The student at each step count: {steps: {"scores": report row, "grid": the grid's images}}."""
     pick = per_class(evaluation.labels)
     out = {}
     for k in steps:
-        with torch.no_grad():
-            images = evaluation.student_images(unet, k)
+        images = evaluation.student_images(unet, k)
         out[k] = {"scores": evaluation.score(images, to_teacher=True), "grid": images[pick]}
     return out
