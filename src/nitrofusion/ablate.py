@@ -44,19 +44,6 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
                        "1 head per slot at the static pool's head lr 1e-3, refreshed 1% (static + refresh)"),
     "refresh0.5": ("mini", ("pool.refresh_fraction=0.005",), "refresh 0.5% of the pool per step"),
     "refresh2": ("mini", ("pool.refresh_fraction=0.02",), "refresh 2% of the pool per step"),
-    # LoRA students (docs/method.md §7): adapters on the teacher's UNet instead of a full copy, at equal images
-    "lora4": ("mini-lora", ("student.rank=4", "student.alpha=4", "student_optim.lr=1e-3"),
-              "LoRA student, rank 4, adapter lr 1e-3 (50x the full student's)"),
-    "lora16": ("mini-lora", ("student.rank=16", "student.alpha=16", "student_optim.lr=1e-3"),
-               "LoRA student, rank 16, adapter lr 1e-3 (50x the full student's)"),
-    "lora64": ("mini-lora", ("student.rank=64", "student.alpha=64", "student_optim.lr=1e-3"),
-               "LoRA student, rank 64, adapter lr 1e-3 (50x the full student's)"),
-    "lora4-lr2e-4": ("mini-lora", ("student.rank=4", "student.alpha=4", "student_optim.lr=2e-4"),
-                     "LoRA student, rank 4, adapter lr 2e-4 (10x the full student's)"),
-    "lora16-lr2e-4": ("mini-lora", ("student.rank=16", "student.alpha=16", "student_optim.lr=2e-4"),
-                      "LoRA student, rank 16, adapter lr 2e-4 (10x the full student's)"),
-    "lora64-lr2e-4": ("mini-lora", ("student.rank=64", "student.alpha=64", "student_optim.lr=2e-4"),
-                      "LoRA student, rank 64, adapter lr 2e-4 (10x the full student's)"),
     # the multi-step stage and the real-data source
     "one-step": ("mini", ("multistep.p=0",), "one-step training only (the paper's objective)"),
     "multistep": ("mini", ("multistep.p=0.5",), "multi-step stage: half the samples train a refinement step"),
@@ -73,6 +60,12 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "real-mix-r1": ("mini", ("multistep.p=0", "real.source=mix", "real.share=0.5", "adversarial.r1_weight=1.0"),
                     "half real, half teacher, R1 weight 1 on the heads"),
 }
+# LoRA students (docs/method.md §7): adapters on the teacher's UNet instead of a full copy, at equal images
+for _rank in (4, 16, 64):
+    for _suffix, _lr, _times in (("", "1e-3", 50), ("-lr2e-4", "2e-4", 10)):
+        VARIANTS[f"lora{_rank}{_suffix}"] = (
+            "mini-lora", (f"student.rank={_rank}", f"student.alpha={_rank}", f"student_optim.lr={_lr}"),
+            f"LoRA student, rank {_rank}, adapter lr {_lr} ({_times}x the full student's)")
 PAPER = ("full", "global-only", "no-refresh", "static", "single-head")
 METRICS = ("fid", "fid_to_teacher", "accuracy", "precision", "recall", "coverage")
 
