@@ -70,7 +70,8 @@ def make_fast(pipe, compile: bool = True, cuda_graphs: bool = False, backend: st
         applied["fused_qkv"] = True
     except Exception as e:  # noqa: BLE001 - a processor without a fused form: keep the unfused attention
         log(f"fast: QKV projections not fused ({describe(e)})")
-    if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+    vae_fp32 = dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
+    if vae_fp32:
         # SDXL's VAE overflows in fp16, so diffusers casts it to fp32 and back around EVERY decode; keep it in fp32
         # once instead (no weight copies per image, one compiled decoder)
         pipe.vae.to(torch.float32)
@@ -87,4 +88,8 @@ def make_fast(pipe, compile: bool = True, cuda_graphs: bool = False, backend: st
             pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True, backend=backend)
             pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, backend=backend)
             applied["compiled"] = mode or "default"
+    if vae_fp32:
+        # the pipeline hands an fp32 decoder the UNet's fp16 latents (it casts only a decoder it upcast itself)
+        decode = pipe.vae.decode
+        pipe.vae.decode = lambda z, *args, **kwargs: decode(z.to(torch.float32), *args, **kwargs)
     return applied

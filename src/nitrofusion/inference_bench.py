@@ -56,18 +56,38 @@ def run_inference_bench(size: str = "full", device: str | None = None, dtype: to
     eager = _pipeline(size, device_, dtype, shift)
     fast = copy.deepcopy(eager)
     applied = make_fast(fast, backend=backend, log=progress)
-    rows = []
-    for px in RESOLUTIONS[size]:
-        for name, pipe in (("stock eager", eager), ("fast", fast)):
-            progress(f"measuring {name} at {px}px ...")
-            rows.append({"path": name, "px": px, **_measure_pipe(pipe, px, device_, dtype, iters, warmup)})
+    # a fixed shape per compile, as a user at one resolution gets (not the dynamic-shape graph dynamo makes
+    # on the second shape it sees); the batch-8 runs come last, so a bounded run keeps every latency row
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        rows = _measure_all(size, eager, fast, device_, dtype, iters, warmup, progress)
     return {"device": torch.cuda.get_device_name(device_) if device_.type == "cuda" else "cpu", "size": size,
             "dtype": str(dtype).removeprefix("torch."), "fast": applied, "backend": backend, "torch": torch.__version__,
             "rows": rows}
 
 
+def _measure_all(size: str, eager, fast, device_: torch.device, dtype: torch.dtype, iters: int, warmup: int,
+                 progress: Callable[[str], None]) -> list[dict]:
+    rows = []
+    for name, pipe in (("stock eager", eager), ("fast", fast)):
+        for px in RESOLUTIONS[size]:
+            progress(f"measuring {name} at {px}px ...")
+            rows.append({"path": name, "px": px, **_measure_latency(pipe, px, device_, dtype, iters, warmup)})
+            progress(f"  {rows[-1]}")
+    for row in rows:
+        pipe = eager if row["path"] == "stock eager" else fast
+        progress(f"measuring {row['path']} at {row['px']}px, batch 8 ...")
+        row["batch8_images_per_s"] = _images_per_s(pipe, row["px"], device_, 8, iters, warmup)
+        progress(f"  {row['batch8_images_per_s']:.2f} images/s")
+    return rows
+
+
+def _end_to_end(pipe, px: int, steps: int, batch: int = 1) -> Callable[[], object]:
+    return lambda: pipe(prompt=["a benchmark prompt"] * batch, num_inference_steps=steps, guidance_scale=0.0,
+                        height=px, width=px, output_type="pil")
+
+
 @torch.no_grad()
-def _measure_pipe(pipe, px: int, device: torch.device, dtype: torch.dtype, iters: int, warmup: int) -> dict:
+def _measure_latency(pipe, px: int, device: torch.device, dtype: torch.dtype, iters: int, warmup: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     latent = px // pipe.vae_scale_factor
     x = torch.randn(1, pipe.unet.config.in_channels, latent, latent, generator=gen).to(device, dtype)
@@ -81,26 +101,25 @@ def _measure_pipe(pipe, px: int, device: torch.device, dtype: torch.dtype, iters
     def vae():
         pipe.vae.decode((x / pipe.vae.config.scaling_factor).to(pipe.vae.dtype))
 
-    def end_to_end(steps: int, batch: int = 1):
-        return lambda: pipe(prompt=["a benchmark prompt"] * batch, num_inference_steps=steps, guidance_scale=0.0,
-                            height=px, width=px, output_type="pil")
-
     _sync(device)
     t0 = time.perf_counter()
-    end_to_end(1)()  # compiles UNet and decoder at this shape (fast path); eager: the first call's overhead
+    _end_to_end(pipe, px, 1)()  # compiles UNet and decoder at this shape (fast path); eager: first-call overhead
     _sync(device)
-    first = time.perf_counter() - t0
-    out = {"first_call_s": first}
-    for key, fn in (("unet_ms", unet), ("vae_decode_ms", vae), ("1_step_ms", end_to_end(1)),
-                    ("4_step_ms", end_to_end(4))):
+    out = {"first_call_s": time.perf_counter() - t0}
+    for key, fn in (("unet_ms", unet), ("vae_decode_ms", vae), ("1_step_ms", _end_to_end(pipe, px, 1)),
+                    ("4_step_ms", _end_to_end(pipe, px, 4))):
         for _ in range(warmup):
             fn()
         out[key] = 1000 * _median_seconds(fn, device, iters)
-    batch8 = end_to_end(1, 8)
-    for _ in range(warmup):
-        batch8()
-    out["batch8_images_per_s"] = 8 / _median_seconds(batch8, device, max(1, iters // 2))
     return out
+
+
+@torch.no_grad()
+def _images_per_s(pipe, px: int, device: torch.device, batch: int, iters: int, warmup: int) -> float:
+    run = _end_to_end(pipe, px, 1, batch)
+    for _ in range(max(warmup, 1)):  # at least one: the fast path compiles for this batch size here
+        run()
+    return batch / _median_seconds(run, device, max(1, iters // 2))
 
 
 def format_inference(result: dict) -> str:
@@ -112,7 +131,7 @@ def format_inference(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['px']} | {r['path']} | {r['first_call_s']:.2f} | {r['unet_ms']:.1f} | "
                      f"{r['vae_decode_ms']:.1f} | {r['1_step_ms']:.1f} | {r['4_step_ms']:.1f} | "
-                     f"{r['batch8_images_per_s']:.2f} |")
+                     f"{r.get('batch8_images_per_s', float('nan')):.2f} |")
     for px in sorted({r["px"] for r in result["rows"]}, reverse=True):
         e, f = (next(r for r in result["rows"] if r["px"] == px and r["path"] == p) for p in ("stock eager", "fast"))
         lines.append(f"\n{px}px, 1 step end to end: fast = {100 * f['1_step_ms'] / e['1_step_ms']:.0f}% of stock "
