@@ -142,6 +142,14 @@ def test_lora_init_from_an_exported_lora_and_the_wrong_kinds_are_refused(adapter
     save_file(adapter.teacher_unet.state_dict(), str(full))
     with pytest.raises(NitroFusionError, match="is a full UNet, but student.kind is lora"):
         build_student(tiny_cfg(*LORA, f"student_init={full}"), adapter)
+    # a full student from a full UNet file: loaded exactly; a file with a key missing is one line
+    student = build_student(tiny_cfg(f"student_init={full}"), adapter)
+    assert all(torch.equal(v, load_file(str(full))[k].float()) for k, v in student.state_dict().items())
+    state = load_file(str(full))
+    del state["conv_in.weight"]
+    save_file(state, str(full))
+    with pytest.raises(NitroFusionError, match=r"student_init .* does not match the teacher UNet: 1 missing.*conv_in"):
+        build_student(tiny_cfg(f"student_init={full}"), adapter)
 
 
 @pytest.mark.parametrize("sets, needle", [

@@ -20,14 +20,15 @@ SCRIPT = textwrap.dedent('''
     from nitrofusion import config
     from nitrofusion.distill_config import DistillConfig
     from nitrofusion.train import distill
-    from nitrofusion.worlds import load_adapter, process_state, training_data
+    from nitrofusion.pair_cache import process_state, training_data
+    from nitrofusion.worlds import world_of_config
 
     out = Path(sys.argv[1])
     cfg = config.build(DistillConfig, "distill", "tiny", ["max_images=64", "pool.refresh_fraction=0.05",
                                                          "micro_batch=2", "grad_accum=4",
                                                          *[a for a in sys.argv[2:] if a != "RESUME"]])
     state = process_state()
-    adapter = load_adapter(cfg)
+    adapter = world_of_config(cfg).adapter(cfg)
     result = distill(cfg, adapter, training_data(cfg, adapter, state), out / "run", progress=False,
                      resume="RESUME" in sys.argv)
     pool = result["pool"]

@@ -144,11 +144,11 @@ class Payload:  # any non-tensor object makes weights_only loading refuse a file
 def test_a_refused_pickle_is_explained_in_our_words(tmp_path):
     import torch
 
-    from nitrofusion.adapters.sdxl import read_unet_weights
+    from nitrofusion.unet_weights import read_weights
 
     torch.save({"w": torch.zeros(2), "x": Payload()}, tmp_path / "evil.bin")
     with pytest.raises(NitroFusionError) as info:
-        read_unet_weights(tmp_path / "evil.bin")
+        read_weights(tmp_path / "evil.bin")
     msg = str(info.value)
     assert "pickled Python objects" in msg and "weights_only=False" not in msg and "\x1b" not in msg
     assert len(msg.splitlines()) == 1

@@ -98,7 +98,8 @@ def test_a_unet_weights_file_replaces_the_teacher_unet(tiny_sdxl, tmp_path):
         assert all(torch.allclose(sd[k], other[k], atol=tol, rtol=tol) for k in other)
     del other["conv_in.weight"]
     save_file(other, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(NitroFusionError, match="do not match the teacher's UNet: 1 missing.*conv_in.weight"):
+    with pytest.raises(NitroFusionError,
+                       match="does not match the teacher's UNet: 1 missing.*conv_in.weight.*diffusers-format"):
         SDXLAdapter(tiny_sdxl, SDXLConfig(resolution=64, teacher_unet=str(tmp_path / "bad.safetensors")))
 
 
@@ -214,7 +215,7 @@ def test_sdxl_bad_input_is_one_line_and_exit_2(tiny_sdxl, prompt_file, tmp_path,
 
 
 def test_unused_downloaded_weights_are_never_unpickled(tmp_path):
-    from nitrofusion.adapters.sdxl import read_unet_weights
+    from nitrofusion.unet_weights import read_weights
 
     class Evil:
         def __reduce__(self):
@@ -222,7 +223,7 @@ def test_unused_downloaded_weights_are_never_unpickled(tmp_path):
 
     torch.save({"w": Evil()}, tmp_path / "evil.bin")
     with pytest.raises(NitroFusionError, match="cannot read UNet weights"):
-        read_unet_weights(tmp_path / "evil.bin")
+        read_weights(tmp_path / "evil.bin")
     assert load_file  # safetensors is the preferred format
 
 

@@ -94,7 +94,7 @@ def test_resume_reaches_the_same_weights(mini_adapter, tiny_pairs, tiny_cfg, tmp
     (["distill", "--out", "X", "--preset", "nope"], "unknown distill preset 'nope'"),
     (["distill", "--out", "X", "--set", "pool.widht=3"], "did you mean 'width'"),
     (["distill", "--out", "X", "--teacher", "/nonexistent/teacher"], "teacher file missing: /nonexistent/teacher"),
-    (["generate", "--model", "/nonexistent", "--prompt", "a", "--out", "Y"], "no student in /nonexistent"),
+    (["generate", "--model", "/nonexistent", "--prompt", "a", "--out", "Y"], "no model in /nonexistent"),
     (["demo", "--set", "micro_batch=-1"], "micro_batch must be >= 1 (got -1)"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from .errors import NitroFusionError, describe
-from .pipeline import check_seed, check_steps, model_world
+from .pipeline import check_seed
+from .sampling import check_steps
 
 Generate = Callable[[str, int, int], Image.Image]
 
@@ -26,35 +27,12 @@ LIVE_SIZE = 512  # SDXL images while typing: 1 step at 512x512 keeps up with a t
 def make_generator(model: str | Path, base: str | None = None, shift: int | None = None, device: str = "cpu",
                    dtype: torch.dtype | None = None, fast: bool = False, vae: str | None = None,
                    size: int | None = LIVE_SIZE) -> tuple[Generate, list[str]]:
-    """(prompt, steps, seed) -> image, and example prompts; the model loads once, here. `fast` / `vae` / `size`
-    (pixels; None = the run's resolution): SDXL only (fast.py)."""
-    path = Path(model)
-    if model_world(path) == "mini":
-        if fast or vae:
-            raise NitroFusionError(f"--fast and --vae apply to SDXL models; {model} is a mini-world model")
-        from .generate import load_mini_student
-        from .mini.data import class_prompts
-        from .sampling import generate
+    """(prompt, steps, seed) -> image, and example prompts; the model loads once, here, through its world.
+    `fast` / `vae` / `size` (pixels; None = the run's resolution): SDXL only (fast.py)."""
+    from .worlds import GenerateOptions, world_of_model
 
-        adapter, unet, s = load_mini_student(path)
-
-        @torch.no_grad()
-        def run_mini(prompt: str, steps: int, seed: int) -> Image.Image:
-            gen = torch.Generator().manual_seed(seed)
-            x_T = torch.randn((1, *adapter.latent_shape()), generator=gen)
-            x0 = generate(adapter, unet, x_T, adapter.encode_prompts([prompt]), steps, s, generator=gen)
-            arr = adapter.decode(x0)[0, 0].mul(255).round().byte().numpy()
-            return Image.fromarray(arr).resize((256, 256), Image.NEAREST)  # 16x16 pixels, shown large
-
-        return run_mini, class_prompts()
-    from .pipeline import generate_images, load_pipeline
-
-    pipe = load_pipeline(model, base=base, shift=shift, device=device, dtype=dtype, fast=fast, vae=vae)
-
-    def run_sdxl(prompt: str, steps: int, seed: int) -> Image.Image:
-        return generate_images(pipe, [prompt], steps, seed, height=size, width=size, batch_size=1)[0]
-
-    return run_sdxl, ["a photo of a red fox in the snow", "an oil painting of a lighthouse at dusk"]
+    options = GenerateOptions(base=base, shift=shift, device=device, dtype=dtype, fast=fast, vae=vae)
+    return world_of_model(model).live_generator(Path(model), options, size)
 
 
 def build_app(generate_fn: Generate, examples: list[str], title: str = "nitrofusion"):

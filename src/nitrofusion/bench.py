@@ -21,13 +21,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import config as config_lib
 from .adapters.sdxl import SDXLAdapter
 from .distill_config import DistillConfig
+from .dtypes import mixed_precision_dtype
 from .errors import NitroFusionError
 from .method.backbone import UNetBackbone
 from .method.pool import HeadPool
 from .method.step import AdversarialStep, student_one_step
 from .pairs import PairLoader, generate_pairs, load_pairs
 from .testing import build_sdxl_components
-from .train import WEIGHT_DTYPES, _adamw, build_student
+from .train import _adamw, build_student
 
 
 class _UntokenizedSDXL(SDXLAdapter):
@@ -89,7 +90,7 @@ def sdxl_setup(size: str, device_: torch.device, overrides: list[str] | None, pr
     cls = SDXLAdapter if text else _UntokenizedSDXL
     adapter = cls.from_components(parts["tokenizers"], parts["text_encoders"], parts["unet"], parts["vae"],
                                   dict(parts["scheduler"].config), cfg.sdxl)
-    return cfg, adapter, WEIGHT_DTYPES[cfg.mixed_precision], text
+    return cfg, adapter, mixed_precision_dtype(cfg.mixed_precision), text
 
 
 def bench_device(size: str, device: str | None) -> torch.device:

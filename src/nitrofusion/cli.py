@@ -133,15 +133,17 @@ def _model_args(args) -> list[str]:
 def cmd_pairs(args) -> None:
     extra = [f"pairs.dir={args.out}"] if args.out else []  # the folder `distill --set pairs.dir=...` reads
     cfg = _distill_config(args, _model_args(args) + extra)
+    from .pair_cache import process_state, training_data
     from .pairs import load_pairs
-    from .worlds import load_adapter, process_state, prompt_source, training_data
+    from .worlds import world_of_config
 
     if cfg.pairs.online:
         raise NitroFusionError("pairs.online is set: this preset samples the teacher during training, nothing to "
                                "pre-generate (use --set pairs.online=false)")
     state = process_state()
-    prompts = prompt_source(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
-    out = training_data(cfg, load_adapter(cfg), state, load=False, prompts=prompts)
+    world = world_of_config(cfg)
+    prompts = world.prompts(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
+    out = training_data(cfg, world.adapter(cfg), state, load=False, prompts=prompts)
     if state.is_main_process:
         print(f"{len(load_pairs(out, in_memory=False))} teacher pairs in {out}")
 
@@ -151,15 +153,17 @@ def cmd_distill(args) -> None:
     if not args.resume and any((Path(args.out) / "checkpoints").glob("step-*")):
         raise NitroFusionError(f"{args.out} already holds a run (checkpoints/); add --resume to continue it or "
                                "choose a new --out")
+    from .pair_cache import process_state, training_data
     from .real_data import training_source
     from .train import check_student, distill, ensure_writable, read_student_init
-    from .worlds import load_adapter, process_state, prompt_source, training_data
+    from .worlds import world_of_config
 
     read_student_init(cfg, header_only=True)
     ensure_writable(Path(args.out))  # before minutes of teacher sampling, not after
     state = process_state()
-    prompts = prompt_source(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
-    adapter = load_adapter(cfg)
+    world = world_of_config(cfg)
+    prompts = world.prompts(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
+    adapter = world.adapter(cfg)
     check_student(cfg, adapter)  # LoRA targets against the real UNet, still before any teacher pair
     data = training_source(cfg, adapter, lambda: training_data(cfg, adapter, state, prompts=prompts),
                            progress=state.is_main_process)
@@ -170,7 +174,6 @@ def cmd_distill(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .generate import generate_to_folder
 
     prompts = list(args.prompt or [])
     if args.prompts:
@@ -189,35 +192,20 @@ def cmd_generate(args) -> None:
 
     check_seed(args.seed, "--seed")
     output_folder(args.out)
-    from .pipeline import model_world, parse_dtype
+    from .dtypes import parse_dtype
+    from .worlds import GenerateOptions, world_of_model
 
-    if model_world(Path(args.model)) == "sdxl":  # SDXL run, exported folder or UNet file (docs/method.md §5)
-        from .pipeline import generate_to_folder as generate_sdxl
-
-        paths = generate_sdxl(args.model, prompts, args.steps, args.seed, args.out, base=args.base, shift=args.shift,
-                              height=args.height, width=args.width, batch_size=args.batch_size,
-                              num_per_prompt=args.num_per_prompt, device=args.device, dtype=parse_dtype(args.dtype),
-                              fast=args.fast, vae=args.vae)
-    else:
-        sdxl_only = [f"--{k.replace('_', '-')}" for k in ("base", "shift", "height", "width", "dtype", "vae")
-                     if getattr(args, k) is not None] + (["--fast"] if args.fast else [])
-        if sdxl_only:
-            raise NitroFusionError(f"{', '.join(sdxl_only)} apply to SDXL models; {args.model} is a mini-world model")
-        from .generate import student_folder, unknown_prompts
-
-        student_folder(Path(args.model))  # a wrong path is the one line, before any warning
-        unknown = unknown_prompts(prompts)
-        if unknown:
-            print(f"nitrofusion: warning: {len(unknown)} prompt(s) outside the mini world's 10 class prompts (e.g. "
-                  f"{unknown[0]!r}); its models were trained on 'a photo of a CLASS' only", file=sys.stderr)
-        paths = generate_to_folder(Path(args.model), prompts, args.steps, args.seed, Path(args.out),
-                                   num_per_prompt=args.num_per_prompt)
+    options = GenerateOptions(base=args.base, shift=args.shift, height=args.height, width=args.width,
+                              batch_size=args.batch_size, num_per_prompt=args.num_per_prompt, device=args.device,
+                              dtype=parse_dtype(args.dtype), fast=args.fast, vae=args.vae)
+    paths = world_of_model(args.model).generate_to_folder(Path(args.model), prompts, args.steps, args.seed,
+                                                          Path(args.out), options)
     print(f"wrote {len(paths)} image{'s' if len(paths) != 1 else ''} and a grid to {args.out}")
 
 
 def cmd_export(args) -> None:
+    from .dtypes import parse_dtype
     from .export import export
-    from .pipeline import parse_dtype
 
     r = export(args.model, args.format, args.out, base=args.base, shift=args.shift, rank=args.rank,
                dtype=parse_dtype(args.dtype), device=args.device)
@@ -236,8 +224,8 @@ def cmd_export(args) -> None:
 
 
 def cmd_transfer(args) -> None:
+    from .dtypes import parse_dtype
     from .export import transfer
-    from .pipeline import parse_dtype
 
     r = transfer(args.student, args.base, args.custom, args.out, dtype=parse_dtype(args.dtype))
     print(f"custom + (student - base) over {r['tensors']} tensors written to {r['path']}"
@@ -249,35 +237,11 @@ def cmd_evaluate(args) -> None:
     if args.model != "teacher" and not Path(args.model).exists():
         raise NitroFusionError(f"--model {args.model} does not exist; give a run folder, an exported folder, a UNet "
                                "file or 'teacher'")
-    from .pipeline import model_world
+    from .worlds import world_of_model
 
-    if args.model != "teacher" and model_world(Path(args.model)) == "sdxl":
-        return _evaluate_sdxl(args)
-    from .evaluate import evaluate_mini
-
-    r = evaluate_mini(args.model, args.steps, Path(args.out), samples=args.samples or 2000, seed=args.seed,
-                      teacher=args.teacher)
-    for row in r["rows"]:
-        print(f"{row['model']} {row['steps']} step(s): classifier-FID {row['fid']:.2f} (to teacher "
-              f"{row['fid_to_teacher']:.2f}), accuracy {row['accuracy']:.3f}, precision {row['precision']:.3f}, "
-              f"recall {row['recall']:.3f}, coverage {row['coverage']:.3f}")
-    print(f"results: {Path(args.out) / 'results.md'}")
-
-
-def _evaluate_sdxl(args) -> None:
-    from .evaluate import evaluate_sdxl
-    from .real_metrics import RealMetricsConfig
-
-    cfg = RealMetricsConfig(clip=args.clip or "", inception=args.inception or "", aesthetic=args.aesthetic or "",
-                            aesthetic_clip=args.aesthetic_clip or "", image_reward=args.image_reward or "",
-                            reference=args.reference or "", device=args.device or "")
-    r = evaluate_sdxl(args.model, args.steps, Path(args.out), prompts=args.prompts or "", coco=args.coco or "",
-                      samples=args.samples or 5000, seed=args.seed, metrics_cfg=cfg, base=args.base, shift=args.shift,
-                      batch_size=args.batch_size, device=args.device or "cpu", dtype=args.dtype)
-    for row in r["rows"]:
-        parts = [f"{m} {v['value']:.4g}" if "value" in v else f"{m} skipped ({v['skipped']})"
-                 for m, v in row.items() if isinstance(v, dict)]
-        print(f"{row['steps']} step(s): " + "; ".join(parts))
+    world = world_of_model(args.model)
+    for line in world.evaluate(args.model, args.steps, Path(args.out), vars(args)):
+        print(line)
     print(f"results: {Path(args.out) / 'results.md'}")
 
 
@@ -289,8 +253,8 @@ def cmd_bench(args) -> None:
         result = profile_step("mini", args.device, args.overrides, steps=max(args.iters, 1), warmup=args.warmup)
         text = format_profile(result)
     elif args.inference:
+        from .dtypes import parse_dtype
         from .inference_bench import format_inference, run_inference_bench
-        from .pipeline import parse_dtype
 
         result = run_inference_bench(args.size, args.device, parse_dtype(args.dtype), iters=max(args.iters, 1),
                                      warmup=args.warmup)
@@ -326,7 +290,7 @@ def cmd_app(args) -> None:
     except ImportError:
         raise NitroFusionError("the live demo needs gradio: pip install 'nitrofusion[app]'") from None
     from .app import LIVE_SIZE, build_app, launch, make_generator
-    from .pipeline import parse_dtype
+    from .dtypes import parse_dtype
 
     if args.size is not None and (args.size <= 0 or args.size % 8):
         raise NitroFusionError(f"--size must be a positive multiple of 8 (got {args.size})")

@@ -32,7 +32,6 @@ from .errors import NitroFusionError
 from .pipeline import (
     SHIFT_METADATA_KEY,
     ModelRef,
-    check_same_layout,
     is_original_layout,
     load_pipeline,
     load_scheduler,
@@ -40,13 +39,13 @@ from .pipeline import (
     model_kind,
     need_base,
     quiet_loading,
-    read_weights_file,
     resolve,
     stored_dtype,
     to_diffusers_unet_keys,
     unet_folder,
     unet_from_state,
 )
+from .unet_weights import check_same_layout, read_weights_file
 
 FORMATS = ("diffusers", "single-file", "lora")
 SCHEDULER_ENTRY = ["nitrofusion", "TimestepShiftLCMScheduler"]

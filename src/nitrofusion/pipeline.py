@@ -23,20 +23,14 @@ from pathlib import Path
 import torch
 
 from .architectures import check_family, is_lora
+from .dtypes import safetensors_dtype
 from .errors import NitroFusionError, describe
+from .sampling import check_steps
+from .unet_weights import check_same_layout, read_weights_file
 
 SHIFT_BY_NAME = {"realism": 250, "vibrant": 500}  # the released NitroSD-Realism / -Vibrant (docs/method.md §2.3)
 SHIFT_METADATA_KEY = "nitrofusion.shifted_timestep"  # written by our single-file and transfer outputs
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise NitroFusionError(f"unknown dtype {name!r}: choose {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 @contextlib.contextmanager
@@ -55,11 +49,6 @@ def quiet_loading():
     finally:
         if was:
             dlog.enable_progress_bar()
-
-
-def check_steps(steps: int) -> None:
-    if not 1 <= steps <= 4:
-        raise NitroFusionError(f"steps must be 1, 2, 3 or 4 (got {steps}): the shifted LCM grid has 4 points")
 
 
 MAX_SEED = 2**63 - 2**32  # torch generators take seeds < 2**64; image i of a batch is seeded seed + i
@@ -118,20 +107,6 @@ def run_config(run: Path) -> dict:
         raise NitroFusionError(f"{run / 'config.yaml'} is not valid YAML ({type(e).__name__})") from None
 
 
-def model_world(path: Path) -> str | None:
-    """'sdxl', 'mini', or None (not a model folder/file we recognise): `nitrofusion generate` dispatches on it."""
-    try:
-        kind = model_kind(path)
-    except NitroFusionError:
-        return None
-    if kind == "run":
-        return run_config(path).get("world", "mini")
-    if kind in ("student", "unet"):
-        cfg_file = path / "unet" / "config.json" if kind == "student" else path / "config.json"
-        return "sdxl" if json.loads(cfg_file.read_text()).get("addition_embed_type") == "text_time" else "mini"
-    return "sdxl"
-
-
 def resolve(model: str | Path, base: str | Path | None = None) -> ModelRef:
     path = Path(model)
     kind = model_kind(path)
@@ -185,18 +160,6 @@ def to_diffusers_unet_keys(state: dict[str, torch.Tensor], config: dict) -> dict
     return {k.removeprefix("unet."): v for k, v in state.items()}
 
 
-def check_same_layout(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor], other_name: str,
-                      ref_name: str) -> None:
-    missing = [k for k in ref if k not in other]
-    unexpected = [k for k in other if k not in ref]
-    shapes = [k for k in ref if k in other and tuple(other[k].shape) != tuple(ref[k].shape)]
-    if missing or unexpected or shapes:
-        example = (missing or unexpected or shapes)[0]
-        detail = (f" ({tuple(other[example].shape)} vs {tuple(ref[example].shape)})" if example in shapes else "")
-        raise NitroFusionError(f"{other_name} does not match {ref_name}: {len(missing)} missing, {len(unexpected)} "
-                               f"unexpected, {len(shapes)} wrong-shape keys (e.g. '{example}'{detail})")
-
-
 def unet_from_state(config: dict, state: dict[str, torch.Tensor], source: str, dtype: torch.dtype | None = None):
     """A UNet built from `config` holding exactly `state` (no random init: SDXL's 2.6B parameters)."""
     from accelerate import init_empty_weights
@@ -208,23 +171,6 @@ def unet_from_state(config: dict, state: dict[str, torch.Tensor], source: str, d
     dtype = dtype or torch.float32
     unet.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
     return unet.eval()
-
-
-def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict and safetensors metadata (empty for torch files); weights-only, never unpickles objects."""
-    from .adapters.sdxl import read_unet_weights
-
-    state = read_unet_weights(path)
-    meta: dict[str, str] = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    return state, meta
-
-
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 def unet_folder(ref: ModelRef) -> Path | None:
@@ -243,7 +189,7 @@ def stored_dtype(folder: Path | None) -> torch.dtype:
         return torch.float32
     with safe_open(str(files[0]), "pt") as f:
         keys = list(f.keys())
-        return _SAFETENSORS_DTYPES.get(f.get_slice(keys[0]).get_dtype(), torch.float32) if keys else torch.float32
+        return safetensors_dtype(f.get_slice(keys[0]).get_dtype()) if keys else torch.float32
 
 
 def load_unet(ref: ModelRef, dtype: torch.dtype | None = None):

@@ -18,6 +18,13 @@ def shifted_scheduler(scheduler_config: dict, shift: int) -> TimestepShiftLCMSch
     return TimestepShiftLCMScheduler.from_config(cfg)
 
 
+def check_steps(steps: int) -> None:
+    """1-4: the student's shifted LCM grid has 4 points (docs/method.md §5); every generating command checks
+    this before any model loads."""
+    if not 1 <= steps <= 4:
+        raise NitroFusionError(f"steps must be 1, 2, 3 or 4 (got {steps}): the shifted LCM grid has 4 points")
+
+
 @torch.no_grad()
 def generate(adapter: ModelAdapter, unet: torch.nn.Module, x_T: torch.Tensor, cond: Cond, steps: int,
              shift: int, generator: torch.Generator | list[torch.Generator] | None = None,
@@ -26,8 +33,7 @@ def generate(adapter: ModelAdapter, unet: torch.nn.Module, x_T: torch.Tensor, co
     when a list, as diffusers' schedulers take it).
     renoise="shifted" is a diagnostic, not the released rule: x0 is re-noised to the next SHIFTED timestep,
     so every refinement input carries exactly the noise its conditioning timestep says."""
-    if not 1 <= steps <= 4:
-        raise NitroFusionError(f"steps must be 1, 2, 3 or 4 (got {steps}): the shifted LCM grid has 4 points")
+    check_steps(steps)
     sched = shifted_scheduler(adapter.scheduler_config, shift)
     sched.set_timesteps(steps, device=x_T.device)
     if renoise == "shifted":  # the x0-renoise sampler (teachers.py) on the shifted grid, with the student

@@ -27,14 +27,16 @@ from . import faults, threads
 from . import student as student_lib
 from .adapters.base import ModelAdapter, cond_to
 from .distill_config import DistillConfig
+from .dtypes import mixed_precision_dtype
 from .errors import NitroFusionError, describe
 from .io import atomic_write_text, disk_errors
 from .method.backbone import UNetBackbone
 from .method.pool import HeadPool
 from .method.step import AdversarialStep
+from .pair_cache import use_cpu
 from .pairs import MixedPairs, OnlinePairs, Pairs, ShardedPairs, make_loader
 from .sampling import shifted_scheduler
-from .worlds import use_cpu
+from .unet_weights import load_checked
 
 Evaluator = Callable[[torch.nn.Module, int], dict]
 
@@ -83,12 +85,7 @@ def build_student(cfg: DistillConfig, adapter: ModelAdapter, device: torch.devic
     else:
         student = copy.deepcopy(adapter.teacher_unet).float()
         if state is not None:
-            path = cfg.student_init
-            missing, unexpected = student.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise NitroFusionError(f"student_init {path} does not match the teacher UNet "
-                                       f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. "
-                                       f"{(missing or unexpected)[0]})")
+            load_checked(student, state, f"student_init {cfg.student_init}", "the teacher UNet")
         student.requires_grad_(True)
         student.to(device)
         adapter.to(device, weight_dtype)
@@ -117,7 +114,6 @@ def _adamw(params, o, sharded: bool = False) -> torch.optim.Optimizer:
     return cls(params, **kw)
 
 
-WEIGHT_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _EMA:
@@ -206,7 +202,7 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
     device = acc.device
     torch.manual_seed(cfg.seed)
     # frozen teacher/backbone/encoders in the autocast dtype; the student keeps fp32 master weights
-    student = build_student(cfg, adapter, device, WEIGHT_DTYPES[cfg.mixed_precision])
+    student = build_student(cfg, adapter, device, mixed_precision_dtype(cfg.mixed_precision))
     if acc.is_main_process:  # the fully resolved config, once the student's weights have loaded
         config_lib.save(cfg, run_dir / "config.yaml")
     backbone = UNetBackbone(adapter.teacher_unet, cfg.gradient_checkpointing)

@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from ..errors import ConfigError, NitroFusionError, describe
 from ..schedulers import config_for
+from ..unet_weights import load_checked, read_weights, strip_prefixes
 from .base import Cond, ModelAdapter
 from .sdxl_config import SDXLConfig
 
@@ -57,34 +58,10 @@ def check_pipeline_folder(folder: Path) -> None:
                                "encoders, a UNet, a VAE and a scheduler")
 
 
-def read_unet_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A UNet state dict from .safetensors or a weights-only torch file; never unpickles objects."""
-    if not path.is_file():
-        raise NitroFusionError(f"UNet weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure is a corrupt/unsupported file for the user
-        raise NitroFusionError(f"cannot read UNet weights {path} ({describe(e)}); give a .safetensors file") from None
-    return state.get("state_dict", state) if isinstance(state, dict) else state
-
-
 def load_unet_weights(unet: UNet2DConditionModel, path: Path) -> None:
-    state = read_unet_weights(path)
-    state = {k.removeprefix("unet.").removeprefix("model.diffusion_model."): v for k, v in state.items()}
-    own = unet.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        example = (missing or unexpected or shapes)[0]
-        raise NitroFusionError(f"UNet weights {path} do not match the teacher's UNet: {len(missing)} missing, "
-                               f"{len(unexpected)} unexpected, {len(shapes)} wrong-shape keys (e.g. '{example}'); "
-                               "is it a diffusers-format SDXL UNet?")
-    unet.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    """`sdxl.teacher_unet`: a replacement for the teacher folder's UNet (e.g. DMD2's 4-step UNet)."""
+    load_checked(unet, strip_prefixes(read_weights(path)), f"UNet weights {path}", "the teacher's UNet",
+                 "is it a diffusers-format SDXL UNet?")
 
 
 def _component(cls, folder: Path):

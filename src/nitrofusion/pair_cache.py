@@ -1,4 +1,4 @@
-"""From a DistillConfig to what the trainer needs: the model adapter of its world and its teacher pairs.
+"""A run's teacher pairs (docs/method.md §4): online, or a cache generated (sharded over processes) and loaded.
 
 Pair generation is sharded over the accelerate processes (shard s goes to process s mod N), so
 `accelerate launch` fills a cache N times faster and every process then reads the same cache.
@@ -15,7 +15,7 @@ from accelerate import PartialState
 
 from .adapters.base import ModelAdapter
 from .distill_config import DistillConfig
-from .errors import NitroFusionError
+from .dtypes import mixed_precision_dtype, torch_dtype
 from .pairs import (
     OnlinePairs,
     Pairs,
@@ -27,9 +27,6 @@ from .pairs import (
     pair_dir,
     write_index_file,
 )
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def use_cpu() -> bool:
@@ -43,42 +40,15 @@ def process_state() -> PartialState:
     return PartialState(cpu=use_cpu())
 
 
-def load_adapter(cfg: DistillConfig) -> ModelAdapter:
-    if cfg.world == "mini":
-        from .adapters.mini import MiniAdapter
-        from .mini.teacher import load_teacher
-
-        return MiniAdapter(load_teacher(cfg.teacher or None))
-    from .adapters.sdxl import SDXLAdapter
-
-    if not cfg.teacher:
-        raise NitroFusionError("world 'sdxl' needs a teacher: --teacher DIR (a diffusers SDXL pipeline folder)")
-    return SDXLAdapter(cfg.teacher, cfg.sdxl)
-
-
-def prompt_source(cfg: DistillConfig, verbose: bool = True) -> Prompts:
-    if cfg.world == "mini":
-        from .mini.data import class_prompts
-
-        return class_prompts()
-    from .prompts import open_prompts
-
-    if not cfg.prompts.source:
-        raise NitroFusionError("world 'sdxl' needs prompts: --prompts FILE (.txt, .csv, .jsonl, a datasets "
-                               "folder or hf:NAME)")
-    source = open_prompts(cfg.prompts.source, cfg.prompts.column, cfg.prompts.split, cfg.prompts.max_chars)
-    source.count()  # one streamed pass: fails now on an unusable source, and counts what was skipped
-    if verbose:
-        print(f"prompts: {source.stats.summary()} from {cfg.prompts.source}")
-    return source
-
-
 def training_data(cfg: DistillConfig, adapter: ModelAdapter, state: PartialState | None = None,
                   out: Path | None = None, load: bool = True,
                   prompts: Prompts | None = None) -> Pairs | ShardedPairs | OnlinePairs | Path:
     """The teacher pairs of a run: online, or a cache generated (sharded over processes) and loaded."""
     state = state or process_state()
-    prompts = prompts if prompts is not None else prompt_source(cfg, verbose=state.is_main_process)
+    if prompts is None:
+        from .worlds import world_of_config
+
+        prompts = world_of_config(cfg).prompts(cfg, verbose=state.is_main_process)
     if cfg.pairs.online:
         return OnlinePairs(adapter, prompts, cfg.pairs.seed)
     p = cfg.pairs
@@ -87,12 +57,12 @@ def training_data(cfg: DistillConfig, adapter: ModelAdapter, state: PartialState
         drop_corrupt_shards(out)
     state.wait_for_everyone()
     adapter.to(state.device)
-    amp = AUTOCAST.get(cfg.mixed_precision)
+    amp = mixed_precision_dtype(cfg.mixed_precision)
     ctx = torch.autocast(state.device.type, dtype=amp) if amp else contextlib.nullcontext()
     with ctx:
         generate_pairs(adapter, prompts, p.count, p.seed, out, shard_size=p.shard_size, batch_size=p.batch_size,
                        device=state.device, process_index=state.process_index, num_processes=state.num_processes,
-                       progress=state.is_main_process, write_index=False, dtype=DTYPES[p.dtype])
+                       progress=state.is_main_process, write_index=False, dtype=torch_dtype(p.dtype))
     state.wait_for_everyone()
     if state.is_main_process:
         write_index_file(out, p.count, p.seed, p.shard_size, adapter)

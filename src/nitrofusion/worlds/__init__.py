@@ -1,0 +1,17 @@
+"""Worlds (model families): one object per family covers everything a run and its models need, and a registry
+picks it from the run's config (`world:`) or from the model a command is given, never by a string test in a
+command.
+
+A world answers, for training: its model adapter (prompts -> conditioning, teacher sampling, the student call
+and its one-step x0, the backbone's features: adapters/base.py) and its prompt source; for inference: whether a
+model path is one of its models, 1-4 step generation into a folder or for the live app, and its default
+evaluation. `mini` (the embedded Fashion-MNIST world) and `sdxl` are the two registered here.
+"""
+
+from __future__ import annotations
+
+from .base import GenerateOptions, LiveGenerator, World
+from .registry import register, registered, world_named, world_of_config, world_of_model
+
+__all__ = ["GenerateOptions", "LiveGenerator", "World", "register", "registered", "world_named", "world_of_config",
+           "world_of_model"]

@@ -1,0 +1,83 @@
+"""What a world (model family) provides: the training half (adapter, prompts) and the inference half (recognise
+a model, generate, serve the live app, evaluate)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..adapters.base import ModelAdapter
+from ..distill_config import DistillConfig
+from ..errors import NitroFusionError
+from ..pairs import Prompts
+
+LiveGenerator = Callable[[str, int, int], Image.Image]  # (prompt, steps, seed) -> image, the model loaded once
+
+
+@dataclass
+class GenerateOptions:
+    """Inference options; a world refuses in one line the ones that do not apply to its models."""
+
+    base: str | None = None  # a pipeline folder with the text encoders, tokenizers and VAE
+    shift: int | None = None
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 4
+    num_per_prompt: int = 1
+    device: str | None = None
+    dtype: torch.dtype | None = None
+    fast: bool = False
+    vae: str | None = None
+
+    def given(self) -> list[str]:
+        """The options set away from their defaults, as CLI flags."""
+        defaults = GenerateOptions()
+        return [f"--{f.name.replace('_', '-')}" for f in fields(self)
+                if getattr(self, f.name) != getattr(defaults, f.name)]
+
+
+class World(ABC):
+    name: str
+    supported_options: tuple[str, ...] = ()  # GenerateOptions flags its models take besides the common ones
+    common_options = ("--num-per-prompt", "--batch-size", "--device")
+
+    # training half
+    @abstractmethod
+    def adapter(self, cfg: DistillConfig) -> ModelAdapter:
+        """The teacher, backbone and encoders of a run (adapters/base.py)."""
+
+    @abstractmethod
+    def prompts(self, cfg: DistillConfig, verbose: bool = True) -> Prompts:
+        """The run's prompt source; an unusable source fails here, before any model loads."""
+
+    # inference half
+    @abstractmethod
+    def recognises(self, kind: str, path: Path) -> bool:
+        """Whether a model folder/file of `kind` (pipeline.model_kind; runs say their world in config.yaml) is
+        one of this world's."""
+
+    @abstractmethod
+    def generate_to_folder(self, model: Path, prompts: list[str], steps: int, seed: int, out: Path,
+                           options: GenerateOptions) -> list[Path]:
+        """PNGs (image i seeded seed + i) and a grid in `out`."""
+
+    @abstractmethod
+    def live_generator(self, model: Path, options: GenerateOptions, size: int | None) -> tuple[LiveGenerator,
+                                                                                               list[str]]:
+        """The app's generate function (the model loads here, once) and example prompts."""
+
+    @abstractmethod
+    def evaluate(self, model: str, steps: list[int], out: Path, options: dict) -> list[str]:
+        """The world's default evaluation of `model` at each step count, written to `out`; the lines to print."""
+
+    def check_options(self, model: Path | str, options: GenerateOptions) -> None:
+        unsupported = [f for f in options.given() if f not in self.supported_options + self.common_options]
+        if unsupported:
+            one = len(unsupported) == 1
+            raise NitroFusionError(f"{', '.join(unsupported)} {'does' if one else 'do'} not apply to {model}, a "
+                                   f"{self.name}-world model; drop {'it' if one else 'them'}")

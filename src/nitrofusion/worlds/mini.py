@@ -1,0 +1,82 @@
+"""The embedded mini world: Fashion-MNIST 16x16, the shipped teacher, MiniLM prompts, a project-trained metric
+classifier (README "What the demo does")."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..adapters.base import ModelAdapter
+from ..distill_config import DistillConfig
+from ..pairs import Prompts
+from .base import GenerateOptions, LiveGenerator, World
+
+
+def _unet_config(kind: str, path: Path) -> dict | None:
+    file = {"student": path / "unet" / "config.json", "unet": path / "config.json"}.get(kind)
+    return json.loads(file.read_text()) if file is not None and file.is_file() else None
+
+
+class MiniWorld(World):
+    name = "mini"
+
+    def adapter(self, cfg: DistillConfig) -> ModelAdapter:
+        from ..adapters.mini import MiniAdapter
+        from ..mini.teacher import load_teacher
+
+        return MiniAdapter(load_teacher(cfg.teacher or None))
+
+    def prompts(self, cfg: DistillConfig, verbose: bool = True) -> Prompts:
+        from ..mini.data import class_prompts
+
+        return class_prompts()
+
+    def recognises(self, kind: str, path: Path) -> bool:
+        from ..mini.text import EMBED_DIM
+
+        config = _unet_config(kind, path)
+        return config is not None and config.get("cross_attention_dim") == EMBED_DIM
+
+    def generate_to_folder(self, model: Path, prompts: list[str], steps: int, seed: int, out: Path,
+                           options: GenerateOptions) -> list[Path]:
+        from ..generate import generate_to_folder, student_folder, unknown_prompts
+
+        self.check_options(model, options)
+        student_folder(model)  # a wrong path is the one line, before any warning
+        unknown = unknown_prompts(prompts)
+        if unknown:
+            print(f"nitrofusion: warning: {len(unknown)} prompt(s) outside the mini world's 10 class prompts (e.g. "
+                  f"{unknown[0]!r}); its models were trained on 'a photo of a CLASS' only", file=sys.stderr)
+        return generate_to_folder(model, prompts, steps, seed, out, num_per_prompt=options.num_per_prompt)
+
+    def live_generator(self, model: Path, options: GenerateOptions, size: int | None) -> tuple[LiveGenerator,
+                                                                                               list[str]]:
+        from ..generate import load_mini_student
+        from ..mini.data import class_prompts
+        from ..sampling import generate
+
+        self.check_options(model, options)
+        adapter, unet, shift = load_mini_student(model)
+
+        @torch.no_grad()
+        def run(prompt: str, steps: int, seed: int) -> Image.Image:
+            gen = torch.Generator().manual_seed(seed)
+            x_T = torch.randn((1, *adapter.latent_shape()), generator=gen)
+            x0 = generate(adapter, unet, x_T, adapter.encode_prompts([prompt]), steps, shift, generator=gen)
+            arr = adapter.decode(x0)[0, 0].mul(255).round().byte().numpy()
+            return Image.fromarray(arr).resize((256, 256), Image.NEAREST)  # 16x16 pixels, shown large
+
+        return run, class_prompts()
+
+    def evaluate(self, model: str, steps: list[int], out: Path, options: dict) -> list[str]:
+        from ..evaluate import evaluate_mini
+
+        r = evaluate_mini(model, steps, out, samples=options.get("samples") or 2000, seed=options.get("seed", 0),
+                          teacher=options.get("teacher"))
+        return [f"{row['model']} {row['steps']} step(s): classifier-FID {row['fid']:.2f} (to teacher "
+                f"{row['fid_to_teacher']:.2f}), accuracy {row['accuracy']:.3f}, precision {row['precision']:.3f}, "
+                f"recall {row['recall']:.3f}, coverage {row['coverage']:.3f}" for row in r["rows"]]

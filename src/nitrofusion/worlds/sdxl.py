@@ -1,0 +1,87 @@
+"""SDXL (and SDXL-layout models): the diffusers pipeline family NitroFusion was published on
+(docs/method.md §1-5)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..adapters.base import ModelAdapter
+from ..distill_config import DistillConfig
+from ..errors import NitroFusionError
+from ..pairs import Prompts
+from .base import GenerateOptions, LiveGenerator, World
+
+EXAMPLES = ["a photo of a red fox in the snow", "an oil painting of a lighthouse at dusk"]
+
+
+class SDXLWorld(World):
+    name = "sdxl"
+    supported_options = ("--base", "--shift", "--height", "--width", "--dtype", "--fast", "--vae")
+
+    def adapter(self, cfg: DistillConfig) -> ModelAdapter:
+        from ..adapters.sdxl import SDXLAdapter
+
+        if not cfg.teacher:
+            raise NitroFusionError("world 'sdxl' needs a teacher: --teacher DIR (a diffusers SDXL pipeline folder)")
+        return SDXLAdapter(cfg.teacher, cfg.sdxl)
+
+    def prompts(self, cfg: DistillConfig, verbose: bool = True) -> Prompts:
+        from ..prompts import open_prompts
+
+        if not cfg.prompts.source:
+            raise NitroFusionError("world 'sdxl' needs prompts: --prompts FILE (.txt, .csv, .jsonl, a datasets "
+                                   "folder or hf:NAME)")
+        source = open_prompts(cfg.prompts.source, cfg.prompts.column, cfg.prompts.split, cfg.prompts.max_chars)
+        source.count()  # one streamed pass: fails now on an unusable source, and counts what was skipped
+        if verbose:
+            print(f"prompts: {source.stats.summary()} from {cfg.prompts.source}")
+        return source
+
+    def recognises(self, kind: str, path: Path) -> bool:
+        if kind in ("pipeline", "file"):  # a weights file's family is checked against --base when it loads
+            return True
+        file = path / "unet" / "config.json" if kind == "student" else path / "config.json"
+        return file.is_file() and json.loads(file.read_text()).get("addition_embed_type") == "text_time"
+
+    def generate_to_folder(self, model: Path, prompts: list[str], steps: int, seed: int, out: Path,
+                           options: GenerateOptions) -> list[Path]:
+        from ..pipeline import generate_to_folder
+
+        o = options
+        return generate_to_folder(model, prompts, steps, seed, out, base=o.base, shift=o.shift, height=o.height,
+                                  width=o.width, batch_size=o.batch_size, num_per_prompt=o.num_per_prompt,
+                                  device=o.device or "cpu", dtype=o.dtype, fast=o.fast, vae=o.vae)
+
+    def live_generator(self, model: Path, options: GenerateOptions, size: int | None) -> tuple[LiveGenerator,
+                                                                                               list[str]]:
+        from ..pipeline import generate_images, load_pipeline
+
+        o = options
+        pipe = load_pipeline(model, base=o.base, shift=o.shift, device=o.device or "cpu", dtype=o.dtype, fast=o.fast,
+                             vae=o.vae)
+
+        def run(prompt: str, steps: int, seed: int):
+            return generate_images(pipe, [prompt], steps, seed, height=size, width=size, batch_size=1)[0]
+
+        return run, EXAMPLES
+
+    def evaluate(self, model: str, steps: list[int], out: Path, options: dict) -> list[str]:
+        from ..evaluate import evaluate_sdxl
+        from ..real_metrics import RealMetricsConfig
+
+        o = {k: v for k, v in options.items() if v is not None}
+        cfg = RealMetricsConfig(clip=o.get("clip", ""), inception=o.get("inception", ""),
+                                aesthetic=o.get("aesthetic", ""), aesthetic_clip=o.get("aesthetic_clip", ""),
+                                image_reward=o.get("image_reward", ""), reference=o.get("reference", ""),
+                                device=o.get("device", ""))
+        r = evaluate_sdxl(model, steps, out, prompts=o.get("prompts", ""), coco=o.get("coco", ""),
+                          samples=o.get("samples") or 5000, seed=o.get("seed", 0), metrics_cfg=cfg,
+                          base=o.get("base"), shift=o.get("shift"), batch_size=o.get("batch_size", 4),
+                          device=o.get("device") or "cpu", dtype=o.get("dtype"))
+        lines = []
+        for row in r["rows"]:
+            parts = [f"{m} {v['value']:.4g}" if "value" in v else f"{m} skipped ({v['skipped']})"
+                     for m, v in row.items() if isinstance(v, dict)]
+            lines.append(f"{row['steps']} step(s): " + "; ".join(parts))
+        return lines
