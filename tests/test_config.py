@@ -109,3 +109,22 @@ def test_every_command_and_option_explains_itself():
         assert parser.description, f"`nitrofusion {name} --help` has no description"
         for action in parser._actions:
             assert action.help, f"nitrofusion {name} {action.option_strings} has no help line"
+
+
+def test_intervals_are_in_images_and_the_old_step_keys_say_so(tmp_path):
+    with pytest.raises(ConfigError, match=r"config key 'checkpoint_every' is now checkpoint_every_images "
+                                          r"\(intervals are counted in images"):
+        config.build(DistillConfig, "distill", "tiny", ["checkpoint_every=5"])
+    with pytest.raises(ConfigError, match="eval_every_images applies to world 'mini'"):
+        config.build(DistillConfig, "distill", "sdxl-tiny", ["eval_every_images=4"])
+    # a run folder written before the rename resumes: its step intervals become images (steps x 4 x 2)
+    cfg = config.build(DistillConfig, "distill", "tiny")
+    old = config.to_dict(cfg)
+    for name in ("checkpoint", "eval", "log"):
+        old.pop(f"{name}_every_images")
+    old.update(checkpoint_every=3, eval_every=2, log_every=1)
+    import yaml
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    loaded = config.load(DistillConfig, tmp_path / "config.yaml")
+    assert (loaded.checkpoint_every_images, loaded.eval_every_images, loaded.log_every_images) == (24, 16, 8)

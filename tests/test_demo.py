@@ -13,8 +13,8 @@ def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
     # the demo's own preset (static pool, 400-pair shards split over its two processes), cut down
     argv = ["demo", "--out", str(out), "--eval-samples", "300", "--minutes", "0", "--images", "960",
-            "--set", "pairs.count=480", "--set", "eval_every=10",
-            "--set", "eval_samples=200", "--set", "checkpoint_every=10"]
+            "--set", "pairs.count=480", "--set", "eval_every_images=320",
+            "--set", "eval_samples=200", "--set", "checkpoint_every_images=320"]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["teacher"]["steps"] >= 2

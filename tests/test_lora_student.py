@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from nitrofusion.cli import main
 from nitrofusion.errors import NitroFusionError
 from nitrofusion.pairs import verify_and_repair
-from nitrofusion.train import build_student, distill
+from nitrofusion.training import build_student, distill
 
 LORA = ("student.kind=lora", "student.rank=4", "student_optim.lr=1e-3")
 

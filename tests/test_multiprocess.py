@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent('''
 
     from nitrofusion import config
     from nitrofusion.distill_config import DistillConfig
-    from nitrofusion.train import distill
+    from nitrofusion.training import distill
     from nitrofusion.pair_cache import process_state, training_data
     from nitrofusion.worlds import world_of_config
 

@@ -55,7 +55,7 @@ def test_source_data_never_makes_teacher_pairs(mini_adapter, tiny_cfg):
 
 @pytest.mark.slow
 def test_distill_against_real_images(mini_adapter, tiny_cfg, tmp_path):
-    from nitrofusion.train import distill
+    from nitrofusion.training import distill
 
     cfg = tiny_cfg("real.source=data", "real.count=64", "adversarial.r1_weight=0.5")
     result = distill(cfg, mini_adapter, training_source(cfg, mini_adapter, list), tmp_path, progress=False)

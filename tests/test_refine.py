@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from nitrofusion.method.backbone import UNetBackbone
+from nitrofusion.method.diffusion import conditioning_timestep
 from nitrofusion.method.pool import HeadPool, PoolConfig
-from nitrofusion.method.refine import backward_simulate, conditioning_timestep, draw_refinement
+from nitrofusion.method.refine import backward_simulate, draw_refinement
 from nitrofusion.method.step import AdversarialConfig, AdversarialStep, student_one_step
 from nitrofusion.sampling import shifted_scheduler
-from nitrofusion.train import distill
+from nitrofusion.training import distill
 
 GRID = [749, 499, 249]
 
@@ -115,8 +116,8 @@ def test_stage_start_and_p(mini_adapter, tiny_cfg, tmp_path):
 
 def test_shifted_renoising_diagnostic_is_consistent_in_noise_level(mini_adapter):
     """renoise='shifted' re-noises to the next SHIFTED timestep (2 steps at s=500: 499 then 249)."""
+    from nitrofusion.method.diffusion import add_noise, x0_from_output
     from nitrofusion.sampling import generate
-    from nitrofusion.teachers import add_noise, x0_from_output
 
     unet, ab = mini_adapter.teacher_unet, mini_adapter.alphas_cumprod
     x_T, cond = _inputs(mini_adapter)

@@ -11,7 +11,7 @@ from nitrofusion import checkpoint as ckpt
 from nitrofusion.cli import main
 from nitrofusion.errors import NitroFusionError
 from nitrofusion.pairs import verify_and_repair
-from nitrofusion.train import distill
+from nitrofusion.training import distill
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "nitrofusion"
 

@@ -5,7 +5,8 @@ import torch
 from diffusers import EulerDiscreteScheduler
 
 from nitrofusion import TimestepShiftLCMScheduler
-from nitrofusion.method.step import student_one_step, student_timestep
+from nitrofusion.method.diffusion import conditioning_timestep, student_timestep
+from nitrofusion.method.step import student_one_step
 
 SDXL = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
             steps_offset=1, prediction_type="epsilon")
@@ -88,3 +89,12 @@ def test_training_x0_is_the_one_step_sample(mini_adapter):
     from nitrofusion.sampling import generate
 
     torch.testing.assert_close(generate(mini_adapter, unet, x_T, cond, 1, 250), x0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [250, 500, 1000, 1])
+def test_the_schedulers_shift_is_the_methods_conditioning_timestep(shift):
+    """The released scheduler's float rule and the method's integer floor agree on every timestep."""
+    sched = TimestepShiftLCMScheduler(shifted_timestep=shift)
+    t = torch.arange(1000)
+    assert torch.equal(sched.shift(t), conditioning_timestep(t, shift))
+    assert student_timestep(shift) == int(conditioning_timestep(torch.tensor(999), shift))

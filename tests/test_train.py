@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from nitrofusion.cli import main
 from nitrofusion.pairs import PairLoader, load_pairs, verify_and_repair
-from nitrofusion.train import distill
+from nitrofusion.training import distill
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,24 @@ def test_non_finite_losses_skip_steps_then_stop_with_a_checkpoint(mini_adapter, 
     assert all(torch.equal(student[k], before[k]) for k in before)  # no step was taken
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(log) == 10 and all(e["skipped"] and e["nonfinite"] == ["local_cond@t*=500"] for e in log)
+
+
+def test_intervals_fire_on_the_step_whose_images_cross_a_multiple(mini_adapter, tiny_pairs, tiny_cfg, tmp_path):
+    cfg = tiny_cfg("max_images=32", "checkpoint_every_images=12", "keep_checkpoints=10", "log_every_images=16")
+    distill(cfg, mini_adapter, tiny_pairs, tmp_path, progress=False)  # 8 images per step: 8, 16, 24, 32
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").iterdir())
+    assert steps == [2, 3, 4]  # 16 and 24 cross multiples of 12; the last step is always saved
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [2, 4]
+
+
+def test_distill_logs_the_one_step_curve_in_the_mini_world(tmp_path):
+    run = tmp_path / "run"
+    assert main(["distill", "--preset", "tiny", "--out", str(run), "--set", "eval_every_images=8", "--set",
+                 "eval_samples=20"]) == 0
+    evals = [e for e in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "eval" in e]
+    assert [e["step"] for e in evals] == [0, 1, 2]  # before training, then each 8 images (8 per step)
+    assert all(e["eval"]["fid"] > 0 and 0 <= e["eval"]["accuracy"] <= 1 for e in evals)
 
 
 def test_an_existing_run_is_never_overwritten(mini_adapter, tiny_pairs, tiny_cfg, tmp_path):

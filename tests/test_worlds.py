@@ -6,7 +6,7 @@ import pytest
 from nitrofusion.cli import main
 from nitrofusion.errors import NitroFusionError
 from nitrofusion.pairs import verify_and_repair
-from nitrofusion.train import distill
+from nitrofusion.training import distill
 from nitrofusion.worlds import GenerateOptions, registered, world_named, world_of_config, world_of_model
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from . import config as config_lib
-from .adapters.mini import MiniAdapter
 from .distill_config import DistillConfig
 from .errors import NitroFusionError
 from .generate import load_mini_student
@@ -23,9 +22,9 @@ from .io import atomic_write_json, atomic_write_text
 from .mini.evaluation import MiniEvaluation
 from .mini.metrics import MiniMetrics
 from .mini.pairsets import held_out_pairs, training_pairs
-from .mini.teacher import load_teacher
 from .real_data import training_source
-from .train import distill
+from .training import distill
+from .worlds import world_of_config
 
 # name -> (distill preset, overrides, what it changes). PAPER: the paper's ablation (the default set);
 # the rest test explanations of how the pool and the multi-step stage behave (issue-driven studies).
@@ -93,10 +92,10 @@ def run_ablation(out: Path, seeds: int = 3, budget_images: int = 6400, eval_samp
         raise NitroFusionError(f"--steps takes values from 1 to 4 (got {steps})")
     configs = {(v, seed): config_lib.build(DistillConfig, "distill", VARIANTS[v][0], [
         *(overrides or []), *VARIANTS[v][1], f"max_images={budget_images}", "max_minutes=0", f"seed={seed}",
-        f"pool.seed={seed}", "eval_every=0"]) for v in variants for seed in seed_range}  # all checked first
+        f"pool.seed={seed}", "eval_every_images=0"]) for v in variants for seed in seed_range}  # all checked first
     started = time.time()
     base = config_lib.build(DistillConfig, "distill", "mini", overrides)
-    adapter = MiniAdapter(load_teacher(base.teacher or None))
+    adapter = world_of_config(base).adapter(base)
     cached: list = []
 
     def teacher_pairs():  # made once, and only if some variant judges against teacher samples

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import config as config_lib
@@ -28,7 +29,9 @@ from .method.pool import HeadPool
 from .method.step import AdversarialStep, student_one_step
 from .pairs import PairLoader, generate_pairs, load_pairs
 from .testing import build_sdxl_components
-from .train import _adamw, build_student
+from .training import build_student
+from .training.optim import adamw
+from .training.step import optimizer_step
 
 
 class _UntokenizedSDXL(SDXLAdapter):
@@ -108,8 +111,9 @@ def run_bench(size: str = "full", device: str | None = None, overrides: list[str
     student = build_student(cfg, adapter, device_, amp)
     backbone = UNetBackbone(adapter.teacher_unet, cfg.gradient_checkpointing)
     pool = HeadPool(cfg.pool, backbone.channels).to(device_)
-    opt_g = _adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim)
-    opt_d = _adamw(pool.parameters(), cfg.heads_optim)
+    opt_g = adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim)
+    opt_d = adamw(pool.parameters(), cfg.heads_optim)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device_.type == "cpu")
     step = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial)
     b = cfg.micro_batch
     prompts = [f"a benchmark prompt number {i}" for i in range(b)]
@@ -139,16 +143,8 @@ def run_bench(size: str = "full", device: str | None = None, overrides: list[str
         x0.float().square().mean().backward()
         opt_g.zero_grad(set_to_none=True)
 
-    def iteration():  # one optimiser step at grad_accum 1: data, D and G over 3 tasks, both optimisers, refresh
-        active = pool.sample_active()
-        x, x0, c = from_cache()
-        with autocast:
-            step(x, x0, c, active, gen)
-        opt_g.step()
-        opt_d.step()
-        opt_g.zero_grad(set_to_none=True)
-        opt_d.zero_grad(set_to_none=True)
-        pool.refresh(opt_d)
+    def iteration():  # one optimiser step at grad_accum 1 (training/step.py): data, D and G over 3 tasks, both
+        optimizer_step(acc, step, student, pool, opt_g, opt_d, from_cache, gen, 1)  # optimisers, refresh
 
     one = torch.randn((1, *adapter.latent_shape()), generator=gen).to(device_)
     cond1 = {k: v[:1] for k, v in cond.items()}

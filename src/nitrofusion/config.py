@@ -128,6 +128,9 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
+            renamed = getattr(cls, "RENAMED", {}).get(key)
+            if renamed:
+                raise ConfigError(f"config key '{where}.{key}' is now {renamed}".replace("config.", ""))
             raise ConfigError(f"unknown config key '{where}.{key}'{_suggest(key, names)}".replace("config.", ""))
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}".removeprefix("config."))
     obj = cls(**kwargs)
@@ -237,7 +240,8 @@ def load(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path} is unreadable ({type(e).__name__}); restore it or start a new run") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} does not hold a config mapping; restore it or start a new run")
-    return from_dict(cls, _merge(data, parse_overrides(overrides)))
+    upgrade = getattr(cls, "upgrade", None)  # a file written by an older version, brought to today's keys
+    return from_dict(cls, _merge(upgrade(data) if upgrade else data, parse_overrides(overrides)))
 
 
 def differences(a: Any, b: Any, prefix: str = "") -> list[str]:

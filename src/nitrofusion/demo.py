@@ -30,11 +30,11 @@ from .mini.data import class_prompts
 from .mini.evaluation import MiniEvaluation, per_class
 from .mini.metrics import MiniMetrics
 from .mini.pairsets import EVAL_SEED_OFFSET, held_out_pairs, pair_dir
-from .mini.teacher import load_teacher
 from .pairs import drop_corrupt_shards, load_pairs, pair_inputs, write_index_file
 from .real_data import training_source
-from .train import distill
+from .training import distill
 from .viz import plot_curves, save_grid
+from .worlds import world_of_config
 
 STEPS = (1, 2, 3, 4)
 MAIN_STEPS, HELPER_STEPS = (1, 4), (2, 3)  # 5 student calls per sample on each side
@@ -109,7 +109,7 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
     with start_helper(main_threads) as helper:
         if isinstance(helper, Helper):  # it starts up (seconds of imports) while this process loads
             helper.submit(demo_jobs.warm_up, teacher_path)
-        adapter = MiniAdapter(load_teacher(teacher_path))
+        adapter = world_of_config(cfg).adapter(cfg)
         metrics = MiniMetrics()
         processes = helper.processes
         forecast = Forecast(adapter, cfg.pairs.batch_size)

@@ -4,7 +4,7 @@ a config is read and checked before any model library loads."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from .adapters.sdxl_config import SDXLConfig
 from .config import ranged
@@ -105,13 +105,30 @@ class DistillConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     max_grad_norm: float = ranged(0.0, ge=0)  # 0 = no clipping
-    checkpoint_every: int = ranged(200, ge=1)  # optimiser steps
+    # intervals in training images, like the budget (an event fires on the step whose images cross a multiple)
+    checkpoint_every_images: int = ranged(6400, ge=1)
     keep_checkpoints: int = ranged(2, ge=1)
-    eval_every: int = ranged(0, ge=0)  # optimiser steps between quality evaluations (mini world); 0 = only at the end
+    eval_every_images: int = ranged(0, ge=0)  # mini world: 1-step classifier-FID during training; 0 = none
     eval_samples: int = ranged(500, ge=10)
-    log_every: int = ranged(1, ge=1)
+    log_every_images: int = ranged(1, ge=1)  # 1: every optimiser step
     seed: int = ranged(0, ge=0, le=2**31 - 1)
     threads: int = ranged(0, ge=0, le=1024)  # 0 = automatic: usable cores less one (threads.py)
+
+    # keys that were renamed: a preset, file or --set using the old name gets this one line
+    RENAMED: ClassVar[dict[str, str]] = {
+        f"{name}_every": f"{name}_every_images (intervals are counted in images now: multiply the old value, in "
+        "optimiser steps, by micro_batch x grad_accum x processes)" for name in ("checkpoint", "eval", "log")}
+
+    @staticmethod
+    def upgrade(saved: dict) -> dict:
+        """A run's config.yaml written before intervals were counted in images: steps x images per step (one
+        process: a run of N processes then checkpoints N times as often, never less)."""
+        per_step = int(saved.get("micro_batch", 5)) * int(saved.get("grad_accum", 20))
+        out = dict(saved)
+        for name in ("checkpoint", "eval", "log"):
+            if f"{name}_every" in out:
+                out[f"{name}_every_images"] = int(out.pop(f"{name}_every")) * per_step
+        return out
 
     def validate(self) -> None:
         if self.max_images <= 0 and self.max_minutes <= 0:
@@ -124,4 +141,7 @@ class DistillConfig:
                               "generate more pairs or lower micro_batch")
         if self.world == "mini" and (self.prompts.source or self.sdxl.teacher_unet or self.sdxl.teacher_lora):
             raise ConfigError("prompts.* and sdxl.* apply to world 'sdxl'; the mini world's prompts are its 10 classes")
+        if self.world != "mini" and self.eval_every_images:
+            raise ConfigError("eval_every_images applies to world 'mini' (its metric classifier); evaluate an SDXL "
+                              "run's checkpoints with `nitrofusion evaluate`")
         self.real.check_world(self.world)

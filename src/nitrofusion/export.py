@@ -391,7 +391,7 @@ def lora_to_kohya(lora: dict[str, torch.Tensor], unet_config, rank: int,
 
 def trained_lora_dir(ref) -> Path | None:
     """A LoRA student's adapters (run/student/lora, written by the trainer), if the model is such a run."""
-    from .train import LORA_DIR
+    from .training import LORA_DIR
 
     folder = ref.student_dir / LORA_DIR if ref.student_dir is not None else None
     return folder if folder is not None and (folder / PEFT_LORA_FILE).is_file() else None

@@ -14,7 +14,7 @@ import torch
 from accelerate import PartialState
 
 from .adapters.base import ModelAdapter
-from .distill_config import DistillConfig
+from .distill_config import DistillConfig, PairsConfig
 from .dtypes import mixed_precision_dtype, torch_dtype
 from .pairs import (
     OnlinePairs,
@@ -40,10 +40,22 @@ def process_state() -> PartialState:
     return PartialState(cpu=use_cpu())
 
 
+class _OneCPUProcess:
+    """The part of accelerate's PartialState that teacher_pairs reads, for one process on the CPU."""
+
+    device = torch.device("cpu")
+    is_main_process = True
+    process_index = 0
+    num_processes = 1
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
 def training_data(cfg: DistillConfig, adapter: ModelAdapter, state: PartialState | None = None,
                   out: Path | None = None, load: bool = True,
                   prompts: Prompts | None = None) -> Pairs | ShardedPairs | OnlinePairs | Path:
-    """The teacher pairs of a run: online, or a cache generated (sharded over processes) and loaded."""
+    """The teacher pairs of a run: online, or the cache (`teacher_pairs`)."""
     state = state or process_state()
     if prompts is None:
         from .worlds import world_of_config
@@ -51,20 +63,31 @@ def training_data(cfg: DistillConfig, adapter: ModelAdapter, state: PartialState
         prompts = world_of_config(cfg).prompts(cfg, verbose=state.is_main_process)
     if cfg.pairs.online:
         return OnlinePairs(adapter, prompts, cfg.pairs.seed)
-    p = cfg.pairs
-    out = out or pair_dir(p.dir, adapter, prompts, p.count, p.seed, p.shard_size)
+    return teacher_pairs(adapter, prompts, cfg.pairs, cfg.pairs.count, cfg.pairs.seed, out, state,
+                         mixed_precision_dtype(cfg.mixed_precision), load)
+
+
+def teacher_pairs(adapter: ModelAdapter, prompts: Prompts, p: PairsConfig, count: int, seed: int,
+                  out: Path | None = None, state: PartialState | None = None, amp: torch.dtype | None = None,
+                  load: bool = True, progress: bool = True) -> Pairs | ShardedPairs | Path:
+    """The one path to a pair cache, for every caller (a run, the held-out sets of the demo, `evaluate` and
+    `ablate`): corrupt shards dropped, what is missing generated (shard s by process s mod N, under autocast
+    `amp`), indexed, then loaded (or its folder returned when `load` is false). `out` defaults to the shared
+    cache keyed by teacher, sampler, prompts, count, seed and shard size (`p.dir` names a folder instead).
+    Without `state`: this process alone, on the CPU (the mini world's single-process callers)."""
+    state = state or _OneCPUProcess()
+    out = out or pair_dir(p.dir, adapter, prompts, count, seed, p.shard_size)
     if state.is_main_process:
         drop_corrupt_shards(out)
     state.wait_for_everyone()
     adapter.to(state.device)
-    amp = mixed_precision_dtype(cfg.mixed_precision)
     ctx = torch.autocast(state.device.type, dtype=amp) if amp else contextlib.nullcontext()
     with ctx:
-        generate_pairs(adapter, prompts, p.count, p.seed, out, shard_size=p.shard_size, batch_size=p.batch_size,
+        generate_pairs(adapter, prompts, count, seed, out, shard_size=p.shard_size, batch_size=p.batch_size,
                        device=state.device, process_index=state.process_index, num_processes=state.num_processes,
-                       progress=state.is_main_process, write_index=False, dtype=torch_dtype(p.dtype))
+                       progress=progress and state.is_main_process, write_index=False, dtype=torch_dtype(p.dtype))
     state.wait_for_everyone()
     if state.is_main_process:
-        write_index_file(out, p.count, p.seed, p.shard_size, adapter)
+        write_index_file(out, count, seed, p.shard_size, adapter)
     state.wait_for_everyone()
     return load_pairs(out, in_memory=p.in_memory) if load else out

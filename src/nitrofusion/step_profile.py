@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import config as config_lib
@@ -22,8 +23,10 @@ from .distill_config import DistillConfig
 from .method.backbone import UNetBackbone
 from .method.pool import HeadPool
 from .method.step import AdversarialStep
-from .stopwatch import Stopwatch, section
-from .train import _adamw, build_student
+from .stopwatch import Stopwatch
+from .training import build_student
+from .training.optim import adamw
+from .training.step import optimizer_step
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype | None = None) -> float:
@@ -44,12 +47,11 @@ def matmul_peak(device: torch.device, dtype: torch.dtype | None = None) -> float
 
 
 def _mini_setup(overrides: list[str] | None):
-    from .adapters.mini import MiniAdapter
-    from .mini.data import class_prompts
-    from .mini.teacher import load_teacher
+    from .worlds import world_of_config
 
     cfg = config_lib.build(DistillConfig, "distill", "mini", list(overrides or []))
-    return cfg, MiniAdapter(load_teacher()), None, class_prompts()
+    world = world_of_config(cfg)
+    return cfg, world.adapter(cfg), None, world.prompts(cfg)
 
 
 def profile_step(size: str = "mini", device: str | None = None, overrides: list[str] | None = None,
@@ -67,30 +69,21 @@ def profile_step(size: str = "mini", device: str | None = None, overrides: list[
     student = build_student(cfg, adapter, device_, amp)
     backbone = UNetBackbone(adapter.teacher_unet, cfg.gradient_checkpointing)
     pool = HeadPool(cfg.pool, backbone.channels).to(device_)
-    opt_g = _adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim)
-    opt_d = _adamw(pool.parameters(), cfg.heads_optim)
+    opt_g = adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim)
+    opt_d = adamw(pool.parameters(), cfg.heads_optim)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device_.type == "cpu")
     step_fn = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial, cfg.multistep)
-    autocast = torch.autocast(device_.type, dtype=amp, enabled=amp is not None)
     gen = torch.Generator().manual_seed(0)
     b = cfg.micro_batch
     shape = (b, *adapter.latent_shape())
 
-    def one_step() -> None:
-        active = pool.sample_active()
-        for _ in range(cfg.grad_accum):
-            with section("data + prompt encoding"):
-                x_T, x0 = torch.randn(shape, generator=gen).to(device_), torch.randn(shape, generator=gen).to(device_)
-                names = [prompts[i % len(prompts)] for i in range(b)]
-                cond = {k: v.to(device_) for k, v in adapter.encode_prompts(names).items()}
-            with autocast:
-                step_fn(x_T, x0, cond, active, gen, loss_scale=1.0 / cfg.grad_accum, refine_p=cfg.multistep.p)
-        with section("optimisers"):
-            opt_g.step()
-            opt_d.step()
-            opt_g.zero_grad(set_to_none=True)
-            opt_d.zero_grad(set_to_none=True)
-        with section("pool refresh"):
-            pool.refresh(opt_d)
+    def batch():
+        x_T, x0 = torch.randn(shape, generator=gen).to(device_), torch.randn(shape, generator=gen).to(device_)
+        names = [prompts[i % len(prompts)] for i in range(b)]
+        return x_T, x0, {k: v.to(device_) for k, v in adapter.encode_prompts(names).items()}
+
+    def one_step() -> None:  # the trainer's own optimiser step (training/step.py), its sections timed
+        optimizer_step(acc, step_fn, student, pool, opt_g, opt_d, batch, gen, cfg.grad_accum, cfg.multistep.p)
 
     progress(f"profiling {steps} optimiser steps ({size}, micro-batch {b} x {cfg.grad_accum}) ...")
     for _ in range(warmup):

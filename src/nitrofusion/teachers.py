@@ -17,30 +17,11 @@ from diffusers import (
 )
 
 from .errors import ConfigError
+from .method.diffusion import add_noise, x0_from_output
 from .sampler_spec import ALIASES, SamplerSpec, _is_scheduler_class  # noqa: F401 - re-exported
 from .schedulers import config_for
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def x0_from_output(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor,
-                   prediction_type: str) -> torch.Tensor:
-    """x0 from a model output at noise level alpha_bar (broadcast per sample).
-    eps: x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab)  (docs/method.md §2.3); v: x0 = sqrt(ab) x_t - sqrt(1-ab) v."""
-    ab = alpha_bar.to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
-    if prediction_type == "epsilon":
-        return (x_t - (1 - ab).sqrt() * output) / ab.sqrt()
-    if prediction_type == "v_prediction":
-        return ab.sqrt() * x_t - (1 - ab).sqrt() * output
-    if prediction_type == "sample":
-        return output
-    raise ConfigError(f"unsupported prediction_type '{prediction_type}'")
-
-
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """q(x_t | x0): sqrt(ab) x0 + sqrt(1-ab) noise."""
-    ab = alpha_bar.to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
 
 def default_grid(steps: int, num_train_timesteps: int = 1000) -> list[int]:

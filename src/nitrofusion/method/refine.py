@@ -15,13 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..adapters.base import Cond, ModelAdapter, cond_index
-from ..teachers import add_noise, x0_from_output
 from .config import MultiStepConfig  # noqa: F401 - re-exported beside the stage it configures
-
-
-def conditioning_timestep(t: torch.Tensor, shift: int, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """t' = floor(t * s / N), the timestep the UNet is conditioned on (the released scheduler's shift)."""
-    return torch.div(t * shift, num_train_timesteps, rounding_mode="floor")
+from .diffusion import add_noise, conditioning_timestep, x0_from_output
 
 
 def student_x0(adapter: ModelAdapter, student: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,

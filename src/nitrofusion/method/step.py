@@ -13,17 +13,12 @@ import torch
 
 from ..adapters.base import Cond, ModelAdapter, cond_cat, cond_index
 from ..stopwatch import section
-from ..teachers import add_noise
 from .backbone import UNetBackbone
 from .config import AdversarialConfig, MultiStepConfig
+from .diffusion import add_noise
 from .losses import d_loss, g_loss, r1_penalty
 from .pool import HeadPool
 from .refine import backward_simulate, draw_refinement, student_x0
-
-
-def student_timestep(shift: int, num_train_timesteps: int = 1000) -> int:
-    """t_s = floor(999 * s / 1000): what the released scheduler feeds the UNet at its 1-step grid [999]."""
-    return ((num_train_timesteps - 1) * shift) // num_train_timesteps
 
 
 def student_one_step(adapter: ModelAdapter, student: torch.nn.Module, x_T: torch.Tensor, cond: Cond,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..adapters.mini import MiniAdapter
 from ..distill_config import DistillConfig, PairsConfig
-from ..pairs import Pairs, verify_and_repair
+from ..pairs import Pairs
 from ..pairs import pair_dir as _pair_dir
 from .data import class_prompts
 
@@ -21,9 +21,9 @@ def pair_dir(root: str, adapter: MiniAdapter, count: int, seed: int, shard_size:
 
 def _pairs(adapter: MiniAdapter, cfg: PairsConfig, count: int, seed: int, out: Path | None,
            progress: bool) -> Pairs:
-    out = out or pair_dir(cfg.dir, adapter, count, seed, cfg.shard_size)
-    return verify_and_repair(adapter, class_prompts(), count, seed, out,
-                             shard_size=cfg.shard_size, batch_size=cfg.batch_size, progress=progress)
+    from ..pair_cache import teacher_pairs
+
+    return teacher_pairs(adapter, class_prompts(), cfg, count, seed, out, progress=progress)
 
 
 def training_pairs(cfg: DistillConfig, adapter: MiniAdapter, out: Path | None = None,

@@ -17,6 +17,7 @@ from ..errors import NitroFusionError
 from ..pairs import Prompts
 
 LiveGenerator = Callable[[str, int, int], Image.Image]  # (prompt, steps, seed) -> image, the model loaded once
+Evaluator = Callable[[torch.nn.Module, int], dict]  # (student, step) -> numbers for log.jsonl (train.py)
 
 
 @dataclass
@@ -54,6 +55,10 @@ class World(ABC):
     @abstractmethod
     def prompts(self, cfg: DistillConfig, verbose: bool = True) -> Prompts:
         """The run's prompt source; an unusable source fails here, before any model loads."""
+
+    def training_evaluator(self, cfg: DistillConfig, adapter: ModelAdapter) -> Evaluator | None:
+        """What `eval_every_images` runs during `distill`; None where the world has no cheap metric."""
+        return None
 
     # inference half
     @abstractmethod

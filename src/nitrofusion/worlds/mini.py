@@ -13,7 +13,7 @@ from PIL import Image
 from ..adapters.base import ModelAdapter
 from ..distill_config import DistillConfig
 from ..pairs import Prompts
-from .base import GenerateOptions, LiveGenerator, World
+from .base import Evaluator, GenerateOptions, LiveGenerator, World
 
 
 def _unet_config(kind: str, path: Path) -> dict | None:
@@ -34,6 +34,22 @@ class MiniWorld(World):
         from ..mini.data import class_prompts
 
         return class_prompts()
+
+    def training_evaluator(self, cfg: DistillConfig, adapter: ModelAdapter) -> Evaluator | None:
+        """The EMA student's 1-step classifier-FID and accuracy on `eval_samples` held-out prompts and x_T (the
+        held-out set `evaluate` and the demo score on; no teacher samples needed)."""
+        if not cfg.eval_every_images:
+            return None
+        from ..mini.data import class_prompts
+        from ..mini.evaluation import MiniEvaluation
+        from ..mini.metrics import MiniMetrics
+        from ..mini.pairsets import EVAL_SEED_OFFSET
+        from ..pairs import pair_inputs
+
+        inputs = pair_inputs(adapter, class_prompts(), cfg.eval_samples, cfg.pairs.seed + EVAL_SEED_OFFSET,
+                             cfg.pairs.shard_size)
+        evaluation = MiniEvaluation(adapter, inputs, MiniMetrics(), cfg.adversarial.shift, seed=cfg.seed)
+        return evaluation.curve(cfg.eval_samples)
 
     def recognises(self, kind: str, path: Path) -> bool:
         from ..mini.text import EMBED_DIM

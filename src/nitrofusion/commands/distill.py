@@ -1,0 +1,35 @@
+"""`nitrofusion distill`: train a student (one process or `accelerate launch`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import NitroFusionError
+from .common import model_args, resumed_config
+
+
+def cmd_distill(args) -> None:
+    cfg = resumed_config(args, model_args(args))  # checked before torch and diffusers load (seconds)
+    if not args.resume and any((Path(args.out) / "checkpoints").glob("step-*")):
+        raise NitroFusionError(f"{args.out} already holds a run (checkpoints/); add --resume to continue it or "
+                               "choose a new --out")
+    from ..pair_cache import process_state, training_data
+    from ..real_data import training_source
+    from ..training import check_student, distill, ensure_writable, read_student_init
+    from ..worlds import world_of_config
+
+    read_student_init(cfg, header_only=True)
+    ensure_writable(Path(args.out))  # before minutes of teacher sampling, not after
+    state = process_state()
+    world = world_of_config(cfg)
+    prompts = world.prompts(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
+    adapter = world.adapter(cfg)
+    check_student(cfg, adapter)  # LoRA targets against the real UNet, still before any teacher pair
+    data = training_source(cfg, adapter, lambda: training_data(cfg, adapter, state, prompts=prompts),
+                           progress=state.is_main_process)
+    evaluator = world.training_evaluator(cfg, adapter) if state.is_main_process else None
+    result = distill(cfg, adapter, data, Path(args.out), resume=args.resume, evaluator=evaluator)
+    if state.is_main_process:
+        print(f"student written to {Path(args.out) / 'student'}: {result['iterations']} steps, "
+              f"{result['images']} images, {result['seconds']:.0f} s")
+

@@ -1,0 +1,22 @@
+"""`nitrofusion evaluate`: a model's world's default evaluation at 1-4 steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import NitroFusionError
+from .common import output_folder
+
+
+def cmd_evaluate(args) -> None:
+    output_folder(args.out)
+    if args.model != "teacher" and not Path(args.model).exists():
+        raise NitroFusionError(f"--model {args.model} does not exist; give a run folder, an exported folder, a UNet "
+                               "file or 'teacher'")
+    from ..worlds import world_of_model
+
+    world = world_of_model(args.model)
+    for line in world.evaluate(args.model, args.steps, Path(args.out), vars(args)):
+        print(line)
+    print(f"results: {Path(args.out) / 'results.md'}")
+

@@ -1,0 +1,25 @@
+"""`nitrofusion pairs`: a run's teacher-pair cache, generated ahead of `distill`."""
+
+from __future__ import annotations
+
+from ..errors import NitroFusionError
+from .common import distill_config, model_args
+
+
+def cmd_pairs(args) -> None:
+    extra = [f"pairs.dir={args.out}"] if args.out else []  # the folder `distill --set pairs.dir=...` reads
+    cfg = distill_config(args, model_args(args) + extra)
+    from ..pair_cache import process_state, training_data
+    from ..pairs import load_pairs
+    from ..worlds import world_of_config
+
+    if cfg.pairs.online:
+        raise NitroFusionError("pairs.online is set: this preset samples the teacher during training, nothing to "
+                               "pre-generate (use --set pairs.online=false)")
+    state = process_state()
+    world = world_of_config(cfg)
+    prompts = world.prompts(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
+    out = training_data(cfg, world.adapter(cfg), state, load=False, prompts=prompts)
+    if state.is_main_process:
+        print(f"{len(load_pairs(out, in_memory=False))} teacher pairs in {out}")
+

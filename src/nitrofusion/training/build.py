@@ -1,0 +1,70 @@
+"""The student of a run: a full copy of the teacher UNet (fp32 master weights) or LoRA adapters on the teacher
+itself (docs/method.md §1, §4, §7), optionally initialised from a file (`student_init`)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .. import student as student_lib
+from ..adapters.base import ModelAdapter
+from ..distill_config import DistillConfig
+from ..errors import NitroFusionError, describe
+from ..unet_weights import load_checked
+
+
+def read_student_init(cfg: DistillConfig, header_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """The student_init weights (None for 'teacher'); a missing or unreadable file, or a file of the other
+    student kind (a UNet for a LoRA student, LoRA factors for a full one), is a one-line error. `header_only`
+    reads just the safetensors header: the CLI's check before any teacher pair is generated."""
+    if cfg.student_init == "teacher":
+        return None
+    path = Path(cfg.student_init)
+    if not path.is_file():
+        raise NitroFusionError(f"student_init file not found: {path}; give a .safetensors UNet or 'teacher'")
+    student_lib.check_init_kind(path, cfg.student.kind)
+    if header_only:
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file surfaces as several types
+        raise NitroFusionError(f"student_init {path} is not a readable safetensors file ({describe(e)}); give a "
+                               "UNet .safetensors or 'teacher'") from None
+
+
+def check_student(cfg: DistillConfig, adapter: ModelAdapter) -> None:
+    """What can be checked once the teacher UNet exists, before minutes of teacher sampling: the init file's
+    kind and the LoRA target names."""
+    read_student_init(cfg, header_only=True)
+    if cfg.student.kind == "lora":
+        student_lib.check_targets(adapter.teacher_unet, cfg.student.targets)
+
+
+def build_student(cfg: DistillConfig, adapter: ModelAdapter, device: torch.device | str = "cpu",
+                  weight_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The student on `device`, the frozen teacher/backbone/encoders moved there in `weight_dtype`.
+    full: the teacher's architecture, fp32 master weights copied before the teacher is cast (docs/method.md §1, §4).
+    lora: the teacher UNet itself, cast, with fp32 adapters added (docs/method.md §7): no second UNet."""
+    state = read_student_init(cfg)
+    if cfg.student.kind == "lora":
+        adapter.to(device, weight_dtype)
+        s = cfg.student
+        student = adapter.teacher_unet
+        student_lib.add_lora(student, s.rank, s.alpha, s.dropout, s.targets)
+        student.to(device)
+        if state is not None:
+            student_lib.load_init_factors(student, state, Path(cfg.student_init))
+    else:
+        student = copy.deepcopy(adapter.teacher_unet).float()
+        if state is not None:
+            load_checked(student, state, f"student_init {cfg.student_init}", "the teacher UNet")
+        student.requires_grad_(True)
+        student.to(device)
+        adapter.to(device, weight_dtype)
+    student.train()
+    if cfg.gradient_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
+        student.enable_gradient_checkpointing()
+    return student

@@ -1,0 +1,229 @@
+"""The distillation loop on accelerate: teacher pairs in, a 1-4 step student out.
+
+One optimiser step (step.py) = sample the active heads, run `grad_accum` micro-batches of the adversarial
+step (the same heads throughout), step both optimisers, refresh ~1% of the pool. Durations and intervals are
+counted in images. Checkpoints hold the whole TrainState (state.py), so `resume` continues exactly where the
+last complete checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .. import checkpoint as ckpt
+from .. import config as config_lib
+from .. import faults, threads
+from .. import student as student_lib
+from ..adapters.base import ModelAdapter, cond_to
+from ..distill_config import DistillConfig
+from ..dtypes import mixed_precision_dtype
+from ..errors import NitroFusionError
+from ..io import atomic_write_text, disk_errors
+from ..method.backbone import UNetBackbone
+from ..method.pool import HeadPool
+from ..method.step import AdversarialStep
+from ..pair_cache import use_cpu
+from ..pairs import MixedPairs, OnlinePairs, Pairs, ShardedPairs, make_loader
+from ..sampling import shifted_scheduler
+from .build import build_student
+from .optim import EMA, adamw
+from .state import TrainState
+from .step import optimizer_step
+
+Evaluator = Callable[[torch.nn.Module, int], dict]
+
+
+LORA_DIR = "lora"  # run_dir/student/lora: a LoRA student's trained adapters
+
+
+def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter, shift: int,
+                 lora: tuple[dict[str, torch.Tensor], dict] | None = None) -> Path:
+    """run_dir/student: a diffusers UNet folder (a LoRA student's merged into its base) plus the shifted LCM
+    scheduler it must be sampled with; for a LoRA student also lora/ with the adapters themselves
+    (PEFT factors + LoraConfig metadata, and a kohya file), which `export --format lora` hands on exactly."""
+    out = run_dir / "student"
+    student.save_pretrained(out / "unet", safe_serialization=True)
+    faults.point("student-save")  # the UNet written, its scheduler not yet
+    shifted_scheduler(adapter.scheduler_config, shift).save_pretrained(out / "scheduler")
+    if lora is not None:
+        from ..export import save_lora_files
+
+        factors, metadata = lora
+        (out / LORA_DIR).mkdir(exist_ok=True)
+        save_lora_files(out / LORA_DIR, factors, student.config, int(metadata["r"]), shift,
+                        alpha=float(metadata["lora_alpha"]), metadata=metadata)
+    return out
+
+
+def ensure_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"  # per process: ranks probe at once
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise NitroFusionError(f"cannot write to the run folder {run_dir} ({e.strerror}); choose another --out "
+                               "or fix its permissions") from None
+
+
+def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPairs | OnlinePairs | MixedPairs,
+            run_dir: str | Path,
+            resume: bool = False, evaluator: Evaluator | None = None, progress: bool = True) -> dict:
+    """Train a student; returns its summary with the final (EMA, merged) student. A LoRA student lives on the
+    adapter's teacher UNet: its adapters are removed on the way out, so the adapter serves the next run as the
+    plain teacher (ablate trains many runs on one adapter)."""
+    try:
+        return _distill(cfg, adapter, pairs, Path(run_dir), resume, evaluator, progress)
+    finally:
+        if student_lib.has_lora(adapter.teacher_unet):
+            student_lib.remove_lora(adapter.teacher_unet)
+
+
+def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, resume: bool,
+             evaluator: Evaluator | None, progress: bool) -> dict:
+    if not resume and ckpt.latest(run_dir) is not None:
+        raise NitroFusionError(f"{run_dir} already holds a run (checkpoints/); add --resume to continue it or "
+                               "choose a new --out")
+    ensure_writable(run_dir)
+    threads.apply(cfg.threads)  # 0: the automatic rule (threads.py)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=use_cpu())
+    device = acc.device
+    torch.manual_seed(cfg.seed)
+    # frozen teacher/backbone/encoders in the autocast dtype; the student keeps fp32 master weights
+    student = build_student(cfg, adapter, device, mixed_precision_dtype(cfg.mixed_precision))
+    if acc.is_main_process:  # the fully resolved config, once the student's weights have loaded
+        config_lib.save(cfg, run_dir / "config.yaml")
+    backbone = UNetBackbone(adapter.teacher_unet, cfg.gradient_checkpointing)
+    pool = HeadPool(cfg.pool, backbone.channels).to(device)
+    zero = cfg.student_optim.zero and acc.num_processes > 1
+    opt_g = adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim, sharded=zero)
+    opt_d = adamw(pool.parameters(), cfg.heads_optim)
+    student = acc.prepare(student)
+    if not zero:  # accelerate's optimiser wrapper reads state_dict() at once, which ZeRO only has after consolidating
+        opt_g = acc.prepare(opt_g)
+    ema = EMA(acc.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    step_fn = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial, cfg.multistep)
+    loader = make_loader(pairs, cfg.micro_batch, cfg.seed, acc.process_index, acc.num_processes, device)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)  # t*, noise, crops
+    images_per_step = cfg.micro_batch * cfg.grad_accum * acc.num_processes
+    state = TrainState(acc, student, pool, opt_g, opt_d, ema, loader, gen, zero)
+
+    bad_streak = 0
+    log_path = run_dir / "log.jsonl"
+    found = ckpt.load_newest_readable(run_dir, log=print if acc.is_main_process else lambda _: None) \
+        if resume else None
+    last_saved = -1
+    if resume and found is None and acc.is_main_process:
+        print(f"no checkpoint in {run_dir / 'checkpoints'}; starting from scratch")
+    if found is None:
+        if acc.is_main_process:
+            log_path.unlink(missing_ok=True)
+    else:
+        state.load_state_dict(*found[1], source=str(found[0]))
+        last_saved = state.step
+        if acc.is_main_process and log_path.exists():  # drop entries logged after that checkpoint
+            kept = [ln for ln in log_path.read_text().splitlines()
+                    if json.loads(ln).get("step", 0) <= state.step]
+            atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
+
+    def budget_left() -> bool:
+        return not ((cfg.max_images and state.images >= cfg.max_images)
+                    or (cfg.max_minutes and state.train_seconds >= cfg.max_minutes * 60))
+
+    def save_checkpoint() -> None:
+        nonlocal last_saved
+        last_saved = state.step
+        parts = state.state_dict()  # a collective: every rank takes part
+        if parts is not None:
+            with disk_errors("a checkpoint", run_dir / "checkpoints"):
+                ckpt.save(run_dir, state.step, *parts, cfg.keep_checkpoints)
+
+    def eval_student() -> torch.nn.Module:
+        """A plain UNet for evaluation and saving: the EMA weights when kept, a LoRA student merged."""
+        return student_lib.merged(acc.unwrap_model(student), ema.shadow if ema is not None else None)
+
+    def log(entry: dict) -> None:
+        with disk_errors("the training log", log_path), open(log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def evaluate() -> None:
+        if evaluator is None or not acc.is_main_process:
+            return
+        model = eval_student().eval()
+        result = evaluator(model, state.step)
+        model.train()
+        log({"step": state.step, "images": state.images, "train_seconds": round(state.train_seconds, 2),
+             "eval": result})
+
+    def crossed(every: int) -> bool:
+        """An interval of `every` images ended within the step just taken (intervals count images, like the
+        budget, so every machine and process count checkpoints and evaluations alike)."""
+        return every > 0 and state.images // every > (state.images - images_per_step) // every
+
+    def next_batch():
+        x_T, x0, prompts = loader.next()
+        return x_T.to(device), x0.to(device), cond_to(adapter.encode_prompts(prompts), device)
+
+    total = cfg.max_images or None
+    bar = tqdm(total=total, initial=min(state.images, total or state.images), unit="img", desc="distill",
+               disable=not (progress and acc.is_main_process), dynamic_ncols=True)
+    evaluated_at = -1
+    if state.step == 0 and cfg.eval_every_images:
+        evaluate()
+        evaluated_at = 0
+    while budget_left():
+        t0 = time.time()
+        refine_p = cfg.multistep.p if state.images >= cfg.multistep.start_images else 0.0
+        out = optimizer_step(acc, step_fn, student, pool, opt_g, opt_d, next_batch, gen, cfg.grad_accum, refine_p,
+                             cfg.max_grad_norm, ema)
+        bad_streak = 0 if out.finite else bad_streak + 1
+        state.step += 1
+        state.images += images_per_step
+        dt = time.time() - t0
+        state.train_seconds += dt
+        bar.update(images_per_step)
+        bar.set_postfix(g=f"{out.logs.get('loss_g', 0):.3f}", d=f"{out.logs.get('loss_d', 0):.3f}",
+                        img_s=f"{images_per_step / dt:.1f}")
+        if acc.is_main_process and crossed(cfg.log_every_images):
+            entry = {"step": state.step, "images": state.images, "train_seconds": round(state.train_seconds, 2),
+                     "images_per_second": round(images_per_step / dt, 2), "skipped": not out.finite,
+                     "refreshed": len(out.refreshed), **{k: round(v, 5) for k, v in out.logs.items()}}
+            if not out.finite:  # which task and t* went wrong (docs/method.md §3: grouped by t*, so this localises it)
+                entry["nonfinite"] = [f"{task}@t*={ts}" for task, ts in sorted(out.nonfinite)] or ["gradient"]
+            log(entry)
+        if not out.finite and bad_streak >= 10:
+            save_checkpoint()
+            where = ", ".join(f"{task}@t*={ts}" for task, ts in sorted(out.nonfinite)) or "gradients"
+            raise NitroFusionError(f"{bad_streak} optimiser steps in a row had a non-finite loss or gradient "
+                                   f"(last: {where}); lower the learning rates; the last good state is in "
+                                   f"{run_dir / 'checkpoints'}")
+        if crossed(cfg.checkpoint_every_images):
+            save_checkpoint()
+        if crossed(cfg.eval_every_images):
+            evaluate()
+            evaluated_at = state.step
+    bar.close()
+    if last_saved != state.step:  # decided from the step alone: every rank must agree (the save may be a collective)
+        save_checkpoint()
+    acc.wait_for_everyone()
+    final = eval_student().eval()
+    if acc.is_main_process:
+        model = acc.unwrap_model(student)
+        lora = None
+        if cfg.student.kind == "lora":
+            lora = (student_lib.peft_factors(model, ema.shadow if ema is not None else None),
+                    student_lib.lora_metadata(model))
+        with disk_errors("the student", run_dir / "student"):
+            save_student(run_dir, final, adapter, cfg.adversarial.shift, lora)
+        if cfg.eval_every_images and evaluated_at != state.step:
+            evaluate()
+    return {"iterations": state.step, "images": state.images, "seconds": round(state.train_seconds, 1),
+            "student": final, "pool": pool, "run_dir": str(run_dir)}

@@ -1,0 +1,59 @@
+"""The optimisers of a run: AdamW, 8-bit AdamW or ZeRO-1 (docs/method.md §4), the student's EMA, and the
+head pool's gradient average across processes."""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from .. import student as student_lib
+from ..errors import NitroFusionError
+from ..method.pool import HeadPool
+
+
+def adamw(params, o, sharded: bool = False) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW); `sharded`: ZeRO stage 1, each rank keeps the optimiser state of
+    its share of the parameters (torch's ZeroRedundancyOptimizer) and broadcasts its updated share."""
+    cls = torch.optim.AdamW
+    if o.kind == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise NitroFusionError("optimiser kind 'adamw8bit' needs bitsandbytes: pip install bitsandbytes "
+                                   "(GPU), or set kind=adamw") from None
+        cls = bnb.optim.AdamW8bit
+    kw = {"lr": o.lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay}
+    if sharded:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(list(params), optimizer_class=cls, **kw)
+    return cls(params, **kw)
+
+
+class EMA:
+    """EMA of the trainable weights (a LoRA student: its adapters only), in fp32."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in student_lib.trainable_state(module).items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for k, v in student_lib.trainable_state(module).items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v.float(), 1 - self.decay)
+
+
+def average_active_head_grads(acc: Accelerator, pool: HeadPool, active: torch.Tensor) -> None:
+    """The pool is not DDP-wrapped: average the active heads' gradients over ranks in one collective.
+    Every rank sends the same parameter list (a head its micro-batch did not reach sends zeros), so the
+    collectives line up even when a rank had no sample at some t*."""
+    params = [p for i in pool.active_indices(active) for p in pool.heads[i].parameters()]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = acc.reduce(torch.cat([p.grad.reshape(-1) for p in params]), reduction="mean")
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()

@@ -1,0 +1,77 @@
+"""One optimiser step (docs/method.md §4), the same for `distill`, `bench` and the step profile: sample the
+active heads' micro-batches through the adversarial step (method/step.py), then both optimisers, the pool
+refresh and the EMA. A step whose loss or student gradient is not finite on any rank changes no weights."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+
+from ..adapters.base import Cond
+from ..method.pool import HeadPool
+from ..method.step import AdversarialStep
+from ..stopwatch import section
+from .optim import EMA, average_active_head_grads
+
+Batch = tuple[torch.Tensor, torch.Tensor, Cond]  # x_T, the teacher's x0 (or a real image), conditioning
+
+
+@dataclass
+class StepOutcome:
+    logs: dict[str, float]  # every loss, averaged over the micro-batches
+    finite: bool  # False: the step was skipped
+    nonfinite: set[tuple[str, int]] = field(default_factory=set)  # (task, t*) whose logits went bad
+    refreshed: list[int] = field(default_factory=list)  # heads re-initialised after the step
+
+
+def optimizer_step(acc: Accelerator, step_fn: AdversarialStep, student: torch.nn.Module, pool: HeadPool,
+                   opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, next_batch: Callable[[], Batch],
+                   gen: torch.Generator, grad_accum: int, refine_p: float = 0.0, max_grad_norm: float = 0.0,
+                   ema: EMA | None = None) -> StepOutcome:
+    active = pool.sample_active()  # fixed for all micro-batches of this optimiser step
+    logs: dict[str, float] = {}
+    nonfinite: set[tuple[str, int]] = set()
+    for micro in range(grad_accum):
+        with section("data + prompt encoding"):
+            x_T, x0, cond = next_batch()
+        sync = micro == grad_accum - 1  # DDP all-reduces the student's gradients on the last micro-batch only
+        ctx = acc.no_sync(student) if not sync else _nullcontext()
+        with ctx, acc.autocast():
+            out = step_fn(x_T, x0, cond, active, gen, loss_scale=1.0 / grad_accum, refine_p=refine_p)
+        for k, v in out.items():
+            logs[k] = logs.get(k, 0.0) + v / grad_accum
+        nonfinite.update(step_fn.nonfinite)
+    finite = all(math.isfinite(v) for v in logs.values())
+    if finite and max_grad_norm == 0:  # a non-finite gradient with finite losses also skips the step
+        grads = [p.grad for p in student.parameters() if p.grad is not None]
+        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+    if acc.num_processes > 1:  # every rank must agree to skip, or the replicas drift apart
+        flag = torch.tensor([0.0 if finite else 1.0], device=acc.device)
+        finite = bool(acc.reduce(flag, reduction="sum").item() == 0)
+        average_active_head_grads(acc, pool, active)
+    if finite and max_grad_norm:
+        norm = acc.clip_grad_norm_(student.parameters(), max_grad_norm)
+        finite = bool(torch.isfinite(torch.as_tensor(norm)))
+    with section("optimisers"):
+        if finite:
+            opt_g.step()
+            opt_d.step()
+        opt_g.zero_grad(set_to_none=True)
+        opt_d.zero_grad(set_to_none=True)
+    with section("pool refresh"):
+        refreshed = pool.refresh(opt_d)
+    if ema is not None and finite:
+        ema.update(acc.unwrap_model(student))
+    return StepOutcome(logs, finite, nonfinite, refreshed)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
