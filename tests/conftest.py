@@ -26,7 +26,7 @@ def _fresh_accelerate_state():
 def tiny_teacher(_cache_dir):
     from nitrofusion.mini.models import MiniUNetConfig, build_noise_scheduler, build_unet
     from nitrofusion.mini.teacher import MiniTeacher
-    from nitrofusion.teachers import SamplerSpec
+    from nitrofusion.sampling.teacher import SamplerSpec
 
     torch.manual_seed(0)
     model = MiniUNetConfig(block_out_channels=[16, 16, 32], norm_num_groups=8)

@@ -4,7 +4,7 @@ from nitrofusion.cli import main
 
 
 def test_evaluate_a_run_is_deterministic_and_writes_tables(mini_adapter, tiny_cfg, tmp_path, capsys):
-    from nitrofusion.pairs import verify_and_repair
+    from nitrofusion.data.pairs import verify_and_repair
     from nitrofusion.training import distill
 
     pairs = verify_and_repair(mini_adapter, ["a photo of a bag"], 8, 0, tmp_path / "pairs", shard_size=8,

@@ -73,7 +73,7 @@ def test_generate_from_a_run_in_1_to_4_steps_and_the_same_seed_gives_the_same_pn
 def test_the_pipeline_is_the_training_time_sampler(run, tiny_sdxl, sdxl_adapter, steps):
     """load_pipeline's stock SDXL pipeline == sampling.generate (docs/method.md §5) on the same x_T and noise."""
     from nitrofusion import load_pipeline
-    from nitrofusion.sampling import generate
+    from nitrofusion.sampling.student import generate
 
     pipe = load_pipeline(run)
     assert type(pipe.scheduler).__name__ == "TimestepShiftLCMScheduler"

@@ -34,9 +34,9 @@ def test_inline_delivers_errors_through_the_future():
 
 def test_pair_shards_split_over_two_processes_equal_one_process(teacher_dir, tmp_path):
     from nitrofusion.adapters.mini import MiniAdapter
+    from nitrofusion.data.pairs import load_pairs, pair_inputs, write_index_file
     from nitrofusion.mini.data import class_prompts
     from nitrofusion.mini.teacher import load_teacher
-    from nitrofusion.pairs import load_pairs, pair_inputs, write_index_file
 
     adapter = MiniAdapter(load_teacher(teacher_dir))
     one, two = tmp_path / "one", tmp_path / "two"

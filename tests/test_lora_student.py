@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nitrofusion.cli import main
+from nitrofusion.data.pairs import verify_and_repair
 from nitrofusion.errors import NitroFusionError
-from nitrofusion.pairs import verify_and_repair
 from nitrofusion.training import build_student, distill
 
 LORA = ("student.kind=lora", "student.rank=4", "student_optim.lr=1e-3")

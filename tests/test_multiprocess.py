@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent('''
     from nitrofusion import config
     from nitrofusion.distill_config import DistillConfig
     from nitrofusion.training import distill
-    from nitrofusion.pair_cache import process_state, training_data
+    from nitrofusion.data.pair_cache import process_state, training_data
     from nitrofusion.worlds import world_of_config
 
     out = Path(sys.argv[1])

@@ -6,9 +6,9 @@ import pytest
 def test_another_shard_size_is_another_pair_set(mini_adapter, tmp_path):
     """Shard s draws from its own seed, so the shard size changes the pairs: the shared cache keys it, and
     an explicit folder written with another shard size is refused with the fix."""
+    from nitrofusion.data.pairs import cache_key, generate_pairs, pair_dir
     from nitrofusion.errors import NitroFusionError
     from nitrofusion.mini.data import class_prompts
-    from nitrofusion.pairs import cache_key, generate_pairs, pair_dir
 
     prompts = class_prompts()
     assert cache_key(mini_adapter, prompts, 40, 0, 1000) != cache_key(mini_adapter, prompts, 40, 0, 20)

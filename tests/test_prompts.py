@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
+from nitrofusion.data.prompts import PromptStats, open_prompts
 from nitrofusion.errors import ConfigError, NitroFusionError
-from nitrofusion.prompts import PromptStats, open_prompts
 
 
 def _write_txt(path, lines: list[bytes]) -> None:

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from nitrofusion.cli import main
+from nitrofusion.data.pairs import MixedPairs, MixLoader, Pairs
+from nitrofusion.data.real_data import caption_folder, folder_real_pairs, mini_real_pairs, training_source
 from nitrofusion.manifold import knn_radii, per_class_coverage, precision_recall_coverage
 from nitrofusion.method.losses import r1_penalty
-from nitrofusion.pairs import MixedPairs, MixLoader, Pairs
-from nitrofusion.real_data import caption_folder, folder_real_pairs, mini_real_pairs, training_source
 
 
 def test_mini_real_rows_are_fashion_mnist_with_their_class_prompts(mini_adapter):

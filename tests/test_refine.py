@@ -9,7 +9,7 @@ from nitrofusion.method.diffusion import conditioning_timestep
 from nitrofusion.method.pool import HeadPool, PoolConfig
 from nitrofusion.method.refine import backward_simulate, draw_refinement
 from nitrofusion.method.step import AdversarialConfig, AdversarialStep, student_one_step
-from nitrofusion.sampling import shifted_scheduler
+from nitrofusion.sampling.student import shifted_scheduler
 from nitrofusion.training import distill
 
 GRID = [749, 499, 249]
@@ -97,7 +97,7 @@ def _student(run):
 @pytest.mark.slow
 def test_stage_start_and_p(mini_adapter, tiny_cfg, tmp_path):
     """Before `start_images` the run is the one-step method bit for bit; with p > 0 it is not."""
-    from nitrofusion.pairs import verify_and_repair
+    from nitrofusion.data.pairs import verify_and_repair
 
     pairs = verify_and_repair(mini_adapter, ["a photo of a bag", "a photo of a coat"], 16, 0, tmp_path / "pairs",
                               shard_size=8, batch_size=8, progress=False)
@@ -117,7 +117,7 @@ def test_stage_start_and_p(mini_adapter, tiny_cfg, tmp_path):
 def test_shifted_renoising_diagnostic_is_consistent_in_noise_level(mini_adapter):
     """renoise='shifted' re-noises to the next SHIFTED timestep (2 steps at s=500: 499 then 249)."""
     from nitrofusion.method.diffusion import add_noise, x0_from_output
-    from nitrofusion.sampling import generate
+    from nitrofusion.sampling.student import generate
 
     unet, ab = mini_adapter.teacher_unet, mini_adapter.alphas_cumprod
     x_T, cond = _inputs(mini_adapter)

@@ -9,8 +9,8 @@ import torch
 
 from nitrofusion import checkpoint as ckpt
 from nitrofusion.cli import main
+from nitrofusion.data.pairs import verify_and_repair
 from nitrofusion.errors import NitroFusionError
-from nitrofusion.pairs import verify_and_repair
 from nitrofusion.training import distill
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "nitrofusion"

@@ -86,7 +86,7 @@ def test_training_x0_is_the_one_step_sample(mini_adapter):
     ab = mini_adapter.alphas_cumprod[t_s]
     assert t_s == 249
     torch.testing.assert_close(x0, (x_T - (1 - ab).sqrt() * eps) / ab.sqrt())
-    from nitrofusion.sampling import generate
+    from nitrofusion.sampling.student import generate
 
     torch.testing.assert_close(generate(mini_adapter, unet, x_T, cond, 1, 250), x0, rtol=1e-5, atol=1e-5)
 

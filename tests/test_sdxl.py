@@ -11,7 +11,7 @@ from nitrofusion.adapters.sdxl import SDXLAdapter, SDXLConfig
 from nitrofusion.cli import main
 from nitrofusion.errors import NitroFusionError
 from nitrofusion.method.backbone import UNetBackbone, level_channels
-from nitrofusion.teachers import SamplerSpec
+from nitrofusion.sampling.teacher import SamplerSpec
 from nitrofusion.testing import build_sdxl_unet
 
 
@@ -61,7 +61,7 @@ def test_prompt_encoding_matches_the_stock_pipeline(sdxl_adapter, tiny_sdxl):
 def test_teacher_samplers_match_diffusers_on_the_same_noise(sdxl_adapter, tiny_sdxl, spec, scheduler, kwargs):
     import diffusers
 
-    from nitrofusion.teachers import _scheduler
+    from nitrofusion.sampling.teacher import _scheduler
 
     pipe = _pipe(tiny_sdxl)
     # the pipeline gets the very scheduler our spec builds (DDIM without alpha-to-one, DPM++ 2M to sigma 0)
@@ -168,7 +168,7 @@ def test_sdxl_distillation_variants_run(tiny_sdxl, prompt_file, tmp_path, sets):
 
 
 def test_streamed_pairs_equal_pairs_in_memory(sdxl_adapter, tmp_path):
-    from nitrofusion.pairs import generate_pairs, load_pairs
+    from nitrofusion.data.pairs import generate_pairs, load_pairs
 
     generate_pairs(sdxl_adapter, ["a cat", "a dog"], 6, 0, tmp_path, shard_size=4, batch_size=4, progress=False)
     mem, lazy = load_pairs(tmp_path), load_pairs(tmp_path, in_memory=False)
@@ -178,8 +178,8 @@ def test_streamed_pairs_equal_pairs_in_memory(sdxl_adapter, tmp_path):
 
 
 def test_pair_generation_sharded_over_processes_equals_one_process(sdxl_adapter, tmp_path):
-    from nitrofusion.pairs import generate_pairs, load_pairs, write_index_file
-    from nitrofusion.prompts import open_prompts
+    from nitrofusion.data.pairs import generate_pairs, load_pairs, write_index_file
+    from nitrofusion.data.prompts import open_prompts
 
     source = tmp_path / "p.txt"
     source.write_text("".join(f"prompt number {i}\n" for i in range(7)))

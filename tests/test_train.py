@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from nitrofusion.cli import main
-from nitrofusion.pairs import PairLoader, load_pairs, verify_and_repair
+from nitrofusion.data.pairs import PairLoader, load_pairs, verify_and_repair
 from nitrofusion.training import distill
 
 
@@ -43,7 +43,7 @@ def test_corrupt_pair_shard_is_detected_and_regenerated(mini_adapter, tmp_path):
 
 
 def test_loader_order_is_a_function_of_position():
-    from nitrofusion.pairs import Pairs
+    from nitrofusion.data.pairs import Pairs
 
     pairs = Pairs(torch.arange(10.0).view(10, 1), torch.zeros(10, 1), [str(i) for i in range(10)])
     a = PairLoader(pairs, 3, seed=0)

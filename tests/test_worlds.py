@@ -4,8 +4,8 @@ world refuses the options that do not apply to its models in one line."""
 import pytest
 
 from nitrofusion.cli import main
+from nitrofusion.data.pairs import verify_and_repair
 from nitrofusion.errors import NitroFusionError
-from nitrofusion.pairs import verify_and_repair
 from nitrofusion.training import distill
 from nitrofusion.worlds import GenerateOptions, registered, world_named, world_of_config, world_of_model
 

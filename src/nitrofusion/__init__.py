@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Lazy: importing the package must stay cheap for the CLI's --help.
     if name == "TimestepShiftLCMScheduler":
-        from .schedulers import TimestepShiftLCMScheduler
+        from .sampling.scheduler import TimestepShiftLCMScheduler
 
         return TimestepShiftLCMScheduler
     if name == "load_pipeline":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from . import config as config_lib
+from .data.real_data import training_source
 from .distill_config import DistillConfig
 from .errors import NitroFusionError
 from .generate import load_mini_student
@@ -22,7 +23,6 @@ from .io import atomic_write_json, atomic_write_text
 from .mini.evaluation import MiniEvaluation
 from .mini.metrics import MiniMetrics
 from .mini.pairsets import held_out_pairs, training_pairs
-from .real_data import training_source
 from .training import distill
 from .worlds import world_of_config
 

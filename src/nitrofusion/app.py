@@ -16,7 +16,7 @@ from PIL import Image
 
 from .errors import NitroFusionError, describe
 from .pipeline import check_seed
-from .sampling import check_steps
+from .sampling.student import check_steps
 
 Generate = Callable[[str, int, int], Image.Image]
 

@@ -22,6 +22,8 @@ import torch
 from . import config as config_lib
 from . import threads
 from .adapters.mini import MiniAdapter
+from .data.pairs import drop_corrupt_shards, load_pairs, pair_inputs, write_index_file
+from .data.real_data import training_source
 from .distill_config import DistillConfig
 from .helper import Helper, Inline, start_helper
 from .io import atomic_write_json, atomic_write_text
@@ -30,8 +32,6 @@ from .mini.data import class_prompts
 from .mini.evaluation import MiniEvaluation, per_class
 from .mini.metrics import MiniMetrics
 from .mini.pairsets import EVAL_SEED_OFFSET, held_out_pairs, pair_dir
-from .pairs import drop_corrupt_shards, load_pairs, pair_inputs, write_index_file
-from .real_data import training_source
 from .training import distill
 from .viz import plot_curves, save_grid
 from .worlds import world_of_config

@@ -87,9 +87,9 @@ def evaluate_sdxl(model: str, steps: list[int], out: Path, prompts: str = "", co
                   batch_size: int = 4, device: str = "cpu", dtype: str | None = None, progress: bool = True) -> dict:
     """Real-model metrics (real_metrics.py) of an SDXL student at each step count, on a prompt file or the
     COCO-5k captions (docs/method.md §6); one image per prompt, image i seeded seed + i, no CFG."""
+    from .data.prompts import open_prompts
     from .io import disk_errors
     from .pipeline import generate_images, load_pipeline
-    from .prompts import open_prompts
     from .real_metrics import RealMetrics, RealMetricsConfig, evaluate_images, load_caption_pairs, write_caption_pairs
 
     if any(not 1 <= s <= 4 for s in steps):

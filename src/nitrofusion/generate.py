@@ -13,8 +13,8 @@ from .adapters.mini import MiniAdapter
 from .errors import NitroFusionError
 from .mini.models import MiniUNetConfig
 from .mini.teacher import MiniTeacher
-from .sampling import generate
-from .teachers import SamplerSpec
+from .sampling.student import generate
+from .sampling.teacher import SamplerSpec
 
 
 def student_folder(path: Path) -> Path:

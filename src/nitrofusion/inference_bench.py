@@ -17,7 +17,7 @@ import torch
 
 from .bench import _sync
 from .fast import make_fast
-from .sampling import shifted_scheduler
+from .sampling.student import shifted_scheduler
 from .testing import build_sdxl_components
 
 RESOLUTIONS = {"full": (1024, 512), "tiny": (64, 32)}

@@ -25,7 +25,7 @@ import torch
 from .architectures import check_family, is_lora
 from .dtypes import safetensors_dtype
 from .errors import NitroFusionError, describe
-from .sampling import check_steps
+from .sampling.student import check_steps
 from .unet_weights import check_same_layout, read_weights_file
 
 SHIFT_BY_NAME = {"realism": 250, "vibrant": 500}  # the released NitroSD-Realism / -Vibrant (docs/method.md §2.3)
@@ -258,8 +258,8 @@ def guess_shift(ref: ModelRef) -> int:
 
 
 def load_scheduler(ref: ModelRef, shift: int | None = None):
-    from .sampling import shifted_scheduler
-    from .schedulers import TimestepShiftLCMScheduler
+    from .sampling.scheduler import TimestepShiftLCMScheduler
+    from .sampling.student import shifted_scheduler
 
     if shift is not None and not 1 <= shift <= 1000:
         raise NitroFusionError(f"--shift must be in 1..1000 (got {shift})")

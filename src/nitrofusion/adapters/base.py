@@ -10,8 +10,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ..sampling.teacher import Predict, SamplerSpec, sample
 from ..student import base_only
-from ..teachers import Predict, SamplerSpec, sample
 
 Cond = dict[str, torch.Tensor]
 

@@ -8,7 +8,7 @@ from diffusers import DDPMScheduler
 from ..mini import text
 from ..mini.data import class_prompts
 from ..mini.teacher import MiniTeacher
-from ..schedulers import config_for
+from ..sampling.scheduler import config_for
 from .base import Cond, ModelAdapter
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ..config import ranged
 from ..errors import ConfigError
-from ..sampler_spec import SamplerSpec
+from ..sampling.spec import SamplerSpec
 
 
 @dataclass

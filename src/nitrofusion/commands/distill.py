@@ -13,8 +13,8 @@ def cmd_distill(args) -> None:
     if not args.resume and any((Path(args.out) / "checkpoints").glob("step-*")):
         raise NitroFusionError(f"{args.out} already holds a run (checkpoints/); add --resume to continue it or "
                                "choose a new --out")
-    from ..pair_cache import process_state, training_data
-    from ..real_data import training_source
+    from ..data.pair_cache import process_state, training_data
+    from ..data.real_data import training_source
     from ..training import check_student, distill, ensure_writable, read_student_init
     from ..worlds import world_of_config
 

@@ -9,8 +9,8 @@ from .common import distill_config, model_args
 def cmd_pairs(args) -> None:
     extra = [f"pairs.dir={args.out}"] if args.out else []  # the folder `distill --set pairs.dir=...` reads
     cfg = distill_config(args, model_args(args) + extra)
-    from ..pair_cache import process_state, training_data
-    from ..pairs import load_pairs
+    from ..data.pair_cache import process_state, training_data
+    from ..data.pairs import load_pairs
     from ..worlds import world_of_config
 
     if cfg.pairs.online:

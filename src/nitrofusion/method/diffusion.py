@@ -1,7 +1,7 @@
 """The diffusion arithmetic the method uses, in one place (docs/method.md §2.3-2.4): the forward process
 q(x_t | x0), x0 from a model output, and the timestep shift that conditions the student.
 
-The released scheduler (schedulers.py) computes the same shift as `(t * s / N).long()` in float; for the
+The released scheduler (sampling/scheduler.py) computes the same shift as `(t * s / N).long()` in float; for the
 integer timesteps it sees that equals the floor below, which tests/test_scheduler.py checks on every t.
 """
 

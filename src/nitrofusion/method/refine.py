@@ -4,7 +4,7 @@ The paper trains "for one step" and lets more steps refine "bottom-up". With the
 refinement step sees an input the one-step objective never trained: the previous x0 re-noised with
 fresh noise to the next UNSHIFTED grid timestep t (749, 499, 249), while the UNet is conditioned on the
 SHIFTED t' = floor(t * s / N) and x0 is read with alpha_bar[t'] (the released scheduler's rule, see
-schedulers.py). This stage trains exactly that call. With probability p a sample's student input is
+sampling/scheduler.py). This stage trains exactly that call. With probability p a sample's student input is
 made by backward simulation, as in DMD2 (Yin et al. 2024): run the student itself, without gradient,
 along the grid 999 -> t_1 -> ... -> t_k (x0, fresh noise, next t), then train the step at t_k with the
 same adversarial loss against the same real sample. p = 0 is the one-step method bit for bit.

@@ -11,8 +11,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ..adapters.mini import MiniAdapter
+from ..data.pairs import generate_pairs
 from ..distill_config import PairsConfig
-from ..pairs import generate_pairs
 from .data import class_prompts
 from .evaluation import MiniEvaluation, per_class
 from .metrics import MiniMetrics

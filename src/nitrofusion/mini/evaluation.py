@@ -8,8 +8,8 @@ import dataclasses
 import torch
 
 from ..adapters.mini import MiniAdapter
-from ..pairs import PairInputs, Pairs
-from ..sampling import generate
+from ..data.pairs import PairInputs, Pairs
+from ..sampling.student import generate
 from .data import class_prompts
 from .metrics import MiniMetrics
 

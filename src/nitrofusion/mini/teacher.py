@@ -18,7 +18,7 @@ from .. import config as config_lib
 from .. import threads
 from ..errors import NitroFusionError
 from ..io import atomic_write_text
-from ..teachers import SamplerSpec
+from ..sampling.teacher import SamplerSpec
 from . import data, text
 from .config import TeacherTrainConfig  # noqa: F401 - re-exported
 from .models import MiniUNetConfig, build_noise_scheduler, build_unet

@@ -23,6 +23,8 @@ from .. import config as config_lib
 from .. import faults, threads
 from .. import student as student_lib
 from ..adapters.base import ModelAdapter, cond_to
+from ..data.pair_cache import use_cpu
+from ..data.pairs import MixedPairs, OnlinePairs, Pairs, ShardedPairs, make_loader
 from ..distill_config import DistillConfig
 from ..dtypes import mixed_precision_dtype
 from ..errors import NitroFusionError
@@ -30,9 +32,7 @@ from ..io import atomic_write_text, disk_errors
 from ..method.backbone import UNetBackbone
 from ..method.pool import HeadPool
 from ..method.step import AdversarialStep
-from ..pair_cache import use_cpu
-from ..pairs import MixedPairs, OnlinePairs, Pairs, ShardedPairs, make_loader
-from ..sampling import shifted_scheduler
+from ..sampling.student import shifted_scheduler
 from .build import build_student
 from .optim import EMA, adamw
 from .state import TrainState

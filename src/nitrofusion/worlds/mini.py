@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from ..adapters.base import ModelAdapter
+from ..data.pairs import Prompts
 from ..distill_config import DistillConfig
-from ..pairs import Prompts
 from .base import Evaluator, GenerateOptions, LiveGenerator, World
 
 
@@ -40,11 +40,11 @@ class MiniWorld(World):
         held-out set `evaluate` and the demo score on; no teacher samples needed)."""
         if not cfg.eval_every_images:
             return None
+        from ..data.pairs import pair_inputs
         from ..mini.data import class_prompts
         from ..mini.evaluation import MiniEvaluation
         from ..mini.metrics import MiniMetrics
         from ..mini.pairsets import EVAL_SEED_OFFSET
-        from ..pairs import pair_inputs
 
         inputs = pair_inputs(adapter, class_prompts(), cfg.eval_samples, cfg.pairs.seed + EVAL_SEED_OFFSET,
                              cfg.pairs.shard_size)
@@ -73,7 +73,7 @@ class MiniWorld(World):
                                                                                                list[str]]:
         from ..generate import load_mini_student
         from ..mini.data import class_prompts
-        from ..sampling import generate
+        from ..sampling.student import generate
 
         self.check_options(model, options)
         adapter, unet, shift = load_mini_student(model)

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from ..adapters.base import ModelAdapter
+from ..data.pairs import Prompts
 from ..distill_config import DistillConfig
 from ..errors import NitroFusionError
-from ..pairs import Prompts
 from .base import GenerateOptions, LiveGenerator, World
 
 EXAMPLES = ["a photo of a red fox in the snow", "an oil painting of a lighthouse at dusk"]
@@ -27,7 +27,7 @@ class SDXLWorld(World):
         return SDXLAdapter(cfg.teacher, cfg.sdxl)
 
     def prompts(self, cfg: DistillConfig, verbose: bool = True) -> Prompts:
-        from ..prompts import open_prompts
+        from ..data.prompts import open_prompts
 
         if not cfg.prompts.source:
             raise NitroFusionError("world 'sdxl' needs prompts: --prompts FILE (.txt, .csv, .jsonl, a datasets "

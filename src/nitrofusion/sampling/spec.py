@@ -1,12 +1,12 @@
-"""A teacher sampler named in a config (SamplerSpec); torch-free, so configs check fast (teachers.py runs it)."""
+"""A teacher sampler named in a config (SamplerSpec); torch-free, so configs check fast (teacher.py runs it)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from .config import ranged
-from .errors import ConfigError
+from ..config import ranged
+from ..errors import ConfigError
 
 
 @dataclass

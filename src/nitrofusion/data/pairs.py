@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from . import faults
-from .adapters.base import ModelAdapter
-from .errors import NitroFusionError
-from .io import atomic_save_safetensors, atomic_write_json, cache_dir, disk_errors
-from .prompts import PromptSource
+from .. import faults
+from ..adapters.base import ModelAdapter
+from ..data.prompts import PromptSource
+from ..errors import NitroFusionError
+from ..io import atomic_save_safetensors, atomic_write_json, cache_dir, disk_errors
 
 META = "pairs.json"
 Prompts = list[str] | PromptSource

@@ -18,7 +18,7 @@ from itertools import islice
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import ConfigError, NitroFusionError
+from ..errors import ConfigError, NitroFusionError
 
 DEFAULT_COLUMNS = ("prompt", "caption", "text")
 # A line this many bytes long can't be a prompt of max_chars characters (UTF-8: at most 4 bytes each, plus

@@ -6,10 +6,10 @@ from typing import Literal
 
 import torch
 
-from .adapters.base import Cond, ModelAdapter
-from .errors import NitroFusionError
-from .schedulers import TimestepShiftLCMScheduler, config_for
-from .teachers import SamplerSpec, sample
+from ..adapters.base import Cond, ModelAdapter
+from ..errors import NitroFusionError
+from ..sampling.scheduler import TimestepShiftLCMScheduler, config_for
+from ..sampling.teacher import SamplerSpec, sample
 
 
 def shifted_scheduler(scheduler_config: dict, shift: int) -> TimestepShiftLCMScheduler:
@@ -36,7 +36,7 @@ def generate(adapter: ModelAdapter, unet: torch.nn.Module, x_T: torch.Tensor, co
     check_steps(steps)
     sched = shifted_scheduler(adapter.scheduler_config, shift)
     sched.set_timesteps(steps, device=x_T.device)
-    if renoise == "shifted":  # the x0-renoise sampler (teachers.py) on the shifted grid, with the student
+    if renoise == "shifted":  # the x0-renoise sampler (teacher.py) on the shifted grid, with the student
         grid = sched.timesteps.tolist()
         spec = SamplerSpec(name="x0-renoise", steps=len(grid), timesteps=grid, guidance_scale=0.0)
         predict = adapter.guided_predict(unet, cond, 0.0)

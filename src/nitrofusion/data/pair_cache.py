@@ -13,10 +13,8 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from .adapters.base import ModelAdapter
-from .distill_config import DistillConfig, PairsConfig
-from .dtypes import mixed_precision_dtype, torch_dtype
-from .pairs import (
+from ..adapters.base import ModelAdapter
+from ..data.pairs import (
     OnlinePairs,
     Pairs,
     Prompts,
@@ -27,6 +25,8 @@ from .pairs import (
     pair_dir,
     write_index_file,
 )
+from ..distill_config import DistillConfig, PairsConfig
+from ..dtypes import mixed_precision_dtype, torch_dtype
 
 
 def use_cpu() -> bool:
@@ -58,7 +58,7 @@ def training_data(cfg: DistillConfig, adapter: ModelAdapter, state: PartialState
     """The teacher pairs of a run: online, or the cache (`teacher_pairs`)."""
     state = state or process_state()
     if prompts is None:
-        from .worlds import world_of_config
+        from ..worlds import world_of_config
 
         prompts = world_of_config(cfg).prompts(cfg, verbose=state.is_main_process)
     if cfg.pairs.online:

@@ -16,10 +16,10 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 
-from .errors import ConfigError
-from .method.diffusion import add_noise, x0_from_output
-from .sampler_spec import ALIASES, SamplerSpec, _is_scheduler_class  # noqa: F401 - re-exported
-from .schedulers import config_for
+from ..errors import ConfigError
+from ..method.diffusion import add_noise, x0_from_output
+from ..sampling.scheduler import config_for
+from ..sampling.spec import ALIASES, SamplerSpec, _is_scheduler_class  # noqa: F401 - re-exported
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
