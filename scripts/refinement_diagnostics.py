@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from nitrofusion import checkpoint as ckpt
-from nitrofusion.adapters.mini import MiniAdapter
 from nitrofusion.distill_config import PairsConfig
-from nitrofusion.generate import load_mini_student
-from nitrofusion.mini.evaluation import MiniEvaluation
-from nitrofusion.mini.metrics import MiniMetrics
-from nitrofusion.mini.pairsets import held_out_pairs
-from nitrofusion.mini.teacher import load_teacher
+from nitrofusion.worlds.mini.adapter import MiniAdapter
+from nitrofusion.worlds.mini.evaluation import MiniEvaluation
+from nitrofusion.worlds.mini.generate import load_mini_student
+from nitrofusion.worlds.mini.metrics import MiniMetrics
+from nitrofusion.worlds.mini.pairsets import held_out_pairs
+from nitrofusion.worlds.mini.teacher import load_teacher
 
 SETTINGS = (("ema", "unshifted"), ("raw", "unshifted"), ("ema", "shifted"))
 

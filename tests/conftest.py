@@ -24,9 +24,9 @@ def _fresh_accelerate_state():
 
 @pytest.fixture(scope="session")
 def tiny_teacher(_cache_dir):
-    from nitrofusion.mini.models import MiniUNetConfig, build_noise_scheduler, build_unet
-    from nitrofusion.mini.teacher import MiniTeacher
     from nitrofusion.sampling.teacher import SamplerSpec
+    from nitrofusion.worlds.mini.models import MiniUNetConfig, build_noise_scheduler, build_unet
+    from nitrofusion.worlds.mini.teacher import MiniTeacher
 
     torch.manual_seed(0)
     model = MiniUNetConfig(block_out_channels=[16, 16, 32], norm_num_groups=8)
@@ -37,7 +37,7 @@ def tiny_teacher(_cache_dir):
 
 @pytest.fixture(scope="session")
 def mini_adapter(tiny_teacher):
-    from nitrofusion.adapters.mini import MiniAdapter
+    from nitrofusion.worlds.mini.adapter import MiniAdapter
 
     return MiniAdapter(tiny_teacher)
 
@@ -56,14 +56,14 @@ def tiny_cfg():
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
     """A random-weight SDXL pipeline folder (3-block SDXL layout, offline tokenizers)."""
-    from nitrofusion.testing import build_random_sdxl
+    from nitrofusion.worlds.sdxl.testing import build_random_sdxl
 
     return build_random_sdxl(tmp_path_factory.mktemp("sdxl") / "pipe", "tiny", seed=0)
 
 
 @pytest.fixture(scope="session")
 def sdxl_adapter(tiny_sdxl):
-    from nitrofusion.adapters.sdxl import SDXLAdapter, SDXLConfig
+    from nitrofusion.worlds.sdxl.adapter import SDXLAdapter, SDXLConfig
 
     return SDXLAdapter(tiny_sdxl, SDXLConfig(resolution=64))
 

@@ -3,8 +3,8 @@ are measurements, so the test checks their presence and sanity, never a time lim
 
 import json
 
-from nitrofusion.bench import format_table, run_bench
 from nitrofusion.cli import main
+from nitrofusion.worlds.sdxl.bench import format_table, run_bench
 
 
 def test_bench_measures_every_stage_of_an_sdxl_iteration():
@@ -27,9 +27,9 @@ def test_bench_cli_writes_json(tmp_path, capsys):
 
 
 def test_lora_parameter_count_of_the_memory_model_is_peft_s(tiny_cfg):
-    from nitrofusion.memory import _lora_parameters
     from nitrofusion.student import add_lora, trainable_state
-    from nitrofusion.testing import build_sdxl_unet
+    from nitrofusion.worlds.sdxl.memory import _lora_parameters
+    from nitrofusion.worlds.sdxl.testing import build_sdxl_unet
 
     unet = build_sdxl_unet("tiny")
     cfg = tiny_cfg("student.kind=lora", "student.rank=3")
@@ -41,7 +41,7 @@ def test_lora_parameter_count_of_the_memory_model_is_peft_s(tiny_cfg):
 def test_saved_bytes_counts_what_autograd_keeps_once_and_not_the_weights():
     import torch
 
-    from nitrofusion.memory import CheckpointCounter, SavedBytes
+    from nitrofusion.worlds.sdxl.memory import CheckpointCounter, SavedBytes
 
     lin1, lin2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
     exclude = {p.untyped_storage()._cdata for p in (*lin1.parameters(), *lin2.parameters())}

@@ -3,7 +3,7 @@ import pytest
 from nitrofusion import config
 from nitrofusion.distill_config import DistillConfig
 from nitrofusion.errors import ConfigError
-from nitrofusion.mini.teacher import TeacherTrainConfig
+from nitrofusion.worlds.mini.teacher import TeacherTrainConfig
 
 
 def test_presets_load_and_validate():

@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from nitrofusion.errors import NitroFusionError
-from nitrofusion.mini import data
+from nitrofusion.worlds.mini import data
 
 
 def test_loads_and_normalises():

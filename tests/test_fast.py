@@ -9,8 +9,8 @@ import torch
 
 from nitrofusion.cli import main
 from nitrofusion.errors import NitroFusionError
-from nitrofusion.fast import compile_problem, make_fast
-from nitrofusion.pipeline import image_generators, load_pipeline
+from nitrofusion.worlds.sdxl.fast import compile_problem, make_fast
+from nitrofusion.worlds.sdxl.pipeline import image_generators, load_pipeline
 
 PROMPTS = ["a red cat", "a photo of a dog"]
 
@@ -49,7 +49,7 @@ def test_fp16_fast_path_decodes_in_fp32(tiny_sdxl):
 
 
 def test_compile_falls_back_to_eager_in_one_line(tiny_sdxl, monkeypatch):
-    import nitrofusion.fast as fast_mod
+    import nitrofusion.worlds.sdxl.fast as fast_mod
 
     monkeypatch.setattr(fast_mod, "compile_problem", lambda *a: "no C++ compiler")
     pipe = load_pipeline(tiny_sdxl, shift=250)
@@ -105,7 +105,7 @@ def test_a_wrong_vae_folder_is_one_line(tiny_sdxl, tmp_path, capsys, which, need
 
 
 def test_inference_bench_compares_stock_and_fast_in_one_run():
-    from nitrofusion.inference_bench import format_inference, run_inference_bench
+    from nitrofusion.worlds.sdxl.inference_bench import format_inference, run_inference_bench
 
     # backend "eager": dynamo's capture alone, so every shape's (re)compilation costs little on a CPU
     result = run_inference_bench("tiny", "cpu", iters=1, warmup=0, backend="eager", progress=lambda _: None)

@@ -6,12 +6,12 @@ import torch
 
 from nitrofusion.distill_config import PairsConfig
 from nitrofusion.helper import Helper, Inline, start_helper
-from nitrofusion.mini import demo_jobs
+from nitrofusion.worlds.mini import demo_jobs
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tiny_teacher, tmp_path_factory):
-    from nitrofusion.mini.teacher import TeacherTrainConfig, save_teacher
+    from nitrofusion.worlds.mini.teacher import TeacherTrainConfig, save_teacher
 
     out = tmp_path_factory.mktemp("teacher")
     save_teacher(tiny_teacher.unet, TeacherTrainConfig(model=tiny_teacher.model, sampler=tiny_teacher.sampler),
@@ -33,10 +33,10 @@ def test_inline_delivers_errors_through_the_future():
 
 
 def test_pair_shards_split_over_two_processes_equal_one_process(teacher_dir, tmp_path):
-    from nitrofusion.adapters.mini import MiniAdapter
     from nitrofusion.data.pairs import load_pairs, pair_inputs, write_index_file
-    from nitrofusion.mini.data import class_prompts
-    from nitrofusion.mini.teacher import load_teacher
+    from nitrofusion.worlds.mini.adapter import MiniAdapter
+    from nitrofusion.worlds.mini.data import class_prompts
+    from nitrofusion.worlds.mini.teacher import load_teacher
 
     adapter = MiniAdapter(load_teacher(teacher_dir))
     one, two = tmp_path / "one", tmp_path / "two"

@@ -19,14 +19,14 @@ LORA = ("student.kind=lora", "student.rank=4", "student_optim.lr=1e-3")
 @pytest.fixture()
 def adapter(tiny_teacher):
     """A private teacher: these tests add adapters to it."""
-    from nitrofusion.adapters.mini import MiniAdapter
+    from nitrofusion.worlds.mini.adapter import MiniAdapter
 
     return MiniAdapter(copy.deepcopy(tiny_teacher))
 
 
 @pytest.fixture(scope="module")
 def pairs(tiny_teacher, tmp_path_factory):
-    from nitrofusion.adapters.mini import MiniAdapter
+    from nitrofusion.worlds.mini.adapter import MiniAdapter
 
     prompts = ["a photo of a bag", "a photo of a sandal", "a photo of a trouser"]
     return verify_and_repair(MiniAdapter(tiny_teacher), prompts, 16, 0, tmp_path_factory.mktemp("pairs"),
@@ -195,9 +195,9 @@ def test_lora_export_is_the_training_time_student_bitwise(lora_run, tiny_sdxl, t
     from diffusers import StableDiffusionXLPipeline
 
     from nitrofusion import config
-    from nitrofusion.adapters.sdxl import SDXLAdapter
     from nitrofusion.distill_config import DistillConfig
     from nitrofusion.student import load_trainable_state
+    from nitrofusion.worlds.sdxl.adapter import SDXLAdapter
 
     out = tmp_path / "lora"
     assert main(["export", str(lora_run), "--format", "lora", "--out", str(out)]) == 0
@@ -247,10 +247,10 @@ def test_on_a_fused_teacher_lora_the_student_is_both_loras_stacked(tiny_sdxl, tm
     from peft.utils import get_peft_model_state_dict
 
     from nitrofusion import config
-    from nitrofusion.adapters.sdxl import SDXLAdapter
     from nitrofusion.distill_config import DistillConfig
     from nitrofusion.student import load_trainable_state
-    from nitrofusion.testing import build_sdxl_unet
+    from nitrofusion.worlds.sdxl.adapter import SDXLAdapter
+    from nitrofusion.worlds.sdxl.testing import build_sdxl_unet
 
     unet = build_sdxl_unet("tiny", seed=1)  # the folder's UNet, with a random "Hyper-SDXL" LoRA
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,

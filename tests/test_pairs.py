@@ -8,7 +8,7 @@ def test_another_shard_size_is_another_pair_set(mini_adapter, tmp_path):
     an explicit folder written with another shard size is refused with the fix."""
     from nitrofusion.data.pairs import cache_key, generate_pairs, pair_dir
     from nitrofusion.errors import NitroFusionError
-    from nitrofusion.mini.data import class_prompts
+    from nitrofusion.worlds.mini.data import class_prompts
 
     prompts = class_prompts()
     assert cache_key(mini_adapter, prompts, 40, 0, 1000) != cache_key(mini_adapter, prompts, 40, 0, 20)

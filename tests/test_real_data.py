@@ -14,7 +14,7 @@ from nitrofusion.method.losses import r1_penalty
 
 
 def test_mini_real_rows_are_fashion_mnist_with_their_class_prompts(mini_adapter):
-    from nitrofusion.mini.data import class_prompts, load_split
+    from nitrofusion.worlds.mini.data import class_prompts, load_split
 
     pairs = mini_real_pairs(mini_adapter, count=50, seed=0)
     images, labels = load_split("train", 16)

@@ -21,7 +21,7 @@ def tiny_clip(tmp_path_factory) -> Path:
     """A random CLIPModel + CLIPProcessor folder (32 px images, character-level offline tokenizer)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from nitrofusion.testing import BOS, EOS, write_tokenizer
+    from nitrofusion.worlds.sdxl.testing import BOS, EOS, write_tokenizer
 
     folder = tmp_path_factory.mktemp("clip")
     vocab = write_tokenizer(folder)

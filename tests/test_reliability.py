@@ -91,7 +91,7 @@ def test_resume_continues_the_runs_own_config_and_refuses_other_shapes(tmp_path,
     (["classifier", "--out", "x", "--replace-shipped"], "give either --out DIR or --replace-shipped"),
 ])
 def test_shipped_assets_are_only_replaced_when_asked(argv, needle, capsys, tmp_path, monkeypatch):
-    from nitrofusion.mini.metrics import CLASSIFIER_FILE
+    from nitrofusion.worlds.mini.metrics import CLASSIFIER_FILE
 
     before = CLASSIFIER_FILE.stat().st_mtime_ns
     monkeypatch.chdir(tmp_path)

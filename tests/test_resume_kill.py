@@ -24,7 +24,7 @@ def _final(run):
 
 
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_teacher, tmp_path):
-    from nitrofusion.mini.teacher import TeacherTrainConfig, save_teacher
+    from nitrofusion.worlds.mini.teacher import TeacherTrainConfig, save_teacher
 
     teacher_dir = tmp_path / "teacher"
     save_teacher(tiny_teacher.unet, TeacherTrainConfig(model=tiny_teacher.model, sampler=tiny_teacher.sampler),
@@ -61,7 +61,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_teacher, tmp_path)
 @pytest.fixture(scope="module")
 def tiny_setup(tiny_teacher, tmp_path_factory):
     """A saved tiny teacher and an uninterrupted run of 4 optimiser steps to compare against."""
-    from nitrofusion.mini.teacher import TeacherTrainConfig, save_teacher
+    from nitrofusion.worlds.mini.teacher import TeacherTrainConfig, save_teacher
 
     root = tmp_path_factory.mktemp("kill-points")
     save_teacher(tiny_teacher.unet, TeacherTrainConfig(model=tiny_teacher.model, sampler=tiny_teacher.sampler),

@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nitrofusion.adapters.sdxl import SDXLAdapter, SDXLConfig
 from nitrofusion.cli import main
 from nitrofusion.errors import NitroFusionError
 from nitrofusion.method.backbone import UNetBackbone, level_channels
 from nitrofusion.sampling.teacher import SamplerSpec
-from nitrofusion.testing import build_sdxl_unet
+from nitrofusion.worlds.sdxl.adapter import SDXLAdapter, SDXLConfig
+from nitrofusion.worlds.sdxl.testing import build_sdxl_unet
 
 
 def _pipe(folder):
@@ -230,8 +230,8 @@ def test_unused_downloaded_weights_are_never_unpickled(tmp_path):
 def test_a_truncated_unet_download_is_one_line(tiny_sdxl, tmp_path):
     import shutil
 
-    from nitrofusion.adapters.sdxl import SDXLAdapter, SDXLConfig
     from nitrofusion.errors import NitroFusionError
+    from nitrofusion.worlds.sdxl.adapter import SDXLAdapter, SDXLConfig
 
     broken = tmp_path / "pipe"
     shutil.copytree(tiny_sdxl, broken)

@@ -64,7 +64,7 @@ def test_distill_smoke_writes_a_loadable_student(mini_adapter, tiny_pairs, tiny_
     for task in ("global_cond", "local_cond", "local_uncond"):
         assert f"{task}/loss_d" in log[0] and f"{task}/d_fake" in log[0]
     assert (tmp_path / "config.yaml").exists() and (tmp_path / "student" / "unet" / "config.json").exists()
-    from nitrofusion.generate import generate_images
+    from nitrofusion.worlds.mini.generate import generate_images
 
     a = generate_images(tmp_path, ["a photo of a bag", "a photo of a coat"], 2, seed=3)
     b = generate_images(tmp_path, ["a photo of a bag", "a photo of a coat"], 2, seed=3)
@@ -179,7 +179,7 @@ def test_mini_generate_writes_prompt_chunks_and_seeds_each_image(mini_adapter, t
                                                                  capsys):
     from PIL import Image
 
-    from nitrofusion.generate import generate_images
+    from nitrofusion.worlds.mini.generate import generate_images
 
     distill(tiny_cfg(), mini_adapter, tiny_pairs, tmp_path / "run", progress=False)
     both = generate_images(tmp_path / "run", ["a photo of a bag", "a photo of a coat"], 2, seed=5)

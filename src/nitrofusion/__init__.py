@@ -10,7 +10,7 @@ def __getattr__(name: str):
 
         return TimestepShiftLCMScheduler
     if name == "load_pipeline":
-        from .pipeline import load_pipeline
+        from .worlds.sdxl.pipeline import load_pipeline
 
         return load_pipeline
     if name == "SchedulerMixin":

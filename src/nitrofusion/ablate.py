@@ -18,13 +18,13 @@ from . import config as config_lib
 from .data.real_data import training_source
 from .distill_config import DistillConfig
 from .errors import NitroFusionError
-from .generate import load_mini_student
 from .io import atomic_write_json, atomic_write_text
-from .mini.evaluation import MiniEvaluation
-from .mini.metrics import MiniMetrics
-from .mini.pairsets import held_out_pairs, training_pairs
 from .training import distill
 from .worlds import world_of_config
+from .worlds.mini.evaluation import MiniEvaluation
+from .worlds.mini.generate import load_mini_student
+from .worlds.mini.metrics import MiniMetrics
+from .worlds.mini.pairsets import held_out_pairs, training_pairs
 
 # name -> (distill preset, overrides, what it changes). PAPER: the paper's ablation (the default set);
 # the rest test explanations of how the pool and the multi-step stage behave (issue-driven studies).

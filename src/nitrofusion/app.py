@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from .errors import NitroFusionError, describe
-from .pipeline import check_seed
 from .sampling.student import check_steps
+from .worlds.sdxl.pipeline import check_seed
 
 Generate = Callable[[str, int, int], Image.Image]
 

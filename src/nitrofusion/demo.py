@@ -21,20 +21,20 @@ import torch
 
 from . import config as config_lib
 from . import threads
-from .adapters.mini import MiniAdapter
 from .data.pairs import drop_corrupt_shards, load_pairs, pair_inputs, write_index_file
 from .data.real_data import training_source
 from .distill_config import DistillConfig
 from .helper import Helper, Inline, start_helper
 from .io import atomic_write_json, atomic_write_text
-from .mini import demo_jobs
-from .mini.data import class_prompts
-from .mini.evaluation import MiniEvaluation, per_class
-from .mini.metrics import MiniMetrics
-from .mini.pairsets import EVAL_SEED_OFFSET, held_out_pairs, pair_dir
 from .training import distill
 from .viz import plot_curves, save_grid
 from .worlds import world_of_config
+from .worlds.mini import demo_jobs
+from .worlds.mini.adapter import MiniAdapter
+from .worlds.mini.data import class_prompts
+from .worlds.mini.evaluation import MiniEvaluation, per_class
+from .worlds.mini.metrics import MiniMetrics
+from .worlds.mini.pairsets import EVAL_SEED_OFFSET, held_out_pairs, pair_dir
 
 STEPS = (1, 2, 3, 4)
 MAIN_STEPS, HELPER_STEPS = (1, 4), (2, 3)  # 5 student calls per sample on each side

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from .adapters.sdxl_config import SDXLConfig
 from .config import ranged
 from .errors import ConfigError
 from .method.config import AdversarialConfig, MultiStepConfig, PoolConfig
+from .worlds.sdxl.config import SDXLConfig
 
 
 @dataclass

@@ -188,7 +188,7 @@ def load_clip(name: str, what: str) -> tuple[nn.Module, Any]:
     """A transformers CLIPModel and its CLIPProcessor from a saved folder, or a hub id on a connected machine."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from .adapters.sdxl import _quiet_transformers
+    from .worlds.sdxl.adapter import _quiet_transformers
 
     try:
         with _quiet_transformers():

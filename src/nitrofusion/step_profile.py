@@ -56,7 +56,7 @@ def _mini_setup(overrides: list[str] | None):
 
 def profile_step(size: str = "mini", device: str | None = None, overrides: list[str] | None = None,
                  steps: int = 3, warmup: int = 1, progress: Callable[[str], None] = print) -> dict:
-    from .bench import bench_device, sdxl_setup
+    from .worlds.sdxl.bench import bench_device, sdxl_setup
 
     device_ = bench_device(size, device)
     if size == "mini":

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architectures import is_lora
 from .errors import NitroFusionError, describe
+from .worlds.sdxl.architectures import is_lora
 
 ADAPTER = "nitrofusion"  # the PEFT adapter name of a LoRA student
 

@@ -7,11 +7,11 @@ from .common import asset_out
 
 def cmd_teacher(args) -> None:
     from .. import config as config_lib
-    from ..mini.config import TeacherTrainConfig
+    from ..worlds.mini.config import TeacherTrainConfig
 
     cfg = config_lib.build(TeacherTrainConfig, "teacher", args.preset or args.default_preset, args.overrides,
                            args.config)
-    from ..mini.teacher import ASSET_TEACHER, train_teacher
+    from ..worlds.mini.teacher import ASSET_TEACHER, train_teacher
 
     out = asset_out(args, ASSET_TEACHER)
     info = train_teacher(cfg, out)
@@ -19,7 +19,7 @@ def cmd_teacher(args) -> None:
 
 
 def cmd_classifier(args) -> None:
-    from ..mini.metrics import ASSET_DIR, train_classifier
+    from ..worlds.mini.metrics import ASSET_DIR, train_classifier
 
     out = asset_out(args, ASSET_DIR)
     info = train_classifier(out, epochs=args.epochs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def cmd_export(args) -> None:
     from ..dtypes import parse_dtype
-    from ..export import export
+    from ..worlds.sdxl.export import export
 
     r = export(args.model, args.format, args.out, base=args.base, shift=args.shift, rank=args.rank,
                dtype=parse_dtype(args.dtype), device=args.device)
@@ -25,7 +25,7 @@ def cmd_export(args) -> None:
 
 def cmd_transfer(args) -> None:
     from ..dtypes import parse_dtype
-    from ..export import transfer
+    from ..worlds.sdxl.export import transfer
 
     r = transfer(args.student, args.base, args.custom, args.out, dtype=parse_dtype(args.dtype))
     print(f"custom + (student - base) over {r['tensors']} tensors written to {r['path']}"

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from ..adapters.base import ModelAdapter
-from ..data.pairs import (
+from ..distill_config import DistillConfig, PairsConfig
+from ..dtypes import mixed_precision_dtype, torch_dtype
+from ..worlds.adapter import ModelAdapter
+from .pairs import (
     OnlinePairs,
     Pairs,
     Prompts,
@@ -25,8 +27,6 @@ from ..data.pairs import (
     pair_dir,
     write_index_file,
 )
-from ..distill_config import DistillConfig, PairsConfig
-from ..dtypes import mixed_precision_dtype, torch_dtype
 
 
 def use_cpu() -> bool:

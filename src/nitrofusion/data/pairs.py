@@ -17,10 +17,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .. import faults
-from ..adapters.base import ModelAdapter
-from ..data.prompts import PromptSource
 from ..errors import NitroFusionError
 from ..io import atomic_save_safetensors, atomic_write_json, cache_dir, disk_errors
+from ..worlds.adapter import ModelAdapter
+from .prompts import PromptSource
 
 META = "pairs.json"
 Prompts = list[str] | PromptSource

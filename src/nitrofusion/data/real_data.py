@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from ..adapters.base import ModelAdapter
-from ..data.pairs import MixedPairs, OnlinePairs, Pairs, ShardedPairs
 from ..errors import NitroFusionError
 from ..io import atomic_save_safetensors, cache_dir, disk_errors
+from ..worlds.adapter import ModelAdapter
+from .pairs import MixedPairs, OnlinePairs, Pairs, ShardedPairs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_KEYS = ("text", "caption", "prompt")
@@ -36,7 +36,7 @@ def _noise(count: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 def mini_real_pairs(adapter: ModelAdapter, count: int = 0, seed: int = 0) -> Pairs:
     """Fashion-MNIST train images (at the teacher's resolution) with their class prompts."""
-    from ..mini.data import class_prompts, load_split
+    from ..worlds.mini.data import class_prompts, load_split
 
     images, labels = load_split("train", adapter.latent_shape()[-1])
     if count:
@@ -101,7 +101,7 @@ def folder_real_pairs(adapter, folder: str | Path, resolution: int, count: int =
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
-    from ..data.pairs import fingerprint
+    from .pairs import fingerprint
 
     items = caption_folder(Path(folder))
     if count:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.base import Cond, ModelAdapter, cond_cat, cond_index
 from ..stopwatch import section
+from ..worlds.adapter import Cond, ModelAdapter, cond_cat, cond_index
 from .backbone import UNetBackbone
 from .config import AdversarialConfig, MultiStepConfig
 from .diffusion import add_noise

@@ -6,10 +6,10 @@ from typing import Literal
 
 import torch
 
-from ..adapters.base import Cond, ModelAdapter
 from ..errors import NitroFusionError
-from ..sampling.scheduler import TimestepShiftLCMScheduler, config_for
-from ..sampling.teacher import SamplerSpec, sample
+from ..worlds.adapter import Cond, ModelAdapter
+from .scheduler import TimestepShiftLCMScheduler, config_for
+from .teacher import SamplerSpec, sample
 
 
 def shifted_scheduler(scheduler_config: dict, shift: int) -> TimestepShiftLCMScheduler:

@@ -18,8 +18,8 @@ from diffusers import (
 
 from ..errors import ConfigError
 from ..method.diffusion import add_noise, x0_from_output
-from ..sampling.scheduler import config_for
-from ..sampling.spec import ALIASES, SamplerSpec, _is_scheduler_class  # noqa: F401 - re-exported
+from .scheduler import config_for
+from .spec import ALIASES, SamplerSpec, _is_scheduler_class  # noqa: F401 - re-exported
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

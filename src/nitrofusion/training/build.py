@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from .. import student as student_lib
-from ..adapters.base import ModelAdapter
 from ..distill_config import DistillConfig
 from ..errors import NitroFusionError, describe
 from ..unet_weights import load_checked
+from ..worlds.adapter import ModelAdapter
 
 
 def read_student_init(cfg: DistillConfig, header_only: bool = False) -> dict[str, torch.Tensor] | None:

@@ -22,7 +22,6 @@ from .. import checkpoint as ckpt
 from .. import config as config_lib
 from .. import faults, threads
 from .. import student as student_lib
-from ..adapters.base import ModelAdapter, cond_to
 from ..data.pair_cache import use_cpu
 from ..data.pairs import MixedPairs, OnlinePairs, Pairs, ShardedPairs, make_loader
 from ..distill_config import DistillConfig
@@ -33,6 +32,7 @@ from ..method.backbone import UNetBackbone
 from ..method.pool import HeadPool
 from ..method.step import AdversarialStep
 from ..sampling.student import shifted_scheduler
+from ..worlds.adapter import ModelAdapter, cond_to
 from .build import build_student
 from .optim import EMA, adamw
 from .state import TrainState
@@ -54,7 +54,7 @@ def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter,
     faults.point("student-save")  # the UNet written, its scheduler not yet
     shifted_scheduler(adapter.scheduler_config, shift).save_pretrained(out / "scheduler")
     if lora is not None:
-        from ..export import save_lora_files
+        from ..worlds.sdxl.export import save_lora_files
 
         factors, metadata = lora
         (out / LORA_DIR).mkdir(exist_ok=True)

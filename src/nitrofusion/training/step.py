@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 
-from ..adapters.base import Cond
 from ..method.pool import HeadPool
 from ..method.step import AdversarialStep
 from ..stopwatch import section
+from ..worlds.adapter import Cond
 from .optim import EMA, average_active_head_grads
 
 Batch = tuple[torch.Tensor, torch.Tensor, Cond]  # x_T, the teacher's x0 (or a real image), conditioning

@@ -10,8 +10,17 @@ evaluation. `mini` (the embedded Fashion-MNIST world) and `sdxl` are the two reg
 
 from __future__ import annotations
 
-from .base import GenerateOptions, LiveGenerator, World
-from .registry import register, registered, world_named, world_of_config, world_of_model
+# Lazy (PEP 562): the torch-free configs import `worlds.sdxl.config` and `worlds.mini.config`, which must not load
+# torch through this package.
+_EXPORTS = {"GenerateOptions": "base", "LiveGenerator": "base", "World": "base", "register": "registry",
+            "registered": "registry", "world_named": "registry", "world_of_config": "registry",
+            "world_of_model": "registry"}
+__all__ = list(_EXPORTS)
 
-__all__ = ["GenerateOptions", "LiveGenerator", "World", "register", "registered", "world_named", "world_of_config",
-           "world_of_model"]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(name)

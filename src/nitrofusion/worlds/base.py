@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..adapters.base import ModelAdapter
 from ..data.pairs import Prompts
 from ..distill_config import DistillConfig
 from ..errors import NitroFusionError
+from .adapter import ModelAdapter
 
 LiveGenerator = Callable[[str, int, int], Image.Image]  # (prompt, steps, seed) -> image, the model loaded once
 Evaluator = Callable[[torch.nn.Module, int], dict]  # (student, step) -> numbers for log.jsonl (train.py)

@@ -18,8 +18,8 @@ def register(world: World) -> World:
 
 def registered() -> dict[str, World]:
     if not _WORLDS:  # the built-in worlds, imported on first use (each imports its own model code lazily)
-        from .mini import MiniWorld
-        from .sdxl import SDXLWorld
+        from .mini.world import MiniWorld
+        from .sdxl.world import SDXLWorld
 
         register(MiniWorld())
         register(SDXLWorld())
@@ -42,7 +42,7 @@ def world_of_model(model: str | Path) -> World:
     weights file; 'teacher' is the mini world's shipped teacher. A path that is none of these is one line."""
     if str(model) == "teacher":
         return world_named("mini")
-    from ..pipeline import model_kind, run_config
+    from .sdxl.pipeline import model_kind, run_config
 
     path = Path(model)
     kind = model_kind(path)

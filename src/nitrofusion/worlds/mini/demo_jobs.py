@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..adapters.mini import MiniAdapter
-from ..data.pairs import generate_pairs
-from ..distill_config import PairsConfig
+from ...data.pairs import generate_pairs
+from ...distill_config import PairsConfig
+from .adapter import MiniAdapter
 from .data import class_prompts
 from .evaluation import MiniEvaluation, per_class
 from .metrics import MiniMetrics

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from . import config as config_lib
-from .distill_config import DistillConfig
+from ... import config as config_lib
+from ...distill_config import DistillConfig
 
 GiB = 1024**3
 PRESETS = ("sdxl-realism", "sdxl-realism-lora", "sdxl-vibrant", "sdxl-vibrant-lora")
@@ -123,7 +123,7 @@ def _cond(unet, n: int, px: int, dtype: torch.dtype) -> tuple[torch.Tensor, dict
 def activation_bytes(unet: nn.Module, px: int, checkpointing: bool, crop_fraction: float = 0.5) -> dict:
     """Per image: bytes autograd keeps for the student's forward, the backbone's global and local forwards,
     and the largest checkpointed block's recomputation (0 without checkpointing)."""
-    from .method import backbone as backbone_mod
+    from ...method import backbone as backbone_mod
 
     dtype = next(unet.parameters()).dtype
     exclude = {_storage(p)[0] for p in unet.parameters()}
@@ -167,7 +167,7 @@ def _numel(module: nn.Module) -> int:
 
 
 def _lora_parameters(unet: nn.Module, cfg: DistillConfig) -> int:
-    from .student import check_targets
+    from ...student import check_targets
 
     check_targets(unet, cfg.student.targets)
     total = 0
@@ -200,8 +200,8 @@ def _frozen_parts_bytes() -> dict:
 
 
 def pool_parameters(cfg: DistillConfig, unet: nn.Module) -> int:
-    from .method.backbone import level_channels
-    from .method.pool import HeadPool
+    from ...method.backbone import level_channels
+    from ...method.pool import HeadPool
 
     with torch.device("meta"):
         return _numel(HeadPool(cfg.pool, level_channels(unet)))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ranged
-from ..errors import ConfigError
-from ..sampling.spec import SamplerSpec
+from ...config import ranged
+from ...errors import ConfigError
+from ...sampling.spec import SamplerSpec
 
 
 @dataclass

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..errors import NitroFusionError
-from ..io import atomic_save_safetensors, cache_dir
+from ...errors import NitroFusionError
+from ...io import atomic_save_safetensors, cache_dir
 
 MAX_TOKENS = 16
 EMBED_DIM = 384

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import NitroFusionError
+from ...errors import NitroFusionError
 
 FAMILIES = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 1280: "the SDXL refiner", 2048: "SDXL"}
 # the key projection of a cross-attention layer (its input width is the text width), by naming scheme

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
+from ...sampling.scheduler import config_for
+from ..adapter import Cond, ModelAdapter
 from ..mini import text
-from ..mini.data import class_prompts
-from ..mini.teacher import MiniTeacher
-from ..sampling.scheduler import config_for
-from .base import Cond, ModelAdapter
+from .data import class_prompts
+from .teacher import MiniTeacher
 
 
 class MiniAdapter(ModelAdapter):

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from ..errors import ConfigError, NitroFusionError, describe
-from ..sampling.scheduler import config_for
-from ..unet_weights import load_checked, read_weights, strip_prefixes
-from .base import Cond, ModelAdapter
-from .sdxl_config import SDXLConfig
+from ...errors import ConfigError, NitroFusionError, describe
+from ...sampling.scheduler import config_for
+from ...unet_weights import load_checked, read_weights, strip_prefixes
+from ..adapter import Cond, ModelAdapter
+from .config import SDXLConfig
 
 REQUIRED = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
@@ -132,7 +132,7 @@ class SDXLAdapter(ModelAdapter):
     def _fuse_lora(self, path: Path, scale: float) -> None:
         from diffusers import StableDiffusionXLPipeline
 
-        from ..data.pairs import fingerprint  # per-tensor sums: no second copy of a 10 GB UNet to compare against
+        from ...data.pairs import fingerprint  # per-tensor sums: no second copy of a 10 GB UNet to compare against
 
         if not path.exists():
             raise NitroFusionError(f"teacher LoRA not found: {path}")

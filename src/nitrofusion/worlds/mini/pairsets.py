@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..adapters.mini import MiniAdapter
-from ..data.pairs import Pairs
-from ..data.pairs import pair_dir as _pair_dir
-from ..distill_config import DistillConfig, PairsConfig
+from ...data.pairs import Pairs
+from ...data.pairs import pair_dir as _pair_dir
+from ...distill_config import DistillConfig, PairsConfig
+from .adapter import MiniAdapter
 from .data import class_prompts
 
 EVAL_SEED_OFFSET = 1_000_003
@@ -21,7 +21,7 @@ def pair_dir(root: str, adapter: MiniAdapter, count: int, seed: int, shard_size:
 
 def _pairs(adapter: MiniAdapter, cfg: PairsConfig, count: int, seed: int, out: Path | None,
            progress: bool) -> Pairs:
-    from ..data.pair_cache import teacher_pairs
+    from ...data.pair_cache import teacher_pairs
 
     return teacher_pairs(adapter, class_prompts(), cfg, count, seed, out, progress=progress)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ranged
-from ..errors import ConfigError
-from ..sampling.spec import SamplerSpec
+from ...config import ranged
+from ...errors import ConfigError
+from ...sampling.spec import SamplerSpec
 
 
 @dataclass
@@ -18,7 +18,7 @@ class MiniUNetConfig:
     norm_num_groups: int = ranged(16, ge=1)
 
     def validate(self) -> None:
-        from ..errors import ConfigError
+        from ...errors import ConfigError
 
         if len(self.block_out_channels) != 3:
             raise ConfigError("model.block_out_channels: the mini UNet has exactly 3 blocks (SDXL's layout)")

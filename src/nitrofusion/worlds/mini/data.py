@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import NitroFusionError
+from ...errors import NitroFusionError
 
 DATA_DIR = Path(os.environ.get("NITROFUSION_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat",

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..adapters.base import ModelAdapter
-from ..data.pairs import Prompts
-from ..distill_config import DistillConfig
-from .base import Evaluator, GenerateOptions, LiveGenerator, World
+from ...data.pairs import Prompts
+from ...distill_config import DistillConfig
+from ..adapter import ModelAdapter
+from ..base import Evaluator, GenerateOptions, LiveGenerator, World
 
 
 def _unet_config(kind: str, path: Path) -> dict | None:
@@ -25,13 +25,13 @@ class MiniWorld(World):
     name = "mini"
 
     def adapter(self, cfg: DistillConfig) -> ModelAdapter:
-        from ..adapters.mini import MiniAdapter
-        from ..mini.teacher import load_teacher
+        from .adapter import MiniAdapter
+        from .teacher import load_teacher
 
         return MiniAdapter(load_teacher(cfg.teacher or None))
 
     def prompts(self, cfg: DistillConfig, verbose: bool = True) -> Prompts:
-        from ..mini.data import class_prompts
+        from .data import class_prompts
 
         return class_prompts()
 
@@ -40,11 +40,11 @@ class MiniWorld(World):
         held-out set `evaluate` and the demo score on; no teacher samples needed)."""
         if not cfg.eval_every_images:
             return None
-        from ..data.pairs import pair_inputs
-        from ..mini.data import class_prompts
-        from ..mini.evaluation import MiniEvaluation
-        from ..mini.metrics import MiniMetrics
-        from ..mini.pairsets import EVAL_SEED_OFFSET
+        from ...data.pairs import pair_inputs
+        from .data import class_prompts
+        from .evaluation import MiniEvaluation
+        from .metrics import MiniMetrics
+        from .pairsets import EVAL_SEED_OFFSET
 
         inputs = pair_inputs(adapter, class_prompts(), cfg.eval_samples, cfg.pairs.seed + EVAL_SEED_OFFSET,
                              cfg.pairs.shard_size)
@@ -52,14 +52,14 @@ class MiniWorld(World):
         return evaluation.curve(cfg.eval_samples)
 
     def recognises(self, kind: str, path: Path) -> bool:
-        from ..mini.text import EMBED_DIM
+        from .text import EMBED_DIM
 
         config = _unet_config(kind, path)
         return config is not None and config.get("cross_attention_dim") == EMBED_DIM
 
     def generate_to_folder(self, model: Path, prompts: list[str], steps: int, seed: int, out: Path,
                            options: GenerateOptions) -> list[Path]:
-        from ..generate import generate_to_folder, student_folder, unknown_prompts
+        from .generate import generate_to_folder, student_folder, unknown_prompts
 
         self.check_options(model, options)
         student_folder(model)  # a wrong path is the one line, before any warning
@@ -71,9 +71,9 @@ class MiniWorld(World):
 
     def live_generator(self, model: Path, options: GenerateOptions, size: int | None) -> tuple[LiveGenerator,
                                                                                                list[str]]:
-        from ..generate import load_mini_student
-        from ..mini.data import class_prompts
-        from ..sampling.student import generate
+        from ...sampling.student import generate
+        from .data import class_prompts
+        from .generate import load_mini_student
 
         self.check_options(model, options)
         adapter, unet, shift = load_mini_student(model)
@@ -89,7 +89,7 @@ class MiniWorld(World):
         return run, class_prompts()
 
     def evaluate(self, model: str, steps: list[int], out: Path, options: dict) -> list[str]:
-        from ..evaluate import evaluate_mini
+        from .evaluate import evaluate_mini
 
         r = evaluate_mini(model, steps, out, samples=options.get("samples") or 2000, seed=options.get("seed", 0),
                           teacher=options.get("teacher"))

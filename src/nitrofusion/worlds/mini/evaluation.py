@@ -7,9 +7,9 @@ import dataclasses
 
 import torch
 
-from ..adapters.mini import MiniAdapter
-from ..data.pairs import PairInputs, Pairs
-from ..sampling.student import generate
+from ...data.pairs import PairInputs, Pairs
+from ...sampling.student import generate
+from .adapter import MiniAdapter
 from .data import class_prompts
 from .metrics import MiniMetrics
 

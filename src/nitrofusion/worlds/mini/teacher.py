@@ -14,16 +14,16 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .. import config as config_lib
-from .. import threads
-from ..errors import NitroFusionError
-from ..io import atomic_write_text
-from ..sampling.teacher import SamplerSpec
-from . import data, text
+from ... import config as config_lib
+from ... import threads
+from ...errors import NitroFusionError
+from ...io import atomic_write_text
+from ...sampling.teacher import SamplerSpec
+from ..mini import data, text
 from .config import TeacherTrainConfig  # noqa: F401 - re-exported
 from .models import MiniUNetConfig, build_noise_scheduler, build_unet
 
-ASSET_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "mini" / "teacher"
+ASSET_TEACHER = Path(__file__).resolve().parent / "assets" / "teacher"
 
 
 @dataclass

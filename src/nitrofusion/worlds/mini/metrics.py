@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ..errors import NitroFusionError
-from ..io import atomic_save_safetensors
-from ..manifold import per_class_coverage, precision_recall_coverage
-from . import data
+from ...errors import NitroFusionError
+from ...io import atomic_save_safetensors
+from ...manifold import per_class_coverage, precision_recall_coverage
+from ..mini import data
 from .models import ClassifierFeatures, FashionClassifier
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "mini"
+ASSET_DIR = Path(__file__).resolve().parent / "assets"
 CLASSIFIER_FILE = ASSET_DIR / "classifier.safetensors"
 REAL_STATS_FILE = ASSET_DIR / "real_stats.safetensors"
 _FIX = "reinstall nitrofusion, or re-create it with: nitrofusion classifier --replace-shipped"

@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 import torch
 
+from ...sampling.student import shifted_scheduler
 from .bench import _sync
 from .fast import make_fast
-from .sampling.student import shifted_scheduler
 from .testing import build_sdxl_components
 
 RESOLUTIONS = {"full": (1024, 512), "tiny": (64, 32)}

@@ -19,19 +19,19 @@ import torch
 from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import config as config_lib
-from .adapters.sdxl import SDXLAdapter
-from .data.pairs import PairLoader, generate_pairs, load_pairs
-from .distill_config import DistillConfig
-from .dtypes import mixed_precision_dtype
-from .errors import NitroFusionError
-from .method.backbone import UNetBackbone
-from .method.pool import HeadPool
-from .method.step import AdversarialStep, student_one_step
+from ... import config as config_lib
+from ...data.pairs import PairLoader, generate_pairs, load_pairs
+from ...distill_config import DistillConfig
+from ...dtypes import mixed_precision_dtype
+from ...errors import NitroFusionError
+from ...method.backbone import UNetBackbone
+from ...method.pool import HeadPool
+from ...method.step import AdversarialStep, student_one_step
+from ...training import build_student
+from ...training.optim import adamw
+from ...training.step import optimizer_step
+from .adapter import SDXLAdapter
 from .testing import build_sdxl_components
-from .training import build_student
-from .training.optim import adamw
-from .training.step import optimizer_step
 
 
 class _UntokenizedSDXL(SDXLAdapter):

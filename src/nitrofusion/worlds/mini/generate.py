@@ -9,12 +9,12 @@ import torch
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from .adapters.mini import MiniAdapter
-from .errors import NitroFusionError
-from .mini.models import MiniUNetConfig
-from .mini.teacher import MiniTeacher
-from .sampling.student import generate
-from .sampling.teacher import SamplerSpec
+from ...errors import NitroFusionError
+from ...sampling.student import generate
+from ...sampling.teacher import SamplerSpec
+from .adapter import MiniAdapter
+from .models import MiniUNetConfig
+from .teacher import MiniTeacher
 
 
 def student_folder(path: Path) -> Path:
@@ -56,7 +56,7 @@ def generate_images(model_path: Path, prompts: list[str], steps: int, seed: int,
 
 def unknown_prompts(prompts: list[str]) -> list[str]:
     """Prompts a mini-world model never saw: it was trained on the 10 class prompts only."""
-    from .mini.data import class_prompts
+    from .data import class_prompts
 
     known = set(class_prompts())
     return [p for p in dict.fromkeys(prompts) if p not in known]
@@ -64,7 +64,7 @@ def unknown_prompts(prompts: list[str]) -> list[str]:
 
 def generate_to_folder(model_path: Path, prompts: list[str], steps: int, seed: int, out: Path,
                        num_per_prompt: int = 1) -> list[Path]:
-    from .viz import save_images
+    from ...viz import save_images
 
     images = generate_images(model_path, prompts, steps, seed, num_per_prompt)
     arrays = images.mul(255).round().byte().squeeze(1).numpy()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import NitroFusionError, describe
+from ...errors import NitroFusionError, describe
 
 VAE_CLASSES = ("AutoencoderTiny", "AutoencoderKL")
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..adapters.base import ModelAdapter
-from ..data.pairs import Prompts
-from ..distill_config import DistillConfig
-from ..errors import NitroFusionError
-from .base import GenerateOptions, LiveGenerator, World
+from ...data.pairs import Prompts
+from ...distill_config import DistillConfig
+from ...errors import NitroFusionError
+from ..adapter import ModelAdapter
+from ..base import GenerateOptions, LiveGenerator, World
 
 EXAMPLES = ["a photo of a red fox in the snow", "an oil painting of a lighthouse at dusk"]
 
@@ -20,14 +20,14 @@ class SDXLWorld(World):
     supported_options = ("--base", "--shift", "--height", "--width", "--dtype", "--fast", "--vae")
 
     def adapter(self, cfg: DistillConfig) -> ModelAdapter:
-        from ..adapters.sdxl import SDXLAdapter
+        from .adapter import SDXLAdapter
 
         if not cfg.teacher:
             raise NitroFusionError("world 'sdxl' needs a teacher: --teacher DIR (a diffusers SDXL pipeline folder)")
         return SDXLAdapter(cfg.teacher, cfg.sdxl)
 
     def prompts(self, cfg: DistillConfig, verbose: bool = True) -> Prompts:
-        from ..data.prompts import open_prompts
+        from ...data.prompts import open_prompts
 
         if not cfg.prompts.source:
             raise NitroFusionError("world 'sdxl' needs prompts: --prompts FILE (.txt, .csv, .jsonl, a datasets "
@@ -46,7 +46,7 @@ class SDXLWorld(World):
 
     def generate_to_folder(self, model: Path, prompts: list[str], steps: int, seed: int, out: Path,
                            options: GenerateOptions) -> list[Path]:
-        from ..pipeline import generate_to_folder
+        from .pipeline import generate_to_folder
 
         o = options
         return generate_to_folder(model, prompts, steps, seed, out, base=o.base, shift=o.shift, height=o.height,
@@ -55,7 +55,7 @@ class SDXLWorld(World):
 
     def live_generator(self, model: Path, options: GenerateOptions, size: int | None) -> tuple[LiveGenerator,
                                                                                                list[str]]:
-        from ..pipeline import generate_images, load_pipeline
+        from .pipeline import generate_images, load_pipeline
 
         o = options
         pipe = load_pipeline(model, base=o.base, shift=o.shift, device=o.device or "cpu", dtype=o.dtype, fast=o.fast,
@@ -67,8 +67,8 @@ class SDXLWorld(World):
         return run, EXAMPLES
 
     def evaluate(self, model: str, steps: list[int], out: Path, options: dict) -> list[str]:
-        from ..evaluate import evaluate_sdxl
-        from ..real_metrics import RealMetricsConfig
+        from ...real_metrics import RealMetricsConfig
+        from .evaluate import evaluate_sdxl
 
         o = {k: v for k, v in options.items() if v is not None}
         cfg = RealMetricsConfig(clip=o.get("clip", ""), inception=o.get("inception", ""),

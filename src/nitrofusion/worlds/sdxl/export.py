@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import NitroFusionError
+from ...errors import NitroFusionError
+from ...unet_weights import check_same_layout, read_weights_file
 from .pipeline import (
     SHIFT_METADATA_KEY,
     ModelRef,
@@ -45,7 +46,6 @@ from .pipeline import (
     unet_folder,
     unet_from_state,
 )
-from .unet_weights import check_same_layout, read_weights_file
 
 FORMATS = ("diffusers", "single-file", "lora")
 SCHEDULER_ENTRY = ["nitrofusion", "TimestepShiftLCMScheduler"]
@@ -391,7 +391,7 @@ def lora_to_kohya(lora: dict[str, torch.Tensor], unet_config, rank: int,
 
 def trained_lora_dir(ref) -> Path | None:
     """A LoRA student's adapters (run/student/lora, written by the trainer), if the model is such a run."""
-    from .training import LORA_DIR
+    from ...training import LORA_DIR
 
     folder = ref.student_dir / LORA_DIR if ref.student_dir is not None else None
     return folder if folder is not None and (folder / PEFT_LORA_FILE).is_file() else None

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from ...dtypes import safetensors_dtype
+from ...errors import NitroFusionError, describe
+from ...sampling.student import check_steps
+from ...unet_weights import check_same_layout, read_weights_file
 from .architectures import check_family, is_lora
-from .dtypes import safetensors_dtype
-from .errors import NitroFusionError, describe
-from .sampling.student import check_steps
-from .unet_weights import check_same_layout, read_weights_file
 
 SHIFT_BY_NAME = {"realism": 250, "vibrant": 500}  # the released NitroSD-Realism / -Vibrant (docs/method.md §2.3)
 SHIFT_METADATA_KEY = "nitrofusion.shifted_timestep"  # written by our single-file and transfer outputs
@@ -39,7 +39,7 @@ def quiet_loading():
     and errors (one line each)."""
     from diffusers.utils import logging as dlog
 
-    from .adapters.sdxl import _quiet_transformers
+    from .adapter import _quiet_transformers
 
     was = dlog.is_progress_bar_enabled()
     dlog.disable_progress_bar()
@@ -126,7 +126,7 @@ def resolve(model: str | Path, base: str | Path | None = None) -> ModelRef:
                 raise NitroFusionError(f"the run's teacher folder {ref.base} (from {path / 'config.yaml'}) is not "
                                        "there; pass --base SDXL_FOLDER")
     if ref.base is not None:
-        from .adapters.sdxl import check_pipeline_folder
+        from .adapter import check_pipeline_folder
 
         if not ref.base.is_dir():
             raise NitroFusionError(f"base SDXL folder not found: {ref.base}")
@@ -258,8 +258,8 @@ def guess_shift(ref: ModelRef) -> int:
 
 
 def load_scheduler(ref: ModelRef, shift: int | None = None):
-    from .sampling.scheduler import TimestepShiftLCMScheduler
-    from .sampling.student import shifted_scheduler
+    from ...sampling.scheduler import TimestepShiftLCMScheduler
+    from ...sampling.student import shifted_scheduler
 
     if shift is not None and not 1 <= shift <= 1000:
         raise NitroFusionError(f"--shift must be in 1..1000 (got {shift})")
@@ -380,6 +380,6 @@ def generate_to_folder(model: str | Path, prompts: list[str], steps: int, seed: 
     pipe = load_pipeline(model, base=base, shift=shift, device=device, dtype=dtype, fast=fast, vae=vae)
     prompts = [p for p in prompts for _ in range(num_per_prompt)]
     images = generate_images(pipe, prompts, steps, seed, height, width, batch_size)
-    from .viz import save_images
+    from ...viz import save_images
 
     return save_images(images, prompts, Path(out), steps, seed, num_per_prompt)

@@ -1,1 +1,0 @@
-"""Model adapters: the family-specific answers (prompts, UNet calls, backbone calls, decoding)."""
