@@ -66,3 +66,17 @@ def test_the_app_loads_a_mini_model_through_its_world(mini_run):
     assert image.size == (256, 256) and examples[0] == "a photo of a T-shirt/top"
     with pytest.raises(NitroFusionError, match="--vae does not apply"):
         make_generator(mini_run, vae="somewhere")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["export", "RUN", "--format", "diffusers", "--out", "OUT"], "export writes diffusers, single-file and LoRA "
+                                                                 "formats of SDXL-family models"),
+    (["transfer", "--student", "RUN", "--base", "RUN", "--custom", "RUN", "--out", "OUT"],
+     "transfer applies to SDXL-family UNets"),
+])
+def test_export_and_transfer_of_a_mini_model_are_one_line(mini_run, argv, needle, capsys, tmp_path):
+    argv = [str(mini_run) if a == "RUN" else str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "mini-world model" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -19,6 +19,7 @@ from .data.real_data import training_source
 from .distill_config import DistillConfig
 from .errors import NitroFusionError
 from .io import atomic_write_json, atomic_write_text
+from .sampling.student import check_step_counts
 from .training import distill
 from .worlds import world_of_config
 from .worlds.mini.evaluation import MiniEvaluation
@@ -88,8 +89,7 @@ def run_ablation(out: Path, seeds: int = 3, budget_images: int = 6400, eval_samp
         raise NitroFusionError("--seeds >= 1, --seed-start >= 0, --budget >= 1 image and --eval-samples >= 10 are "
                                "required")
     seed_range = range(seed_start, seed_start + seeds)  # a slice of the seeds: split one study over processes
-    if any(not 1 <= s <= 4 for s in steps):
-        raise NitroFusionError(f"--steps takes values from 1 to 4 (got {steps})")
+    check_step_counts(steps)
     configs = {(v, seed): config_lib.build(DistillConfig, "distill", VARIANTS[v][0], [
         *(overrides or []), *VARIANTS[v][1], f"max_images={budget_images}", "max_minutes=0", f"seed={seed}",
         f"pool.seed={seed}", "eval_every_images=0"]) for v in variants for seed in seed_range}  # all checked first

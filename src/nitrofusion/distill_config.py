@@ -141,7 +141,7 @@ class DistillConfig:
                               "generate more pairs or lower micro_batch")
         if self.world == "mini" and (self.prompts.source or self.sdxl.teacher_unet or self.sdxl.teacher_lora):
             raise ConfigError("prompts.* and sdxl.* apply to world 'sdxl'; the mini world's prompts are its 10 classes")
+        self.real.check_world(self.world)
         if self.world != "mini" and self.eval_every_images:
             raise ConfigError("eval_every_images applies to world 'mini' (its metric classifier); evaluate an SDXL "
                               "run's checkpoints with `nitrofusion evaluate`")
-        self.real.check_world(self.world)

@@ -25,6 +25,12 @@ def check_steps(steps: int) -> None:
         raise NitroFusionError(f"steps must be 1, 2, 3 or 4 (got {steps}): the shifted LCM grid has 4 points")
 
 
+def check_step_counts(steps: list[int], flag: str = "--steps") -> None:
+    """A list of step counts (evaluate, ablate): each 1-4, checked before any model loads."""
+    if not steps or any(not 1 <= s <= 4 for s in steps):
+        raise NitroFusionError(f"{flag} takes values from 1 to 4 (got {steps}): the shifted LCM grid has 4 points")
+
+
 @torch.no_grad()
 def generate(adapter: ModelAdapter, unet: torch.nn.Module, x_T: torch.Tensor, cond: Cond, steps: int,
              shift: int, generator: torch.Generator | list[torch.Generator] | None = None,

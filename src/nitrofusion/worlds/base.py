@@ -80,6 +80,19 @@ class World(ABC):
     def evaluate(self, model: str, steps: list[int], out: Path, options: dict) -> list[str]:
         """The world's default evaluation of `model` at each step count, written to `out`; the lines to print."""
 
+    def export(self, model: str, fmt: str, out: str, options: dict) -> list[str]:
+        """Write `model` as a diffusers folder, a single file or a LoRA; the lines to print."""
+        raise NitroFusionError(f"export writes diffusers, single-file and LoRA formats of SDXL-family models; {model} "
+                               f"is a {self.name}-world model (its run folder's student/ is already a diffusers UNet)")
+
+    def transfer(self, student: str, base: str, custom: str, out: str, options: dict) -> list[str]:
+        """custom + (student - base) (docs/method.md §6); the lines to print."""
+        raise NitroFusionError(f"transfer applies to SDXL-family UNets; {student} is a {self.name}-world model")
+
+    def bench(self, options: dict) -> tuple[dict, str]:
+        """`nitrofusion bench` for this world: (results for --out, the table to print)."""
+        raise NitroFusionError(f"no bench for the {self.name} world")
+
     def check_options(self, model: Path | str, options: GenerateOptions) -> None:
         unsupported = [f for f in options.given() if f not in self.supported_options + self.common_options]
         if unsupported:

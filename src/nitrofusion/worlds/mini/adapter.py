@@ -7,7 +7,7 @@ from diffusers import DDPMScheduler
 
 from ...sampling.scheduler import config_for
 from ..adapter import Cond, ModelAdapter
-from ..mini import text
+from . import text
 from .data import class_prompts
 from .teacher import MiniTeacher
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from ...distill_config import PairsConfig
 from ...errors import NitroFusionError
 from ...io import atomic_write_json, atomic_write_text
+from ...sampling.student import check_step_counts
 from ...viz import save_grid
 from .adapter import MiniAdapter
 from .evaluation import MiniEvaluation, labels_for, per_class
@@ -23,12 +24,11 @@ from .teacher import load_teacher
 
 def evaluate_mini(model: str, steps: list[int], out: Path, samples: int = 2000, seed: int = 0,
                   teacher: str | None = None, progress: bool = True) -> dict:
-    if any(not 1 <= s <= 4 for s in steps):
-        raise NitroFusionError(f"--steps takes values from 1 to 4 (got {steps})")
+    check_step_counts(steps)
     if samples < 10:
         raise NitroFusionError("--samples must be at least 10")
     if model != "teacher":
-        from .worlds.mini.generate import student_folder
+        from .generate import student_folder
 
         student_folder(Path(model))  # a wrong path fails now, not after the held-out pairs are made
     started = time.time()

@@ -18,7 +18,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from ...errors import NitroFusionError
 from ...io import atomic_save_safetensors
 from ...manifold import per_class_coverage, precision_recall_coverage
-from ..mini import data
+from . import data
 from .models import ClassifierFeatures, FashionClassifier
 
 ASSET_DIR = Path(__file__).resolve().parent / "assets"

@@ -19,7 +19,7 @@ from ... import threads
 from ...errors import NitroFusionError
 from ...io import atomic_write_text
 from ...sampling.teacher import SamplerSpec
-from ..mini import data, text
+from . import data, text
 from .config import TeacherTrainConfig  # noqa: F401 - re-exported
 from .models import MiniUNetConfig, build_noise_scheduler, build_unet
 

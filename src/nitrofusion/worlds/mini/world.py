@@ -96,3 +96,12 @@ class MiniWorld(World):
         return [f"{row['model']} {row['steps']} step(s): classifier-FID {row['fid']:.2f} (to teacher "
                 f"{row['fid_to_teacher']:.2f}), accuracy {row['accuracy']:.3f}, precision {row['precision']:.3f}, "
                 f"recall {row['recall']:.3f}, coverage {row['coverage']:.3f}" for row in r["rows"]]
+
+    def bench(self, options: dict) -> tuple[dict, str]:
+        """The mini world's training step, part by part (its step has no SDXL stages to time)."""
+        from ...step_profile import format_profile, profile_step
+
+        o = options
+        result = profile_step("mini", o.get("device"), o.get("overrides"), steps=max(o["iters"], 1),
+                              warmup=o["warmup"])
+        return result, format_profile(result)

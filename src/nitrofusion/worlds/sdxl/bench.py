@@ -9,11 +9,9 @@ CPU in seconds (for tests); its numbers say nothing about a GPU.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -195,7 +193,3 @@ def format_table(result: dict) -> str:
     if not result["text_encoders"]:
         lines.append("\n(transformers not installed: prompt embeddings were random, text-encoder time excluded)")
     return "\n".join(lines)
-
-
-def save(result: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=1))

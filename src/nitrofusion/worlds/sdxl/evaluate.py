@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from ...errors import NitroFusionError
 from ...io import atomic_write_json, atomic_write_text
+from ...sampling.student import check_step_counts
 from ...viz import pil_to_tensor, save_grid
 
 
@@ -23,8 +24,7 @@ def evaluate_sdxl(model: str, steps: list[int], out: Path, prompts: str = "", co
     from ...real_metrics import RealMetrics, RealMetricsConfig, evaluate_images, load_caption_pairs, write_caption_pairs
     from .pipeline import generate_images, load_pipeline
 
-    if any(not 1 <= s <= 4 for s in steps):
-        raise NitroFusionError(f"--steps takes values from 1 to 4 (got {steps})")
+    check_step_counts(steps)
     if bool(prompts) == bool(coco):
         raise NitroFusionError("give exactly one of --prompts FILE or --coco ANNOTATIONS for an SDXL model")
     started = time.time()
@@ -69,7 +69,7 @@ def evaluate_sdxl(model: str, steps: list[int], out: Path, prompts: str = "", co
 
 
 def render_real(r: dict) -> str:
-    from .real_metrics import METRICS
+    from ...real_metrics import METRICS
 
     names = {"clip_score": "CLIP score (raw cosine)", "fid": "FID (Inception)", "fd_clip": "FD-CLIP (not FID)",
              "aesthetic": "LAION aesthetic", "image_reward": "ImageReward"}

@@ -85,3 +85,56 @@ class SDXLWorld(World):
                      for m, v in row.items() if isinstance(v, dict)]
             lines.append(f"{row['steps']} step(s): " + "; ".join(parts))
         return lines
+
+    def export(self, model: str, fmt: str, out: str, options: dict) -> list[str]:
+        from ...dtypes import parse_dtype
+        from .export import export
+
+        r = export(model, fmt, out, base=options.get("base"), shift=options.get("shift"), rank=options.get("rank"),
+                   dtype=parse_dtype(options.get("dtype")), device=options.get("device"))
+        lines = []
+        if fmt == "lora" and "source" in r:
+            lines.append(f"LoRA rank {r['rank']} (alpha {r['alpha']:g}) on {r['lora_layers']} layers "
+                         f"({r['lora_parameters']:,} parameters): {r['source']}")
+        elif fmt == "lora":
+            lines.append(f"LoRA rank {r['rank']} on {r['lora_layers']} Linear/Conv2d layers ({r['lora_parameters']:,} "
+                         f"parameters): relative error of the delta {r['relative_error_total']:.4f} overall, "
+                         f"{r['relative_error_covered']:.4f} on those layers; {100 * r['uncovered_fraction']:.2f}% of "
+                         "the delta (squared norm) is in norms/biases that LoRA cannot hold")
+        elif fmt == "single-file":
+            lines.append(f"{r['tensors']} tensors in the original SDXL layout; round trip through diffusers' "
+                         f"converters exact for all {r['round_trip_checked']} tensors; sample with shift {r['shift']}, "
+                         "1-4 steps, no CFG")
+        return lines + [f"exported to {out}"]
+
+    def transfer(self, student: str, base: str, custom: str, out: str, options: dict) -> list[str]:
+        from ...dtypes import parse_dtype
+        from .export import transfer
+
+        r = transfer(student, base, custom, out, dtype=parse_dtype(options.get("dtype")))
+        return [f"custom + (student - base) over {r['tensors']} tensors written to {r['path']}"
+                + (f" (sample with shift {r['shift']})" if r["shift"] is not None else "")]
+
+    def bench(self, options: dict) -> tuple[dict, str]:
+        """The SDXL-size training iteration with its step profile, or `inference` (stock vs fast generation), or
+        `memory` (the memory model of every SDXL preset)."""
+        o = options
+        if o.get("inference"):
+            from ...dtypes import parse_dtype
+            from .inference_bench import format_inference, run_inference_bench
+
+            result = run_inference_bench(o["size"], o.get("device"), parse_dtype(o.get("dtype")),
+                                         iters=max(o["iters"], 1), warmup=o["warmup"])
+            return result, format_inference(result)
+        if o.get("memory"):
+            from .memory import format_memory, memory_model
+
+            result = memory_model(overrides=o.get("overrides"))
+            return result, format_memory(result)
+        from ...step_profile import format_profile, profile_step
+        from .bench import format_table, run_bench
+
+        result = run_bench(o["size"], o.get("device"), o.get("overrides"), iters=o["iters"], warmup=o["warmup"])
+        result["profile"] = profile_step(o["size"], o.get("device"), o.get("overrides"), steps=max(o["iters"], 1),
+                                         warmup=o["warmup"])
+        return result, format_table(result) + "\n\n" + format_profile(result["profile"])
