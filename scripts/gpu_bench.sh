@@ -4,7 +4,8 @@
 # One log (bench.md) and one JSON per bench come back in $OUT (the device tool returns at most 8 files). Each
 # command is bounded so the whole stays under 9 minutes and what finished comes back, most wanted first: stock
 # diffusers vs the fast 1-step path (issue 14; each row is printed as it is measured, batch 8 last; compiling
-# the full UNet + decoder took over 150 s on an H100, so it gets the largest share); the sdxl-realism
+# the whole UNet + decoder took over 150 s on an H100, so the UNet is now compiled by region and the inference
+# bench gets the largest share); the sdxl-realism
 # iteration at the paper's micro-batch 5 with 8-bit AdamW (with AdamW it does not fit 80 GB: measured on an
 # H100 2026-11-27), its table then the step part by part; a LoRA student at micro-batch 2. The AdamW iteration
 # at micro-batch 2 was measured then (README); the memory model runs on the meta device (`bench --memory`).
@@ -20,10 +21,10 @@ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
 quiet() { grep --line-buffered -v "should be kept in float32"; }
 section() { printf '\n## %s\n\n' "$1" | tee -a "$LOG"; }
 section "inference: stock eager vs fast"
-timeout 270 python3 -m nitrofusion bench --inference --out "$OUT/inference.json" 2>&1 | quiet | tee -a "$LOG"
+timeout 320 python3 -m nitrofusion bench --inference --out "$OUT/inference.json" 2>&1 | quiet | tee -a "$LOG"
 section "training iteration: sdxl-realism, 8-bit AdamW, micro-batch 5"
-timeout 100 python3 -m nitrofusion bench --set student_optim.kind=adamw8bit --out "$OUT/bench-8bit.json" 2>&1 \
+timeout 110 python3 -m nitrofusion bench --set student_optim.kind=adamw8bit --out "$OUT/bench-8bit.json" 2>&1 \
   | quiet | tee -a "$LOG"
 section "training iteration: LoRA student (rank 64, micro-batch 2)"
-timeout 100 python3 -m nitrofusion bench --set student.kind=lora --set student.rank=64 --set student.alpha=64 \
+timeout 90 python3 -m nitrofusion bench --set student.kind=lora --set student.rank=64 --set student.alpha=64 \
   --set micro_batch=2 --out "$OUT/bench-lora.json" 2>&1 | quiet | tee -a "$LOG"

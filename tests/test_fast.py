@@ -20,16 +20,23 @@ def _images(pipe, steps):
                 generator=image_generators(0, 0, len(PROMPTS)), output_type="np").images
 
 
-def test_fast_path_gives_the_eager_images(tiny_sdxl):
-    """Fused QKV, channels_last and a full-graph capture of UNet and VAE decoder (aot_eager: torch.compile's
-    graph capture without inductor's code generation, seconds instead of minutes on a CPU). Tolerance 1e-4 on
-    images in [0, 1]: fused QKV changes the order of float sums (measured: about 2e-6)."""
+@pytest.mark.parametrize("regional", [True, False])
+def test_fast_path_gives_the_eager_images(tiny_sdxl, regional):
+    """Fused QKV, channels_last and a full-graph capture of the UNet's transformer blocks (regional, the default)
+    or of the whole UNet, and of the VAE decoder (aot_eager: torch.compile's graph capture without inductor's
+    code generation, seconds instead of minutes on a CPU). Tolerance 1e-4 on images in [0, 1]: fused QKV
+    changes the order of float sums (measured: about 2e-6)."""
     eager = load_pipeline(tiny_sdxl, shift=250)
     fast = load_pipeline(tiny_sdxl, shift=250)
     logs = []
-    applied = make_fast(fast, backend="aot_eager", log=logs.append)
-    assert applied == {"fused_qkv": True, "channels_last": True, "compiled": "default", "tiny_vae": False}, logs
-    assert type(fast.unet).__name__ == "OptimizedModule" and not logs
+    applied = make_fast(fast, backend="aot_eager", regional=regional, log=logs.append)
+    compiled = "regional default" if regional else "whole default"
+    assert applied == {"fused_qkv": True, "channels_last": True, "compiled": compiled, "tiny_vae": False}, logs
+    unet_class = "UNet2DConditionModel" if regional else "OptimizedModule"
+    assert type(fast.unet).__name__ == unet_class and not logs
+    if regional:  # every transformer block carries its compiled forward
+        blocks = [m for m in fast.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+        assert blocks and all(m._compiled_call_impl is not None for m in blocks)
     assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     for steps in (1, 4):
         a, b = _images(eager, steps), _images(fast, steps)
@@ -43,7 +50,7 @@ def test_fp16_fast_path_decodes_in_fp32(tiny_sdxl):
     eager = load_pipeline(tiny_sdxl, shift=250, dtype=torch.float16)
     fast = load_pipeline(tiny_sdxl, shift=250, dtype=torch.float16)
     applied = make_fast(fast, backend="aot_eager")
-    assert applied["vae_fp32"] and fast.vae.dtype == torch.float32 and applied["compiled"] == "default"
+    assert applied["vae_fp32"] and fast.vae.dtype == torch.float32 and applied["compiled"] == "regional default"
     a, b = _images(eager, 1), _images(fast, 1)
     assert a.shape == b.shape == (2, 64, 64, 3) and np.abs(a - b).max() < 2e-2
 
@@ -113,4 +120,4 @@ def test_inference_bench_compares_stock_and_fast_in_one_run():
                                                               ("fast", 32)]
     keys = ("first_call_s", "unet_ms", "vae_decode_ms", "1_step_ms", "4_step_ms", "batch8_images_per_s")
     assert all(r[k] > 0 for r in result["rows"] for k in keys)
-    assert result["fast"]["compiled"] == "default" and "% of stock eager" in format_inference(result)
+    assert result["fast"]["compiled"] == "regional default" and "% of stock eager" in format_inference(result)

@@ -57,8 +57,10 @@ def run_inference_bench(size: str = "full", device: str | None = None, dtype: to
     fast = copy.deepcopy(eager)
     applied = make_fast(fast, backend=backend, log=progress)
     # a fixed shape per compile, as a user at one resolution gets (not the dynamic-shape graph dynamo makes
-    # on the second shape it sees); the batch-8 runs come last, so a bounded run keeps every latency row
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+    # on the second shape it sees); the batch-8 runs come last, so a bounded run keeps every latency row. The
+    # regional graph is one per block shape: 2 per resolution x 2 resolutions x 2 batch sizes, at dynamo's
+    # default limit of 8 recompiles, hence a higher one
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
         rows = _measure_all(size, eager, fast, device_, dtype, iters, warmup, progress)
     return {"device": torch.cuda.get_device_name(device_) if device_.type == "cuda" else "cpu", "size": size,
             "dtype": str(dtype).removeprefix("torch."), "fast": applied, "backend": backend, "torch": torch.__version__,
