@@ -313,7 +313,7 @@ def _bad(tmp_path, tiny_sdxl, run):
     (["generate", "--model", "RUN", "--prompt", "a", "--steps", "5", "--out", "T/o"], "steps must be 1, 2, 3 or 4"),
     (["generate", "--model", "RUN", "--prompt", "a", "--steps", "0", "--out", "T/o"], "steps must be 1, 2, 3 or 4"),
     (["generate", "--model", "T/none.safetensors", "--prompt", "a", "--out", "T/o"], "UNet weights file not found"),
-    (["generate", "--model", "T/unnamed.safetensors", "--prompt", "a", "--out", "T/o"], "needs --base SDXL_FOLDER"),
+    (["generate", "--model", "T/unnamed.safetensors", "--prompt", "a", "--out", "T/o"], "needs --base PIPELINE_FOLDER"),
     (["generate", "--model", "T/unnamed.safetensors", "--base", "SDXL", "--prompt", "a", "--out", "T/o"],
      "cannot tell the timestep shift of unnamed.safetensors"),
     (["generate", "--model", "T/missing_key.safetensors", "--base", "SDXL", "--shift", "250", "--prompt", "a",
@@ -325,7 +325,7 @@ def _bad(tmp_path, tiny_sdxl, run):
       "--out", "T/o"], "LoRA T/sd15_lora.safetensors is Stable Diffusion 1.x (cross-attention width 768), but the "
                        "base <SDXL> is an SDXL-layout"),
     (["generate", "--model", "RUN", "--base", "T/nope", "--prompt", "a", "--out", "T/o"],
-     "base SDXL folder not found"),
+     "base pipeline folder not found"),
     (["generate", "--model", "RUN", "--prompt", "a", "--height", "60", "--out", "T/o"],
      "--height must be a positive multiple of 8"),
     (["export", "RUN", "--format", "onnx", "--out", "T/o"], "unknown export format 'onnx'"),

@@ -128,7 +128,7 @@ def test_precision_recall_coverage_hand_computed():
     (["adversarial.r1_weight=-1"], "adversarial.r1_weight must be >= 0 (got -1"),
     (["real.share=1.5"], "real.share must be > 0 and < 1 (got 1.5)"),
     (["world=sdxl", "teacher=/x", "real.source=data"], "real.source 'data' needs real images: set real.data"),
-    (["real.source=mix", "real.data=/imgs"], "real.data applies to world 'sdxl'"),
+    (["real.source=mix", "real.data=/imgs"], "real.data applies to worlds 'sdxl' and 'sd'"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(sets, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

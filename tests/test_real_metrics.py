@@ -259,11 +259,14 @@ def test_coco_captions_protocol(tmp_path):
         rm.read_caption_pairs(tmp_path / "bad.tsv")
 
 
-def test_evaluate_cli_scores_an_sdxl_run_on_a_caption_set(tiny_sdxl, prompt_file, tiny_clip, tmp_path, capsys):
+@pytest.mark.parametrize("world", ["sdxl", "sd"])
+def test_evaluate_cli_scores_a_run_on_a_caption_set(tiny_sdxl, prompt_file, tiny_clip, tmp_path, capsys, world):
     from nitrofusion.cli import main
+    from nitrofusion.worlds.sd.testing import build_random_sd
 
     run = tmp_path / "run"
-    assert main(["distill", "--preset", "sdxl-tiny", "--teacher", str(tiny_sdxl), "--prompts", str(prompt_file),
+    teacher = tiny_sdxl if world == "sdxl" else build_random_sd(tmp_path / "sd2", "sd2")
+    assert main(["distill", "--preset", f"{world}-tiny", "--teacher", str(teacher), "--prompts", str(prompt_file),
                  "--out", str(run)]) == 0
     names = _write_pngs(tmp_path / "ref", _images(6, 5, (48, 48)))
     rm.write_caption_pairs([(f"a photo number {i}", n) for i, n in enumerate(names)], tmp_path / "captions.tsv")

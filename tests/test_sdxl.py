@@ -130,7 +130,7 @@ def test_a_folder_that_is_not_sdxl_is_refused_in_one_line(tiny_sdxl, tmp_path):
     index = json.loads((tiny_sdxl / "model_index.json").read_text())
     index.pop("text_encoder_2")
     (tmp_path / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(NitroFusionError, match="not an SDXL pipeline: it lacks .*text_encoder_2"):
+    with pytest.raises(NitroFusionError, match="not a complete SDXL pipeline: it lacks .*text_encoder_2"):
         SDXLAdapter(tmp_path)
 
 

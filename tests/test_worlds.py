@@ -22,13 +22,17 @@ def mini_run(mini_adapter, tmp_path_factory):
     return root / "run"
 
 
-def test_registry_names_both_worlds_and_refuses_others(tiny_cfg):
-    assert list(registered()) == ["mini", "sdxl"] and world_of_config(tiny_cfg()).name == "mini"
-    with pytest.raises(NitroFusionError, match="unknown world 'flux': choose mini, sdxl"):
+def test_registry_names_every_world_and_refuses_others(tiny_cfg):
+    assert list(registered()) == ["mini", "sdxl", "sd"] and world_of_config(tiny_cfg()).name == "mini"
+    with pytest.raises(NitroFusionError, match="unknown world 'flux': choose mini, sdxl, sd"):
         world_named("flux")
 
 
 def test_a_model_path_picks_its_world(mini_run, tiny_sdxl, tmp_path):
+    from nitrofusion.worlds.sd.testing import build_random_sd
+
+    sd = build_random_sd(tmp_path / "sd", "sd1")
+    assert world_of_model(sd).name == "sd" and world_of_model(sd / "unet").name == "sd"
     assert world_of_model(mini_run).name == "mini"  # a run: its config.yaml's world
     assert world_of_model(mini_run / "student").name == "mini"  # a student folder: its UNet config
     assert world_of_model(mini_run / "student" / "unet").name == "mini"

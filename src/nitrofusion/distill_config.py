@@ -9,6 +9,7 @@ from typing import ClassVar, Literal
 from .config import ranged
 from .errors import ConfigError
 from .method.config import AdversarialConfig, MultiStepConfig, PoolConfig
+from .worlds.sd.config import SDConfig
 from .worlds.sdxl.config import SDXLConfig
 
 
@@ -49,7 +50,7 @@ class PromptsConfig:
 class RealConfig:
     source: Literal["teacher", "data", "mix"] = "teacher"  # teacher = the paper; data / mix need real images
     share: float = ranged(0.5, gt=0, lt=1)  # mix: fraction of every micro-batch taken from real images
-    data: str = ""  # sdxl: a folder of images with captions; mini: empty (Fashion-MNIST's train split)
+    data: str = ""  # sdxl, sd: a folder of images with captions; mini: empty (Fashion-MNIST's train split)
     count: int = ranged(0, ge=0)  # real images used, the first `count` in order; 0 = all
     seed: int = ranged(0, ge=0, le=2**31 - 1)  # seeds the x_T of real rows
 
@@ -57,8 +58,8 @@ class RealConfig:
         if self.source == "teacher":
             return
         if world == "mini" and self.data:
-            raise ConfigError("real.data applies to world 'sdxl'; the mini world's real images are Fashion-MNIST's "
-                              "train split (leave real.data empty)")
+            raise ConfigError("real.data applies to worlds 'sdxl' and 'sd'; the mini world's real images are "
+                              "Fashion-MNIST's train split (leave real.data empty)")
         if world != "mini" and not self.data:
             raise ConfigError(f"real.source '{self.source}' needs real images: set real.data to a folder of images "
                               "with captions, or use real.source=teacher")
@@ -84,10 +85,11 @@ class StudentConfig:
 
 @dataclass
 class DistillConfig:
-    world: Literal["mini", "sdxl"] = "mini"
-    teacher: str = ""  # teacher folder: a diffusers SDXL pipeline (sdxl); empty = the shipped teacher (mini)
+    world: Literal["mini", "sdxl", "sd"] = "mini"
+    teacher: str = ""  # teacher folder: a diffusers SDXL (sdxl) or SD 1.x/2.x (sd) pipeline; empty = mini's shipped one
     sdxl: SDXLConfig = field(default_factory=SDXLConfig)
-    prompts: PromptsConfig = field(default_factory=PromptsConfig)  # sdxl; the mini world uses its 10 classes
+    sd: SDConfig = field(default_factory=SDConfig)  # Stable Diffusion 1.x / 2.x: the same keys as sdxl
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)  # sdxl, sd; the mini world uses its 10 classes
     student_init: str = "teacher"  # "teacher", or a .safetensors UNet (student.kind full) / LoRA (kind lora)
     student: StudentConfig = field(default_factory=StudentConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
@@ -130,6 +132,11 @@ class DistillConfig:
                 out[f"{name}_every_images"] = int(out.pop(f"{name}_every")) * per_step
         return out
 
+    @property
+    def pipeline_config(self) -> SDXLConfig | None:
+        """The active diffusers family's section (`sdxl` or `sd`); None in the mini world."""
+        return {"sdxl": self.sdxl, "sd": self.sd}.get(self.world)
+
     def validate(self) -> None:
         if self.max_images <= 0 and self.max_minutes <= 0:
             raise ConfigError("set a budget: max_images > 0 or max_minutes > 0")
@@ -139,8 +146,14 @@ class DistillConfig:
         if self.real.source != "data" and not self.pairs.online and self.pairs.count < self.micro_batch:
             raise ConfigError(f"pairs.count {self.pairs.count} is smaller than micro_batch {self.micro_batch}; "
                               "generate more pairs or lower micro_batch")
-        if self.world == "mini" and (self.prompts.source or self.sdxl.teacher_unet or self.sdxl.teacher_lora):
-            raise ConfigError("prompts.* and sdxl.* apply to world 'sdxl'; the mini world's prompts are its 10 classes")
+        if self.world == "mini" and (self.prompts.source or self.sdxl.teacher_unet or self.sdxl.teacher_lora
+                                     or self.sd.teacher_unet or self.sd.teacher_lora):
+            raise ConfigError("prompts.*, sdxl.* and sd.* apply to worlds 'sdxl' and 'sd'; the mini world's prompts "
+                              "are its 10 classes")
+        other = {"sdxl": "sd", "sd": "sdxl"}.get(self.world)
+        if other and (getattr(self, other).teacher_unet or getattr(self, other).teacher_lora):
+            raise ConfigError(f"{other}.* applies to world '{other}'; this run is world '{self.world}': set "
+                              f"{self.world}.teacher_unet / {self.world}.teacher_lora instead")
         self.real.check_world(self.world)
         if self.world != "mini" and self.eval_every_images:
             raise ConfigError("eval_every_images applies to world 'mini' (its metric classifier); evaluate an SDXL "

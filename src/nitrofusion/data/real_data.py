@@ -130,7 +130,7 @@ def folder_real_pairs(adapter, folder: str | Path, resolution: int, count: int =
 def real_pairs(cfg, adapter: ModelAdapter, progress: bool = True) -> Pairs:
     if cfg.world == "mini":
         return mini_real_pairs(adapter, cfg.real.count, cfg.real.seed)
-    return folder_real_pairs(adapter, cfg.real.data, cfg.sdxl.resolution, cfg.real.count, cfg.real.seed,
+    return folder_real_pairs(adapter, cfg.real.data, cfg.pipeline_config.resolution, cfg.real.count, cfg.real.seed,
                              progress=progress)
 
 

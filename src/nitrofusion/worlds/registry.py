@@ -19,10 +19,12 @@ def register(world: World) -> World:
 def registered() -> dict[str, World]:
     if not _WORLDS:  # the built-in worlds, imported on first use (each imports its own model code lazily)
         from .mini.world import MiniWorld
+        from .sd.world import SDWorld
         from .sdxl.world import SDXLWorld
 
         register(MiniWorld())
         register(SDXLWorld())
+        register(SDWorld())
     return _WORLDS
 
 

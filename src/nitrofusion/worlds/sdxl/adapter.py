@@ -20,8 +20,7 @@ from ...sampling.scheduler import config_for
 from ...unet_weights import load_checked, read_weights, strip_prefixes
 from ..adapter import Cond, ModelAdapter
 from .config import SDXLConfig
-
-REQUIRED = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+from .family import SDXL, Family, check_pipeline_folder
 
 
 @contextlib.contextmanager
@@ -40,22 +39,6 @@ def _quiet_transformers():
 
 def module_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
-
-
-def check_pipeline_folder(folder: Path) -> None:
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise NitroFusionError(f"teacher folder {folder} is not a diffusers pipeline (no model_index.json); give "
-                               "a folder written by StableDiffusionXLPipeline.save_pretrained")
-    try:
-        parts = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise NitroFusionError(f"{index} is not valid JSON ({e.msg}); re-save the pipeline") from None
-    missing = [p for p in REQUIRED if not parts.get(p) or parts[p][0] is None or not (folder / p).is_dir()]
-    if missing:
-        raise NitroFusionError(f"teacher folder {folder} is not an SDXL pipeline: it lacks {', '.join(missing)} "
-                               f"(its class is {parts.get('_class_name', 'unknown')}); SDXL needs two text "
-                               "encoders, a UNet, a VAE and a scheduler")
 
 
 def load_unet_weights(unet: UNet2DConditionModel, path: Path) -> None:
@@ -77,24 +60,31 @@ def _component(cls, folder: Path):
 
 
 class SDXLAdapter(ModelAdapter):
+    family: Family = SDXL
+
     def __init__(self, folder: str | Path, cfg: SDXLConfig | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None) -> None:
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
         folder = Path(folder)
-        check_pipeline_folder(folder)
-        tokenizers = [_component(CLIPTokenizer, folder / name) for name in ("tokenizer", "tokenizer_2")]
-        with _quiet_transformers():
-            encoders = [_component(CLIPTextModel, folder / "text_encoder"),
-                        _component(CLIPTextModelWithProjection, folder / "text_encoder_2")]
+        check_pipeline_folder(folder, self.family)
+        tokenizers, encoders = self._load_text(folder)
         unet = _component(UNet2DConditionModel, folder / "unet")
-        if unet.config.addition_embed_type != "text_time":
-            raise NitroFusionError(f"{folder / 'unet'} is not an SDXL UNet (addition_embed_type is "
-                                   f"{unet.config.addition_embed_type!r}, SDXL's is 'text_time')")
+        if unet.config.addition_embed_type != ("text_time" if self.family.text_time else None):
+            raise NitroFusionError(f"{folder / 'unet'} is not {self.family.article} {self.family.label} UNet "
+                                   f"(addition_embed_type is {unet.config.addition_embed_type!r})")
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         self.folder = folder
         self._setup(tokenizers, encoders, unet, _component(AutoencoderKL, folder / "vae"), scheduler_config,
                     cfg or SDXLConfig(), device, dtype)
+
+    def _load_text(self, folder: Path) -> tuple[list, list]:
+        """SDXL's two tokenizers and text encoders (CLIP ViT-L, and OpenCLIP bigG with its projection)."""
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        tokenizers = [_component(CLIPTokenizer, folder / name) for name in ("tokenizer", "tokenizer_2")]
+        with _quiet_transformers():
+            encoders = [_component(CLIPTextModel, folder / "text_encoder"),
+                        _component(CLIPTextModelWithProjection, folder / "text_encoder_2")]
+        return tokenizers, encoders
 
     @classmethod
     def from_components(cls, tokenizers: list, text_encoders: list, unet: UNet2DConditionModel, vae: AutoencoderKL,
@@ -130,27 +120,23 @@ class SDXLAdapter(ModelAdapter):
         self.to(device, dtype)
 
     def _fuse_lora(self, path: Path, scale: float) -> None:
-        from diffusers import StableDiffusionXLPipeline
-
         from ...data.pairs import fingerprint  # per-tensor sums: no second copy of a 10 GB UNet to compare against
 
         if not path.exists():
             raise NitroFusionError(f"teacher LoRA not found: {path}")
         before = fingerprint(self.teacher_unet)
-        pipe = StableDiffusionXLPipeline(vae=self.vae, text_encoder=self.text_encoders[0],
-                                         text_encoder_2=self.text_encoders[1], tokenizer=self.tokenizers[0],
-                                         tokenizer_2=self.tokenizers[1], unet=self.teacher_unet,
-                                         scheduler=DDPMScheduler())
-        try:
-            pipe.load_lora_weights(str(path), adapter_name="teacher")
-            pipe.fuse_lora(lora_scale=scale, adapter_names=["teacher"])
-            pipe.unload_lora_weights()
+        unet = self.teacher_unet
+        try:  # the family's own LoRA reader (kohya, PEFT and other layouts), then fused into the UNet
+            state, alphas = self.family.pipeline_class().lora_state_dict(str(path), unet_config=unet.config)
+            unet.load_lora_adapter(state, network_alphas=alphas, prefix="unet", adapter_name="teacher")
+            unet.fuse_lora(lora_scale=scale, adapter_names=["teacher"])
+            unet.unload_lora()
         except Exception as e:  # noqa: BLE001 - diffusers/peft raise many types for a LoRA that does not fit
             raise NitroFusionError(f"LoRA {path} does not apply to this teacher "
                                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         if fingerprint(self.teacher_unet) == before:
             raise NitroFusionError(f"LoRA {path} changed no UNet weight: its keys match no module of this UNet "
-                                   "(is it an SDXL LoRA?)")
+                                   f"(is it {self.family.article} {self.family.label} LoRA?)")
 
     def to(self, device, dtype: torch.dtype | None = None) -> SDXLAdapter:
         """Move the frozen parts; the VAE stays fp32 (SDXL's VAE overflows in fp16: force_upcast)."""

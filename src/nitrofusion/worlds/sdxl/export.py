@@ -1,13 +1,14 @@
 """Moving models out of (and between) NitroFusion runs: diffusers folders, original single files, LoRAs, and
 the weight-delta transfer of docs/method.md §6.
 
-- diffusers: a complete SDXL pipeline folder (the base's text encoders, tokenizers and VAE + the student UNet +
-  TimestepShiftLCMScheduler), loadable by stock `StableDiffusionXLPipeline.from_pretrained` once nitrofusion is
-  imported.
-- single-file: the original SDXL checkpoint layout that A1111 and ComfyUI load (model.diffusion_model.*,
-  first_stage_model.*, conditioner.embedders.{0,1}.*). The diffusers -> original key map is built here from the
-  model configs; every export is checked by converting back with diffusers' own original -> diffusers converters
-  and comparing every tensor bitwise.
+- diffusers: a complete pipeline folder (the base's text encoders, tokenizers and VAE + the student UNet +
+  TimestepShiftLCMScheduler), loadable by stock `StableDiffusionXLPipeline.from_pretrained` (SD 1.x/2.x:
+  `StableDiffusionPipeline`) once nitrofusion is imported.
+- single-file: the original checkpoint layout that A1111 and ComfyUI load (model.diffusion_model.*,
+  first_stage_model.*, and SDXL's conditioner.embedders.{0,1}.* or SD's cond_stage_model.*: CLIP ViT-L for 1.x,
+  OpenCLIP ViT-H for 2.x). The diffusers -> original key map is built here from the model configs; every export
+  is checked by converting back with diffusers' own original -> diffusers converters and comparing every tensor
+  bitwise.
 - lora: per-layer truncated SVD of student - base over every Linear and Conv2d of the UNet, saved in diffusers'
   PEFT format; what LoRA cannot hold (norms, biases) is reported, never hidden.
 - transfer: theta_custom + (theta_student - theta_base) in fp32 (docs/method.md §6).
@@ -30,6 +31,7 @@ import torch
 
 from ...errors import NitroFusionError
 from ...unet_weights import check_same_layout, read_weights_file
+from .family import SDXL, family_of_unet_config
 from .pipeline import (
     SHIFT_METADATA_KEY,
     ModelRef,
@@ -51,6 +53,7 @@ FORMATS = ("diffusers", "single-file", "lora")
 SCHEDULER_ENTRY = ["nitrofusion", "TimestepShiftLCMScheduler"]
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 CLIP_L_PREFIX, CLIP_G_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+SD1_CLIP_PREFIX, SD2_CLIP_PREFIX = "cond_stage_model.transformer.", "cond_stage_model.model."
 
 
 @contextlib.contextmanager
@@ -99,7 +102,7 @@ def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None
     return out
 
 
-# ---- single file: diffusers -> original SDXL layout -----------------------------------------------------------
+# ---- single file: diffusers -> original (SGM / LDM) layout--------------------------------------------------------
 
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -107,11 +110,12 @@ _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "
 
 
 def unet_module_map(config) -> dict[str, tuple[str, dict[str, str] | None]]:
-    """diffusers module prefix -> (original prefix, renames of the parts inside it) for an SDXL-layout UNet
-    (SGM's UNetModel: input_blocks / middle_block / output_blocks)."""
+    """diffusers module prefix -> (original prefix, renames of the parts inside it) for an SDXL- or SD-layout UNet
+    (LDM/SGM's UNetModel: input_blocks / middle_block / output_blocks; SD 1.x/2.x have no add_embedding)."""
     lpb = config["layers_per_block"]
     if not isinstance(lpb, int):
-        raise NitroFusionError("single-file export needs one layers_per_block for all UNet blocks (SDXL's layout)")
+        raise NitroFusionError("single-file export needs one layers_per_block for all UNet blocks (SDXL's and SD's "
+                               "layout)")
     n = len(config["block_out_channels"])
     m: dict[str, tuple[str, dict[str, str] | None]] = {
         "time_embedding.linear_1": ("time_embed.0", None), "time_embedding.linear_2": ("time_embed.2", None),
@@ -176,8 +180,8 @@ def _remap(state: dict[str, torch.Tensor], modules: dict, what: str) -> dict[str
                 out[f"{new_prefix}.{rest}"] = value
                 break
         else:
-            raise NitroFusionError(f"single-file export: the {what} key '{key}' has no place in the original SDXL "
-                                   "layout (is this an SDXL-layout model?)")
+            raise NitroFusionError(f"single-file export: the {what} key '{key}' has no place in the original "
+                                   "layout (is this an SDXL- or SD-layout model?)")
     return out
 
 
@@ -235,13 +239,28 @@ def open_clip_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def text_layout(pipe) -> str:
+    """Which original text-encoder layout a pipeline's encoders take: "sdxl" (CLIP ViT-L + OpenCLIP bigG), "sd2"
+    (OpenCLIP ViT-H: SD 2.x, whose UNet alone uses linear projections among SD UNets) or "sd1" (CLIP ViT-L)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
+    return "sd2" if pipe.unet.config.use_linear_projection else "sd1"
+
+
 def pipeline_to_original(pipe) -> dict[str, torch.Tensor]:
-    """The whole SDXL pipeline as one original-layout state dict."""
+    """The whole pipeline as one original-layout state dict."""
     sd: dict[str, torch.Tensor] = {}
     sd.update({UNET_PREFIX + k: v for k, v in unet_to_original(pipe.unet.state_dict(), pipe.unet.config).items()})
     sd.update({VAE_PREFIX + k: v for k, v in vae_to_original(pipe.vae.state_dict(), pipe.vae.config).items()})
-    sd.update({CLIP_L_PREFIX + k: v for k, v in _with_text_model(pipe.text_encoder.state_dict()).items()})
-    sd.update({CLIP_G_PREFIX + k: v for k, v in open_clip_from_hf(pipe.text_encoder_2.state_dict()).items()})
+    text = pipe.text_encoder.state_dict()
+    layout = text_layout(pipe)
+    if layout == "sdxl":
+        sd.update({CLIP_L_PREFIX + k: v for k, v in _with_text_model(text).items()})
+        sd.update({CLIP_G_PREFIX + k: v for k, v in open_clip_from_hf(pipe.text_encoder_2.state_dict()).items()})
+    elif layout == "sd2":
+        sd.update({SD2_CLIP_PREFIX + k: v for k, v in open_clip_from_hf(text).items()})
+    else:
+        sd.update({SD1_CLIP_PREFIX + k: v for k, v in _with_text_model(text).items()})
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
@@ -255,13 +274,24 @@ def original_to_diffusers(sd: dict[str, torch.Tensor], pipe) -> dict[str, dict[s
     )
 
     back = {"unet": convert_ldm_unet_checkpoint(sd, dict(pipe.unet.config)),
-            "vae": convert_ldm_vae_checkpoint(sd, dict(pipe.vae.config)),
-            "text_encoder": convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(CLIP_L_PREFIX)}),
-            "text_encoder_2": convert_open_clip_checkpoint(pipe.text_encoder_2, sd, prefix=CLIP_G_PREFIX)}
+            "vae": convert_ldm_vae_checkpoint(sd, dict(pipe.vae.config))}
+    layout = text_layout(pipe)
+    if layout == "sdxl":
+        back["text_encoder"] = convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(CLIP_L_PREFIX)})
+        back["text_encoder_2"] = convert_open_clip_checkpoint(pipe.text_encoder_2, sd, prefix=CLIP_G_PREFIX)
+    elif layout == "sd2":
+        back["text_encoder"] = convert_open_clip_checkpoint(pipe.text_encoder, sd, prefix=SD2_CLIP_PREFIX)
+    else:
+        back["text_encoder"] = convert_ldm_clip_checkpoint({k: v for k, v in sd.items()
+                                                           if k.startswith(SD1_CLIP_PREFIX)})
     for name in ("text_encoder", "text_encoder_2"):  # as from_single_file does for a flattened CLIPTextModel
-        if not hasattr(getattr(pipe, name), "text_model"):
+        if name in back and not hasattr(getattr(pipe, name), "text_model"):
             back[name] = {k.removeprefix("text_model."): v for k, v in back[name].items()}
     return back
+
+
+# the keys diffusers' from_single_file recognises each layout's text encoders by
+TEXT_MARKERS = {"sdxl": ("clip_sdxl", "open_clip_sdxl"), "sd2": ("open_clip",), "sd1": ("clip",)}
 
 
 def verify_round_trip(sd: dict[str, torch.Tensor], pipe) -> int:
@@ -269,7 +299,7 @@ def verify_round_trip(sd: dict[str, torch.Tensor], pipe) -> int:
     Returns the number of tensors checked."""
     from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
 
-    for marker in ("clip_sdxl", "open_clip_sdxl"):  # the keys from_single_file recognises SDXL's encoders by
+    for marker in TEXT_MARKERS[text_layout(pipe)]:
         if CHECKPOINT_KEY_NAMES[marker] not in sd:
             raise NitroFusionError(f"single-file export lacks '{CHECKPOINT_KEY_NAMES[marker]}'")
     back = original_to_diffusers(sd, pipe)
@@ -286,6 +316,17 @@ def verify_round_trip(sd: dict[str, torch.Tensor], pipe) -> int:
     return checked
 
 
+def architecture(pipe) -> str:
+    """modelspec.architecture (the Stability AI model-spec names that A1111 and ComfyUI read)."""
+    layout = text_layout(pipe)
+    if layout == "sdxl":
+        return "stable-diffusion-xl-v1-base"
+    if layout == "sd1":
+        return "stable-diffusion-v1"
+    v = pipe.scheduler.config.get("prediction_type") == "v_prediction"
+    return f"stable-diffusion-v2-{'768-v' if v else '512'}"
+
+
 def export_single_file(model: str | Path, out: str | Path, base: str | Path | None = None,
                        shift: int | None = None, dtype: torch.dtype | None = None) -> dict:
     from safetensors.torch import save_file
@@ -299,12 +340,13 @@ def export_single_file(model: str | Path, out: str | Path, base: str | Path | No
     sd = pipeline_to_original(pipe)
     checked = verify_round_trip(sd, pipe)
     shift_used = pipe.scheduler.config.shifted_timestep
-    meta = {SHIFT_METADATA_KEY: str(shift_used), "modelspec.architecture": "stable-diffusion-xl-v1-base",
+    meta = {SHIFT_METADATA_KEY: str(shift_used), "modelspec.architecture": architecture(pipe),
             "nitrofusion.sampling": f"TimestepShiftLCMScheduler, shifted_timestep={shift_used}, "
                                     "original_inference_steps=4, 1-4 steps, guidance scale 0"}
     with staged_output(out) as tmp:
         save_file(sd, str(tmp), metadata=meta)
-    return {"path": str(out), "tensors": len(sd), "round_trip_checked": checked, "shift": shift_used}
+    return {"path": str(out), "tensors": len(sd), "round_trip_checked": checked, "shift": shift_used,
+            "architecture": meta["modelspec.architecture"]}
 
 
 # ---- LoRA: truncated SVD of student - base --------------------------------------------------------------------
@@ -374,12 +416,14 @@ LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoraCon
 
 def lora_to_kohya(lora: dict[str, torch.Tensor], unet_config, rank: int,
                   alpha: float | None = None) -> dict[str, torch.Tensor]:
-    """The same factors under the kohya / sd-scripts names that A1111, Forge and ComfyUI read for SDXL:
-    `lora_unet_{original module path, dots as underscores}.lora_down.weight` (= PEFT's lora_A), `.lora_up.weight`
-    (= lora_B) and `.alpha` (kohya's scale is alpha/rank, as PEFT's; alpha defaults to the rank: scale 1)."""
+    """The same factors under the kohya / sd-scripts names that A1111, Forge and ComfyUI read:
+    `lora_unet_{module path, dots as underscores}.lora_down.weight` (= PEFT's lora_A), `.lora_up.weight`
+    (= lora_B) and `.alpha` (kohya's scale is alpha/rank, as PEFT's; alpha defaults to the rank: scale 1). The
+    module path is the original layout's for SDXL and diffusers' own for SD 1.x/2.x, as sd-scripts writes them."""
     modules = [k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")]
-    renamed = _remap({f"{m}.weight": lora[f"{m}.lora_A.weight"] for m in modules}, unet_module_map(unet_config),
-                     "LoRA")
+    weights = {f"{m}.weight": lora[f"{m}.lora_A.weight"] for m in modules}
+    sdxl = family_of_unet_config(dict(unet_config)) is SDXL
+    renamed = _remap(weights, unet_module_map(unet_config), "LoRA") if sdxl else weights
     out: dict[str, torch.Tensor] = {}
     for module, orig in zip(modules, renamed, strict=True):  # _remap keeps the order
         stem = "lora_unet_" + orig.removesuffix(".weight").replace(".", "_")
@@ -471,14 +515,20 @@ def save_lora_files(folder: Path, lora: dict[str, torch.Tensor], unet_config, ra
     """PEFT factors (`{module}.lora_A.weight` / `.lora_B.weight`, scale alpha/rank, 1 unless `alpha`) as diffusers'
     pytorch_lora_weights.safetensors and as the kohya-style file. `metadata`: the adapter's LoraConfig, stored
     as diffusers does so `load_lora_weights` rebuilds the same adapter (rank, alpha, targets)."""
-    from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
-    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=lora, safe_serialization=True,
-                                                unet_lora_adapter_metadata=metadata)
+    family = family_of_unet_config(dict(unet_config))
+    family.pipeline_class().save_lora_weights(folder, unet_lora_layers=lora, safe_serialization=True,
+                                              unet_lora_adapter_metadata=metadata)
     alpha = alpha or rank
+    if family is SDXL:
+        version, arch = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"
+    elif unet_config["use_linear_projection"]:
+        version, arch = "sd_v2", "stable-diffusion-v2/lora"
+    else:
+        version, arch = "sd_v1", "stable-diffusion-v1/lora"
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
-            "ss_base_model_version": "sdxl_base_v1-0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
+            "ss_base_model_version": version, "modelspec.architecture": arch}
     if shift is not None:
         meta[SHIFT_METADATA_KEY] = str(shift)
     save_file(lora_to_kohya(lora, unet_config, rank, alpha), str(folder / KOHYA_LORA_FILE), metadata=meta)

@@ -1,4 +1,6 @@
-"""SDXL inference in 1-4 steps from any NitroFusion model (docs/method.md §5), in a stock `StableDiffusionXLPipeline`.
+"""Inference in 1-4 steps from any NitroFusion model of a UNet pipeline family (docs/method.md §5): SDXL in a stock
+`StableDiffusionXLPipeline`, Stable Diffusion 1.x/2.x in a stock `StableDiffusionPipeline` (family.py: the family
+is read from the folders, never from a name).
 
 A model is one of:
 - a run folder (RUN/config.yaml + RUN/student/{unet,scheduler}); the text encoders and VAE come from the
@@ -27,6 +29,7 @@ from ...errors import NitroFusionError, describe
 from ...sampling.student import check_steps
 from ...unet_weights import check_same_layout, read_weights_file
 from .architectures import check_family, is_lora
+from .family import Family, check_pipeline_folder, family_named, family_of_unet_config
 
 SHIFT_BY_NAME = {"realism": 250, "vibrant": 500}  # the released NitroSD-Realism / -Vibrant (docs/method.md §2.3)
 SHIFT_METADATA_KEY = "nitrofusion.shifted_timestep"  # written by our single-file and transfer outputs
@@ -65,8 +68,9 @@ class ModelRef:
 
     kind: str
     path: Path
-    base: Path | None = None  # SDXL pipeline folder with the text encoders, tokenizers and VAE
+    base: Path | None = None  # pipeline folder with the text encoders, tokenizers and VAE
     resolution: int | None = None  # the run's training resolution (pixels)
+    family: Family | None = None  # a run's (its world), else the base folder's, else the pipeline folder's
 
     @property
     def student_dir(self) -> Path | None:
@@ -115,29 +119,31 @@ def resolve(model: str | Path, base: str | Path | None = None) -> ModelRef:
         raise NitroFusionError(f"UNet weights file not found: {path}")
     if kind == "run":
         cfg = run_config(path)
-        if cfg.get("world", "mini") != "sdxl":
-            raise NitroFusionError(f"{path} is a mini-world run; SDXL export, transfer and pipelines need an SDXL run")
-        ref.resolution = (cfg.get("sdxl") or {}).get("resolution")
+        world = cfg.get("world", "mini")
+        if world == "mini":
+            raise NitroFusionError(f"{path} is a mini-world run; export, transfer and pipelines need an SDXL or SD run")
+        ref.family = family_named(world)
+        ref.resolution = (cfg.get(world) or {}).get("resolution")
         if ref.base is None:
             if not cfg.get("teacher"):
-                raise NitroFusionError(f"{path / 'config.yaml'} names no teacher folder; pass --base SDXL_FOLDER")
+                raise NitroFusionError(f"{path / 'config.yaml'} names no teacher folder; pass --base PIPELINE_FOLDER")
             ref.base = Path(cfg["teacher"])
             if not ref.base.is_dir():
                 raise NitroFusionError(f"the run's teacher folder {ref.base} (from {path / 'config.yaml'}) is not "
-                                       "there; pass --base SDXL_FOLDER")
+                                       "there; pass --base PIPELINE_FOLDER")
     if ref.base is not None:
-        from .adapter import check_pipeline_folder
-
         if not ref.base.is_dir():
-            raise NitroFusionError(f"base SDXL folder not found: {ref.base}")
-        check_pipeline_folder(ref.base)
+            raise NitroFusionError(f"base pipeline folder not found: {ref.base}")
+        ref.family = check_pipeline_folder(ref.base, ref.family, "base folder")
+    elif kind == "pipeline":
+        ref.family = check_pipeline_folder(path, None, "pipeline folder")
     return ref
 
 
 def need_base(ref: ModelRef, what: str) -> Path:
     if ref.base is None:
         raise NitroFusionError(f"{ref.path} is a {'UNet file' if ref.kind == 'file' else ref.kind + ' folder'}: "
-                               f"{what} needs --base SDXL_FOLDER (the SDXL pipeline its UNet belongs to)")
+                               f"{what} needs --base PIPELINE_FOLDER (the SDXL or SD pipeline its UNet belongs to)")
     return ref.base
 
 
@@ -167,7 +173,7 @@ def unet_from_state(config: dict, state: dict[str, torch.Tensor], source: str, d
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(config)
-    check_same_layout(unet.state_dict(), state, f"UNet weights {source}", "the base SDXL UNet config")
+    check_same_layout(unet.state_dict(), state, f"UNet weights {source}", "the base UNet config")
     dtype = dtype or torch.float32
     unet.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
     return unet.eval()
@@ -210,17 +216,19 @@ def load_unet(ref: ModelRef, dtype: torch.dtype | None = None):
     except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken folder
         raise NitroFusionError(f"cannot load the UNet in {folder} ({type(e).__name__}: "
                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    if unet.config.addition_embed_type != "text_time":
-        raise NitroFusionError(f"{folder} is not an SDXL UNet (addition_embed_type is "
-                               f"{unet.config.addition_embed_type!r}, SDXL's is 'text_time')")
+    family = family_of_unet_config(unet.config)
+    if ref.family is not None and family is not ref.family:
+        raise NitroFusionError(f"{folder} holds {family.article} {family.label} UNet, but its base is "
+                               f"{ref.family.article} {ref.family.label} pipeline: give a base of the same family")
     return unet.eval()
 
 
 def unet_with_lora(base: Path, lora: dict[str, torch.Tensor], source: Path, dtype: torch.dtype | None = None):
     """The base UNet with a UNet LoRA (diffusers/PEFT or kohya keys, as `export --format lora` writes) fused in;
     every factor must find its layer."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
+    family = check_pipeline_folder(base, None, "base folder")
     if any(k.startswith(("lora_te", "text_encoder", "te_")) for k in lora):
         raise NitroFusionError(f"LoRA {source} also holds text-encoder factors; nitrofusion applies UNet LoRAs only "
                                "(export one without the text encoders)")
@@ -229,7 +237,7 @@ def unet_with_lora(base: Path, lora: dict[str, torch.Tensor], source: Path, dtyp
     check_family(lora, unet.config, f"LoRA {source}", base)
     try:
         with quiet_loading():
-            converted, alphas = StableDiffusionXLPipeline.lora_state_dict(dict(lora), unet_config=unet.config)
+            converted, alphas = family.pipeline_class().lora_state_dict(dict(lora), unet_config=unet.config)
             unet.load_lora_adapter(converted, network_alphas=alphas, prefix="unet", adapter_name="nitrofusion")
     except Exception as e:  # noqa: BLE001 - diffusers' converters raise many types for a foreign layout
         raise NitroFusionError(f"cannot apply LoRA {source} to the UNet of {base} ({describe(e)})") from None
@@ -277,16 +285,14 @@ def load_scheduler(ref: ModelRef, shift: int | None = None):
 def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int | None = None,
                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None, fast: bool = False,
                   vae: str | Path | None = None, log=print):
-    """A stock diffusers `StableDiffusionXLPipeline` with the student UNet and the shifted LCM scheduler
-    (docs/method.md §5). Call it with guidance_scale=0 and 1-4 steps, or use `generate_images`.
-    `vae`: decode with this AutoencoderTiny/AutoencoderKL folder; `fast`: fused QKV, channels_last and
-    torch.compile where it runs (fast.py)."""
-    from diffusers import StableDiffusionXLPipeline
-
+    """A stock diffusers `StableDiffusionXLPipeline` (or `StableDiffusionPipeline` for an SD model) with the student
+    UNet and the shifted LCM scheduler (docs/method.md §5). Call it with guidance_scale=0 and 1-4 steps, or use
+    `generate_images`. `vae`: decode with this AutoencoderTiny/AutoencoderKL folder; `fast`: fused QKV, channels_last
+    and torch.compile where it runs (fast.py)."""
     if vae is not None:
         from .fast import load_vae
 
-        load_vae(vae)  # a wrong folder fails before the SDXL pipeline loads
+        load_vae(vae)  # a wrong folder fails before the pipeline loads
     ref = resolve(model, base)
     if ref.kind == "pipeline" and ref.base is not None:
         raise NitroFusionError(f"{ref.path} is a complete pipeline folder; --base applies to run folders and UNet "
@@ -303,13 +309,15 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
     if ref.kind != "pipeline":
         parts["unet"] = load_unet(ref, dtype)
         folder = need_base(ref, "a pipeline")
+    if ref.family.pipeline == "StableDiffusionPipeline":  # no safety checker: NitroFusion's outputs are the user's
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
         with quiet_loading():
-            pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, **parts)
+            pipe = ref.family.pipeline_class().from_pretrained(folder, dtype=dtype, **parts)
     except NitroFusionError:
         raise
     except Exception as e:  # noqa: BLE001 - a broken folder surfaces as many exception types
-        raise NitroFusionError(f"cannot load the SDXL pipeline in {folder} ({type(e).__name__}: "
+        raise NitroFusionError(f"cannot load the {ref.family.label} pipeline in {folder} ({type(e).__name__}: "
                                f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     pipe.set_progress_bar_config(disable=True)
     pipe.nitrofusion_resolution = ref.resolution  # the run's training resolution: the default image size
@@ -329,7 +337,7 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
 
 
 def default_size(pipe) -> int:
-    return getattr(pipe, "nitrofusion_resolution", None) or pipe.default_sample_size * pipe.vae_scale_factor
+    return getattr(pipe, "nitrofusion_resolution", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
 def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]:

@@ -18,6 +18,7 @@ EXAMPLES = ["a photo of a red fox in the snow", "an oil painting of a lighthouse
 class SDXLWorld(World):
     name = "sdxl"
     supported_options = ("--base", "--shift", "--height", "--width", "--dtype", "--fast", "--vae")
+    examples = EXAMPLES
 
     def adapter(self, cfg: DistillConfig) -> ModelAdapter:
         from .adapter import SDXLAdapter
@@ -30,7 +31,7 @@ class SDXLWorld(World):
         from ...data.prompts import open_prompts
 
         if not cfg.prompts.source:
-            raise NitroFusionError("world 'sdxl' needs prompts: --prompts FILE (.txt, .csv, .jsonl, a datasets "
+            raise NitroFusionError(f"world '{self.name}' needs prompts: --prompts FILE (.txt, .csv, .jsonl, a datasets "
                                    "folder or hf:NAME)")
         source = open_prompts(cfg.prompts.source, cfg.prompts.column, cfg.prompts.split, cfg.prompts.max_chars)
         source.count()  # one streamed pass: fails now on an unusable source, and counts what was skipped
@@ -39,8 +40,10 @@ class SDXLWorld(World):
         return source
 
     def recognises(self, kind: str, path: Path) -> bool:
-        if kind in ("pipeline", "file"):  # a weights file's family is checked against --base when it loads
+        if kind == "file":  # a weights file's family is its --base folder's, checked when it loads
             return True
+        if kind == "pipeline":
+            return json.loads((path / "model_index.json").read_text()).get("_class_name") == "StableDiffusionXLPipeline"
         file = path / "unet" / "config.json" if kind == "student" else path / "config.json"
         return file.is_file() and json.loads(file.read_text()).get("addition_embed_type") == "text_time"
 
@@ -64,7 +67,7 @@ class SDXLWorld(World):
         def run(prompt: str, steps: int, seed: int):
             return generate_images(pipe, [prompt], steps, seed, height=size, width=size, batch_size=1)[0]
 
-        return run, EXAMPLES
+        return run, self.examples
 
     def evaluate(self, model: str, steps: list[int], out: Path, options: dict) -> list[str]:
         from ...real_metrics import RealMetricsConfig
@@ -102,9 +105,9 @@ class SDXLWorld(World):
                          f"{r['relative_error_covered']:.4f} on those layers; {100 * r['uncovered_fraction']:.2f}% of "
                          "the delta (squared norm) is in norms/biases that LoRA cannot hold")
         elif fmt == "single-file":
-            lines.append(f"{r['tensors']} tensors in the original SDXL layout; round trip through diffusers' "
-                         f"converters exact for all {r['round_trip_checked']} tensors; sample with shift {r['shift']}, "
-                         "1-4 steps, no CFG")
+            lines.append(f"{r['tensors']} tensors in the original {r['architecture']} layout; round trip through "
+                         f"diffusers' converters exact for all {r['round_trip_checked']} tensors; sample with shift "
+                         f"{r['shift']}, 1-4 steps, no CFG")
         return lines + [f"exported to {out}"]
 
     def transfer(self, student: str, base: str, custom: str, out: str, options: dict) -> list[str]:

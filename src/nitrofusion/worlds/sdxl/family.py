@@ -1,0 +1,80 @@
+"""The UNet pipeline families that share this folder's inference machinery (pipeline, export, fast path,
+evaluation): SDXL, and Stable Diffusion 1.x / 2.x (worlds/sd/). A folder's family comes from what diffusers
+wrote in it (model_index.json's class, the UNet's config), never from a name, so a run, an export or a base
+folder of the other family is refused in one line that names both.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import NitroFusionError
+
+
+@dataclass(frozen=True)
+class Family:
+    world: str  # the world (and config section) that trains it
+    label: str  # for messages
+    pipeline: str  # the diffusers pipeline class
+    parts: tuple[str, ...]  # model_index.json entries a usable folder must have
+    text_time: bool  # SDXL's micro-conditioning (addition_embed_type "text_time") in the UNet
+    article: str = "a"
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline)
+
+
+SDXL = Family("sdxl", "SDXL", "StableDiffusionXLPipeline",
+              ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"), True, "an")
+SD = Family("sd", "Stable Diffusion 1.x/2.x", "StableDiffusionPipeline",
+            ("unet", "vae", "text_encoder", "tokenizer", "scheduler"), False)
+FAMILIES = {f.world: f for f in (SDXL, SD)}
+
+
+def family_named(world: str) -> Family:
+    if world not in FAMILIES:
+        raise NitroFusionError(f"world {world!r} has no diffusers pipeline family (choose {', '.join(FAMILIES)})")
+    return FAMILIES[world]
+
+
+def family_of_unet_config(config: dict) -> Family:
+    return SDXL if config.get("addition_embed_type") == "text_time" else SD
+
+
+def _describe(name: str | None) -> str:
+    for f in FAMILIES.values():
+        if f.pipeline == name:
+            return f"{f.article} {f.label} pipeline ({name})"
+    return f"a {name} folder" if name else "a folder of unknown class"
+
+
+def check_pipeline_folder(folder: Path, expect: Family | None = None, role: str = "teacher folder") -> Family:
+    """The family of a diffusers pipeline folder; a folder that is no pipeline, lacks a part, or (with `expect`)
+    belongs to another family is one line naming what it is and what was needed."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        want = expect.pipeline if expect else "StableDiffusionXLPipeline or StableDiffusionPipeline"
+        raise NitroFusionError(f"{role} {folder} is not a diffusers pipeline (no model_index.json); give a folder "
+                               f"written by {want}.save_pretrained")
+    try:
+        entries = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise NitroFusionError(f"{index} is not valid JSON ({e.msg}); re-save the pipeline") from None
+    name = entries.get("_class_name")
+    family = next((f for f in FAMILIES.values() if f.pipeline == name), None)
+    if expect is not None and family is not expect:
+        raise NitroFusionError(f"{role} {folder} is {_describe(name)}, but world '{expect.world}' needs "
+                               f"{_describe(expect.pipeline)}: give such a folder, or a preset of world "
+                               f"'{family.world if family else '?'}'")
+    if family is None:
+        raise NitroFusionError(f"{role} {folder} is {_describe(name)}; nitrofusion reads "
+                               f"{' and '.join(f.pipeline for f in FAMILIES.values())} folders")
+    missing = [p for p in family.parts if not entries.get(p) or entries[p][0] is None or not (folder / p).is_dir()]
+    if missing:
+        raise NitroFusionError(f"{role} {folder} is not a complete {family.label} pipeline: it lacks "
+                               f"{', '.join(missing)}")
+    return family
