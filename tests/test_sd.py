@@ -235,5 +235,45 @@ def test_sd_adapter_refuses_a_folder_without_a_text_encoder(family, tmp_path):
     index = json.loads((folder / "model_index.json").read_text())
     index.pop("text_encoder")
     (tmp_path / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(NitroFusionError, match="not a complete Stable Diffusion 1.x/2.x pipeline: it lacks .*text_encoder"):
+    with pytest.raises(NitroFusionError, match="not a complete Stable Diffusion 1.x/2.x pipeline: it lacks .*text_enc"):
         _adapter(tmp_path)
+
+
+def test_transfer_is_exact_arithmetic_from_folders_and_an_original_layout_file(family, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from nitrofusion.worlds.sd.testing import sd_unet_config
+    from nitrofusion.worlds.sdxl.export import unet_to_original
+
+    variant, folder, run = family
+    torch.manual_seed(7)
+    custom = UNet2DConditionModel(**sd_unet_config(variant))  # a "fine-tuned SD": same layout, other weights
+    custom.save_pretrained(tmp_path / "custom")
+    assert main(["transfer", "--student", str(run), "--base", str(folder), "--custom", str(tmp_path / "custom"),
+                 "--out", str(tmp_path / "out")]) == 0
+    s, b = (UNet2DConditionModel.from_pretrained(p).state_dict() for p in (run / "student" / "unet", folder / "unet"))
+    c, got = custom.state_dict(), UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet").state_dict()
+    assert got.keys() == s.keys() and all(torch.equal(got[k], c[k] + (s[k] - b[k])) for k in s)
+    save_file({"model.diffusion_model." + k: v for k, v in unet_to_original(c, custom.config).items()},
+              str(tmp_path / "custom_a1111.safetensors"))
+    assert main(["transfer", "--student", str(run), "--base", str(folder), "--custom",
+                 str(tmp_path / "custom_a1111.safetensors"), "--out", str(tmp_path / "out.safetensors")]) == 0
+    again = load_file(str(tmp_path / "out.safetensors"))
+    assert again.keys() == got.keys() and all(torch.equal(again[k], got[k]) for k in got)
+
+
+def test_the_fast_path_gives_the_eager_images(family):
+    """Fused QKV, channels_last and the regional compile (aot_eager: the graph capture, seconds on a CPU)."""
+    from nitrofusion import load_pipeline
+    from nitrofusion.worlds.sdxl.fast import make_fast
+    from nitrofusion.worlds.sdxl.pipeline import generate_images
+
+    _, _, run = family
+    eager, fast = load_pipeline(run), load_pipeline(run)
+    applied = make_fast(fast, backend="aot_eager", log=print)
+    assert applied["fused_qkv"] and applied["compiled"] == "regional default"
+    for steps in (1, 4):
+        a, b = (np.stack([np.asarray(im, dtype=np.float32) for im in generate_images(p, PROMPTS, steps, 3)])
+                for p in (eager, fast))
+        assert np.abs(a - b).max() <= 1  # uint8 PNG levels: float sums in another order may round one level
