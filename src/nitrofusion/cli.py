@@ -61,11 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.set_defaults(func=cmd_demo)
 
-    p = command(sub, "distill", "run NitroFusion distillation (mini world or SDXL; `accelerate launch "
+    p = command(sub, "distill", "run NitroFusion distillation (mini world, SDXL or SD 1.x/2.x; `accelerate launch "
                        "-m nitrofusion distill` for many processes)")
     _add_config_args(p, "mini", resumable=True)
-    p.add_argument("--teacher", help="teacher folder: a diffusers SDXL pipeline (sdxl presets) or a mini teacher")
-    p.add_argument("--prompts", help="prompt source for sdxl: .txt, .csv/.jsonl (prompts.column), a datasets "
+    p.add_argument("--teacher", help="teacher folder: a diffusers SDXL (sdxl presets) or SD 1.x/2.x (sd15, sd21) "
+                   "pipeline, or a mini teacher")
+    p.add_argument("--prompts", help="prompt source for sdxl and sd: .txt, .csv/.jsonl (prompts.column), a datasets "
                    "folder, or hf:NAME")
     p.add_argument("--out", required=True, help="run folder: config, log, checkpoints, student")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "released NitroSD UNet file")
     p.add_argument("--model", required=True, help="run folder (from distill/demo) or its student/ folder, an "
                    "exported diffusers folder, or a UNet .safetensors (with --base)")
-    p.add_argument("--base", help="SDXL pipeline folder giving the text encoders and VAE (default for a run: its "
+    p.add_argument("--base", help="SDXL or SD pipeline folder giving the text encoders and VAE (default for a run: its "
                    "teacher folder)")
     p.add_argument("--shift", type=int, help="timestep shift for a UNet file (default: its metadata or name: "
                    "realism 250, vibrant 500)")
@@ -102,13 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for PNG files and grid.png")
     p.set_defaults(func=cmd_generate)
 
-    p = command(sub, "export", "export an SDXL student as a diffusers folder, an original-layout single "
+    p = command(sub, "export", "export an SDXL or SD student as a diffusers folder, an original-layout single "
                        "file (A1111/ComfyUI) or a LoRA of student - base")
-    p.add_argument("model", help="SDXL run folder (or student folder / exported folder / UNet file with --base)")
+    p.add_argument("model", help="SDXL or SD run folder (or student folder / exported folder / UNet file with --base)")
     p.add_argument("--format", required=True, help="diffusers, single-file or lora")
     p.add_argument("--out", required=True, help="folder (diffusers, lora) or .safetensors file (single-file); "
                    "must not exist")
-    p.add_argument("--base", help="base SDXL pipeline folder (default: the run's teacher folder)")
+    p.add_argument("--base", help="base SDXL or SD pipeline folder (default: the run's teacher folder)")
     p.add_argument("--shift", type=int, help="timestep shift for a UNet file without one")
     p.add_argument("--rank", type=int, help="LoRA rank of the SVD extraction from a full student (e.g. 64); a LoRA "
                    "run exports its trained adapters and takes no --rank")
@@ -135,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="held-out set and re-noising seed")
     p.add_argument("--teacher", help="teacher folder the held-out set comes from (default: shipped)")
     p.add_argument("--out", required=True, help="folder for results.json, results.md, grid.png")
-    g = p.add_argument_group("SDXL models (run folder, exported folder, or UNet file with --base)")
+    g = p.add_argument_group("SDXL and SD models (run folder, exported folder, or UNet file with --base)")
     g.add_argument("--prompts", help="prompt file (.txt/.csv/.jsonl) to generate from")
     g.add_argument("--coco", help="COCO captions annotation JSON (captions_val2014.json) or a caption TSV: the "
                    "COCO-5k protocol (--samples captions, one per image, drawn with --seed)")
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aesthetic", help="LAION improved-aesthetic-predictor MLP weights")
     g.add_argument("--aesthetic-clip", help="the CLIP ViT-L/14 the aesthetic predictor reads")
     g.add_argument("--image-reward", help="ImageReward checkpoint (needs the image-reward package)")
-    g.add_argument("--base", help="SDXL base folder (for a UNet file, or to override a run's teacher)")
+    g.add_argument("--base", help="SDXL or SD base folder (for a UNet file, or to override a run's teacher)")
     g.add_argument("--shift", type=int, help="timestep shift for a UNet file without one")
     g.add_argument("--batch-size", type=int, default=4, help="images per UNet call (default 4)")
     g.add_argument("--device", help="cuda or cpu")
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "app", "live demo in the browser: prompt in, image out in 1-4 steps (gradio)")
     p.add_argument("--model", required=True, help="run folder, exported folder, or UNet file (with --base)")
-    p.add_argument("--base", help="SDXL base folder (for a UNet file)")
+    p.add_argument("--base", help="SDXL or SD base folder (for a UNet file)")
     p.add_argument("--shift", type=int, help="timestep shift for a UNet file without one")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
                    "0.0.0.0 exposes the demo to the network)")
