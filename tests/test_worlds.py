@@ -23,8 +23,8 @@ def mini_run(mini_adapter, tmp_path_factory):
 
 
 def test_registry_names_every_world_and_refuses_others(tiny_cfg):
-    assert list(registered()) == ["mini", "sdxl", "sd"] and world_of_config(tiny_cfg()).name == "mini"
-    with pytest.raises(NitroFusionError, match="unknown world 'flux': choose mini, sdxl, sd"):
+    assert list(registered()) == ["mini", "sdxl", "sd", "sd3"] and world_of_config(tiny_cfg()).name == "mini"
+    with pytest.raises(NitroFusionError, match="unknown world 'flux': choose mini, sdxl, sd, sd3"):
         world_named("flux")
 
 

@@ -9,6 +9,10 @@ def __getattr__(name: str):
         from .sampling.scheduler import TimestepShiftLCMScheduler
 
         return TimestepShiftLCMScheduler
+    if name == "TimestepShiftFlowScheduler":
+        from .sampling.flow_scheduler import TimestepShiftFlowScheduler
+
+        return TimestepShiftFlowScheduler
     if name == "load_pipeline":
         from .worlds.sdxl.pipeline import load_pipeline
 

@@ -10,6 +10,7 @@ from .config import ranged
 from .errors import ConfigError
 from .method.config import AdversarialConfig, MultiStepConfig, PoolConfig
 from .worlds.sd.config import SDConfig
+from .worlds.sd3.config import SD3Config
 from .worlds.sdxl.config import SDXLConfig
 
 
@@ -85,10 +86,11 @@ class StudentConfig:
 
 @dataclass
 class DistillConfig:
-    world: Literal["mini", "sdxl", "sd"] = "mini"
+    world: Literal["mini", "sdxl", "sd", "sd3"] = "mini"
     teacher: str = ""  # teacher folder: a diffusers SDXL (sdxl) or SD 1.x/2.x (sd) pipeline; empty = mini's shipped one
     sdxl: SDXLConfig = field(default_factory=SDXLConfig)
     sd: SDConfig = field(default_factory=SDConfig)  # Stable Diffusion 1.x / 2.x: the same keys as sdxl
+    sd3: SD3Config = field(default_factory=SD3Config)  # Stable Diffusion 3 / 3.5 (a DiT trained as a flow)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)  # sdxl, sd; the mini world uses its 10 classes
     student_init: str = "teacher"  # "teacher", or a .safetensors UNet (student.kind full) / LoRA (kind lora)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -133,9 +135,9 @@ class DistillConfig:
         return out
 
     @property
-    def pipeline_config(self) -> SDXLConfig | None:
-        """The active diffusers family's section (`sdxl` or `sd`); None in the mini world."""
-        return {"sdxl": self.sdxl, "sd": self.sd}.get(self.world)
+    def pipeline_config(self) -> SDXLConfig | SD3Config | None:
+        """The active diffusers family's section (`sdxl`, `sd` or `sd3`); None in the mini world."""
+        return {"sdxl": self.sdxl, "sd": self.sd, "sd3": self.sd3}.get(self.world)
 
     def validate(self) -> None:
         if self.max_images <= 0 and self.max_minutes <= 0:
@@ -150,6 +152,8 @@ class DistillConfig:
                                      or self.sd.teacher_unet or self.sd.teacher_lora):
             raise ConfigError("prompts.*, sdxl.* and sd.* apply to worlds 'sdxl' and 'sd'; the mini world's prompts "
                               "are its 10 classes")
+        if self.world == "sd3" and self.student.kind == "lora":
+            raise ConfigError("student.kind lora is not implemented for world 'sd3' yet; use student.kind=full")
         other = {"sdxl": "sd", "sd": "sdxl"}.get(self.world)
         if other and (getattr(self, other).teacher_unet or getattr(self, other).teacher_lora):
             raise ConfigError(f"{other}.* applies to world '{other}'; this run is world '{self.world}': set "

@@ -20,7 +20,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import config as config_lib
 from .distill_config import DistillConfig
-from .method.backbone import UNetBackbone
 from .method.pool import HeadPool
 from .method.step import AdversarialStep
 from .stopwatch import Stopwatch
@@ -67,7 +66,7 @@ def profile_step(size: str = "mini", device: str | None = None, overrides: list[
         prompts = [f"a benchmark prompt number {i}" for i in range(8)]
     torch.manual_seed(0)
     student = build_student(cfg, adapter, device_, amp)
-    backbone = UNetBackbone(adapter.teacher_unet, cfg.gradient_checkpointing)
+    backbone = adapter.make_backbone(cfg.gradient_checkpointing)
     pool = HeadPool(cfg.pool, backbone.channels).to(device_)
     opt_g = adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim)
     opt_d = adamw(pool.parameters(), cfg.heads_optim)

@@ -16,16 +16,16 @@ import torch
 
 from ..worlds.adapter import Cond, ModelAdapter, cond_index
 from .config import MultiStepConfig  # noqa: F401 - re-exported beside the stage it configures
-from .diffusion import add_noise, conditioning_timestep, x0_from_output
+from .diffusion import conditioning_timestep
 
 
 def student_x0(adapter: ModelAdapter, student: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
                shift: int) -> torch.Tensor:
-    """One sampler step's x0 for per-sample input timesteps t: condition on t', read x0 with alpha_bar[t']."""
+    """One sampler step's x0 for per-sample input timesteps t: condition on t', read x0 at t' (DDPM: with
+    alpha_bar[t']; a flow: with sigma = t'/N)."""
     t_cond = conditioning_timestep(t, shift, adapter.num_train_timesteps)
     out = adapter.unet_call(student, x_t, t_cond, cond)
-    ab = adapter.alphas_cumprod.to(x_t.device)[t_cond]
-    return x0_from_output(out.float(), x_t.float(), ab, adapter.prediction_type)
+    return adapter.process.x0(out.float(), x_t.float(), t_cond)
 
 
 @torch.no_grad()
@@ -37,13 +37,13 @@ def backward_simulate(adapter: ModelAdapter, student: torch.nn.Module, x_T: torc
     n = adapter.num_train_timesteps
     x = x_T.clone()
     t = torch.full((x_T.shape[0],), n - 1, dtype=torch.long, device=x_T.device)
-    ab = adapter.alphas_cumprod.to(x_T.device)
+    process = adapter.process
     for j in range(1, int(k.max()) + 1 if k.numel() else 1):
         rows = (k >= j).nonzero(as_tuple=True)[0]
         x0 = student_x0(adapter, student, x[rows], t[rows], cond_index(cond, rows), shift)
         noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)  # fresh, as at inference
         t_next = torch.full_like(rows, grid[j - 1])
-        x[rows] = add_noise(x0, noise, ab[t_next]).to(x.dtype)
+        x[rows] = process.add_noise(x0, noise, t_next).to(x.dtype)
         t[rows] = t_next
     return x, t
 

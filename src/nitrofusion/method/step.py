@@ -15,7 +15,6 @@ from ..stopwatch import section
 from ..worlds.adapter import Cond, ModelAdapter, cond_cat, cond_index
 from .backbone import UNetBackbone
 from .config import AdversarialConfig, MultiStepConfig
-from .diffusion import add_noise
 from .losses import d_loss, g_loss, r1_penalty
 from .pool import HeadPool
 from .refine import backward_simulate, draw_refinement, student_x0
@@ -74,7 +73,7 @@ class AdversarialStep:
 
     def _noised(self, x0: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
-        return add_noise(x0, noise, self.adapter.alphas_cumprod.to(x0.device)[t])
+        return self.adapter.process.add_noise(x0, noise, t)
 
     def task_groups(self) -> list[list[int]]:
         """Tasks whose views share a shape, so E sees them in one call: the whole-image task alone, the

@@ -40,14 +40,13 @@ def generate(adapter: ModelAdapter, unet: torch.nn.Module, x_T: torch.Tensor, co
     renoise="shifted" is a diagnostic, not the released rule: x0 is re-noised to the next SHIFTED timestep,
     so every refinement input carries exactly the noise its conditioning timestep says."""
     check_steps(steps)
-    sched = shifted_scheduler(adapter.scheduler_config, shift)
+    sched = adapter.student_scheduler(shift)  # the shifted LCM scheduler; a flow family's TimestepShiftFlowScheduler
     sched.set_timesteps(steps, device=x_T.device)
     if renoise == "shifted":  # the x0-renoise sampler (teacher.py) on the shifted grid, with the student
         grid = sched.timesteps.tolist()
         spec = SamplerSpec(name="x0-renoise", steps=len(grid), timesteps=grid, guidance_scale=0.0)
         predict = adapter.guided_predict(unet, cond, 0.0)
-        return sample(predict, x_T.float(), spec, adapter.scheduler_config, adapter.alphas_cumprod.to(x_T.device),
-                      generator)
+        return sample(predict, x_T.float(), spec, adapter.scheduler_config, adapter.process, generator)
     x = x_T
     for t in sched.timesteps:
         out = adapter.unet_call(unet, x, t.expand(x.shape[0]), cond)

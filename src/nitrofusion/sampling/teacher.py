@@ -17,7 +17,7 @@ from diffusers import (
 )
 
 from ..errors import ConfigError
-from ..method.diffusion import add_noise, x0_from_output
+from ..method.diffusion import NoiseProcess
 from .scheduler import config_for
 from .spec import ALIASES, SamplerSpec, _is_scheduler_class  # noqa: F401 - re-exported
 
@@ -50,29 +50,28 @@ def _scheduler(spec: SamplerSpec, scheduler_config: dict):
 
 @torch.no_grad()
 def sample(predict: Predict, x_T: torch.Tensor, spec: SamplerSpec, scheduler_config: dict,
-           alphas_cumprod: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Run the teacher from x_T to x0 with the sampler `spec`."""
-    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+           process: NoiseProcess, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Run the teacher from x_T to x0 with the sampler `spec`; `process` reads x0 and re-noises (x0-renoise)."""
     if spec.name == "x0-renoise":
         grid = spec.timesteps or default_grid(spec.steps, scheduler_config.get("num_train_timesteps", 1000))
         x = x_T
         x0 = x_T
         for i, t in enumerate(grid):
             tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            x0 = x0_from_output(predict(x, tt), x, alphas_cumprod[tt].to(x.device), prediction_type)
+            x0 = process.x0(predict(x, tt), x, tt)
             if i + 1 < len(grid):
                 nxt = torch.full_like(tt, grid[i + 1])
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = add_noise(x0, noise, alphas_cumprod[nxt].to(x.device))
+                x = process.add_noise(x0, noise, nxt)
         return x0
     sched = _scheduler(spec, scheduler_config)
     if spec.timesteps:
         sched.set_timesteps(device=x_T.device, timesteps=list(spec.timesteps))
     else:
         sched.set_timesteps(spec.steps, device=x_T.device)
-    x = x_T * sched.init_noise_sigma
+    x = x_T * getattr(sched, "init_noise_sigma", 1.0)  # flow-matching schedulers start at sigma 1: no scaling
     for t in sched.timesteps:
-        inp = sched.scale_model_input(x, t)
+        inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
         out = predict(inp, t.expand(x.shape[0]))
         x = sched.step(out, t, x, generator=generator).prev_sample
     return x

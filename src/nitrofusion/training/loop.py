@@ -28,10 +28,8 @@ from ..distill_config import DistillConfig
 from ..dtypes import mixed_precision_dtype
 from ..errors import NitroFusionError
 from ..io import atomic_write_text, disk_errors
-from ..method.backbone import UNetBackbone
 from ..method.pool import HeadPool
 from ..method.step import AdversarialStep
-from ..sampling.student import shifted_scheduler
 from ..worlds.adapter import ModelAdapter, cond_to
 from .build import build_student
 from .optim import EMA, adamw
@@ -50,9 +48,9 @@ def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter,
     scheduler it must be sampled with; for a LoRA student also lora/ with the adapters themselves
     (PEFT factors + LoraConfig metadata, and a kohya file), which `export --format lora` hands on exactly."""
     out = run_dir / "student"
-    student.save_pretrained(out / "unet", safe_serialization=True)
+    student.save_pretrained(out / adapter.student_subfolder, safe_serialization=True)
     faults.point("student-save")  # the UNet written, its scheduler not yet
-    shifted_scheduler(adapter.scheduler_config, shift).save_pretrained(out / "scheduler")
+    adapter.student_scheduler(shift).save_pretrained(out / "scheduler")
     if lora is not None:
         from ..worlds.sdxl.export import save_lora_files
 
@@ -101,7 +99,7 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
     student = build_student(cfg, adapter, device, mixed_precision_dtype(cfg.mixed_precision))
     if acc.is_main_process:  # the fully resolved config, once the student's weights have loaded
         config_lib.save(cfg, run_dir / "config.yaml")
-    backbone = UNetBackbone(adapter.teacher_unet, cfg.gradient_checkpointing)
+    backbone = adapter.make_backbone(cfg.gradient_checkpointing)
     pool = HeadPool(cfg.pool, backbone.channels).to(device)
     zero = cfg.student_optim.zero and acc.num_processes > 1
     opt_g = adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim, sharded=zero)

@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ..method.diffusion import NoiseProcess, VariancePreserving
 from ..sampling.teacher import Predict, SamplerSpec, sample
 from ..student import base_only
 
@@ -37,6 +38,24 @@ class ModelAdapter(ABC):
     teacher_unet: torch.nn.Module
     sampler: SamplerSpec
     crop_multiple: int = 1  # crops are multiples of this many latent pixels (the backbone's downsampling)
+    student_subfolder: str = "unet"  # a run's student is the diffusers model folder run/student/<this>
+
+    def make_backbone(self, gradient_checkpointing: bool = False) -> torch.nn.Module:
+        """The frozen discriminator backbone E on the teacher (docs/method.md §3): the UNet's encoder."""
+        from ..method.backbone import UNetBackbone
+
+        return UNetBackbone(self.teacher_unet, gradient_checkpointing)
+
+    def student_scheduler(self, shift: int):
+        """The scheduler a student of this family is sampled with in 1-4 steps (docs/method.md §5)."""
+        from ..sampling.student import shifted_scheduler
+
+        return shifted_scheduler(self.scheduler_config, shift)
+
+    @property
+    def process(self) -> NoiseProcess:
+        """The forward process and x0 rule of this family's models (method/diffusion.py): DDPM by default."""
+        return VariancePreserving(self.alphas_cumprod, self.prediction_type, self.num_train_timesteps)
 
     def to(self, device, dtype: torch.dtype | None = None) -> ModelAdapter:
         """Move the frozen models (teacher/backbone; the adapter's encoders) to device and dtype."""
@@ -92,4 +111,4 @@ class ModelAdapter(ABC):
 
     def _teacher_sample(self, x_T, cond, spec, generator) -> torch.Tensor:
         predict = self.guided_predict(self.teacher_unet, cond, spec.guidance_scale)
-        return sample(predict, x_T, spec, self.scheduler_config, self.alphas_cumprod.to(x_T.device), generator)
+        return sample(predict, x_T, spec, self.scheduler_config, self.process, generator)

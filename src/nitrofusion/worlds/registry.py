@@ -20,11 +20,13 @@ def registered() -> dict[str, World]:
     if not _WORLDS:  # the built-in worlds, imported on first use (each imports its own model code lazily)
         from .mini.world import MiniWorld
         from .sd.world import SDWorld
+        from .sd3.world import SD3World
         from .sdxl.world import SDXLWorld
 
         register(MiniWorld())
         register(SDXLWorld())
         register(SDWorld())
+        register(SD3World())
     return _WORLDS
 
 

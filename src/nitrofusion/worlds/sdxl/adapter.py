@@ -193,16 +193,25 @@ class SDXLAdapter(ModelAdapter):
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] at the run's resolution -> the latents the UNet works on (the VAE posterior's
-        mean, scaled as the pipeline does): a real sample in the same space as a teacher sample."""
-        z = self.vae.encode(images.to(self.vae.device, torch.float32)).latent_dist.mean
-        if getattr(self.vae.config, "shift_factor", None):
-            z = z - self.vae.config.shift_factor
-        return (z * self.vae.config.scaling_factor).float().cpu()
+        return vae_latents(self.vae, images)
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.vae.device, torch.float32) / self.vae.config.scaling_factor
-        if getattr(self.vae.config, "shift_factor", None):
-            x = x + self.vae.config.shift_factor
-        return self.vae.decode(x).sample.add(1).div(2).clamp(0, 1)
+        return vae_images(self.vae, x)
+
+
+def vae_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] at the run's resolution -> the latents the model works on (the VAE posterior's mean,
+    shifted and scaled as the pipelines do): a real sample in the same space as a teacher sample."""
+    z = vae.encode(images.to(vae.device, torch.float32)).latent_dist.mean
+    if getattr(vae.config, "shift_factor", None):
+        z = z - vae.config.shift_factor
+    return (z * vae.config.scaling_factor).float().cpu()
+
+
+def vae_images(vae, x: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1] (fp32 decode: SDXL's VAE overflows in fp16)."""
+    x = x.to(vae.device, torch.float32) / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None):
+        x = x + vae.config.shift_factor
+    return vae.decode(x).sample.add(1).div(2).clamp(0, 1)

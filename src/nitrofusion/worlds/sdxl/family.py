@@ -1,7 +1,7 @@
-"""The UNet pipeline families that share this folder's inference machinery (pipeline, export, fast path,
-evaluation): SDXL, and Stable Diffusion 1.x / 2.x (worlds/sd/). A folder's family comes from what diffusers
-wrote in it (model_index.json's class, the UNet's config), never from a name, so a run, an export or a base
-folder of the other family is refused in one line that names both.
+"""The diffusers pipeline families: SDXL and Stable Diffusion 1.x / 2.x (worlds/sd/), which share this folder's
+inference machinery (pipeline, export, fast path, evaluation), and SD3 / 3.5 (worlds/sd3/). A folder's family
+comes from what diffusers wrote in it (model_index.json's class, the UNet's config), never from a name, so a
+run, an export or a base folder of another family is refused in one line that names both.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ SDXL = Family("sdxl", "SDXL", "StableDiffusionXLPipeline",
               ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"), True, "an")
 SD = Family("sd", "Stable Diffusion 1.x/2.x", "StableDiffusionPipeline",
             ("unet", "vae", "text_encoder", "tokenizer", "scheduler"), False)
-FAMILIES = {f.world: f for f in (SDXL, SD)}
+SD3 = Family("sd3", "SD3", "StableDiffusion3Pipeline",
+             ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"), False,
+             "an")
+FAMILIES = {f.world: f for f in (SDXL, SD, SD3)}
 
 
 def family_named(world: str) -> Family:

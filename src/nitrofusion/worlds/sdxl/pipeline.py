@@ -92,9 +92,10 @@ def model_kind(path: Path) -> str:
         return "file"
     if (path / "model_index.json").is_file():
         return "pipeline"
-    if (path / "config.yaml").is_file() and (path / "student" / "unet" / "config.json").is_file():
+    models = ("unet", "transformer")  # a UNet family's student, or a DiT's (worlds/sd3/)
+    if (path / "config.yaml").is_file() and any((path / "student" / m / "config.json").is_file() for m in models):
         return "run"
-    if (path / "unet" / "config.json").is_file():
+    if any((path / m / "config.json").is_file() for m in models):
         return "student"
     if (path / "config.json").is_file():
         return "unet"

@@ -1,0 +1,137 @@
+"""SD3 / SD3.5 adapter (docs/method.md §8): a StableDiffusion3Pipeline folder's MMDiT as teacher and backbone,
+trained as a rectified flow.
+
+Prompts are encoded by the stock pipeline's own `encode_prompt` (CLIP-L and CLIP-G penultimate states padded and
+stacked with T5's, and the two pooled embeddings): the student sees exactly what the pipeline feeds it. A folder
+without T5 (text_encoder_3 absent, which SD3's pipeline allows) gets zeros for those tokens, as that pipeline
+does. The null prompt is the empty prompt's encoding, what SD3's classifier-free guidance uses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ...errors import ConfigError, NitroFusionError
+from ...method.diffusion import NoiseProcess, RectifiedFlow
+from ..adapter import Cond, ModelAdapter
+from ..sdxl.adapter import _quiet_transformers, module_dtype, vae_images, vae_latents
+from ..sdxl.family import SD3, check_pipeline_folder
+from .backbone import DiTBackbone
+from .config import SD3Config
+
+
+def check_backbone(folder: Path, cfg: SD3Config) -> None:
+    """sd3.backbone_blocks against the teacher's depth, from its config.json alone (before any weights load)."""
+    layers = json.loads((folder / "transformer" / "config.json").read_text()).get("num_layers")
+    if layers is not None and cfg.backbone_blocks > layers:
+        raise ConfigError(f"sd3.backbone_blocks {cfg.backbone_blocks} is more than the teacher's {layers} "
+                          f"transformer blocks ({folder / 'transformer'}); use 1..{layers}")
+
+
+class SD3Adapter(ModelAdapter):
+    prediction_type = "flow"
+    student_subfolder = "transformer"
+
+    def __init__(self, folder: str | Path, cfg: SD3Config | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> None:
+        from diffusers import StableDiffusion3Pipeline
+
+        from ..sdxl.pipeline import quiet_loading
+        from .pipeline import absent_text_parts
+
+        folder = Path(folder)
+        self.cfg = cfg = cfg or SD3Config()
+        check_pipeline_folder(folder, SD3)
+        check_backbone(folder, cfg)
+        try:
+            with quiet_loading(), _quiet_transformers():
+                self.pipe = StableDiffusion3Pipeline.from_pretrained(folder, **absent_text_parts(folder))
+        except Exception as e:  # noqa: BLE001 - a truncated download surfaces as many types
+            raise NitroFusionError(f"cannot load the SD3 pipeline in {folder} ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:200] if str(e) else ''}); the download may be "
+                                   "incomplete") from None
+        self.folder = folder
+        self.pipe.set_progress_bar_config(disable=True)
+        self.teacher_unet = self.pipe.transformer  # the role's name in the method core: the frozen teacher
+        self.vae = self.pipe.vae
+        self.scheduler_config = dict(self.pipe.scheduler.config)
+        self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        self.sampler = cfg.sampler
+        self.vae_scale = self.pipe.vae_scale_factor
+        self.crop_multiple = self.teacher_unet.config.patch_size  # crops are whole patches
+        if cfg.resolution % (self.vae_scale * self.crop_multiple):
+            raise ConfigError(f"sd3.resolution {cfg.resolution} must be a multiple of "
+                              f"{self.vae_scale * self.crop_multiple} for this VAE and patch size")
+        self.latent_size = cfg.resolution // self.vae_scale
+        for m in self._frozen():
+            m.requires_grad_(False).eval()
+        self.to(device, dtype)
+
+    @property
+    def process(self) -> NoiseProcess:
+        return RectifiedFlow(self.num_train_timesteps)
+
+    def _frozen(self) -> list[torch.nn.Module]:
+        p = self.pipe
+        return [m for m in (p.text_encoder, p.text_encoder_2, p.text_encoder_3, p.transformer) if m is not None]
+
+    def to(self, device, dtype: torch.dtype | None = None) -> SD3Adapter:
+        """Frozen parts to device (and dtype); the VAE stays fp32 and only decodes."""
+        for m in self._frozen():
+            m.to(device=device)
+            if dtype is not None and module_dtype(m) != dtype:
+                m.to(dtype=dtype)
+        self.vae.to(device=device)
+        self.device = torch.device(device)
+        return self
+
+    def make_backbone(self, gradient_checkpointing: bool = False) -> torch.nn.Module:
+        return DiTBackbone(self.teacher_unet, self.cfg.backbone_blocks, self.cfg.taps, gradient_checkpointing)
+
+    def student_scheduler(self, shift: int):
+        from ...sampling.flow_scheduler import flow_student_scheduler
+
+        return flow_student_scheduler(self.scheduler_config, shift)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.teacher_unet.config.in_channels, self.latent_size, self.latent_size)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, prompts, device=self.device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.cfg.max_sequence_length)
+        return {"prompt_embeds": embeds.float(), "pooled_projections": pooled.float()}
+
+    def null_cond(self, cond: Cond) -> Cond:
+        empty = getattr(self, "_empty", None)
+        if empty is None or empty["prompt_embeds"].device != self.device:
+            empty = self._empty = self.encode_prompts([""])
+        n = cond["prompt_embeds"].shape[0]
+        return {k: v.to(cond[k]).repeat(n, *([1] * (v.ndim - 1))) for k, v in empty.items()}
+
+    def _kwargs(self, cond: Cond, dtype: torch.dtype) -> dict:
+        return {"encoder_hidden_states": cond["prompt_embeds"].to(dtype),
+                "pooled_projections": cond["pooled_projections"].to(dtype)}
+
+    def unet_call(self, unet, x, t, cond):
+        """The transformer's velocity at x; t is the network's timestep (1000 sigma), integer or float."""
+        dtype = module_dtype(unet)
+        return unet(hidden_states=x.to(dtype), timestep=t, **self._kwargs(cond, dtype)).sample
+
+    def backbone_call(self, backbone, x, t, cond, boxes):
+        """A crop is judged as an image of its own size (SD3's position embedding is centre-cropped to it)."""
+        dtype = module_dtype(backbone.transformer)
+        kw = self._kwargs(cond, dtype)
+        return backbone(x.to(dtype), t, kw["encoder_hidden_states"], kw["pooled_projections"])
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return vae_latents(self.vae, images)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return vae_images(self.vae, x)

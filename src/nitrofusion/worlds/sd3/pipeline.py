@@ -1,0 +1,147 @@
+"""SD3 / SD3.5 inference in 1-4 steps from a NitroFusion model (docs/method.md §8), in a stock
+`StableDiffusion3Pipeline` with the student transformer and `TimestepShiftFlowScheduler`, and its export as a
+diffusers folder. A model is a run folder (the text encoders and VAE come from its teacher folder unless `base`),
+a student folder (transformer/ + scheduler/) with `base`, or an exported pipeline folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from ...errors import NitroFusionError, describe
+from ...sampling.student import check_steps
+from ..sdxl.pipeline import ModelRef, image_generators, need_base, quiet_loading, resolve
+
+SCHEDULER_ENTRY = ["nitrofusion", "TimestepShiftFlowScheduler"]
+OPTIONAL_TEXT = ("text_encoder_3", "tokenizer_3")  # T5: SD3's pipeline runs without it (zeros in its place)
+
+
+def absent_text_parts(folder: Path) -> dict:
+    """None for the T5 parts a folder lacks: SD3's pipeline accepts that, but only when told so."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return {name: None for name in OPTIONAL_TEXT if not (index.get(name) or [None])[0]}
+
+
+def transformer_folder(ref: ModelRef) -> Path | None:
+    return {"run": ref.path / "student" / "transformer", "student": ref.path / "transformer",
+            "unet": ref.path}.get(ref.kind)
+
+
+def load_scheduler(ref: ModelRef, shift: int | None):
+    from ...sampling.flow_scheduler import TimestepShiftFlowScheduler, flow_student_scheduler
+
+    if shift is not None and not 1 <= shift <= 1000:
+        raise NitroFusionError(f"--shift must be in 1..1000 (got {shift})")
+    own = ref.scheduler_dir
+    if own is not None:
+        sched = TimestepShiftFlowScheduler.from_pretrained(own)
+        return sched if shift is None else flow_student_scheduler(dict(sched.config), shift)
+    if shift is None:
+        raise NitroFusionError(f"{ref.path} has no TimestepShiftFlowScheduler; pass --shift S (the shift it was "
+                               "distilled with)")
+    source = ref.path if ref.kind == "pipeline" else need_base(ref, "sampling")
+    return flow_student_scheduler(json.loads((source / "scheduler" / "scheduler_config.json").read_text()), shift)
+
+
+def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int | None = None,
+                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A stock StableDiffusion3Pipeline with the student transformer and its 1-4 step scheduler; call it with
+    guidance_scale=0 (no classifier-free guidance, docs/method.md §5), or use `generate_images`."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    ref = resolve(model, base)
+    if ref.kind == "file":
+        raise NitroFusionError(f"{ref.path}: SD3 models load from a run, student or exported folder; a weights "
+                               "file is not supported for SD3 yet")
+    if ref.kind == "pipeline" and ref.base is not None:
+        raise NitroFusionError(f"{ref.path} is a complete pipeline folder; --base applies to run and student "
+                               "folders only")
+    dtype = dtype or torch.float32
+    parts = {"scheduler": load_scheduler(ref, shift)}
+    folder = ref.path
+    if ref.kind != "pipeline":
+        folder = need_base(ref, "a pipeline")
+        try:
+            parts["transformer"] = SD3Transformer2DModel.from_pretrained(transformer_folder(ref), dtype=dtype)
+        except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken folder
+            where = transformer_folder(ref)
+            raise NitroFusionError(f"cannot load the transformer in {where} ({describe(e)})") from None
+    try:
+        with quiet_loading():
+            pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dtype, **parts,
+                                                            **absent_text_parts(folder))
+    except Exception as e:  # noqa: BLE001 - a broken folder surfaces as many exception types
+        raise NitroFusionError(f"cannot load the SD3 pipeline in {folder} ({describe(e)})") from None
+    pipe.set_progress_bar_config(disable=True)
+    pipe.nitrofusion_resolution = ref.resolution
+    return pipe.to(device)
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
+def default_size(pipe) -> int:
+    return getattr(pipe, "nitrofusion_resolution", None) or pipe.default_sample_size * pipe.vae_scale_factor
+
+
+@torch.no_grad()
+def generate_images(pipe, prompts: list[str], steps: int, seed: int = 0, height: int | None = None,
+                    width: int | None = None, batch_size: int = 4) -> list:
+    """PIL images in 1-4 steps; image i draws its x_T and its re-noising noise from a generator seeded seed + i."""
+    check_steps(steps)
+    if not prompts:
+        raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
+    size = default_size(pipe)
+    height, width = height or size, width or size
+    multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise NitroFusionError(f"height and width must be positive multiples of {multiple} for this model "
+                               f"(got {height}x{width})")
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        generators = image_generators(seed, start, len(chunk))
+        pipe.scheduler.generator = generators  # the stock pipeline passes none to step(): ours re-noise with these
+        try:
+            out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=0.0, height=height, width=width,
+                       generator=generators, output_type="pil")
+        finally:
+            pipe.scheduler.generator = None
+        images += out.images
+    return images
+
+
+def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None = None, shift: int | None = None,
+                     dtype: torch.dtype | None = None) -> Path:
+    """A complete StableDiffusion3Pipeline folder that stock diffusers loads once nitrofusion is imported."""
+    from ..sdxl.export import staged_output
+
+    out = Path(out)
+    if out.exists():
+        raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
+    pipe = load_pipeline(model, base=base, shift=shift, dtype=dtype)
+    size = pipe.nitrofusion_resolution
+    if size and size != pipe.transformer.config.sample_size * pipe.vae_scale_factor:
+        pipe.transformer.register_to_config(sample_size=size // pipe.vae_scale_factor)  # the pipeline's default
+    with staged_output(out) as tmp, quiet_loading(), _quiet_diffusers():
+        pipe.save_pretrained(tmp, safe_serialization=True)  # without T5 it logs that None "cannot be saved"
+        index = json.loads((tmp / "model_index.json").read_text())
+        index["scheduler"] = SCHEDULER_ENTRY
+        for name in OPTIONAL_TEXT:
+            index.setdefault(name, [None, None])
+        index.pop("_name_or_path", None)
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out

@@ -1,0 +1,91 @@
+"""Stable Diffusion 3 / 3.5: the DiT flow-matching family (docs/method.md §8)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ...distill_config import DistillConfig
+from ...errors import NitroFusionError
+from ..adapter import ModelAdapter
+from ..base import GenerateOptions, LiveGenerator
+from ..sdxl.world import SDXLWorld
+
+EXAMPLES = ["a photo of a red fox in the snow", "a poster that says 'one step' in bold letters"]
+TRANSFORMER = "SD3Transformer2DModel"
+
+
+def _class_of(config: Path) -> str | None:
+    return json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+
+
+class SD3World(SDXLWorld):
+    """Prompts as SDXL's (a streamed source); its own adapter and inference; no evaluate, transfer or bench yet."""
+
+    name = "sd3"
+    supported_options = ("--base", "--shift", "--height", "--width", "--dtype")
+    examples = EXAMPLES
+
+    def adapter(self, cfg: DistillConfig) -> ModelAdapter:
+        from .adapter import SD3Adapter
+
+        if not cfg.teacher:
+            raise NitroFusionError("world 'sd3' needs a teacher: --teacher DIR (a diffusers StableDiffusion3Pipeline "
+                                   "folder, SD3 or SD3.5)")
+        return SD3Adapter(cfg.teacher, cfg.sd3)
+
+    def recognises(self, kind: str, path: Path) -> bool:
+        if kind == "pipeline":
+            return _class_of(path / "model_index.json") == "StableDiffusion3Pipeline"
+        if kind == "student":
+            return _class_of(path / "transformer" / "config.json") == TRANSFORMER
+        return kind == "unet" and _class_of(path / "config.json") == TRANSFORMER
+
+    def generate_to_folder(self, model: Path, prompts: list[str], steps: int, seed: int, out: Path,
+                           options: GenerateOptions) -> list[Path]:
+        from ...sampling.student import check_steps
+        from ...viz import save_images
+        from .pipeline import generate_images, load_pipeline
+
+        check_steps(steps)
+        o = options
+        if not prompts:
+            raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
+        pipe = load_pipeline(model, base=o.base, shift=o.shift, device=o.device or "cpu", dtype=o.dtype)
+        prompts = [p for p in prompts for _ in range(o.num_per_prompt)]
+        images = generate_images(pipe, prompts, steps, seed, o.height, o.width, o.batch_size)
+        return save_images(images, prompts, Path(out), steps, seed, o.num_per_prompt)
+
+    def live_generator(self, model: Path, options: GenerateOptions, size: int | None) -> tuple[LiveGenerator,
+                                                                                               list[str]]:
+        from .pipeline import generate_images, load_pipeline
+
+        o = options
+        pipe = load_pipeline(model, base=o.base, shift=o.shift, device=o.device or "cpu", dtype=o.dtype)
+
+        def run(prompt: str, steps: int, seed: int):
+            return generate_images(pipe, [prompt], steps, seed, height=size, width=size, batch_size=1)[0]
+
+        return run, self.examples
+
+    def evaluate(self, model: str, steps: list[int], out: Path, options: dict) -> list[str]:
+        raise NitroFusionError(f"evaluate scores SDXL, SD and mini-world models; {model} is an SD3 model (its "
+                               "real-model evaluation is not wired yet: generate images and score them yourself)")
+
+    def export(self, model: str, fmt: str, out: str, options: dict) -> list[str]:
+        from ...dtypes import parse_dtype
+        from .pipeline import export_diffusers
+
+        if fmt != "diffusers":
+            raise NitroFusionError(f"export --format {fmt} is not implemented for SD3 models; use --format diffusers "
+                                   "(a StableDiffusion3Pipeline folder)")
+        export_diffusers(model, out, base=options.get("base"), shift=options.get("shift"),
+                         dtype=parse_dtype(options.get("dtype")))
+        return [f"exported to {out}"]
+
+    def transfer(self, student: str, base: str, custom: str, out: str, options: dict) -> list[str]:
+        raise NitroFusionError("transfer applies to UNet families (SDXL, SD); SD3 is not supported yet")
+
+    def bench(self, options: dict) -> tuple[dict, str]:
+        raise NitroFusionError("bench measures SDXL (--size full or tiny) and the mini world (--size mini); an SD3 "
+                               "bench is not written yet")

@@ -1,0 +1,237 @@
+"""The SD3 / SD3.5 DiT family (a rectified flow) on a tiny random StableDiffusion3Pipeline: the flow arithmetic
+(docs/method.md §8), the 1-4 step scheduler in the stock pipeline, the adapter and teacher sampler against the
+stock pipeline, the transformer backbone's taps, distillation with resume, generate and export, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from nitrofusion.cli import main
+from nitrofusion.method.diffusion import RectifiedFlow
+from nitrofusion.sampling.spec import SamplerSpec
+
+PROMPTS = ["a red cat", "a photo of a dog", "an astronaut riding a horse"]
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    """(teacher folder, prompt file, a 2-step distillation of it)."""
+    from nitrofusion.worlds.sd3.testing import build_random_sd3
+
+    root = tmp_path_factory.mktemp("sd3")
+    folder = build_random_sd3(root / "teacher")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    assert main(["distill", "--preset", "sd3-tiny", "--teacher", str(folder), "--prompts", str(root / "prompts.txt"),
+                 "--out", str(root / "run"), "--set", "student_optim.lr=1e-4"]) == 0
+    return folder, root / "prompts.txt", root / "run"
+
+
+def _adapter(folder):
+    from nitrofusion.worlds.sd3.adapter import SD3Adapter
+    from nitrofusion.worlds.sd3.config import SD3Config
+
+    return SD3Adapter(folder, SD3Config(resolution=64, backbone_blocks=3, taps=[0, 2], max_sequence_length=16))
+
+
+def _stock(folder):
+    from diffusers import StableDiffusion3Pipeline
+
+    from nitrofusion.worlds.sd3.pipeline import absent_text_parts
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, **absent_text_parts(folder))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_flow_path_and_its_x0_rule():
+    """x_sigma = (1 - sigma) x0 + sigma n, v = n - x0, x0 = x_sigma - sigma v, sigma = t / 1000."""
+    flow = RectifiedFlow(1000)
+    g = torch.Generator().manual_seed(0)
+    x0, n = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 250, 999])
+    x_t = flow.add_noise(x0, n, t)
+    torch.testing.assert_close(x_t[1], 0.75 * x0[1] + 0.25 * n[1])
+    assert torch.equal(x_t[0], x0[0])
+    torch.testing.assert_close(flow.x0(n - x0, x_t, t), x0, rtol=0, atol=1e-6)
+
+
+def test_the_student_scheduler_takes_the_lcm_grid_shifted_and_steps_by_the_flow_rule():
+    from nitrofusion.sampling.flow_scheduler import TimestepShiftFlowScheduler
+
+    sched = TimestepShiftFlowScheduler(shifted_timestep=250)
+    grids = {}
+    for steps in (1, 2, 3, 4):
+        sched.set_timesteps(steps)
+        grids[steps] = (sched.unshifted_timesteps, sched.timesteps.tolist())
+    assert grids == {1: ([999], [249.0]), 2: ([999, 499], [249.0, 124.0]),
+                     3: ([999, 749, 499], [249.0, 187.0, 124.0]),
+                     4: ([999, 749, 499, 249], [249.0, 187.0, 124.0, 62.0])}
+    sched.set_timesteps(2)
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    out = sched.step(v, sched.timesteps[0], x, generator=torch.Generator().manual_seed(1)).prev_sample
+    x0 = x - 0.249 * v  # read at the conditioning sigma 249/1000
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, 0.501 * x0 + 0.499 * noise, rtol=0, atol=1e-6)  # to the unshifted 499
+    last = sched.step(v, sched.timesteps[1], out).prev_sample
+    torch.testing.assert_close(last, out - 0.124 * v, rtol=0, atol=1e-6)
+
+
+def test_prompt_encoding_and_the_null_prompt_are_the_stock_pipelines(sd3):
+    folder, _, _ = sd3
+    adapter = _adapter(folder)
+    cond = adapter.encode_prompts(PROMPTS[:2])
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = _stock(folder).encode_prompt(
+            PROMPTS[:2], PROMPTS[:2], PROMPTS[:2], device="cpu", do_classifier_free_guidance=True,
+            max_sequence_length=16)
+    assert torch.equal(cond["prompt_embeds"], embeds), (cond["prompt_embeds"] - embeds).abs().max()
+    assert torch.equal(cond["pooled_projections"], pooled), (cond["pooled_projections"] - pooled).abs().max()
+    null = adapter.null_cond(cond)  # encoded once, batch 1; the pipeline encodes it per batch (float rounding)
+    torch.testing.assert_close(null["prompt_embeds"], negative, rtol=0, atol=1e-6)
+    torch.testing.assert_close(null["pooled_projections"], negative_pooled, rtol=0, atol=1e-6)
+
+
+def test_the_guided_teacher_sampler_is_the_stock_pipeline(sd3):
+    from nitrofusion.sampling.teacher import _scheduler
+
+    folder, _, _ = sd3
+    adapter, pipe = _adapter(folder), _stock(folder)
+    spec = SamplerSpec("FlowMatchEulerDiscreteScheduler", 4, 3.0)
+    pipe.scheduler = _scheduler(spec, dict(pipe.scheduler.config))
+    x_T = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = adapter.teacher_sample(x_T, adapter.encode_prompts(PROMPTS[:2]), spec)
+    with torch.no_grad():
+        ref = pipe(PROMPTS[:2], latents=x_T.clone(), guidance_scale=3.0, output_type="latent", height=64, width=64,
+                   num_inference_steps=4, max_sequence_length=16).images
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_the_backbone_taps_are_the_transformers_own_block_outputs_on_their_grid(sd3):
+    folder, _, _ = sd3
+    adapter = _adapter(folder)
+    tr = adapter.teacher_unet
+    captured = {}
+    hooks = [tr.transformer_blocks[i].register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out[1]))
+             for i in (0, 2)]
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond, t = adapter.encode_prompts(PROMPTS[:2]), torch.tensor([250, 750])
+    with torch.no_grad():
+        adapter.unet_call(tr, x, t, cond)
+        for h in hooks:
+            h.remove()
+        feats = adapter.backbone_call(adapter.make_backbone(), x, t, cond, None)
+    assert [f.shape for f in feats] == [(2, 32, 4, 4)] * 2  # inner width 32 on the 4x4 patch grid
+    for f, i in zip(feats, (0, 2), strict=True):
+        assert torch.equal(f, captured[i].transpose(1, 2).reshape(2, 32, 4, 4))
+
+
+def test_distillation_writes_a_flow_student_and_resume_reaches_the_same_weights(sd3, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    folder, prompts, run = sd3
+    sched = json.loads((run / "student" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "TimestepShiftFlowScheduler" and sched["shifted_timestep"] == 250
+    student = SD3Transformer2DModel.from_pretrained(run / "student" / "transformer").state_dict()
+    teacher = SD3Transformer2DModel.from_pretrained(folder / "transformer").state_dict()
+    assert sum(not torch.equal(v, student[k]) for k, v in teacher.items()) > 50
+    base = ["distill", "--preset", "sd3-tiny", "--teacher", str(folder), "--prompts", str(prompts)]
+    assert main([*base, "--out", str(tmp_path / "straight"), "--set", "max_images=8"]) == 0
+    assert main([*base, "--out", str(tmp_path / "split"), "--set", "max_images=4"]) == 0
+    assert main(["distill", "--out", str(tmp_path / "split"), "--resume", "--set", "max_images=8"]) == 0
+    a, b = (load_file(str(tmp_path / r / "student" / "transformer" / "diffusion_pytorch_model.safetensors"))
+            for r in ("straight", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_the_stock_pipeline_is_the_training_time_sampler(sd3, steps):
+    from nitrofusion.sampling.student import generate
+    from nitrofusion.worlds.sd3.pipeline import load_pipeline
+
+    folder, _, run = sd3
+    pipe, adapter = load_pipeline(run), _adapter(folder)
+    assert type(pipe.scheduler).__name__ == "TimestepShiftFlowScheduler"
+    pipe.scheduler.generator = torch.Generator().manual_seed(9)  # the re-noising noise (the stock call passes none)
+    with torch.no_grad():
+        ref = pipe("a red cat", num_inference_steps=steps, guidance_scale=0.0, output_type="latent", height=64,
+                   width=64, max_sequence_length=16, generator=torch.Generator().manual_seed(5)).images
+    x_T = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(5))
+    ours = generate(adapter, pipe.transformer, x_T, adapter.encode_prompts(["a red cat"]), steps, 250,
+                    generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def _pngs(folder, n):
+    return [np.asarray(Image.open(folder / f"{i:04d}.png")) for i in range(n)]
+
+
+def _generate(model, out, *extra, steps=2, seed=3):
+    argv = ["generate", "--model", str(model), "--steps", str(steps), "--seed", str(seed), "--out", str(out)]
+    for p in PROMPTS:
+        argv += ["--prompt", p]
+    assert main(argv + list(extra)) == 0
+    return _pngs(out, len(PROMPTS))
+
+
+def test_generate_and_the_exported_folder_in_a_stock_pipeline_agree(sd3, tmp_path):
+    from nitrofusion.worlds import world_of_model
+    from nitrofusion.worlds.sdxl.pipeline import image_generators
+
+    _, _, run = sd3
+    ours = _generate(run, tmp_path / "gen")
+    assert [im.shape for im in ours] == [(64, 64, 3)] * 3
+    assert all(np.array_equal(a, b) for a, b in zip(_generate(run, tmp_path / "again"), ours, strict=True))
+    assert not np.array_equal(_generate(run, tmp_path / "one", steps=1)[0], ours[0])
+    assert main(["export", str(run), "--format", "diffusers", "--out", str(tmp_path / "exp")]) == 0
+    index = json.loads((tmp_path / "exp" / "model_index.json").read_text())
+    assert index["scheduler"] == ["nitrofusion", "TimestepShiftFlowScheduler"]
+    assert world_of_model(tmp_path / "exp").name == "sd3" and world_of_model(run).name == "sd3"
+    pipe = _stock(tmp_path / "exp")
+    pipe.scheduler.generator = image_generators(3, 0, 3)
+    with torch.no_grad():
+        stock = pipe(PROMPTS, num_inference_steps=2, guidance_scale=0.0, max_sequence_length=256,
+                     generator=pipe.scheduler.generator).images
+    assert all(np.array_equal(np.asarray(s), o) for s, o in zip(stock, ours, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(_generate(tmp_path / "exp", tmp_path / "g2"), ours, strict=True))
+
+
+def test_the_app_generator(sd3):
+    from nitrofusion.worlds import GenerateOptions, world_of_model
+
+    _, _, run = sd3
+    generate, examples = world_of_model(run).live_generator(run, GenerateOptions(), 64)
+    a, b = generate("a red cat", 2, 7), generate("a red cat", 2, 7)
+    assert a.size == (64, 64) and np.array_equal(np.asarray(a), np.asarray(b)) and examples
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--preset", "sd3-tiny", "--teacher", "SDXL"], "is an SDXL pipeline (StableDiffusionXLPipeline), but world "
+                                                    "'sd3' needs an SD3 pipeline (StableDiffusion3Pipeline)"),
+    (["--preset", "sdxl-tiny", "--teacher", "SD3"], "is an SD3 pipeline (StableDiffusion3Pipeline), but world "
+                                                    "'sdxl' needs an SDXL pipeline"),
+    (["--preset", "sd3-tiny", "--teacher", "SD3", "--set", "sd3.taps=[0,5]"],
+     "sd3.taps [5] out of range: a tapped block must be below sd3.backbone_blocks (3)"),
+    (["--preset", "sd3-tiny", "--teacher", "SD3", "--set", "sd3.backbone_blocks=9", "--set", "sd3.taps=[8]"],
+     "sd3.backbone_blocks 9 is more than the teacher's 4 transformer blocks"),
+    (["--preset", "sd3-tiny", "--teacher", "SD3", "--set", "student.kind=lora"],
+     "student.kind lora is not implemented for world 'sd3' yet"),
+])
+def test_bad_input_is_one_line_and_writes_no_student(sd3, tiny_sdxl, tmp_path, capsys, argv, needle):
+    folder, prompts, _ = sd3
+    argv = [{"SDXL": str(tiny_sdxl), "SD3": str(folder)}.get(a, a) for a in argv]
+    assert main(["distill", *argv, "--prompts", str(prompts), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run" / "student").exists()
+
+
+def test_other_export_formats_are_refused_in_one_line(sd3, tmp_path, capsys):
+    _, _, run = sd3
+    assert main(["export", str(run), "--format", "single-file", "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not implemented for SD3 models; use --format diffusers" in err and len(err.splitlines()) == 1
