@@ -235,3 +235,20 @@ def test_other_export_formats_are_refused_in_one_line(sd3, tmp_path, capsys):
     assert main(["export", str(run), "--format", "single-file", "--out", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert "not implemented for SD3 models; use --format diffusers" in err and len(err.splitlines()) == 1
+
+
+def test_a_transformer_weights_file_generates_through_base(sd3, tmp_path):
+    """How a distilled DiT is usually shared: the transformer's diffusers state dict, sampled with --base."""
+    from safetensors.torch import save_file
+
+    from nitrofusion.worlds import world_of_model
+    from nitrofusion.worlds.sdxl.pipeline import SHIFT_METADATA_KEY
+
+    folder, _, run = sd3
+    state = load_file(str(run / "student" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    path = tmp_path / "nitro-sd3.safetensors"
+    save_file(state, str(path), metadata={SHIFT_METADATA_KEY: "250"})
+    assert world_of_model(path).name == "sd3"
+    ours = _generate(run, tmp_path / "run")
+    from_file = _generate(path, tmp_path / "file", "--base", str(folder), "--height", "64", "--width", "64")
+    assert all(np.array_equal(a, b) for a, b in zip(from_file, ours, strict=True))

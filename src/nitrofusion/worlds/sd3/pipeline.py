@@ -14,7 +14,7 @@ import torch
 
 from ...errors import NitroFusionError, describe
 from ...sampling.student import check_steps
-from ..sdxl.pipeline import ModelRef, image_generators, need_base, quiet_loading, resolve
+from ..sdxl.pipeline import SHIFT_METADATA_KEY, ModelRef, image_generators, need_base, quiet_loading, resolve
 
 SCHEDULER_ENTRY = ["nitrofusion", "TimestepShiftFlowScheduler"]
 OPTIONAL_TEXT = ("text_encoder_3", "tokenizer_3")  # T5: SD3's pipeline runs without it (zeros in its place)
@@ -24,6 +24,45 @@ def absent_text_parts(folder: Path) -> dict:
     """None for the T5 parts a folder lacks: SD3's pipeline accepts that, but only when told so."""
     index = json.loads((folder / "model_index.json").read_text())
     return {name: None for name in OPTIONAL_TEXT if not (index.get(name) or [None])[0]}
+
+
+def is_dit_weights(path: Path) -> bool:
+    """Whether a .safetensors file holds an SD3 transformer (diffusers keys, `transformer.`-prefixed or not): its
+    header names a context embedder, which no UNet has. Reads the header only."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = f.keys()  # a safe_open handle is not iterable
+            return any(k.removeprefix("transformer.") == "context_embedder.weight" for k in keys)
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: not ours to claim
+        return False
+
+
+def transformer_from_file(ref: ModelRef, dtype: torch.dtype):
+    """An SD3 transformer weights file (diffusers keys) in the architecture of the base folder's transformer."""
+    from accelerate import init_empty_weights
+    from diffusers import SD3Transformer2DModel
+
+    from ...unet_weights import check_same_layout, read_weights
+
+    base = need_base(ref, "an SD3 transformer weights file")
+    config = SD3Transformer2DModel.load_config(base / "transformer")
+    state = {k.removeprefix("transformer."): v for k, v in read_weights(ref.path).items()}
+    with init_empty_weights():
+        model = SD3Transformer2DModel.from_config(config)
+    check_same_layout(model.state_dict(), state, f"transformer weights {ref.path}", "the base's SD3 transformer")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
+    return model.eval()
+
+
+def file_shift(ref: ModelRef) -> int | None:
+    from ...unet_weights import read_weights_file
+
+    meta = read_weights_file(ref.path)[1] if ref.kind == "file" else {}
+    return int(meta[SHIFT_METADATA_KEY]) if SHIFT_METADATA_KEY in meta else None
 
 
 def transformer_folder(ref: ModelRef) -> Path | None:
@@ -40,6 +79,7 @@ def load_scheduler(ref: ModelRef, shift: int | None):
     if own is not None:
         sched = TimestepShiftFlowScheduler.from_pretrained(own)
         return sched if shift is None else flow_student_scheduler(dict(sched.config), shift)
+    shift = shift if shift is not None else file_shift(ref)
     if shift is None:
         raise NitroFusionError(f"{ref.path} has no TimestepShiftFlowScheduler; pass --shift S (the shift it was "
                                "distilled with)")
@@ -54,9 +94,6 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     ref = resolve(model, base)
-    if ref.kind == "file":
-        raise NitroFusionError(f"{ref.path}: SD3 models load from a run, student or exported folder; a weights "
-                               "file is not supported for SD3 yet")
     if ref.kind == "pipeline" and ref.base is not None:
         raise NitroFusionError(f"{ref.path} is a complete pipeline folder; --base applies to run and student "
                                "folders only")
@@ -66,7 +103,10 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
     if ref.kind != "pipeline":
         folder = need_base(ref, "a pipeline")
         try:
-            parts["transformer"] = SD3Transformer2DModel.from_pretrained(transformer_folder(ref), dtype=dtype)
+            parts["transformer"] = (transformer_from_file(ref, dtype) if ref.kind == "file" else
+                                    SD3Transformer2DModel.from_pretrained(transformer_folder(ref), dtype=dtype))
+        except NitroFusionError:
+            raise
         except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken folder
             where = transformer_folder(ref)
             raise NitroFusionError(f"cannot load the transformer in {where} ({describe(e)})") from None

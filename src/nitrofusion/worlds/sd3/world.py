@@ -39,6 +39,10 @@ class SD3World(SDXLWorld):
             return _class_of(path / "model_index.json") == "StableDiffusion3Pipeline"
         if kind == "student":
             return _class_of(path / "transformer" / "config.json") == TRANSFORMER
+        if kind == "file":
+            from .pipeline import is_dit_weights
+
+            return is_dit_weights(path)
         return kind == "unet" and _class_of(path / "config.json") == TRANSFORMER
 
     def generate_to_folder(self, model: Path, prompts: list[str], steps: int, seed: int, out: Path,

@@ -40,8 +40,10 @@ class SDXLWorld(World):
         return source
 
     def recognises(self, kind: str, path: Path) -> bool:
-        if kind == "file":  # a weights file's family is its --base folder's, checked when it loads
-            return True
+        if kind == "file":  # a UNet file's family is its --base folder's, checked when it loads
+            from ..sd3.pipeline import is_dit_weights
+
+            return not is_dit_weights(path)  # an SD3 transformer's file is the sd3 world's
         if kind == "pipeline":
             return json.loads((path / "model_index.json").read_text()).get("_class_name") == "StableDiffusionXLPipeline"
         file = path / "unet" / "config.json" if kind == "student" else path / "config.json"
