@@ -17,7 +17,7 @@ import torch
 from ...errors import ConfigError, NitroFusionError
 from ...method.diffusion import NoiseProcess, RectifiedFlow
 from ..adapter import Cond, ModelAdapter
-from ..sdxl.adapter import _quiet_transformers, module_dtype, vae_images, vae_latents
+from ..sdxl.adapter import LatentVAE, _quiet_transformers, module_dtype
 from ..sdxl.family import SD3, check_pipeline_folder
 from .backbone import DiTBackbone
 from .config import SD3Config
@@ -31,7 +31,7 @@ def check_backbone(folder: Path, cfg: SD3Config) -> None:
                           f"transformer blocks ({folder / 'transformer'}); use 1..{layers}")
 
 
-class SD3Adapter(ModelAdapter):
+class SD3Adapter(LatentVAE, ModelAdapter):
     prediction_type = "flow"
     student_subfolder = "transformer"
 
@@ -127,11 +127,3 @@ class SD3Adapter(ModelAdapter):
         dtype = module_dtype(backbone.transformer)
         kw = self._kwargs(cond, dtype)
         return backbone(x.to(dtype), t, kw["encoder_hidden_states"], kw["pooled_projections"])
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return vae_latents(self.vae, images)
-
-    @torch.no_grad()
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return vae_images(self.vae, x)

@@ -1,7 +1,8 @@
 """SD3 / SD3.5 inference in 1-4 steps from a NitroFusion model (docs/method.md §8), in a stock
 `StableDiffusion3Pipeline` with the student transformer and `TimestepShiftFlowScheduler`, and its export as a
 diffusers folder. A model is a run folder (the text encoders and VAE come from its teacher folder unless `base`),
-a student folder (transformer/ + scheduler/) with `base`, or an exported pipeline folder.
+a student folder (transformer/ + scheduler/) with `base`, an exported pipeline folder, or a transformer weights
+file with `base`. Generation is the UNet families' `generate_images` (worlds/sdxl/pipeline.py).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from pathlib import Path
 import torch
 
 from ...errors import NitroFusionError, describe
-from ...sampling.student import check_steps
-from ..sdxl.pipeline import SHIFT_METADATA_KEY, ModelRef, image_generators, need_base, quiet_loading, resolve
+from ..sdxl.pipeline import SHIFT_METADATA_KEY, ModelRef, generate_images, need_base, quiet_loading, resolve
 
 SCHEDULER_ENTRY = ["nitrofusion", "TimestepShiftFlowScheduler"]
+__all__ = ["export_diffusers", "generate_images", "load_pipeline"]  # generate_images: the shared one
 OPTIONAL_TEXT = ("text_encoder_3", "tokenizer_3")  # T5: SD3's pipeline runs without it (zeros in its place)
 
 
@@ -131,37 +132,6 @@ def _quiet_diffusers():
         yield
     finally:
         dlog.set_verbosity(level)
-
-
-def default_size(pipe) -> int:
-    return getattr(pipe, "nitrofusion_resolution", None) or pipe.default_sample_size * pipe.vae_scale_factor
-
-
-@torch.no_grad()
-def generate_images(pipe, prompts: list[str], steps: int, seed: int = 0, height: int | None = None,
-                    width: int | None = None, batch_size: int = 4) -> list:
-    """PIL images in 1-4 steps; image i draws its x_T and its re-noising noise from a generator seeded seed + i."""
-    check_steps(steps)
-    if not prompts:
-        raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
-    size = default_size(pipe)
-    height, width = height or size, width or size
-    multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
-    if height <= 0 or width <= 0 or height % multiple or width % multiple:
-        raise NitroFusionError(f"height and width must be positive multiples of {multiple} for this model "
-                               f"(got {height}x{width})")
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        generators = image_generators(seed, start, len(chunk))
-        pipe.scheduler.generator = generators  # the stock pipeline passes none to step(): ours re-noise with these
-        try:
-            out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=0.0, height=height, width=width,
-                       generator=generators, output_type="pil")
-        finally:
-            pipe.scheduler.generator = None
-        images += out.images
-    return images
 
 
 def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None = None, shift: int | None = None,

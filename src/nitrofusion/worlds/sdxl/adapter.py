@@ -59,7 +59,30 @@ def _component(cls, folder: Path):
                                "incomplete: fetch that folder again") from None
 
 
-class SDXLAdapter(ModelAdapter):
+class LatentVAE:
+    """Real images in and samples out through the family's KL VAE (`self.vae`), as its pipeline scales them."""
+
+    vae: torch.nn.Module
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] at the run's resolution -> the latents the model works on (the VAE posterior's
+        mean, shifted and scaled as the pipelines do): a real sample in the same space as a teacher sample."""
+        z = self.vae.encode(images.to(self.vae.device, torch.float32)).latent_dist.mean
+        if getattr(self.vae.config, "shift_factor", None):
+            z = z - self.vae.config.shift_factor
+        return (z * self.vae.config.scaling_factor).float().cpu()
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1] (fp32 decode: SDXL's VAE overflows in fp16)."""
+        x = x.to(self.vae.device, torch.float32) / self.vae.config.scaling_factor
+        if getattr(self.vae.config, "shift_factor", None):
+            x = x + self.vae.config.shift_factor
+        return self.vae.decode(x).sample.add(1).div(2).clamp(0, 1)
+
+
+class SDXLAdapter(LatentVAE, ModelAdapter):
     family: Family = SDXL
 
     def __init__(self, folder: str | Path, cfg: SDXLConfig | None = None, device: str | torch.device = "cpu",
@@ -190,28 +213,3 @@ class SDXLAdapter(ModelAdapter):
     def backbone_call(self, backbone, x, t, cond, boxes):
         dtype = module_dtype(backbone)
         return backbone(x.to(dtype), t, **self._kwargs(x, cond, boxes, dtype))
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return vae_latents(self.vae, images)
-
-    @torch.no_grad()
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return vae_images(self.vae, x)
-
-
-def vae_latents(vae, images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] at the run's resolution -> the latents the model works on (the VAE posterior's mean,
-    shifted and scaled as the pipelines do): a real sample in the same space as a teacher sample."""
-    z = vae.encode(images.to(vae.device, torch.float32)).latent_dist.mean
-    if getattr(vae.config, "shift_factor", None):
-        z = z - vae.config.shift_factor
-    return (z * vae.config.scaling_factor).float().cpu()
-
-
-def vae_images(vae, x: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1] (fp32 decode: SDXL's VAE overflows in fp16)."""
-    x = x.to(vae.device, torch.float32) / vae.config.scaling_factor
-    if getattr(vae.config, "shift_factor", None):
-        x = x + vae.config.shift_factor
-    return vae.decode(x).sample.add(1).div(2).clamp(0, 1)

@@ -337,8 +337,20 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
 # ---- generation -----------------------------------------------------------------------------------------------
 
 
+def denoiser(pipe):
+    """The pipeline's network: a UNet, or an SD3 pipeline's transformer."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
 def default_size(pipe) -> int:
-    return getattr(pipe, "nitrofusion_resolution", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return getattr(pipe, "nitrofusion_resolution", None) or denoiser(pipe).config.sample_size * pipe.vae_scale_factor
+
+
+def size_multiple(pipe) -> int:
+    """Image sides must be multiples of this: the VAE's scale times the UNet's downsampling or the DiT's patch."""
+    config = denoiser(pipe).config
+    return pipe.vae_scale_factor * (config.patch_size if "patch_size" in config else
+                                    2 ** (len(config.block_out_channels) - 1))
 
 
 def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]:
@@ -350,7 +362,8 @@ def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]
 @torch.no_grad()
 def generate_images(pipe, prompts: list[str], steps: int, seed: int = 0, height: int | None = None,
                     width: int | None = None, batch_size: int = 4) -> list:
-    """PIL images, one per prompt, in 1-4 steps (docs/method.md §5)."""
+    """PIL images, one per prompt, in 1-4 steps (docs/method.md §5, §8); image i draws its x_T and its re-noising
+    noise from a generator seeded seed + i."""
     check_steps(steps)
     if not prompts:
         raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
@@ -358,15 +371,23 @@ def generate_images(pipe, prompts: list[str], steps: int, seed: int = 0, height:
         raise NitroFusionError(f"--batch-size must be >= 1 (got {batch_size})")
     size = default_size(pipe)
     height, width = height or size, width or size
-    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    multiple = size_multiple(pipe)
     if height <= 0 or width <= 0 or height % multiple or width % multiple:
         raise NitroFusionError(f"height and width must be positive multiples of {multiple} for this model "
                                f"(got {height}x{width})")
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=0.0, height=height, width=width,
-                   generator=image_generators(seed, start, len(chunk)), output_type="pil")
+        generators = image_generators(seed, start, len(chunk))
+        own = hasattr(pipe.scheduler, "generator")  # TimestepShiftFlowScheduler: SD3's pipeline passes step() none
+        if own:
+            pipe.scheduler.generator = generators
+        try:
+            out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=0.0, height=height, width=width,
+                       generator=generators, output_type="pil")
+        finally:
+            if own:
+                pipe.scheduler.generator = None
         images += out.images
     return images
 
