@@ -121,3 +121,17 @@ def test_inference_bench_compares_stock_and_fast_in_one_run():
     keys = ("first_call_s", "unet_ms", "vae_decode_ms", "1_step_ms", "4_step_ms", "batch8_images_per_s")
     assert all(r[k] > 0 for r in result["rows"] for k in keys)
     assert result["fast"]["compiled"] == "regional default" and "% of stock eager" in format_inference(result)
+
+
+def test_regional_compile_serves_many_pipelines_and_sizes(tiny_sdxl):
+    """Transformer blocks of every compiled UNet in a process share one code object, so dynamo's per-code cache
+    fills with a graph per model configuration, dtype, backend and shape; past its default limit of 8 the
+    fullgraph compile failed the request (found by the whole suite: with the earlier tests of this file and
+    test_sd.py's, this test failed before the limit was raised and fullgraph dropped)."""
+    from nitrofusion.worlds.sdxl.pipeline import generate_images
+
+    for _ in range(5):
+        pipe = load_pipeline(tiny_sdxl, shift=250)
+        make_fast(pipe, backend="eager")  # dynamo's capture alone: a recompile costs little on a CPU
+        for px in (32, 64):
+            assert generate_images(pipe, ["a red cat"], 1, 0, height=px, width=px, batch_size=1)[0].size == (px, px)

@@ -24,6 +24,7 @@ import torch
 from ...errors import NitroFusionError, describe
 
 VAE_CLASSES = ("AutoencoderTiny", "AutoencoderKL")
+REGIONAL_RECOMPILE_LIMIT = 64
 
 
 def load_vae(folder: str | Path, dtype: torch.dtype | None = None):
@@ -89,7 +90,13 @@ def make_fast(pipe, compile: bool = True, cuda_graphs: bool = False, backend: st
         else:
             mode = "reduce-overhead" if cuda_graphs and device.type == "cuda" else None
             if regional:
-                pipe.unet.compile_repeated_blocks(mode=mode, fullgraph=True, backend=backend)
+                # every transformer block of every UNet in the process shares one code object, so dynamo keeps one
+                # graph per block shape (SDXL: two per resolution and batch size): its default limit of 8 is hit
+                # by an app serving two sizes. Raise it, and no fullgraph: past the limit a block runs eager
+                # (dynamo warns) instead of failing the request.
+                dynamo = torch._dynamo.config
+                dynamo.recompile_limit = max(dynamo.recompile_limit, REGIONAL_RECOMPILE_LIMIT)
+                pipe.unet.compile_repeated_blocks(mode=mode, backend=backend)
             else:
                 pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True, backend=backend)
             pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, backend=backend)
