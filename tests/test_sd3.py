@@ -252,3 +252,10 @@ def test_a_transformer_weights_file_generates_through_base(sd3, tmp_path):
     ours = _generate(run, tmp_path / "run")
     from_file = _generate(path, tmp_path / "file", "--base", str(folder), "--height", "64", "--width", "64")
     assert all(np.array_equal(a, b) for a, b in zip(from_file, ours, strict=True))
+
+
+def test_options_of_the_unet_families_are_refused_in_one_line(sd3, tmp_path, capsys):
+    _, _, run = sd3
+    assert main(["generate", "--model", str(run), "--prompt", "a", "--fast", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--fast does not apply to" in err and "sd3-world model; drop it" in err and len(err.splitlines()) == 1

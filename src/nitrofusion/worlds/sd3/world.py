@@ -52,6 +52,7 @@ class SD3World(SDXLWorld):
         from .pipeline import generate_images, load_pipeline
 
         check_steps(steps)
+        self.check_options(model, options)  # --fast and --vae are the UNet families' (worlds/sdxl/fast.py)
         o = options
         if not prompts:
             raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
@@ -64,6 +65,7 @@ class SD3World(SDXLWorld):
                                                                                                list[str]]:
         from .pipeline import generate_images, load_pipeline
 
+        self.check_options(model, options)
         o = options
         pipe = load_pipeline(model, base=o.base, shift=o.shift, device=o.device or "cpu", dtype=o.dtype)
 
