@@ -3,9 +3,9 @@
 #   run(command="bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=540)
 # One log (bench.md) and one JSON per bench come back in $OUT (the device tool returns at most 8 files). Each
 # command is bounded so the whole stays under 9 minutes and what finished comes back, most wanted first: stock
-# diffusers vs the fast 1-step path (issue 14; each row is printed as it is measured, batch 8 last; compiling
-# the whole UNet + decoder took over 150 s on an H100, so the UNet is now compiled by region and the inference
-# bench gets the largest share); the sdxl-realism
+# diffusers vs the fast 1-step path, and at 512 px the fast path with CUDA graphs (issue 14; each row is printed
+# as it is measured, batch 8 last; the regionally compiled UNet + decoder took 27 s to compile at 1024 px on an
+# H100); the sdxl-realism
 # iteration at the paper's micro-batch 5 with 8-bit AdamW (with AdamW it does not fit 80 GB: measured on an
 # H100 2026-11-27), its table then the step part by part; a LoRA student at micro-batch 2. The AdamW iteration
 # at micro-batch 2 was measured then (README); the memory model runs on the meta device (`bench --memory`).

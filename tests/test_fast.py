@@ -117,7 +117,7 @@ def test_inference_bench_compares_stock_and_fast_in_one_run():
     # backend "eager": dynamo's capture alone, so every shape's (re)compilation costs little on a CPU
     result = run_inference_bench("tiny", "cpu", iters=1, warmup=0, backend="eager", progress=lambda _: None)
     assert [(r["path"], r["px"]) for r in result["rows"]] == [("stock eager", 64), ("stock eager", 32), ("fast", 64),
-                                                              ("fast", 32)]
+                                                              ("fast", 32), ("fast + CUDA graphs", 32)]
     keys = ("first_call_s", "unet_ms", "vae_decode_ms", "1_step_ms", "4_step_ms", "batch8_images_per_s")
     assert all(r[k] > 0 for r in result["rows"] for k in keys)
     assert result["fast"]["compiled"] == "regional default" and "% of stock eager" in format_inference(result)

@@ -1,10 +1,13 @@
 """`nitrofusion bench --inference`: stock diffusers eager against the fast path (fast.py), in one run.
 
 A random-weight SDXL pipeline (full architecture, or `--size tiny` for a CPU test) with the student's shifted
-LCM scheduler, twice: as diffusers builds it, and with `make_fast` applied. For each resolution (1024 and 512
-px; 64 and 32 for tiny), at batch 1: the first call (compilation included), UNet latency, VAE decode latency,
-end-to-end latency of 1 and 4 steps (text encoding, sampling, decoding, PIL conversion); then images/s at
-batch 8 and 1 step. Weights do not change timings, so random ones are fine.
+LCM scheduler, three times: as diffusers builds it, with `make_fast` applied, and with `make_fast(cuda_graphs=True)`
+(CUDA graphs replay each compiled block's kernels in one launch: at batch 1 the GPU waits for the host's kernel
+launches, measured on an H100; on a CPU this third path is the second again). For each resolution (1024 and 512
+px; 64 and 32 for tiny; CUDA graphs at the smaller only, where launches dominate), at batch 1: the first call
+(compilation included), UNet latency, VAE decode latency, end-to-end latency of 1 and 4 steps (text encoding,
+sampling, decoding, PIL conversion); then images/s at batch 8 and 1 step. Weights do not change timings, so
+random ones are fine.
 """
 
 from __future__ import annotations
@@ -54,29 +57,31 @@ def run_inference_bench(size: str = "full", device: str | None = None, dtype: to
     dtype = dtype or (torch.float16 if device_.type == "cuda" else torch.float32)
     progress(f"building random-weight SDXL ({size}, {str(dtype).removeprefix('torch.')}) on {device_} ...")
     eager = _pipeline(size, device_, dtype, shift)
-    fast = copy.deepcopy(eager)
+    fast, graphed = copy.deepcopy(eager), copy.deepcopy(eager)
     applied = make_fast(fast, backend=backend, log=progress)
+    make_fast(graphed, backend=backend, cuda_graphs=True, log=progress)
     # a fixed shape per compile, as a user at one resolution gets (not the dynamic-shape graph dynamo makes
     # on the second shape it sees); the batch-8 runs come last, so a bounded run keeps every latency row. The
     # regional graph is one per block shape: 2 per resolution x 2 resolutions x 2 batch sizes, at dynamo's
     # default limit of 8 recompiles, hence a higher one
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
-        rows = _measure_all(size, eager, fast, device_, dtype, iters, warmup, progress)
+        rows = _measure_all(size, {"stock eager": eager, "fast": fast, "fast + CUDA graphs": graphed}, device_,
+                            dtype, iters, warmup, progress)
     return {"device": torch.cuda.get_device_name(device_) if device_.type == "cuda" else "cpu", "size": size,
             "dtype": str(dtype).removeprefix("torch."), "fast": applied, "backend": backend, "torch": torch.__version__,
             "rows": rows}
 
 
-def _measure_all(size: str, eager, fast, device_: torch.device, dtype: torch.dtype, iters: int, warmup: int,
+def _measure_all(size: str, pipes: dict, device_: torch.device, dtype: torch.dtype, iters: int, warmup: int,
                  progress: Callable[[str], None]) -> list[dict]:
     rows = []
-    for name, pipe in (("stock eager", eager), ("fast", fast)):
-        for px in RESOLUTIONS[size]:
+    for name, pipe in pipes.items():
+        for px in RESOLUTIONS[size] if "CUDA graphs" not in name else RESOLUTIONS[size][-1:]:
             progress(f"measuring {name} at {px}px ...")
             rows.append({"path": name, "px": px, **_measure_latency(pipe, px, device_, dtype, iters, warmup)})
             progress(f"  {rows[-1]}")
     for row in rows:
-        pipe = eager if row["path"] == "stock eager" else fast
+        pipe = pipes[row["path"]]
         progress(f"measuring {row['path']} at {row['px']}px, batch 8 ...")
         row["batch8_images_per_s"] = _images_per_s(pipe, row["px"], device_, 8, iters, warmup)
         progress(f"  {row['batch8_images_per_s']:.2f} images/s")
@@ -135,7 +140,8 @@ def format_inference(result: dict) -> str:
                      f"{r['vae_decode_ms']:.1f} | {r['1_step_ms']:.1f} | {r['4_step_ms']:.1f} | "
                      f"{r.get('batch8_images_per_s', float('nan')):.2f} |")
     for px in sorted({r["px"] for r in result["rows"]}, reverse=True):
-        e, f = (next(r for r in result["rows"] if r["px"] == px and r["path"] == p) for p in ("stock eager", "fast"))
-        lines.append(f"\n{px}px, 1 step end to end: fast = {100 * f['1_step_ms'] / e['1_step_ms']:.0f}% of stock "
-                     f"eager; {1000 / f['1_step_ms']:.1f} images/s at batch 1")
+        e = next(r for r in result["rows"] if r["px"] == px and r["path"] == "stock eager")
+        for f in (r for r in result["rows"] if r["px"] == px and r["path"] != "stock eager"):
+            lines.append(f"\n{px}px, 1 step end to end: {f['path']} = {100 * f['1_step_ms'] / e['1_step_ms']:.0f}% of "
+                         f"stock eager; {1000 / f['1_step_ms']:.1f} images/s at batch 1")
     return "\n".join(lines)
