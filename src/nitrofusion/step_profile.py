@@ -15,16 +15,13 @@ import time
 from collections.abc import Callable
 
 import torch
-from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import config as config_lib
 from .distill_config import DistillConfig
-from .method.pool import HeadPool
 from .method.step import AdversarialStep
 from .stopwatch import Stopwatch
-from .training import build_student
-from .training.optim import adamw
+from .training.build import single_process_parts
 from .training.step import optimizer_step
 
 
@@ -65,12 +62,7 @@ def profile_step(size: str = "mini", device: str | None = None, overrides: list[
         cfg, adapter, amp, _ = sdxl_setup(size, device_, ["grad_accum=1", *(overrides or [])], progress)
         prompts = [f"a benchmark prompt number {i}" for i in range(8)]
     torch.manual_seed(0)
-    student = build_student(cfg, adapter, device_, amp)
-    backbone = adapter.make_backbone(cfg.gradient_checkpointing)
-    pool = HeadPool(cfg.pool, backbone.channels).to(device_)
-    opt_g = adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim)
-    opt_d = adamw(pool.parameters(), cfg.heads_optim)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device_.type == "cpu")
+    student, backbone, pool, opt_g, opt_d, acc = single_process_parts(cfg, adapter, device_, amp)
     step_fn = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial, cfg.multistep)
     gen = torch.Generator().manual_seed(0)
     b = cfg.micro_batch

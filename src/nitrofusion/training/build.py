@@ -68,3 +68,21 @@ def build_student(cfg: DistillConfig, adapter: ModelAdapter, device: torch.devic
     if cfg.gradient_checkpointing and hasattr(student, "enable_gradient_checkpointing"):
         student.enable_gradient_checkpointing()
     return student
+
+
+def single_process_parts(cfg: DistillConfig, adapter: ModelAdapter, device: torch.device,
+                         weight_dtype: torch.dtype | None) -> tuple:
+    """What one optimiser step needs outside a run (`bench`, the step profile): the student, the backbone E, the
+    head pool, both optimisers and a one-process Accelerator."""
+    from accelerate import Accelerator
+
+    from ..method.pool import HeadPool
+    from .optim import adamw
+
+    student = build_student(cfg, adapter, device, weight_dtype)
+    backbone = adapter.make_backbone(cfg.gradient_checkpointing)
+    pool = HeadPool(cfg.pool, backbone.channels).to(device)
+    opt_g = adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim)
+    opt_d = adamw(pool.parameters(), cfg.heads_optim)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
+    return student, backbone, pool, opt_g, opt_d, acc

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 
 import torch
-from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 from ... import config as config_lib
@@ -22,11 +21,8 @@ from ...data.pairs import PairLoader, generate_pairs, load_pairs
 from ...distill_config import DistillConfig
 from ...dtypes import mixed_precision_dtype
 from ...errors import NitroFusionError
-from ...method.backbone import UNetBackbone
-from ...method.pool import HeadPool
 from ...method.step import AdversarialStep, student_one_step
-from ...training import build_student
-from ...training.optim import adamw
+from ...training.build import single_process_parts
 from ...training.step import optimizer_step
 from .adapter import SDXLAdapter
 from .testing import build_sdxl_components
@@ -106,12 +102,7 @@ def run_bench(size: str = "full", device: str | None = None, overrides: list[str
               iters: int = 3, warmup: int = 1, progress: Callable[[str], None] = print) -> dict:
     device_ = bench_device(size, device)
     cfg, adapter, amp, text = sdxl_setup(size, device_, overrides, progress)
-    student = build_student(cfg, adapter, device_, amp)
-    backbone = UNetBackbone(adapter.teacher_unet, cfg.gradient_checkpointing)
-    pool = HeadPool(cfg.pool, backbone.channels).to(device_)
-    opt_g = adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim)
-    opt_d = adamw(pool.parameters(), cfg.heads_optim)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device_.type == "cpu")
+    student, backbone, pool, opt_g, opt_d, acc = single_process_parts(cfg, adapter, device_, amp)
     step = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial)
     b = cfg.micro_batch
     prompts = [f"a benchmark prompt number {i}" for i in range(b)]
