@@ -28,7 +28,7 @@ def make_generator(model: str | Path, base: str | None = None, shift: int | None
                    dtype: torch.dtype | None = None, fast: bool = False, vae: str | None = None,
                    size: int | None = LIVE_SIZE) -> tuple[Generate, list[str]]:
     """(prompt, steps, seed) -> image, and example prompts; the model loads once, here, through its world.
-    `fast` / `vae` / `size` (pixels; None = the run's resolution): SDXL only (fast.py)."""
+    `fast` / `vae`: the UNet families (SDXL, SD; fast.py); `size` (pixels; None = the run's resolution): not mini."""
     from .worlds import GenerateOptions, world_of_model
 
     options = GenerateOptions(base=base, shift=shift, device=device, dtype=dtype, fast=fast, vae=vae)
