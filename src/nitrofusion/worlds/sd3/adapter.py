@@ -17,7 +17,7 @@ import torch
 from ...errors import ConfigError, NitroFusionError
 from ...method.diffusion import NoiseProcess, RectifiedFlow
 from ..adapter import Cond, ModelAdapter
-from ..sdxl.adapter import LatentVAE, _quiet_transformers, module_dtype
+from ..sdxl.adapter import PipelineParts, module_dtype
 from ..sdxl.family import SD3, check_pipeline_folder
 from .backbone import DiTBackbone
 from .config import SD3Config
@@ -31,7 +31,7 @@ def check_backbone(folder: Path, cfg: SD3Config) -> None:
                           f"transformer blocks ({folder / 'transformer'}); use 1..{layers}")
 
 
-class SD3Adapter(LatentVAE, ModelAdapter):
+class SD3Adapter(PipelineParts, ModelAdapter):
     prediction_type = "flow"
     student_subfolder = "transformer"
 
@@ -47,7 +47,7 @@ class SD3Adapter(LatentVAE, ModelAdapter):
         check_pipeline_folder(folder, SD3)
         check_backbone(folder, cfg)
         try:
-            with quiet_loading(), _quiet_transformers():
+            with quiet_loading():
                 self.pipe = StableDiffusion3Pipeline.from_pretrained(folder, **absent_text_parts(folder))
         except Exception as e:  # noqa: BLE001 - a truncated download surfaces as many types
             raise NitroFusionError(f"cannot load the SD3 pipeline in {folder} ({type(e).__name__}: "
@@ -66,7 +66,7 @@ class SD3Adapter(LatentVAE, ModelAdapter):
             raise ConfigError(f"sd3.resolution {cfg.resolution} must be a multiple of "
                               f"{self.vae_scale * self.crop_multiple} for this VAE and patch size")
         self.latent_size = cfg.resolution // self.vae_scale
-        for m in self._frozen():
+        for m in self.frozen_modules():
             m.requires_grad_(False).eval()
         self.to(device, dtype)
 
@@ -74,19 +74,9 @@ class SD3Adapter(LatentVAE, ModelAdapter):
     def process(self) -> NoiseProcess:
         return RectifiedFlow(self.num_train_timesteps)
 
-    def _frozen(self) -> list[torch.nn.Module]:
+    def frozen_modules(self) -> list[torch.nn.Module]:
         p = self.pipe
         return [m for m in (p.text_encoder, p.text_encoder_2, p.text_encoder_3, p.transformer) if m is not None]
-
-    def to(self, device, dtype: torch.dtype | None = None) -> SD3Adapter:
-        """Frozen parts to device (and dtype); the VAE stays fp32 and only decodes."""
-        for m in self._frozen():
-            m.to(device=device)
-            if dtype is not None and module_dtype(m) != dtype:
-                m.to(dtype=dtype)
-        self.vae.to(device=device)
-        self.device = torch.device(device)
-        return self
 
     def make_backbone(self, gradient_checkpointing: bool = False) -> torch.nn.Module:
         return DiTBackbone(self.teacher_unet, self.cfg.backbone_blocks, self.cfg.taps, gradient_checkpointing)

@@ -7,7 +7,6 @@ file with `base`. Generation is the UNet families' `generate_images` (worlds/sdx
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from ...errors import NitroFusionError, describe
 from ..sdxl.pipeline import SHIFT_METADATA_KEY, ModelRef, generate_images, need_base, quiet_loading, resolve
+from ..sdxl.pipeline import load_scheduler as base_load_scheduler
 
 SCHEDULER_ENTRY = ["nitrofusion", "TimestepShiftFlowScheduler"]
 __all__ = ["export_diffusers", "generate_images", "load_pipeline"]  # generate_images: the shared one
@@ -71,21 +71,18 @@ def transformer_folder(ref: ModelRef) -> Path | None:
             "unet": ref.path}.get(ref.kind)
 
 
-def load_scheduler(ref: ModelRef, shift: int | None):
-    from ...sampling.flow_scheduler import TimestepShiftFlowScheduler, flow_student_scheduler
-
-    if shift is not None and not 1 <= shift <= 1000:
-        raise NitroFusionError(f"--shift must be in 1..1000 (got {shift})")
-    own = ref.scheduler_dir
-    if own is not None:
-        sched = TimestepShiftFlowScheduler.from_pretrained(own)
-        return sched if shift is None else flow_student_scheduler(dict(sched.config), shift)
-    shift = shift if shift is not None else file_shift(ref)
+def file_or_given_shift(ref: ModelRef) -> int:
+    shift = file_shift(ref)
     if shift is None:
         raise NitroFusionError(f"{ref.path} has no TimestepShiftFlowScheduler; pass --shift S (the shift it was "
                                "distilled with)")
-    source = ref.path if ref.kind == "pipeline" else need_base(ref, "sampling")
-    return flow_student_scheduler(json.loads((source / "scheduler" / "scheduler_config.json").read_text()), shift)
+    return shift
+
+
+def load_scheduler(ref: ModelRef, shift: int | None):
+    from ...sampling.flow_scheduler import TimestepShiftFlowScheduler, flow_student_scheduler
+
+    return base_load_scheduler(ref, shift, TimestepShiftFlowScheduler, flow_student_scheduler, file_or_given_shift)
 
 
 def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int | None = None,
@@ -122,18 +119,6 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
     return pipe.to(device)
 
 
-@contextlib.contextmanager
-def _quiet_diffusers():
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(level)
-
-
 def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None = None, shift: int | None = None,
                      dtype: torch.dtype | None = None) -> Path:
     """A complete StableDiffusion3Pipeline folder that stock diffusers loads once nitrofusion is imported."""
@@ -146,7 +131,7 @@ def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None
     size = pipe.nitrofusion_resolution
     if size and size != pipe.transformer.config.sample_size * pipe.vae_scale_factor:
         pipe.transformer.register_to_config(sample_size=size // pipe.vae_scale_factor)  # the pipeline's default
-    with staged_output(out) as tmp, quiet_loading(), _quiet_diffusers():
+    with staged_output(out) as tmp, quiet_loading(errors_only=True):
         pipe.save_pretrained(tmp, safe_serialization=True)  # without T5 it logs that None "cannot be saved"
         index = json.loads((tmp / "model_index.json").read_text())
         index["scheduler"] = SCHEDULER_ENTRY

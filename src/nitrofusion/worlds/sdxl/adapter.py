@@ -59,10 +59,24 @@ def _component(cls, folder: Path):
                                "incomplete: fetch that folder again") from None
 
 
-class LatentVAE:
-    """Real images in and samples out through the family's KL VAE (`self.vae`), as its pipeline scales them."""
+class PipelineParts:
+    """A diffusers family's frozen networks (`frozen_modules`) and its KL VAE (`self.vae`): moving them, and real
+    images in and samples out through the VAE, as the family's pipeline scales them."""
 
     vae: torch.nn.Module
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def to(self, device, dtype: torch.dtype | None = None):
+        """Move the frozen parts (cast to `dtype`); the VAE stays fp32 (SDXL's overflows in fp16: force_upcast)."""
+        for m in self.frozen_modules():
+            m.to(device=device)
+            if dtype is not None and module_dtype(m) != dtype:
+                m.to(dtype=dtype)
+        self.vae.to(device=device)
+        self.device = torch.device(device)
+        return self
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -82,7 +96,7 @@ class LatentVAE:
         return self.vae.decode(x).sample.add(1).div(2).clamp(0, 1)
 
 
-class SDXLAdapter(LatentVAE, ModelAdapter):
+class SDXLAdapter(PipelineParts, ModelAdapter):
     family: Family = SDXL
 
     def __init__(self, folder: str | Path, cfg: SDXLConfig | None = None, device: str | torch.device = "cpu",
@@ -161,15 +175,8 @@ class SDXLAdapter(LatentVAE, ModelAdapter):
             raise NitroFusionError(f"LoRA {path} changed no UNet weight: its keys match no module of this UNet "
                                    f"(is it {self.family.article} {self.family.label} LoRA?)")
 
-    def to(self, device, dtype: torch.dtype | None = None) -> SDXLAdapter:
-        """Move the frozen parts; the VAE stays fp32 (SDXL's VAE overflows in fp16: force_upcast)."""
-        for m in (*self.text_encoders, self.teacher_unet):
-            m.to(device=device)
-            if dtype is not None and module_dtype(m) != dtype:
-                m.to(dtype=dtype)
-        self.vae.to(device=device)
-        self.device = torch.device(device)
-        return self
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [*self.text_encoders, self.teacher_unet]
 
     def latent_shape(self) -> tuple[int, ...]:
         return (self.teacher_unet.config.in_channels, self.latent_size, self.latent_size)

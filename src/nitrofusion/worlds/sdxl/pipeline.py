@@ -37,19 +37,22 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 @contextlib.contextmanager
-def quiet_loading():
+def quiet_loading(errors_only: bool = False):
     """No diffusers/transformers progress bars while loading and saving: the command's output is its own result
-    and errors (one line each)."""
+    and errors (one line each). `errors_only`: diffusers' warnings too (e.g. that an absent T5 "cannot be saved")."""
     from diffusers.utils import logging as dlog
 
     from .adapter import _quiet_transformers
 
-    was = dlog.is_progress_bar_enabled()
+    was, level = dlog.is_progress_bar_enabled(), dlog.get_verbosity()
     dlog.disable_progress_bar()
+    if errors_only:
+        dlog.set_verbosity_error()
     try:
         with _quiet_transformers():
             yield
     finally:
+        dlog.set_verbosity(level)
         if was:
             dlog.enable_progress_bar()
 
@@ -266,21 +269,25 @@ def guess_shift(ref: ModelRef) -> int:
                            "or --shift 500 (NitroSD-Vibrant), or the shift it was distilled with")
 
 
-def load_scheduler(ref: ModelRef, shift: int | None = None):
+def load_scheduler(ref: ModelRef, shift: int | None = None, cls=None, build=None, fallback=None):
+    """The model's 1-4 step scheduler: its own (re-shifted if `shift`), else `build(base config, shift)` with the
+    shift from `shift` or `fallback(ref)`. Defaults: the UNet families' shifted LCM scheduler, the shift guessed
+    from a file's metadata or name; the flow family passes its own (worlds/sd3/pipeline.py)."""
     from ...sampling.scheduler import TimestepShiftLCMScheduler
     from ...sampling.student import shifted_scheduler
 
+    cls, build, fallback = cls or TimestepShiftLCMScheduler, build or shifted_scheduler, fallback or guess_shift
     if shift is not None and not 1 <= shift <= 1000:
         raise NitroFusionError(f"--shift must be in 1..1000 (got {shift})")
     own = ref.scheduler_dir
     if own is not None:
-        sched = TimestepShiftLCMScheduler.from_pretrained(own)
-        return sched if shift is None else shifted_scheduler(dict(sched.config), shift)
+        sched = cls.from_pretrained(own)
+        return sched if shift is None else build(dict(sched.config), shift)
     if shift is None:
-        shift = guess_shift(ref)
+        shift = fallback(ref)
     source = ref.path if ref.kind == "pipeline" else need_base(ref, "sampling")
     config = json.loads((source / "scheduler" / "scheduler_config.json").read_text())
-    return shifted_scheduler(config, shift)
+    return build(config, shift)
 
 
 def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int | None = None,
