@@ -1,6 +1,8 @@
 """The demo end to end at a reduced budget, on the shipped teacher and classifier (slow marker; CI runs it)."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -11,9 +13,11 @@ pytestmark = pytest.mark.slow
 
 def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    # the demo's own preset (static pool, 400-pair shards split over its two processes), cut down
+    # the demo's own preset (static pool), cut down, with pairs arriving while training: the first two pair
+    # shards made by both processes, the third by the helper while the student trains on those
     argv = ["demo", "--out", str(out), "--eval-samples", "300", "--minutes", "0", "--images", "960",
-            "--set", "pairs.count=480", "--set", "eval_every_images=320",
+            "--set", "pairs.count=480", "--set", "pairs.shard_size=160", "--set", "pairs.start_shards=2",
+            "--set", "eval_every_images=320",
             "--set", "eval_samples=200", "--set", "checkpoint_every_images=320"]
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
@@ -26,8 +30,16 @@ def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and len(row["class_coverage"]) == 10
     assert report["train"]["iterations"] == 30 and report["train"]["images"] == 960
     assert report["config"]["micro_batch"] == 32 and not report["config"]["pool"]["dynamic"]
+    assert report["config"]["pairs"]["start_shards"] == 2 and report["config"]["pairs"]["shard_size"] == 160
     timing = report["timing"]
     assert all(timing[k] > 0 for k in ("teacher_pairs_seconds", "train_seconds", "eval_seconds", "total_seconds"))
+    assert timing["waited_for_pairs_seconds"] >= 0
+    # the shard made beside training is in the cache's index once training ends: the next demo finds all three
+    from nitrofusion.data.pairs import load_pairs
+
+    (index,) = [p for p in Path(os.environ["NITROFUSION_CACHE"]).rglob("pairs.json")
+                if json.loads(p.read_text())["count"] == 480]
+    assert len(load_pairs(index.parent)) == 480
     for name in ("report.md", "grid.png", "fid_curve.png", "run/student/unet/config.json"):
         assert (out / name).exists(), name
     # 30 adversarial steps already improve 1-step quality over the initial weights (~40 -> ~27 here)

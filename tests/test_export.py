@@ -7,12 +7,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from cli_helpers import PROMPTS, generate
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from nitrofusion.cli import main
-
-PROMPTS = ["a red cat", "a photo of a dog", "an astronaut riding a horse"]
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +30,6 @@ def _unet_state(folder):
     return UNet2DConditionModel.from_pretrained(folder).state_dict()
 
 
-def _pngs(folder, n):
-    return [np.asarray(Image.open(folder / f"{i:04d}.png")) for i in range(n)]
-
-
-def _generate(model, out, *extra, steps=2, seed=3):
-    argv = ["generate", "--model", str(model), "--steps", str(steps), "--seed", str(seed), "--out", str(out)]
-    for p in PROMPTS:
-        argv += ["--prompt", p]
-    assert main(argv + list(extra)) == 0
-    return _pngs(out, len(PROMPTS))
 
 
 def _stock(folder):
@@ -51,20 +40,20 @@ def _stock(folder):
     return pipe
 
 
-def test_generate_from_a_run_in_1_to_4_steps_and_the_same_seed_gives_the_same_pngs(run, tmp_path):
-    outs = {s: _generate(run, tmp_path / f"s{s}", steps=s) for s in (1, 2, 3, 4)}
+def test_generate_from_a_run_in_1_to_4_steps_and_the_same_seed_gives_the_samepngs(run, tmp_path):
+    outs = {s: generate(run, tmp_path / f"s{s}", steps=s) for s in (1, 2, 3, 4)}
     for imgs in outs.values():
         assert [im.shape for im in imgs] == [(64, 64, 3)] * 3  # the run's sdxl.resolution
     assert (tmp_path / "s1" / "grid.png").is_file()
     assert not np.array_equal(outs[1][0], outs[2][0]) and not np.array_equal(outs[2][0], outs[4][0])
-    again = _generate(run, tmp_path / "again", steps=2)
+    again = generate(run, tmp_path / "again", steps=2)
     assert all(np.array_equal(a, b) for a, b in zip(outs[2], again, strict=True))
     assert Image.open(tmp_path / "s2" / "0001.png").text == {"prompt": PROMPTS[1], "seed": "4", "steps": "2"}
     # image i is drawn with seed + i: --seed 4 starts where --seed 3 went on (same prompt, one image per call)
-    a = _generate(run, tmp_path / "b1", "--num-per-prompt", "2", "--batch-size", "1", "--height", "32",
+    a = generate(run, tmp_path / "b1", "--num-per-prompt", "2", "--batch-size", "1", "--height", "32",
                   "--width", "48", seed=3)
     assert a[0].shape == (32, 48, 3)
-    b = _generate(run, tmp_path / "b2", "--num-per-prompt", "2", "--batch-size", "1", "--height", "32",
+    b = generate(run, tmp_path / "b2", "--num-per-prompt", "2", "--batch-size", "1", "--height", "32",
                   "--width", "48", seed=4)
     assert np.array_equal(a[1], b[0])  # 0001.png of seed 3 is PROMPTS[0] with seed 4, as is 0000.png of seed 4
 
@@ -101,13 +90,13 @@ def test_exported_folder_in_a_stock_pipeline_reproduces_generate_bit_for_bit(run
     assert all(torch.equal(v, student[k]) for k, v in unet.state_dict().items()) and len(student) == len(
         unet.state_dict())
 
-    ours = _generate(run, tmp_path / "gen", steps=2, seed=3)
+    ours = generate(run, tmp_path / "gen", steps=2, seed=3)
     pipe = _stock(tmp_path / "exp")  # stock StableDiffusionXLPipeline, nitrofusion imported
     assert type(pipe.scheduler).__name__ == "TimestepShiftLCMScheduler"
     with torch.no_grad():
         stock = pipe(PROMPTS, num_inference_steps=2, guidance_scale=0.0, generator=image_generators(3, 0, 3)).images
     assert all(np.array_equal(np.asarray(s), o) for s, o in zip(stock, ours, strict=True))
-    assert all(np.array_equal(a, b) for a, b in zip(_generate(tmp_path / "exp", tmp_path / "gen2"), ours, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(generate(tmp_path / "exp", tmp_path / "gen2"), ours, strict=True))
 
     # without nitrofusion imported, diffusers refuses loudly instead of substituting another scheduler
     monkeypatch.delitem(sys.modules, "nitrofusion")
@@ -139,9 +128,9 @@ def test_single_file_round_trip_through_diffusers_converters_is_exact(run, tiny_
         own = {k: v for k, v in getattr(pipe, name).state_dict().items() if not k.endswith("position_ids")}
         assert converted.keys() == own.keys() and all(torch.equal(converted[k], own[k]) for k in own), name
     # the single file's UNet (shift from its metadata) generates what the run generates
-    ours = _generate(run, tmp_path / "run")
+    ours = generate(run, tmp_path / "run")
     assert all(np.array_equal(a, b) for a, b in zip(
-        _generate(path, tmp_path / "single", "--base", str(tiny_sdxl)), ours, strict=True))
+        generate(path, tmp_path / "single", "--base", str(tiny_sdxl)), ours, strict=True))
 
 
 def _sdxl_with_distinct_encoders(folder):
@@ -278,8 +267,8 @@ def test_a_released_format_unet_file_loads_through_base(run, tiny_sdxl, tmp_path
 
     state = _unet_state(run / "student" / "unet")
     save_file(state, str(tmp_path / "nitrosd-realism_unet.safetensors"))  # how NitroSD ships: diffusers keys
-    ours = _generate(run, tmp_path / "run")
-    released = _generate(tmp_path / "nitrosd-realism_unet.safetensors", tmp_path / "rel", "--base", str(tiny_sdxl))
+    ours = generate(run, tmp_path / "run")
+    released = generate(tmp_path / "nitrosd-realism_unet.safetensors", tmp_path / "rel", "--base", str(tiny_sdxl))
     assert all(np.array_equal(a, b) for a, b in zip(released, ours, strict=True))
     save_file({"unet." + k: v.half() for k, v in state.items()}, str(tmp_path / "nitrosd-vibrant_unet.safetensors"))
     pipe = load_pipeline(tmp_path / "nitrosd-vibrant_unet.safetensors", base=tiny_sdxl)

@@ -40,10 +40,10 @@ def test_pair_shards_split_over_two_processes_equal_one_process(teacher_dir, tmp
 
     adapter = MiniAdapter(load_teacher(teacher_dir))
     one, two = tmp_path / "one", tmp_path / "two"
-    demo_jobs.share_of_pairs(adapter, 40, 3, str(one), 16, 8, 0, 1)
+    demo_jobs.share_of_pairs(adapter, 40, 3, str(one), 16, 8, [0, 1, 2])
     with Helper(1) as helper:
-        job = helper.submit(demo_jobs.pair_shards, teacher_dir, 40, 3, str(two), 16, 8, 1, 2)
-        demo_jobs.share_of_pairs(adapter, 40, 3, str(two), 16, 8, 0, 2)
+        job = helper.submit(demo_jobs.pair_shards, teacher_dir, 40, 3, str(two), 16, 8, [1])
+        demo_jobs.share_of_pairs(adapter, 40, 3, str(two), 16, 8, [0, 2])
         job.result()
     shards = sorted(p.name for p in one.glob("shard-*"))
     assert shards == sorted(p.name for p in two.glob("shard-*")) and len(shards) == 3

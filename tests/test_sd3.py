@@ -7,14 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from cli_helpers import PROMPTS, generate
 from safetensors.torch import load_file
 
 from nitrofusion.cli import main
 from nitrofusion.method.diffusion import RectifiedFlow
 from nitrofusion.sampling.spec import SamplerSpec
-
-PROMPTS = ["a red cat", "a photo of a dog", "an astronaut riding a horse"]
 
 
 @pytest.fixture(scope="module")
@@ -166,16 +164,6 @@ def test_the_stock_pipeline_is_the_training_time_sampler(sd3, steps):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
 
 
-def _pngs(folder, n):
-    return [np.asarray(Image.open(folder / f"{i:04d}.png")) for i in range(n)]
-
-
-def _generate(model, out, *extra, steps=2, seed=3):
-    argv = ["generate", "--model", str(model), "--steps", str(steps), "--seed", str(seed), "--out", str(out)]
-    for p in PROMPTS:
-        argv += ["--prompt", p]
-    assert main(argv + list(extra)) == 0
-    return _pngs(out, len(PROMPTS))
 
 
 def test_generate_and_the_exported_folder_in_a_stock_pipeline_agree(sd3, tmp_path):
@@ -183,10 +171,10 @@ def test_generate_and_the_exported_folder_in_a_stock_pipeline_agree(sd3, tmp_pat
     from nitrofusion.worlds.sdxl.pipeline import image_generators
 
     _, _, run = sd3
-    ours = _generate(run, tmp_path / "gen")
+    ours = generate(run, tmp_path / "gen")
     assert [im.shape for im in ours] == [(64, 64, 3)] * 3
-    assert all(np.array_equal(a, b) for a, b in zip(_generate(run, tmp_path / "again"), ours, strict=True))
-    assert not np.array_equal(_generate(run, tmp_path / "one", steps=1)[0], ours[0])
+    assert all(np.array_equal(a, b) for a, b in zip(generate(run, tmp_path / "again"), ours, strict=True))
+    assert not np.array_equal(generate(run, tmp_path / "one", steps=1)[0], ours[0])
     assert main(["export", str(run), "--format", "diffusers", "--out", str(tmp_path / "exp")]) == 0
     index = json.loads((tmp_path / "exp" / "model_index.json").read_text())
     assert index["scheduler"] == ["nitrofusion", "TimestepShiftFlowScheduler"]
@@ -197,7 +185,7 @@ def test_generate_and_the_exported_folder_in_a_stock_pipeline_agree(sd3, tmp_pat
         stock = pipe(PROMPTS, num_inference_steps=2, guidance_scale=0.0, max_sequence_length=256,
                      generator=pipe.scheduler.generator).images
     assert all(np.array_equal(np.asarray(s), o) for s, o in zip(stock, ours, strict=True))
-    assert all(np.array_equal(a, b) for a, b in zip(_generate(tmp_path / "exp", tmp_path / "g2"), ours, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(generate(tmp_path / "exp", tmp_path / "g2"), ours, strict=True))
 
 
 def test_the_app_generator(sd3):
@@ -249,8 +237,8 @@ def test_a_transformer_weights_file_generates_through_base(sd3, tmp_path):
     path = tmp_path / "nitro-sd3.safetensors"
     save_file(state, str(path), metadata={SHIFT_METADATA_KEY: "250"})
     assert world_of_model(path).name == "sd3"
-    ours = _generate(run, tmp_path / "run")
-    from_file = _generate(path, tmp_path / "file", "--base", str(folder), "--height", "64", "--width", "64")
+    ours = generate(run, tmp_path / "run")
+    from_file = generate(path, tmp_path / "file", "--base", str(folder), "--height", "64", "--width", "64")
     assert all(np.array_equal(a, b) for a, b in zip(from_file, ours, strict=True))
 
 

@@ -193,3 +193,26 @@ def test_mini_generate_writes_prompt_chunks_and_seeds_each_image(mini_adapter, t
     assert "wrote 1 image and a grid" in out and "outside the mini world's 10 class prompts" in err
     info = Image.open(tmp_path / "out" / "0000.png").text
     assert info == {"prompt": "a red car", "seed": "4", "steps": "2"} and (tmp_path / "out" / "grid.png").exists()
+
+
+def test_linear_schedule_falls_to_zero_at_the_budget(mini_adapter, tiny_pairs, tiny_cfg, tmp_path):
+    """`schedule: linear` sets lr * (1 - images done / max_images) before each step (both optimisers);
+    a function of the images alone, so a resumed run continues the same line."""
+    from nitrofusion.training.optim import set_learning_rates
+
+    cfg = tiny_cfg("max_images=32", "student_optim.schedule=linear", "log_every_images=8")
+    distill(cfg, mini_adapter, tiny_pairs, tmp_path / "run", progress=False)
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    base = cfg.student_optim.lr
+    assert lrs == pytest.approx([base, 0.75 * base, 0.5 * base, 0.25 * base])
+    g, d = torch.optim.SGD([torch.zeros(1)], lr=1.0), torch.optim.SGD([torch.zeros(1)], lr=1.0)
+    set_learning_rates([(g, cfg.student_optim), (d, cfg.heads_optim)], 24, 32)
+    assert g.param_groups[0]["lr"] == pytest.approx(0.25 * base)
+    assert d.param_groups[0]["lr"] == cfg.heads_optim.lr  # the heads keep the constant default
+
+
+def test_linear_schedule_needs_an_image_budget(tiny_cfg):
+    from nitrofusion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="heads_optim.schedule linear decays to 0 at max_images"):
+        tiny_cfg("max_images=0", "max_minutes=1", "heads_optim.schedule=linear")

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from . import config as config_lib
 from . import threads
-from .data.pairs import drop_corrupt_shards, load_pairs, pair_inputs, write_index_file
+from .data.pairs import GrowingPairs, MixedPairs, Pairs, drop_corrupt_shards, load_shard, pair_inputs, write_index_file
 from .data.real_data import training_source
 from .distill_config import DistillConfig
 from .helper import Helper, Inline, start_helper
@@ -63,16 +64,15 @@ class Forecast:
         spec = adapter.sampler
         self.calls_per_pair = spec.steps * (2 if spec.guidance_scale > 1 else 1)
 
-    def phases(self, train_pairs: int, images: int, minutes: float, eval_samples: int,
+    def phases(self, train_pairs: int, first_pairs: int, images: int, minutes: float, eval_samples: int,
                processes: int) -> dict[str, float]:
-        """Seconds per phase, each split over `processes` the way run_demo splits it."""
-        pairs = train_pairs * self.calls_per_pair * self.call / processes
+        """Seconds per phase, each split over `processes` the way run_demo splits it: the first
+        `first_pairs` training pairs on every process, the rest and the held-out pairs beside training."""
+        per_pair = self.calls_per_pair * self.call
+        pairs = first_pairs * per_pair / processes
         train = images * TRAIN_CALLS_PER_IMAGE * self.call if images else minutes * 60
-        held_out = eval_samples * (self.calls_per_pair + 2) * self.call  # + the teacher at one step
-        if processes == 1:
-            train += held_out
-        else:
-            train = max(train, held_out)
+        beside = (train_pairs - first_pairs) * per_pair + eval_samples * (self.calls_per_pair + 2) * self.call
+        train = train + beside if processes == 1 else max(train, beside)  # + the teacher at one step
         student_calls = sum(STEPS) if processes == 1 else max(sum(MAIN_STEPS), sum(HELPER_STEPS))
         scoring = eval_samples * (student_calls + METRIC_CALLS_PER_SAMPLE) * self.call
         return {"teacher pairs": pairs, "training": train, "evaluation": scoring}
@@ -113,9 +113,9 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
         metrics = MiniMetrics()
         processes = helper.processes
         forecast = Forecast(adapter, cfg.pairs.batch_size)
-        needs_pairs = cfg.real.source != "data"
-        plan = forecast.phases(cfg.pairs.count if needs_pairs else 0, cfg.max_images, cfg.max_minutes,
-                              eval_samples, processes)
+        count = cfg.pairs.count if cfg.real.source != "data" else 0
+        first = min(count, cfg.pairs.start_shards * cfg.pairs.shard_size or count)
+        plan = forecast.phases(count, first, cfg.max_images, cfg.max_minutes, eval_samples, processes)
         timing = {"startup_seconds": round(time.time() - started, 1)}
         log(f"demo: {cfg.max_images:,} training images (the same model on any machine), {eval_samples} held-out "
             f"samples, this process at {main_threads} thread(s) and {helper.describe()}; expected about "
@@ -126,7 +126,9 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
         t0 = time.time()
         train_pairs = training_source(cfg, adapter, lambda: _training_pairs(cfg, adapter, helper, teacher_path))
         timing["teacher_pairs_seconds"] = round(time.time() - t0, 1)
-        progress.done("teacher pairs", timing["teacher_pairs_seconds"], f"training data ready ({cfg.real.source})")
+        ready = (f"first {first:,} of {count:,} teacher pairs ready (the rest are made beside training)"
+                 if first < count else f"training data ready ({cfg.real.source})")
+        progress.done("teacher pairs", timing["teacher_pairs_seconds"], ready)
 
         # the helper: held-out pairs and the teacher's rows, while this process trains
         teacher_job = helper.submit(demo_jobs.teacher_rows, teacher_path, eval_samples, cfg.pairs, cfg.seed)
@@ -138,10 +140,16 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
         t0 = time.time()
         result = distill(cfg, adapter, train_pairs, out / "run", resume=resume,
                          evaluator=curve.curve(cfg.eval_samples))
+        growing = train_pairs.teacher if isinstance(train_pairs, MixedPairs) else train_pairs
+        _index_pairs(cfg, adapter, growing)
         teacher = teacher_job.result()
         timing["train_seconds"] = round(time.time() - t0, 1)
+        if isinstance(growing, GrowingPairs):  # time training stood still, waiting for the helper's shards
+            timing["waited_for_pairs_seconds"] = round(growing.waited_seconds, 1)
+        waited = timing.get("waited_for_pairs_seconds", 0)
         progress.done("training", timing["train_seconds"],
-                      f"distillation ({result['images']:,} images) and the held-out pairs")
+                      f"distillation ({result['images']:,} images) beside the rest of the pairs and the held-out ones"
+                      + (f" (training waited {waited:.0f} s for pairs)" if waited >= 1 else ""))
 
         t0 = time.time()
         student_job = helper.submit(demo_jobs.student_rows, teacher_path, str(out / "run" / "student" / "unet"),
@@ -174,21 +182,42 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
     return report
 
 
-def _training_pairs(cfg: DistillConfig, adapter: MiniAdapter, helper: Helper | Inline, teacher: str | None):
-    """The preset's training pairs, their shards split between this process and the helper (shard s to
-    process s % 2), indexed and loaded here: the same cache a single process writes."""
+def _training_pairs(cfg: DistillConfig, adapter: MiniAdapter, helper: Helper | Inline,
+                    teacher: str | None) -> GrowingPairs:
+    """The preset's training pairs. The first `pairs.start_shards` shards (all of them when 0) are made by
+    both processes (shard s by process s % 2) before training starts; the helper makes the others one by
+    one while the student trains on those, each joining the epoch the loader's schedule gives it."""
     pc = cfg.pairs
     out = pair_dir(pc.dir, adapter, pc.count, pc.seed, pc.shard_size)
     drop_corrupt_shards(out)
+    shards = (pc.count + pc.shard_size - 1) // pc.shard_size
+    first = pc.start_shards or shards
     n = helper.processes
-    jobs = [helper.submit(demo_jobs.pair_shards, teacher, pc.count, pc.seed, str(out), pc.shard_size,
-                          pc.batch_size, i, n) for i in range(1, n)]
-    demo_jobs.share_of_pairs(adapter, pc.count, pc.seed, str(out), pc.shard_size, pc.batch_size, 0, n,
-                             progress=True)
+    args = (pc.count, pc.seed, str(out), pc.shard_size, pc.batch_size)
+    jobs = [helper.submit(demo_jobs.pair_shards, teacher, *args, [s for s in range(first) if s % n == i])
+            for i in range(1, n)]
+    demo_jobs.share_of_pairs(adapter, *args, [s for s in range(first) if s % n == 0], progress=True)
     for job in jobs:
         job.result()
-    write_index_file(out, pc.count, pc.seed, pc.shard_size, adapter)
-    return load_pairs(out)
+    later = [helper.submit(demo_jobs.pair_shards, teacher, *args, [s]) for s in range(first, shards)]
+
+    def arrival(shard: int, job) -> Callable[[], Pairs]:
+        return lambda: (job.result(), load_shard(out, shard))[1]
+
+    first_pairs = [load_shard(out, s) for s in range(first)]
+    return GrowingPairs(Pairs(torch.cat([p.x_T for p in first_pairs]), torch.cat([p.x0 for p in first_pairs]),
+                              [t for p in first_pairs for t in p.prompts]),
+                        [arrival(s, job) for s, job in zip(range(first, shards), later, strict=True)], pc.count)
+
+
+def _index_pairs(cfg: DistillConfig, adapter: MiniAdapter, pairs) -> None:
+    """Once every training shard is written (training may end before the last arrived): the cache's index,
+    which makes the next demo find them all."""
+    if isinstance(pairs, GrowingPairs):
+        pairs.wait_for(len(pairs))
+        pc = cfg.pairs
+        write_index_file(pair_dir(pc.dir, adapter, pc.count, pc.seed, pc.shard_size), pc.count, pc.seed,
+                         pc.shard_size, adapter)
 
 
 def _plot(out: Path, report: dict) -> None:
@@ -236,7 +265,8 @@ def render_markdown(r: dict) -> str:
         f"Distillation: {tr['iterations']} optimiser steps, {tr['images']} images, {tr['seconds']:.0f} s of "
         f"training. Phases ({r.get('processes', 1)} process(es)): start-up {tm.get('startup_seconds', 0):.0f} s, "
         f"teacher pairs {tm['teacher_pairs_seconds']:.0f} s (cached after the first run), distillation beside "
-        f"the held-out pairs {tm.get('train_seconds', 0):.0f} s, evaluation {tm['eval_seconds']:.0f} s; whole "
+        f"the later training pairs and the held-out pairs {tm.get('train_seconds', 0):.0f} s, evaluation "
+        f"{tm['eval_seconds']:.0f} s; whole "
         f"demo {tm['total_seconds']:.0f} s.",
         "",
         "![teacher vs student](grid.png)",

@@ -20,6 +20,9 @@ class OptimConfig:
     betas: list[float] = ranged(factory=lambda: [0.9, 0.999], ge=0, lt=1)
     weight_decay: float = ranged(0.01, ge=0)
     kind: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes' AdamW8bit (GPU; optimizer state /4)
+    # constant, or linear: lr falls in a straight line to 0 at max_images (set from the images done, so a
+    # resumed run continues the same line)
+    schedule: Literal["constant", "linear"] = "constant"
     zero: bool = False  # student only: shard the optimiser state over the processes (ZeRO stage 1)
 
     def validate(self) -> None:
@@ -37,6 +40,9 @@ class PairsConfig:
     online: bool = False  # sample the teacher during training instead of reading a cache (no disk, slower steps)
     in_memory: bool = True  # read the whole cache into RAM; false streams rows from the shards (SDXL scale)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage (float16 halves an SDXL cache)
+    # 0: every epoch draws from all the pairs. n: epoch e draws from the first n + e shards, so training
+    # can start once n shards exist while the rest are made beside it (the demo); same model on any machine
+    start_shards: int = ranged(0, ge=0)
 
 
 @dataclass
@@ -134,6 +140,19 @@ class DistillConfig:
                 out[f"{name}_every_images"] = int(out.pop(f"{name}_every")) * per_step
         return out
 
+    def _check_start_shards(self) -> None:
+        p = self.pairs
+        shards = (p.count + p.shard_size - 1) // p.shard_size
+        if p.online or self.real.source == "data":
+            raise ConfigError("pairs.start_shards applies to a cache of teacher pairs; set pairs.start_shards=0 "
+                              "with pairs.online or real.source=data")
+        if p.start_shards > shards:
+            raise ConfigError(f"pairs.start_shards {p.start_shards} is more than the {shards} shards of "
+                              f"pairs.count={p.count} at pairs.shard_size={p.shard_size}; lower it (0: all)")
+        if p.start_shards * p.shard_size < self.micro_batch:
+            raise ConfigError(f"pairs.start_shards x pairs.shard_size = {p.start_shards * p.shard_size} pairs is "
+                              f"less than micro_batch {self.micro_batch}; raise pairs.start_shards")
+
     @property
     def pipeline_config(self) -> SDXLConfig | SD3Config | None:
         """The active diffusers family's section (`sdxl`, `sd` or `sd3`); None in the mini world."""
@@ -148,6 +167,12 @@ class DistillConfig:
         if self.real.source != "data" and not self.pairs.online and self.pairs.count < self.micro_batch:
             raise ConfigError(f"pairs.count {self.pairs.count} is smaller than micro_batch {self.micro_batch}; "
                               "generate more pairs or lower micro_batch")
+        if self.pairs.start_shards:
+            self._check_start_shards()
+        for name in ("student_optim", "heads_optim"):
+            if getattr(self, name).schedule == "linear" and not self.max_images:
+                raise ConfigError(f"{name}.schedule linear decays to 0 at max_images; set max_images, or "
+                                  f"{name}.schedule=constant with a max_minutes budget")
         if self.world == "mini" and (self.prompts.source or self.sdxl.teacher_unet or self.sdxl.teacher_lora
                                      or self.sd.teacher_unet or self.sd.teacher_lora):
             raise ConfigError("prompts.*, sdxl.* and sd.* apply to worlds 'sdxl' and 'sd'; the mini world's prompts "

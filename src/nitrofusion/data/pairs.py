@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,44 @@ class ShardedPairs:
             x0.append(f.get_slice("x0")[r:r + 1].float())
             prompts.append(self._prompts[s][r])
         return torch.cat(x_T), torch.cat(x0), prompts
+
+
+class GrowingPairs:
+    """A pair set whose later shards are still being generated while training runs (the demo: a helper
+    process makes them): `wait_for(rows)` blocks until the first `rows` pairs are here, each later shard
+    joining when its `arrive()` returns it. Which rows an epoch draws is fixed by the loader's
+    `EpochGrowth`, never by how fast the shards came, so every machine trains the same model."""
+
+    def __init__(self, first: Pairs, later: list[Callable[[], Pairs]], count: int) -> None:
+        self._pairs, self._later, self._count = first, list(later), count
+        self.waited_seconds = 0.0  # time spent blocked on shards not yet written
+
+    def __len__(self) -> int:
+        return self._count
+
+    def wait_for(self, rows: int) -> None:
+        start = time.perf_counter()
+        while len(self._pairs) < min(rows, self._count) and self._later:
+            more = self._later.pop(0)()
+            self._pairs = Pairs(torch.cat([self._pairs.x_T, more.x_T]), torch.cat([self._pairs.x0, more.x0]),
+                                self._pairs.prompts + more.prompts)
+        self.waited_seconds += time.perf_counter() - start
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        return self._pairs.batch(idx)
+
+
+@dataclass(frozen=True)
+class EpochGrowth:
+    """Epoch e draws from the first `start_shards + e` shards (`pairs.start_shards`): training can begin
+    once the first shards exist while the rest are generated, and the data order stays a function of
+    (seed, epoch) alone."""
+
+    start_shards: int
+    shard_size: int
+
+    def rows(self, epoch: int, total: int) -> int:
+        return min(total, (self.start_shards + epoch) * self.shard_size)
 
 
 def fingerprint(module: torch.nn.Module) -> str:
@@ -153,17 +193,19 @@ def _shard_name(i: int) -> str:
 def generate_pairs(adapter: ModelAdapter, prompts: Prompts, count: int, seed: int, out_dir: str | Path,
                    shard_size: int = 1000, batch_size: int = 250, device: str | torch.device = "cpu",
                    process_index: int = 0, num_processes: int = 1, progress: bool = True,
-                   write_index: bool = True, dtype: torch.dtype = torch.float32) -> Path:
+                   write_index: bool = True, dtype: torch.dtype = torch.float32,
+                   shards: list[int] | None = None) -> Path:
     """Write this process's shards of `count` pairs to out_dir (skipping shards already present and
     intact); return out_dir. With several processes, pass write_index=False and call `write_index` on
-    one process once all have finished. `dtype` is the storage dtype; x_T is rounded to it BEFORE the
-    teacher sees it, so student and teacher start from the very same noise."""
+    one process once all have finished. `shards` names the shards to write instead of "s mod
+    num_processes". `dtype` is the storage dtype; x_T is rounded to it BEFORE the teacher sees it, so
+    student and teacher start from the very same noise."""
     if isinstance(prompts, list) and not prompts:
         raise NitroFusionError("no prompts to generate teacher pairs from; give a non-empty prompt source")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_shards = (count + shard_size - 1) // shard_size
-    mine = [s for s in range(n_shards) if s % num_processes == process_index]
+    mine = shards if shards is not None else [s for s in range(n_shards) if s % num_processes == process_index]
     meta = _read_meta(out) if (out / META).exists() else {}
     if meta.get("shard_size", shard_size) != shard_size:
         raise NitroFusionError(f"the teacher pairs in {out} were written with pairs.shard_size={meta['shard_size']}, "
@@ -216,6 +258,12 @@ def _read_meta(out: Path) -> dict:
                                "to regenerate it") from None
 
 
+def load_shard(out_dir: str | Path, shard: int) -> Pairs:
+    """One shard, read into memory (a shard a trainer waited for, before the index lists it)."""
+    with safe_open(str(Path(out_dir) / _shard_name(shard)), framework="pt") as f:
+        return Pairs(f.get_tensor("x_T").float(), f.get_tensor("x0").float(), json.loads(f.metadata()["prompts"]))
+
+
 def load_pairs(out_dir: str | Path, verify: bool = True, in_memory: bool = True) -> Pairs | ShardedPairs:
     """Read the cache (into memory, or as memory-mapped shards); a shard whose checksum does not match
     is an error (regenerate it)."""
@@ -265,17 +313,23 @@ class PairLoader:
     """Shuffled micro-batches over a pair set; the order of epoch e depends only on (seed, e), so the
     position (epoch, index) is the whole state needed to resume exactly."""
 
-    def __init__(self, pairs: Pairs | ShardedPairs, batch_size: int, seed: int, rank: int = 0,
-                 world: int = 1) -> None:
-        if len(pairs) < batch_size * world:
-            raise NitroFusionError(f"only {len(pairs)} teacher pairs for micro-batch {batch_size} x {world} "
-                                   "processes; generate more pairs or lower the batch size")
+    def __init__(self, pairs: Pairs | ShardedPairs | GrowingPairs, batch_size: int, seed: int, rank: int = 0,
+                 world: int = 1, growth: EpochGrowth | None = None) -> None:
+        first = growth.rows(0, len(pairs)) if growth else len(pairs)
+        if first < batch_size * world:
+            raise NitroFusionError(f"only {first} teacher pairs for micro-batch {batch_size} x {world} "
+                                   "processes; generate more pairs (or raise pairs.start_shards) or lower the "
+                                   "batch size")
         self.pairs, self.batch_size, self.seed, self.rank, self.world = pairs, batch_size, seed, rank, world
+        self.growth = growth
         self.epoch, self.position = 0, 0
         self._perm = self._order(0)
 
     def _order(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(len(self.pairs), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        rows = self.growth.rows(epoch, len(self.pairs)) if self.growth else len(self.pairs)
+        if isinstance(self.pairs, GrowingPairs):
+            self.pairs.wait_for(rows)
+        return torch.randperm(rows, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -355,9 +409,9 @@ class MixLoader:
     one seeded apart), so its state is the pair of their states."""
 
     def __init__(self, data: MixedPairs, batch_size: int, seed: int, rank: int, world: int,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", growth: EpochGrowth | None = None) -> None:
         n_teacher, n_real = data.split(batch_size)
-        self.teacher = make_loader(data.teacher, n_teacher, seed, rank, world, device)
+        self.teacher = make_loader(data.teacher, n_teacher, seed, rank, world, device, growth)
         self.real = PairLoader(data.real, n_real, seed + 104_729, rank, world)
 
     def state(self) -> dict:
@@ -373,10 +427,12 @@ class MixLoader:
         return torch.cat([x_T, rx_T.to(x_T)]), torch.cat([x0, rx0.to(x0)]), prompts + rprompts
 
 
-def make_loader(data: Pairs | ShardedPairs | OnlinePairs | MixedPairs, batch_size: int, seed: int, rank: int,
-                world: int, device: str | torch.device = "cpu") -> PairLoader | OnlinePairLoader | MixLoader:
+def make_loader(data: Pairs | ShardedPairs | GrowingPairs | OnlinePairs | MixedPairs, batch_size: int, seed: int,
+                rank: int, world: int, device: str | torch.device = "cpu",
+                growth: EpochGrowth | None = None) -> PairLoader | OnlinePairLoader | MixLoader:
+    """The loader for a run's data; `growth` (teacher-pair caches only) widens each epoch by a shard."""
     if isinstance(data, MixedPairs):
-        return MixLoader(data, batch_size, seed, rank, world, device)
+        return MixLoader(data, batch_size, seed, rank, world, device, growth)
     if isinstance(data, OnlinePairs):
         return OnlinePairLoader(data, batch_size, rank, world, device)
-    return PairLoader(data, batch_size, seed, rank, world)
+    return PairLoader(data, batch_size, seed, rank, world, growth)

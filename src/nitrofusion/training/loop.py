@@ -23,7 +23,7 @@ from .. import config as config_lib
 from .. import faults, threads
 from .. import student as student_lib
 from ..data.pair_cache import use_cpu
-from ..data.pairs import MixedPairs, OnlinePairs, Pairs, ShardedPairs, make_loader
+from ..data.pairs import EpochGrowth, GrowingPairs, MixedPairs, OnlinePairs, Pairs, ShardedPairs, make_loader
 from ..distill_config import DistillConfig
 from ..dtypes import mixed_precision_dtype
 from ..errors import NitroFusionError
@@ -32,7 +32,7 @@ from ..method.pool import HeadPool
 from ..method.step import AdversarialStep
 from ..worlds.adapter import ModelAdapter, cond_to
 from .build import build_student
-from .optim import EMA, adamw
+from .optim import EMA, adamw, set_learning_rates
 from .state import TrainState
 from .step import optimizer_step
 
@@ -72,7 +72,8 @@ def ensure_writable(run_dir: Path) -> None:
                                "or fix its permissions") from None
 
 
-def distill(cfg: DistillConfig, adapter: ModelAdapter, pairs: Pairs | ShardedPairs | OnlinePairs | MixedPairs,
+def distill(cfg: DistillConfig, adapter: ModelAdapter,
+            pairs: Pairs | ShardedPairs | GrowingPairs | OnlinePairs | MixedPairs,
             run_dir: str | Path,
             resume: bool = False, evaluator: Evaluator | None = None, progress: bool = True) -> dict:
     """Train a student; returns its summary with the final (EMA, merged) student. A LoRA student lives on the
@@ -109,7 +110,8 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
         opt_g = acc.prepare(opt_g)
     ema = EMA(acc.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay > 0 else None
     step_fn = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial, cfg.multistep)
-    loader = make_loader(pairs, cfg.micro_batch, cfg.seed, acc.process_index, acc.num_processes, device)
+    growth = EpochGrowth(cfg.pairs.start_shards, cfg.pairs.shard_size) if cfg.pairs.start_shards else None
+    loader = make_loader(pairs, cfg.micro_batch, cfg.seed, acc.process_index, acc.num_processes, device, growth)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)  # t*, noise, crops
     images_per_step = cfg.micro_batch * cfg.grad_accum * acc.num_processes
     state = TrainState(acc, student, pool, opt_g, opt_d, ema, loader, gen, zero)
@@ -179,6 +181,7 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
         evaluated_at = 0
     while budget_left():
         t0 = time.time()
+        set_learning_rates([(opt_g, cfg.student_optim), (opt_d, cfg.heads_optim)], state.images, cfg.max_images)
         refine_p = cfg.multistep.p if state.images >= cfg.multistep.start_images else 0.0
         out = optimizer_step(acc, step_fn, student, pool, opt_g, opt_d, next_batch, gen, cfg.grad_accum, refine_p,
                              cfg.max_grad_norm, ema)
@@ -193,6 +196,7 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
         if acc.is_main_process and crossed(cfg.log_every_images):
             entry = {"step": state.step, "images": state.images, "train_seconds": round(state.train_seconds, 2),
                      "images_per_second": round(images_per_step / dt, 2), "skipped": not out.finite,
+                     "lr": opt_g.param_groups[0]["lr"],
                      "refreshed": len(out.refreshed), **{k: round(v, 5) for k, v in out.logs.items()}}
             if not out.finite:  # which task and t* went wrong (docs/method.md §3: grouped by t*, so this localises it)
                 entry["nonfinite"] = [f"{task}@t*={ts}" for task, ts in sorted(out.nonfinite)] or ["gradient"]

@@ -29,10 +29,10 @@ def world(teacher: str | None) -> tuple[MiniAdapter, MiniMetrics]:
 
 
 def share_of_pairs(adapter: MiniAdapter, count: int, seed: int, out: str, shard_size: int, batch_size: int,
-                   index: int, processes: int, progress: bool = False) -> None:
-    """Process `index`'s share of a pair set's shards (shard s goes to process s % processes); no index file."""
+                   shards: list[int], progress: bool = False) -> None:
+    """The given shards of a pair set (each present and intact one kept); no index file."""
     generate_pairs(adapter, class_prompts(), count, seed, out, shard_size=shard_size, batch_size=batch_size,
-                   process_index=index, num_processes=processes, progress=progress, write_index=False)
+                   progress=progress, write_index=False, shards=shards)
 
 
 def pair_shards(teacher: str | None, *args) -> None:
