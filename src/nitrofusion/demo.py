@@ -147,8 +147,8 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
         if isinstance(growing, GrowingPairs):  # time training stood still, waiting for the helper's shards
             timing["waited_for_pairs_seconds"] = round(growing.waited_seconds, 1)
         waited = timing.get("waited_for_pairs_seconds", 0)
-        progress.done("training", timing["train_seconds"],
-                      f"distillation ({result['images']:,} images) beside the rest of the pairs and the held-out ones"
+        beside = "the rest of the pairs and the held-out ones" if first < count else "the held-out pairs"
+        progress.done("training", timing["train_seconds"], f"distillation ({result['images']:,} images) beside {beside}"
                       + (f" (training waited {waited:.0f} s for pairs)" if waited >= 1 else ""))
 
         t0 = time.time()
