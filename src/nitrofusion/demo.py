@@ -260,13 +260,14 @@ def render_markdown(r: dict) -> str:
         *(_row("NitroFusion student", k, s[k]) for k in s),
     ]
     tr, tm = r["train"], r["timing"]
+    grew = r.get("config", {}).get("pairs", {}).get("start_shards", 0)
+    beside = "the later training pairs and the held-out pairs" if grew else "the held-out pairs"
     lines += [
         "",
         f"Distillation: {tr['iterations']} optimiser steps, {tr['images']} images, {tr['seconds']:.0f} s of "
         f"training. Phases ({r.get('processes', 1)} process(es)): start-up {tm.get('startup_seconds', 0):.0f} s, "
         f"teacher pairs {tm['teacher_pairs_seconds']:.0f} s (cached after the first run), distillation beside "
-        f"the later training pairs and the held-out pairs {tm.get('train_seconds', 0):.0f} s, evaluation "
-        f"{tm['eval_seconds']:.0f} s; whole "
+        f"{beside} {tm.get('train_seconds', 0):.0f} s, evaluation {tm['eval_seconds']:.0f} s; whole "
         f"demo {tm['total_seconds']:.0f} s.",
         "",
         "![teacher vs student](grid.png)",
