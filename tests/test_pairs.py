@@ -58,7 +58,9 @@ def test_growing_pairs_give_the_loader_the_same_batches_as_the_whole_set():
             return _pairs(n, offset)
         return fetch
 
-    growing = GrowingPairs(_pairs(20), [arrive(20, 10), arrive(30, 10), arrive(40, 5)], count=45)
+    completed = []
+    growing = GrowingPairs([lambda: _pairs(20), arrive(20, 10), arrive(30, 10), arrive(40, 5)], count=45,
+                           on_complete=lambda: completed.append(len(fetched)))
     growth = EpochGrowth(start_shards=2, shard_size=10)
     a, b = PairLoader(whole, 4, seed=1, growth=growth), PairLoader(growing, 4, seed=1, growth=growth)
     assert fetched == []
@@ -68,9 +70,9 @@ def test_growing_pairs_give_the_loader_the_same_batches_as_the_whole_set():
         assert xa.equal(xb) and ya.equal(yb) and pa == pb, step
         if step == 4:  # epoch 0 is 5 batches of the first 20 rows
             assert fetched == []
-    assert fetched == [20, 30, 40]
-    resumed = PairLoader(GrowingPairs(_pairs(20), [arrive(20, 10), arrive(30, 10), arrive(40, 5)], count=45), 4,
-                         seed=1, growth=growth)
+    assert fetched == [20, 30, 40] and completed == [3]  # the hook ran once, after the last shard
+    resumed = PairLoader(GrowingPairs([lambda: _pairs(20), arrive(20, 10), arrive(30, 10), arrive(40, 5)],
+                                      count=45), 4, seed=1, growth=growth)
     resumed.load_state(a.state())
     assert resumed.next()[0].equal(a.next()[0])
 

@@ -71,8 +71,9 @@ class Forecast:
         per_pair = self.calls_per_pair * self.call
         pairs = first_pairs * per_pair / processes
         train = images * TRAIN_CALLS_PER_IMAGE * self.call if images else minutes * 60
-        beside = (train_pairs - first_pairs) * per_pair + eval_samples * (self.calls_per_pair + 2) * self.call
-        train = train + beside if processes == 1 else max(train, beside)  # + the teacher at one step
+        held_out = eval_samples * (self.calls_per_pair + 2) * self.call  # + the teacher at one step
+        beside = (train_pairs - first_pairs) * per_pair + held_out
+        train = train + beside if processes == 1 else max(train, beside)
         student_calls = sum(STEPS) if processes == 1 else max(sum(MAIN_STEPS), sum(HELPER_STEPS))
         scoring = eval_samples * (student_calls + METRIC_CALLS_PER_SAMPLE) * self.call
         return {"teacher pairs": pairs, "training": train, "evaluation": scoring}
@@ -114,7 +115,7 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
         processes = helper.processes
         forecast = Forecast(adapter, cfg.pairs.batch_size)
         count = cfg.pairs.count if cfg.real.source != "data" else 0
-        first = min(count, cfg.pairs.start_shards * cfg.pairs.shard_size or count)
+        first = min(count, (cfg.pairs.start_shards or cfg.pairs.shards) * cfg.pairs.shard_size)
         plan = forecast.phases(count, first, cfg.max_images, cfg.max_minutes, eval_samples, processes)
         timing = {"startup_seconds": round(time.time() - started, 1)}
         log(f"demo: {cfg.max_images:,} training images (the same model on any machine), {eval_samples} held-out "
@@ -141,10 +142,11 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
         result = distill(cfg, adapter, train_pairs, out / "run", resume=resume,
                          evaluator=curve.curve(cfg.eval_samples))
         growing = train_pairs.teacher if isinstance(train_pairs, MixedPairs) else train_pairs
-        _index_pairs(cfg, adapter, growing)
+        if isinstance(growing, GrowingPairs):  # training may end before the last shard arrived: the index needs it
+            growing.wait_for(len(growing))
         teacher = teacher_job.result()
         timing["train_seconds"] = round(time.time() - t0, 1)
-        if isinstance(growing, GrowingPairs):  # time training stood still, waiting for the helper's shards
+        if isinstance(growing, GrowingPairs):  # time training stood still, reading and waiting for shards
             timing["waited_for_pairs_seconds"] = round(growing.waited_seconds, 1)
         waited = timing.get("waited_for_pairs_seconds", 0)
         beside = "the rest of the pairs and the held-out ones" if first < count else "the held-out pairs"
@@ -186,12 +188,12 @@ def _training_pairs(cfg: DistillConfig, adapter: MiniAdapter, helper: Helper | I
                     teacher: str | None) -> GrowingPairs:
     """The preset's training pairs. The first `pairs.start_shards` shards (all of them when 0) are made by
     both processes (shard s by process s % 2) before training starts; the helper makes the others one by
-    one while the student trains on those, each joining the epoch the loader's schedule gives it."""
+    one while the student trains on those, each joining the epoch the loader's schedule gives it. The
+    cache's index is written once every shard is in, so the next demo finds them all."""
     pc = cfg.pairs
     out = pair_dir(pc.dir, adapter, pc.count, pc.seed, pc.shard_size)
     drop_corrupt_shards(out)
-    shards = (pc.count + pc.shard_size - 1) // pc.shard_size
-    first = pc.start_shards or shards
+    first = pc.start_shards or pc.shards
     n = helper.processes
     args = (pc.count, pc.seed, str(out), pc.shard_size, pc.batch_size)
     jobs = [helper.submit(demo_jobs.pair_shards, teacher, *args, [s for s in range(first) if s % n == i])
@@ -199,25 +201,13 @@ def _training_pairs(cfg: DistillConfig, adapter: MiniAdapter, helper: Helper | I
     demo_jobs.share_of_pairs(adapter, *args, [s for s in range(first) if s % n == 0], progress=True)
     for job in jobs:
         job.result()
-    later = [helper.submit(demo_jobs.pair_shards, teacher, *args, [s]) for s in range(first, shards)]
+    later = {s: helper.submit(demo_jobs.pair_shards, teacher, *args, [s]) for s in range(first, pc.shards)}
 
-    def arrival(shard: int, job) -> Callable[[], Pairs]:
-        return lambda: (job.result(), load_shard(out, shard))[1]
+    def arrival(shard: int) -> Callable[[], Pairs]:
+        return lambda: (later[shard].result() if shard in later else None, load_shard(out, shard))[1]
 
-    first_pairs = [load_shard(out, s) for s in range(first)]
-    return GrowingPairs(Pairs(torch.cat([p.x_T for p in first_pairs]), torch.cat([p.x0 for p in first_pairs]),
-                              [t for p in first_pairs for t in p.prompts]),
-                        [arrival(s, job) for s, job in zip(range(first, shards), later, strict=True)], pc.count)
-
-
-def _index_pairs(cfg: DistillConfig, adapter: MiniAdapter, pairs) -> None:
-    """Once every training shard is written (training may end before the last arrived): the cache's index,
-    which makes the next demo find them all."""
-    if isinstance(pairs, GrowingPairs):
-        pairs.wait_for(len(pairs))
-        pc = cfg.pairs
-        write_index_file(pair_dir(pc.dir, adapter, pc.count, pc.seed, pc.shard_size), pc.count, pc.seed,
-                         pc.shard_size, adapter)
+    return GrowingPairs([arrival(s) for s in range(pc.shards)], pc.count,
+                        on_complete=lambda: write_index_file(out, pc.count, pc.seed, pc.shard_size, adapter))
 
 
 def _plot(out: Path, report: dict) -> None:

@@ -44,6 +44,10 @@ class PairsConfig:
     # can start once n shards exist while the rest are made beside it (the demo); same model on any machine
     start_shards: int = ranged(0, ge=0)
 
+    @property
+    def shards(self) -> int:
+        return (self.count + self.shard_size - 1) // self.shard_size
+
 
 @dataclass
 class PromptsConfig:
@@ -142,12 +146,11 @@ class DistillConfig:
 
     def _check_start_shards(self) -> None:
         p = self.pairs
-        shards = (p.count + p.shard_size - 1) // p.shard_size
         if p.online or self.real.source == "data":
             raise ConfigError("pairs.start_shards applies to a cache of teacher pairs; set pairs.start_shards=0 "
                               "with pairs.online or real.source=data")
-        if p.start_shards > shards:
-            raise ConfigError(f"pairs.start_shards {p.start_shards} is more than the {shards} shards of "
+        if p.start_shards > p.shards:
+            raise ConfigError(f"pairs.start_shards {p.start_shards} is more than the {p.shards} shards of "
                               f"pairs.count={p.count} at pairs.shard_size={p.shard_size}; lower it (0: all)")
         if p.start_shards * p.shard_size < self.micro_batch:
             raise ConfigError(f"pairs.start_shards x pairs.shard_size = {p.start_shards * p.shard_size} pairs is "

@@ -42,6 +42,12 @@ class Pairs:
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         return self.x_T[idx], self.x0[idx], [self.prompts[i] for i in idx.tolist()]
 
+    @staticmethod
+    def cat(parts: list[Pairs]) -> Pairs:
+        """Pair sets one after another (shards in order)."""
+        return Pairs(torch.cat([p.x_T for p in parts]), torch.cat([p.x0 for p in parts]),
+                     [t for p in parts for t in p.prompts])
+
 
 class ShardedPairs:
     """A pair set read row by row from its memory-mapped shards: a million SDXL pairs cost no RAM."""
@@ -69,24 +75,32 @@ class ShardedPairs:
 
 
 class GrowingPairs:
-    """A pair set whose later shards are still being generated while training runs (the demo: a helper
-    process makes them): `wait_for(rows)` blocks until the first `rows` pairs are here, each later shard
-    joining when its `arrive()` returns it. Which rows an epoch draws is fixed by the loader's
+    """A pair set read shard by shard as training needs it, while later shards may still be being
+    generated (the demo: a helper process makes them): `wait_for(rows)` calls each shard's `arrive()` in
+    order (it blocks until that shard is written and returns it) until the first `rows` pairs are here;
+    `on_complete` runs once the last shard is in. Which rows an epoch draws is fixed by the loader's
     `EpochGrowth`, never by how fast the shards came, so every machine trains the same model."""
 
-    def __init__(self, first: Pairs, later: list[Callable[[], Pairs]], count: int) -> None:
-        self._pairs, self._later, self._count = first, list(later), count
-        self.waited_seconds = 0.0  # time spent blocked on shards not yet written
+    def __init__(self, shards: list[Callable[[], Pairs]], count: int,
+                 on_complete: Callable[[], None] | None = None) -> None:
+        self._pending, self._count, self._on_complete = list(shards), count, on_complete
+        self._pairs: Pairs | None = None
+        self.waited_seconds = 0.0  # time spent reading shards, mostly blocked on ones not yet written
 
     def __len__(self) -> int:
         return self._count
 
     def wait_for(self, rows: int) -> None:
         start = time.perf_counter()
-        while len(self._pairs) < min(rows, self._count) and self._later:
-            more = self._later.pop(0)()
-            self._pairs = Pairs(torch.cat([self._pairs.x_T, more.x_T]), torch.cat([self._pairs.x0, more.x0]),
-                                self._pairs.prompts + more.prompts)
+        parts = [self._pairs] if self._pairs is not None else []
+        have = len(self._pairs) if self._pairs is not None else 0
+        while have < min(rows, self._count) and self._pending:
+            parts.append(self._pending.pop(0)())
+            have += len(parts[-1])
+            if not self._pending and self._on_complete is not None:
+                self._on_complete()
+        if len(parts) > 1 or self._pairs is None and parts:
+            self._pairs = Pairs.cat(parts)
         self.waited_seconds += time.perf_counter() - start
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -260,7 +274,11 @@ def _read_meta(out: Path) -> dict:
 
 def load_shard(out_dir: str | Path, shard: int) -> Pairs:
     """One shard, read into memory (a shard a trainer waited for, before the index lists it)."""
-    with safe_open(str(Path(out_dir) / _shard_name(shard)), framework="pt") as f:
+    return _read_shard(Path(out_dir) / _shard_name(shard))
+
+
+def _read_shard(path: Path) -> Pairs:
+    with safe_open(str(path), framework="pt") as f:
         return Pairs(f.get_tensor("x_T").float(), f.get_tensor("x0").float(), json.loads(f.metadata()["prompts"]))
 
 
@@ -269,7 +287,6 @@ def load_pairs(out_dir: str | Path, verify: bool = True, in_memory: bool = True)
     is an error (regenerate it)."""
     out = Path(out_dir)
     meta = _read_meta(out)
-    xs, x0s, prompts = [], [], []
     paths = []
     for name, digest in sorted(meta["shards"].items()):
         path = out / name
@@ -277,15 +294,9 @@ def load_pairs(out_dir: str | Path, verify: bool = True, in_memory: bool = True)
             raise NitroFusionError(f"teacher-pair shard missing or corrupt: {path}; rerun the same command "
                                    "to regenerate it")
         paths.append(path)
-        if not in_memory:
-            continue
-        with safe_open(str(path), framework="pt") as f:
-            xs.append(f.get_tensor("x_T").float())
-            x0s.append(f.get_tensor("x0").float())
-            prompts += json.loads(f.metadata()["prompts"])
     if not paths:
         raise NitroFusionError(f"teacher-pair cache is empty: {out}")
-    pairs = Pairs(torch.cat(xs), torch.cat(x0s), prompts) if in_memory else ShardedPairs(paths)
+    pairs = Pairs.cat([_read_shard(p) for p in paths]) if in_memory else ShardedPairs(paths)
     if len(pairs) != meta["count"]:
         raise NitroFusionError(f"teacher-pair cache {out} holds {len(pairs)} pairs, expected {meta['count']}; "
                                "rerun the same command to finish it")
