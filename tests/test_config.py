@@ -28,6 +28,8 @@ def test_overrides_are_typed_and_nested():
     (["pool.tasks=[global]"], "pool.tasks"),
     (["pool.refresh_fraction=2"], "refresh_fraction"),
     (["nonsense"], "key.sub=value"),
+    (["adversarial.regression_weight=1", "real.source=data"], "regression_weight needs teacher pairs"),
+    (["adversarial.regression_weight=-1"], "regression_weight must be >= 0"),
 ])
 def test_bad_config_is_one_clear_error(overrides, needle):
     with pytest.raises(ConfigError) as e:

@@ -3,9 +3,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from nitrofusion.method.backbone import UNetBackbone, level_channels
-from nitrofusion.method.losses import d_loss, g_loss
+from nitrofusion.method.losses import d_loss, g_loss, regression_loss
 from nitrofusion.method.pool import TASKS, HeadPool, PoolConfig
-from nitrofusion.method.step import AdversarialConfig, AdversarialStep
+from nitrofusion.method.step import AdversarialConfig, AdversarialStep, student_one_step
 
 
 def _pool(**kw):
@@ -207,6 +207,44 @@ def test_task_by_task_generator_backward_equals_one_backward(step_parts, loss, a
     (a, la), (b, lb) = grads
     assert la == pytest.approx(lb, rel=1e-5)
     assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(a, b, strict=True))
+
+
+def _student_grads(step, student, pool, x_T, x0, cond, active, **kw):
+    student.zero_grad(set_to_none=True)
+    pool.zero_grad(set_to_none=True)
+    logs = step(x_T, x0, cond, active, torch.Generator().manual_seed(0), train_d=False, **kw)
+    return [p.grad.clone() for p in student.parameters()], logs
+
+
+@pytest.mark.parametrize("separable", [True, False])
+def test_regression_adds_its_weighted_mse_gradient_to_the_students(step_parts, separable):
+    """L_G + lambda * MSE(G(x_T), T(x_T)): the student's gradient is the adversarial one plus lambda times
+    the regression's own, on both generator paths (task by task, and all tasks in one backward)."""
+    step, student, pool, x_T, x0, cond = step_parts
+    step._separable = lambda: separable
+    active = pool.sample_active()
+    adv, logs_off = _student_grads(step, student, pool, x_T, x0, cond, active)
+    step.cfg.regression_weight = 3.0
+    both, logs_on = _student_grads(step, student, pool, x_T, x0, cond, active)
+    student.zero_grad(set_to_none=True)
+    reg = regression_loss(student_one_step(step.adapter, student, x_T, cond, step.cfg.shift), x0)
+    reg.backward()
+    assert "regression" not in logs_off and logs_on["regression"] == pytest.approx(reg.item(), rel=1e-6)
+    assert logs_on["loss_g"] == pytest.approx(logs_off["loss_g"], rel=1e-6)  # adversarial part unchanged
+    for a, b, r in zip(adv, both, student.parameters(), strict=True):
+        assert torch.allclose(b, a + 3.0 * r.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_regression_skips_refinement_rows(step_parts):
+    """A refinement step starts from the student's own re-noised sample, so the pair's x0 is not its target:
+    with every row refining, the term is absent and the gradient is the adversarial one alone."""
+    step, student, pool, x_T, x0, cond = step_parts
+    active = pool.sample_active()
+    adv, _ = _student_grads(step, student, pool, x_T, x0, cond, active, refine_p=1.0)
+    step.cfg.regression_weight = 3.0
+    same, logs = _student_grads(step, student, pool, x_T, x0, cond, active, refine_p=1.0)
+    assert "regression" not in logs
+    assert all(torch.equal(a, b) for a, b in zip(adv, same, strict=True))
 
 
 def test_logits_of_several_feature_sets_in_one_call_equal_one_call_per_set():

@@ -230,6 +230,15 @@ def _row(name: str, steps, m: dict) -> str:
             f"{m['precision']:.3f} | {m['recall']:.3f} | {m['coverage']:.3f} |")
 
 
+def _loss_line(cfg: dict) -> str:
+    """What the student was trained with, from the run's config (docs/method.md sections 3-4)."""
+    pool, adv = cfg.get("pool", {}), cfg.get("adversarial", {})
+    heads = "a dynamic pool of heads" if pool.get("dynamic", True) else "a static discriminator (one head per slot)"
+    weight = adv.get("regression_weight", 0)
+    extra = f" + {weight:g} x mean squared error to the teacher's sample from the same x_T" if weight else ""
+    return f"Student loss: adversarial ({adv.get('loss', 'hinge')}, {heads}){extra}."
+
+
 def render_markdown(r: dict) -> str:
     t, t1, s = r["teacher"], r["teacher_one_step"], r["student"]
     n = r["eval_samples"]
@@ -251,6 +260,7 @@ def render_markdown(r: dict) -> str:
     ]
     tr, tm = r["train"], r["timing"]
     grew = r.get("config", {}).get("pairs", {}).get("start_shards", 0)
+    lines += ["", _loss_line(r.get("config", {}))]
     beside = "the later training pairs and the held-out pairs" if grew else "the held-out pairs"
     lines += [
         "",

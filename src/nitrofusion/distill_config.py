@@ -187,6 +187,9 @@ class DistillConfig:
             raise ConfigError(f"{other}.* applies to world '{other}'; this run is world '{self.world}': set "
                               f"{self.world}.teacher_unet / {self.world}.teacher_lora instead")
         self.real.check_world(self.world)
+        if self.adversarial.regression_weight and self.real.source != "teacher":
+            raise ConfigError(f"adversarial.regression_weight needs teacher pairs (a real image has no paired x_T); "
+                              f"set it to 0 with real.source={self.real.source}, or use real.source=teacher")
         if self.world != "mini" and self.eval_every_images:
             raise ConfigError("eval_every_images applies to world 'mini' (its metric classifier); evaluate an SDXL "
                               "run's checkpoints with `nitrofusion evaluate`")

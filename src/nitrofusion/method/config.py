@@ -49,6 +49,10 @@ class AdversarialConfig:
     # R1 on the heads [ours, after LADD / SANA-Sprint]: gamma/2 * E||grad_f D(f)||^2 over the REAL samples'
     # backbone features f (the heads' inputs), added to L_D; 0 = off (the paper has no penalty)
     r1_weight: float = ranged(0.0, ge=0)
+    # Regression [ours, after DMD's regression loss]: lambda * mean squared error between the student's one-step
+    # x0 and the teacher's x0 from the SAME x_T, added to L_G (one-step rows only; refinement rows have no paired
+    # target). Needs teacher pairs as the real samples. 0 = off: the paper's loss is adversarial only.
+    regression_weight: float = ranged(0.0, ge=0)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from ..stopwatch import section
 from ..worlds.adapter import Cond, ModelAdapter, cond_cat, cond_index
 from .backbone import UNetBackbone
 from .config import AdversarialConfig, MultiStepConfig
-from .losses import d_loss, g_loss, r1_penalty
+from .losses import d_loss, g_loss, r1_penalty, regression_loss
 from .pool import HeadPool
 from .refine import backward_simulate, draw_refinement, student_x0
 
@@ -112,6 +112,16 @@ class AdversarialStep:
         return torch.stack([d_loss(r[:, j], f[:, j], self.cfg.loss)
                             for r, f in zip(real, fake, strict=True) for j in range(f.shape[1])]).mean()
 
+    def _regression(self, x0_fake: torch.Tensor, x0_real: torch.Tensor, t_in: torch.Tensor | None):
+        """The regression term [ours] on the one-step rows (a refinement row's target is not the pair's x0),
+        or None when it is off or no row is a one-step row."""
+        if self.cfg.regression_weight <= 0:
+            return None
+        one = slice(None) if t_in is None else t_in == self.adapter.num_train_timesteps - 1
+        if t_in is not None and not bool(one.any()):
+            return None
+        return regression_loss(x0_fake[one], x0_real[one])
+
     def _separable(self) -> bool:
         """True when L_G is a sum of per-task terms, so each task's backbone graph can be freed after its
         own backward: hinge/linear L_G = -mean(D) is linear in D, and per-head losses are per-head sums."""
@@ -152,6 +162,10 @@ class AdversarialStep:
         # freeing its backbone graph; the student's graph is then walked once with the summed gradient.
         per_task = train_g and self._separable()
         fake_in = x0_fake.detach().requires_grad_() if per_task else (x0_fake if train_g else x0_fake.detach())
+        reg = self._regression(fake_in, x0_real, t_in) if train_g else None
+        if reg is not None and per_task:  # into fake_in.grad, walked through the student with the tasks' share
+            with section("regression backward"):
+                (reg * self.cfg.regression_weight * loss_scale).backward()
         feats_real: dict[int, list[torch.Tensor]] = {}
         feats_fake: dict[int, list[torch.Tensor]] = {}
         g_terms = []
@@ -193,7 +207,8 @@ class AdversarialStep:
             self.pool.requires_grad_(False)
             fake_logits = [self.pool.logits(i, active, f, t_idx) for i, f in enumerate(feats_fake)]
             loss_g = self._reduce(None, fake_logits, "g")
-            (loss_g * loss_scale).backward()
+            total = loss_g if reg is None else loss_g + self.cfg.regression_weight * reg
+            (total * loss_scale).backward()
             self.pool.requires_grad_(True)
             logs["loss_g"] = loss_g.item()
         # D step: everything detached; only the active heads enter the graph
@@ -211,6 +226,8 @@ class AdversarialStep:
             with section("heads backward (D)"):
                 (loss_d * loss_scale).backward()
         logs["loss_d"] = loss_d.item()
+        if reg is not None:
+            logs["regression"] = reg.item()
         if t_in is not None:
             logs["refine_share"] = (t_in < self.adapter.num_train_timesteps - 1).float().mean().item()
         self.nonfinite = []

@@ -191,7 +191,8 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
         dt = time.time() - t0
         state.train_seconds += dt
         bar.update(images_per_step)
-        bar.set_postfix(g=f"{out.logs.get('loss_g', 0):.3f}", d=f"{out.logs.get('loss_d', 0):.3f}",
+        shown = {"g": "loss_g", "d": "loss_d", "reg": "regression"}  # reg: only when the term is on
+        bar.set_postfix({k: f"{out.logs[v]:.3f}" for k, v in shown.items() if v in out.logs},
                         img_s=f"{images_per_step / dt:.1f}")
         if acc.is_main_process and crossed(cfg.log_every_images):
             entry = {"step": state.step, "images": state.images, "train_seconds": round(state.train_seconds, 2),
