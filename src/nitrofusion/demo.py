@@ -236,7 +236,7 @@ def _loss_line(cfg: dict) -> str:
     heads = "a dynamic pool of heads" if pool.get("dynamic", True) else "a static discriminator (one head per slot)"
     weight = adv.get("regression_weight", 0)
     extra = f" + {weight:g} x mean squared error to the teacher's sample from the same x_T" if weight else ""
-    return f"Student loss: adversarial ({adv.get('loss', 'hinge')}, {heads}){extra}."
+    return f"Student loss: the {adv.get('loss', 'hinge')} adversarial loss against {heads}{extra}."
 
 
 def render_markdown(r: dict) -> str:
