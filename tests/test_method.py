@@ -191,6 +191,13 @@ def test_single_head_baseline_pool_has_one_head_on_the_mid_block():
         _pool(levels=[10])
 
 
+def _student_grads(step, student, pool, x_T, x0, cond, active, **kw):
+    student.zero_grad(set_to_none=True)
+    pool.zero_grad(set_to_none=True)
+    logs = step(x_T, x0, cond, active, torch.Generator().manual_seed(0), train_d=False, **kw)
+    return [p.grad.clone() for p in student.parameters()], logs
+
+
 @pytest.mark.parametrize("loss,aggregate", [("hinge", "sum"), ("linear", "per_head"), ("nonsat", "per_head")])
 def test_task_by_task_generator_backward_equals_one_backward(step_parts, loss, aggregate):
     """The memory-saving path (each task's backbone graph freed after its own backward) is exact."""
@@ -200,20 +207,11 @@ def test_task_by_task_generator_backward_equals_one_backward(step_parts, loss, a
     grads = []
     for separable in (True, False):
         step._separable = lambda s=separable: s
-        student.zero_grad(set_to_none=True)
-        pool.zero_grad(set_to_none=True)
-        logs = step(x_T, x0, cond, active, torch.Generator().manual_seed(0), train_d=False)
-        grads.append(([p.grad.clone() for p in student.parameters()], logs["loss_g"]))
+        g, logs = _student_grads(step, student, pool, x_T, x0, cond, active)
+        grads.append((g, logs["loss_g"]))
     (a, la), (b, lb) = grads
     assert la == pytest.approx(lb, rel=1e-5)
     assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(a, b, strict=True))
-
-
-def _student_grads(step, student, pool, x_T, x0, cond, active, **kw):
-    student.zero_grad(set_to_none=True)
-    pool.zero_grad(set_to_none=True)
-    logs = step(x_T, x0, cond, active, torch.Generator().manual_seed(0), train_d=False, **kw)
-    return [p.grad.clone() for p in student.parameters()], logs
 
 
 @pytest.mark.parametrize("separable", [True, False])

@@ -258,9 +258,9 @@ def render_markdown(r: dict) -> str:
         _row("teacher forced to 1 step", 1, t1),
         *(_row("NitroFusion student", k, s[k]) for k in s),
     ]
-    tr, tm = r["train"], r["timing"]
-    grew = r.get("config", {}).get("pairs", {}).get("start_shards", 0)
-    lines += ["", _loss_line(r.get("config", {}))]
+    tr, tm, cfg = r["train"], r["timing"], r.get("config", {})
+    grew = cfg.get("pairs", {}).get("start_shards", 0)
+    lines += ["", _loss_line(cfg)]
     beside = "the later training pairs and the held-out pairs" if grew else "the held-out pairs"
     lines += [
         "",

@@ -117,10 +117,12 @@ class AdversarialStep:
         or None when it is off or no row is a one-step row."""
         if self.cfg.regression_weight <= 0:
             return None
-        one = slice(None) if t_in is None else t_in == self.adapter.num_train_timesteps - 1
-        if t_in is not None and not bool(one.any()):
-            return None
-        return regression_loss(x0_fake[one], x0_real[one])
+        if t_in is not None:
+            one = t_in == self.adapter.num_train_timesteps - 1
+            if not bool(one.any()):
+                return None
+            x0_fake, x0_real = x0_fake[one], x0_real[one]
+        return regression_loss(x0_fake, x0_real)
 
     def _separable(self) -> bool:
         """True when L_G is a sum of per-task terms, so each task's backbone graph can be freed after its
