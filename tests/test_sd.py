@@ -272,7 +272,7 @@ def test_the_fast_path_gives_the_eager_images(family):
     _, _, run = family
     eager, fast = load_pipeline(run), load_pipeline(run)
     applied = make_fast(fast, backend="aot_eager", log=print)
-    assert applied["fused_qkv"] and applied["compiled"] == "regional default"
+    assert applied["fused_qkv"] and applied["compiled"] == "regional"
     for steps in (1, 4):
         a, b = (np.stack([np.asarray(im, dtype=np.float32) for im in generate_images(p, PROMPTS, steps, 3)])
                 for p in (eager, fast))

@@ -7,8 +7,9 @@ pipeline with the usual speed-ups applied in place, nothing re-implemented.
   succeeds; otherwise one line says why and the pipeline stays eager. The UNet is compiled by region by default
   (diffusers' `compile_repeated_blocks`: one graph for its transformer blocks, reused by all 70 of them in SDXL,
   the convolutions left to cuDNN): compiling the whole UNet and decoder at 1024 px had not finished after
-  150 s on an H100; `regional=False` compiles the UNet whole. `cuda_graphs=True` compiles with mode
-  "reduce-overhead" (CUDA graphs: every call must have the same shapes);
+  150 s on an H100; `regional=False` compiles the UNet whole;
+- on a CUDA device, CUDA graphs of the text encoders, the compiled UNet and the decoder, replayed by the runtime
+  (runtime.py, one graph per shape), which also skips the stock pipeline's per-call Python;
 - an optional tiny VAE decoder (`--vae FOLDER`: diffusers' AutoencoderTiny, e.g. TAESDXL) in place of SDXL's.
 Half precision is the pipeline's dtype (`--dtype fp16|bf16`), as for the eager path.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ...errors import NitroFusionError, describe
+from .runtime import SDXLRuntime, is_sdxl_pipeline, keep_vae_in_fp32
 
 VAE_CLASSES = ("AutoencoderTiny", "AutoencoderKL")
 REGIONAL_RECOMPILE_LIMIT = 64
@@ -62,10 +64,12 @@ def use_vae(pipe, folder: str | Path) -> None:
     pipe.vae = load_vae(folder, pipe.unet.dtype).to(pipe.unet.device)
 
 
-def make_fast(pipe, compile: bool = True, cuda_graphs: bool = False, backend: str = "inductor",
+def make_fast(pipe, compile: bool = True, cuda_graphs: bool = True, backend: str = "inductor",
               regional: bool = True, log: Callable[[str], None] = print) -> dict:
     """Apply the speed-ups to a loaded SDXL pipeline in place; returns what was applied. `backend`: torch.compile's
-    (tests use "aot_eager": the same graph capture in seconds, without inductor's code generation)."""
+    (tests use "aot_eager": the same graph capture in seconds, without inductor's code generation).
+    `cuda_graphs` (CUDA devices, SDXL pipelines): generation replays the text encoders, UNet and decoder from CUDA
+    graphs (runtime.py), one per shape."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     tiny_vae = type(pipe.vae).__name__ == "AutoencoderTiny"
     applied = {"fused_qkv": False, "channels_last": True, "compiled": False, "tiny_vae": tiny_vae}
@@ -74,11 +78,7 @@ def make_fast(pipe, compile: bool = True, cuda_graphs: bool = False, backend: st
         applied["fused_qkv"] = True
     except Exception as e:  # noqa: BLE001 - a processor without a fused form: keep the unfused attention
         log(f"fast: QKV projections not fused ({describe(e)})")
-    vae_fp32 = dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
-    if vae_fp32:
-        # SDXL's VAE overflows in fp16, so diffusers casts it to fp32 and back around EVERY decode; keep it in fp32
-        # once instead (no weight copies per image, one compiled decoder)
-        pipe.vae.to(torch.float32)
+    if keep_vae_in_fp32(pipe):
         applied["vae_fp32"] = True
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
@@ -88,7 +88,6 @@ def make_fast(pipe, compile: bool = True, cuda_graphs: bool = False, backend: st
             log(f"fast: torch.compile cannot run on {device} in {str(dtype).removeprefix('torch.')} ({problem}); "
                 "running eager with fused QKV and channels_last")
         else:
-            mode = "reduce-overhead" if cuda_graphs and device.type == "cuda" else None
             if regional:
                 # every transformer block of every UNet in the process shares one code object, so dynamo keeps one
                 # graph per block shape (SDXL: two per resolution and batch size): its default limit of 8 is hit
@@ -96,13 +95,14 @@ def make_fast(pipe, compile: bool = True, cuda_graphs: bool = False, backend: st
                 # (dynamo warns) instead of failing the request.
                 dynamo = torch._dynamo.config
                 dynamo.recompile_limit = max(dynamo.recompile_limit, REGIONAL_RECOMPILE_LIMIT)
-                pipe.unet.compile_repeated_blocks(mode=mode, backend=backend)
+                pipe.unet.compile_repeated_blocks(backend=backend)
             else:
-                pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True, backend=backend)
-            pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, backend=backend)
-            applied["compiled"] = f"{'regional' if regional else 'whole'} {mode or 'default'}"
-    if vae_fp32:
-        # the pipeline hands an fp32 decoder the UNet's fp16 latents (it casts only a decoder it upcast itself)
-        decode = pipe.vae.decode
-        pipe.vae.decode = lambda z, *args, **kwargs: decode(z.to(torch.float32), *args, **kwargs)
+                pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend=backend)
+            pipe.vae.decode = torch.compile(pipe.vae.decode, backend=backend)
+            applied["compiled"] = "regional" if regional else "whole"
+    if is_sdxl_pipeline(pipe):
+        # the graphs record the compiled kernels: one launch per network instead of thousands
+        pipe.nitrofusion_runtime = SDXLRuntime(pipe, cuda_graphs=cuda_graphs, log=log)
+        applied["cuda_graphs"] = pipe.nitrofusion_runtime.graphed
     return applied
+

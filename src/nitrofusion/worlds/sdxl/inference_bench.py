@@ -1,13 +1,17 @@
-"""`nitrofusion bench --inference`: stock diffusers eager against the fast path (fast.py), in one run.
+"""`nitrofusion bench --inference`: stock diffusers eager against our runtime and the fast path, in one run.
 
 A random-weight SDXL pipeline (full architecture, or `--size tiny` for a CPU test) with the student's shifted
-LCM scheduler, three times: as diffusers builds it, with `make_fast` applied, and with `make_fast(cuda_graphs=True)`
-(CUDA graphs replay each compiled block's kernels in one launch: at batch 1 the GPU waits for the host's kernel
-launches, measured on an H100; on a CPU this third path is the second again). For each resolution (1024 and 512
-px; 64 and 32 for tiny; CUDA graphs at the smaller only, where launches dominate), at batch 1: the first call
-(compilation included), UNet latency, VAE decode latency, end-to-end latency of 1 and 4 steps (text encoding,
-sampling, decoding, PIL conversion); then images/s at batch 8 and 1 step. Weights do not change timings, so
-random ones are fine.
+LCM scheduler, as four paths:
+- stock eager: the pipeline as diffusers builds it, called as users call it;
+- runtime: the same eager networks driven by runtime.py (the pipeline's images bit for bit, without its per-call
+  Python: the module walks it pays per image are printed too);
+- fast: make_fast (fused QKV, channels_last, torch.compile) driven by the runtime;
+- fast + CUDA graphs: the same compiled networks replayed from CUDA graphs (on a CPU this is "fast" again).
+For each resolution (1024 and 512 px; 64 and 32 for tiny), at batch 1: the first call (compilation or graph
+capture included), UNet latency, VAE decode latency, end-to-end latency of 1 and 4 steps (text encoding,
+sampling, decoding, PIL conversion); then images/s at batch 8 and 1 step, and the largest pixel difference of each
+path's 1-step image from the stock one (0 for the runtime: same images; compiled kernels and fused QKV move
+rounding). Weights do not change timings, so random ones are fine.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ...sampling.student import shifted_scheduler
 from .bench import _sync
 from .fast import make_fast
+from .runtime import SDXLRuntime
 from .testing import build_sdxl_components
 
 RESOLUTIONS = {"full": (1024, 512), "tiny": (64, 32)}
@@ -50,6 +57,24 @@ def _pipeline(size: str, device: torch.device, dtype: torch.dtype, shift: int):
     return pipe.to(device)
 
 
+PROMPT = "a benchmark prompt"
+
+
+@dataclass
+class Path:
+    """One way of generating: `runtime` None = the stock pipeline's own call."""
+
+    pipe: object
+    runtime: SDXLRuntime | None
+
+    def generate(self, px: int, steps: int, batch: int = 1, seed: int = 0) -> list:
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
+        if self.runtime is None:
+            return self.pipe(prompt=[PROMPT] * batch, num_inference_steps=steps, guidance_scale=0.0, height=px,
+                             width=px, generator=generators, output_type="pil").images
+        return self.runtime([PROMPT] * batch, steps, generators, px, px)
+
+
 def run_inference_bench(size: str = "full", device: str | None = None, dtype: torch.dtype | None = None,
                         iters: int = 5, warmup: int = 1, backend: str = "inductor", shift: int = 250,
                         progress: Callable[[str], None] = print) -> dict:
@@ -57,64 +82,88 @@ def run_inference_bench(size: str = "full", device: str | None = None, dtype: to
     dtype = dtype or (torch.float16 if device_.type == "cuda" else torch.float32)
     progress(f"building random-weight SDXL ({size}, {str(dtype).removeprefix('torch.')}) on {device_} ...")
     eager = _pipeline(size, device_, dtype, shift)
-    fast, graphed = copy.deepcopy(eager), copy.deepcopy(eager)
-    applied = make_fast(fast, backend=backend, log=progress)
-    make_fast(graphed, backend=backend, cuda_graphs=True, log=progress)
+    walks = _module_walks_ms(eager)
+    progress(f"stock pipeline, per call: {walks}")
+    plain, fast = copy.deepcopy(eager), copy.deepcopy(eager)
+    applied = make_fast(fast, backend=backend, cuda_graphs=False, log=progress)
+    paths = {"stock eager": Path(eager, None), "runtime": Path(plain, SDXLRuntime(plain, log=progress)),
+             "fast": Path(fast, SDXLRuntime(fast, log=progress)),
+             "fast + CUDA graphs": Path(fast, SDXLRuntime(fast, cuda_graphs=True, log=progress))}
     # a fixed shape per compile, as a user at one resolution gets (not the dynamic-shape graph dynamo makes
     # on the second shape it sees); the batch-8 runs come last, so a bounded run keeps every latency row. The
     # regional graph is one per block shape: 2 per resolution x 2 resolutions x 2 batch sizes, at dynamo's
     # default limit of 8 recompiles, hence a higher one
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
-        rows = _measure_all(size, {"stock eager": eager, "fast": fast, "fast + CUDA graphs": graphed}, device_,
-                            dtype, iters, warmup, progress)
+        rows = _measure_all(size, paths, device_, dtype, iters, warmup, progress)
+    applied["cuda_graphs"] = paths["fast + CUDA graphs"].runtime.graphed
     return {"device": torch.cuda.get_device_name(device_) if device_.type == "cuda" else "cpu", "size": size,
             "dtype": str(dtype).removeprefix("torch."), "fast": applied, "backend": backend, "torch": torch.__version__,
-            "rows": rows}
+            "stock_module_walks_ms": walks, "rows": rows}
 
 
-def _measure_all(size: str, pipes: dict, device_: torch.device, dtype: torch.dtype, iters: int, warmup: int,
-                 progress: Callable[[str], None]) -> list[dict]:
-    rows = []
-    for name, pipe in pipes.items():
-        for px in RESOLUTIONS[size] if "CUDA graphs" not in name else RESOLUTIONS[size][-1:]:
+def _module_walks_ms(pipe, repeats: int = 5) -> dict:
+    """What the stock call spends finding its device and dtypes (each walks the modules; several per image)."""
+    from diffusers.utils.torch_utils import get_module_execution_device
+
+    probes = {"_execution_device": lambda: pipe._execution_device, "unet.dtype": lambda: pipe.unet.dtype,
+              "vae execution device": lambda: get_module_execution_device(pipe.vae)}
+    out = {}
+    for name, probe in probes.items():
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            probe()
+        out[name] = round(1000 * (time.perf_counter() - t0) / repeats, 3)
+    return out
+
+
+def _measure_all(size: str, paths: dict[str, Path], device_: torch.device, dtype: torch.dtype, iters: int,
+                 warmup: int, progress: Callable[[str], None]) -> list[dict]:
+    rows, reference = [], {}
+    for name, path in paths.items():
+        for px in RESOLUTIONS[size]:
             progress(f"measuring {name} at {px}px ...")
-            rows.append({"path": name, "px": px, **_measure_latency(pipe, px, device_, dtype, iters, warmup)})
-            progress(f"  {rows[-1]}")
+            row = {"path": name, "px": px, **_measure_latency(path, px, device_, dtype, iters, warmup)}
+            image = np.stack([np.asarray(im, dtype=np.int16) for im in path.generate(px, 1, seed=1)])
+            reference.setdefault(px, image)  # the stock path's, measured first
+            row["max_pixel_diff_vs_stock"] = int(np.abs(image - reference[px]).max())
+            rows.append(row)
+            progress(f"  {row}")
     for row in rows:
-        pipe = pipes[row["path"]]
         progress(f"measuring {row['path']} at {row['px']}px, batch 8 ...")
-        row["batch8_images_per_s"] = _images_per_s(pipe, row["px"], device_, 8, iters, warmup)
+        row["batch8_images_per_s"] = _images_per_s(paths[row["path"]], row["px"], device_, 8, iters, warmup)
         progress(f"  {row['batch8_images_per_s']:.2f} images/s")
     return rows
 
 
-def _end_to_end(pipe, px: int, steps: int, batch: int = 1) -> Callable[[], object]:
-    return lambda: pipe(prompt=["a benchmark prompt"] * batch, num_inference_steps=steps, guidance_scale=0.0,
-                        height=px, width=px, output_type="pil")
+def _networks(path: Path, px: int, device: torch.device, dtype: torch.dtype) -> tuple[Callable, Callable]:
+    """(UNet call, VAE decode) at batch 1 as the path runs them: the stock pipeline's modules directly (its VAE in
+    its own dtype), or the runtime's (graph replays on the graphed path)."""
+    pipe, runtime = path.pipe, path.runtime
+    latent = px // pipe.vae_scale_factor
+    x = torch.randn(1, pipe.unet.config.in_channels, latent, latent, generator=torch.Generator().manual_seed(0))
+    x, t = x.to(device, dtype), torch.tensor(249, device=device)
+    if runtime is not None:
+        embeds, pooled = runtime.prompt_embeddings([PROMPT])
+        time_ids, z = runtime._time_ids(px, px, 1), (x / runtime.scaling_factor).to(runtime.vae_dtype)
+        return lambda: runtime.unet(x, t, embeds, pooled, time_ids), lambda: runtime.decode(z)
+    embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, device=device, do_classifier_free_guidance=False)
+    time_ids = torch.tensor([[px, px, 0, 0, px, px]], device=device, dtype=dtype)
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    z = (x / pipe.vae.config.scaling_factor).to(pipe.vae.dtype)
+    return (lambda: pipe.unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=added),
+            lambda: pipe.vae.decode(z))
 
 
 @torch.no_grad()
-def _measure_latency(pipe, px: int, device: torch.device, dtype: torch.dtype, iters: int, warmup: int) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    latent = px // pipe.vae_scale_factor
-    x = torch.randn(1, pipe.unet.config.in_channels, latent, latent, generator=gen).to(device, dtype)
-    embeds, pooled = pipe.encode_prompt("a benchmark prompt", device=device, do_classifier_free_guidance=False)[::2]
-    time_ids = torch.tensor([[px, px, 0, 0, px, px]], device=device, dtype=dtype)
-    t = torch.tensor([249], device=device)
-
-    def unet():
-        pipe.unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
-
-    def vae():
-        pipe.vae.decode((x / pipe.vae.config.scaling_factor).to(pipe.vae.dtype))
-
+def _measure_latency(path: Path, px: int, device: torch.device, dtype: torch.dtype, iters: int, warmup: int) -> dict:
+    unet, decode = _networks(path, px, device, dtype)
     _sync(device)
     t0 = time.perf_counter()
-    _end_to_end(pipe, px, 1)()  # compiles UNet and decoder at this shape (fast path); eager: first-call overhead
+    path.generate(px, 1)  # compiles UNet and decoder at this shape and records graphs; eager: first-call overhead
     _sync(device)
     out = {"first_call_s": time.perf_counter() - t0}
-    for key, fn in (("unet_ms", unet), ("vae_decode_ms", vae), ("1_step_ms", _end_to_end(pipe, px, 1)),
-                    ("4_step_ms", _end_to_end(pipe, px, 4))):
+    for key, fn in (("unet_ms", unet), ("vae_decode_ms", decode), ("1_step_ms", lambda: path.generate(px, 1)),
+                    ("4_step_ms", lambda: path.generate(px, 4))):
         for _ in range(warmup):
             fn()
         out[key] = 1000 * _median_seconds(fn, device, iters)
@@ -122,23 +171,25 @@ def _measure_latency(pipe, px: int, device: torch.device, dtype: torch.dtype, it
 
 
 @torch.no_grad()
-def _images_per_s(pipe, px: int, device: torch.device, batch: int, iters: int, warmup: int) -> float:
-    run = _end_to_end(pipe, px, 1, batch)
-    for _ in range(max(warmup, 1)):  # at least one: the fast path compiles for this batch size here
-        run()
-    return batch / _median_seconds(run, device, max(1, iters // 2))
+def _images_per_s(path: Path, px: int, device: torch.device, batch: int, iters: int, warmup: int) -> float:
+    for _ in range(max(warmup, 1)):  # at least one: the fast path compiles (and records) for this batch size here
+        path.generate(px, 1, batch)
+    return batch / _median_seconds(lambda: path.generate(px, 1, batch), device, max(1, iters // 2))
 
 
 def format_inference(result: dict) -> str:
     applied = ", ".join(f"{k} {v}" for k, v in result["fast"].items())
+    walks = ", ".join(f"{k} {v:.2f} ms" for k, v in result["stock_module_walks_ms"].items())
     lines = [f"device: {result['device']}; SDXL {result['size']} random weights, {result['dtype']}; fast path: "
-             f"{applied}; compile backend {result['backend']}", "",
-             "| px | path | first call s | UNet ms | VAE decode ms | 1 step ms | 4 steps ms | batch 8 img/s |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             f"{applied}; compile backend {result['backend']}",
+             f"stock pipeline's module walks, each paid at least once per call: {walks}", "",
+             "| px | path | first call s | UNet ms | VAE decode ms | 1 step ms | 4 steps ms | batch 8 img/s | "
+             "max pixel diff vs stock |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['px']} | {r['path']} | {r['first_call_s']:.2f} | {r['unet_ms']:.1f} | "
                      f"{r['vae_decode_ms']:.1f} | {r['1_step_ms']:.1f} | {r['4_step_ms']:.1f} | "
-                     f"{r.get('batch8_images_per_s', float('nan')):.2f} |")
+                     f"{r.get('batch8_images_per_s', float('nan')):.2f} | {r['max_pixel_diff_vs_stock']} |")
     for px in sorted({r["px"] for r in result["rows"]}, reverse=True):
         e = next(r for r in result["rows"] if r["px"] == px and r["path"] == "stock eager")
         for f in (r for r in result["rows"] if r["px"] == px and r["path"] != "stock eager"):

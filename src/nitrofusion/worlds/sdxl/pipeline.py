@@ -30,6 +30,7 @@ from ...sampling.student import check_steps
 from ...unet_weights import check_same_layout, read_weights_file
 from .architectures import check_family, is_lora
 from .family import Family, check_pipeline_folder, family_named, family_of_unet_config
+from .runtime import is_sdxl_pipeline, runtime_for
 
 SHIFT_BY_NAME = {"realism": 250, "vibrant": 500}  # the released NitroSD-Realism / -Vibrant (docs/method.md §2.3)
 SHIFT_METADATA_KEY = "nitrofusion.shifted_timestep"  # written by our single-file and transfer outputs
@@ -370,7 +371,8 @@ def image_generators(seed: int, start: int, count: int) -> list[torch.Generator]
 def generate_images(pipe, prompts: list[str], steps: int, seed: int = 0, height: int | None = None,
                     width: int | None = None, batch_size: int = 4) -> list:
     """PIL images, one per prompt, in 1-4 steps (docs/method.md §5, §8); image i draws its x_T and its re-noising
-    noise from a generator seeded seed + i."""
+    noise from a generator seeded seed + i. SDXL pipelines run through their runtime (runtime.py: the same images
+    bit for bit), others through their own call."""
     check_steps(steps)
     if not prompts:
         raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
@@ -386,6 +388,9 @@ def generate_images(pipe, prompts: list[str], steps: int, seed: int = 0, height:
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         generators = image_generators(seed, start, len(chunk))
+        if is_sdxl_pipeline(pipe):  # the pipeline's images without its per-call Python (runtime.py)
+            images += runtime_for(pipe)(chunk, steps, generators, height, width)
+            continue
         own = hasattr(pipe.scheduler, "generator")  # TimestepShiftFlowScheduler: SD3's pipeline passes step() none
         if own:
             pipe.scheduler.generator = generators
