@@ -2,13 +2,15 @@
 # Run ON the lent GPU (device tool), from the repo root, with .whl carried (scripts/gpu_wheels.sh):
 #   run(command="bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=540)
 # One log (bench.md) and one JSON per bench come back in $OUT (the device tool returns at most 8 files). Each
-# command is bounded so the whole stays under 9 minutes and what finished comes back, most wanted first: stock
-# diffusers vs the fast 1-step path, and at 512 px the fast path with CUDA graphs (issue 14; each row is printed
-# as it is measured, batch 8 last; the regionally compiled UNet + decoder took 27 s to compile at 1024 px on an
-# H100); then the LoRA student's iteration at micro-batch 2 (its 70 and 150 s bounds ran out twice, building the
-# models twice: the iteration table, then the step profile). Measured on H100s on 2026-11-27 and in README, so
-# not repeated: the sdxl-realism iteration with AdamW at micro-batch 2 and with 8-bit AdamW at micro-batch 5
-# (`bench --set student_optim.kind=adamw8bit`); the memory model runs on the meta device (`bench --memory`).
+# command is bounded so the whole stays under 9 minutes and what finished comes back, most wanted first: 1-step
+# generation (issue 14 item 3), stock diffusers eager against our runtime (runtime.py, the stock images without the
+# pipeline's per-call module walks), the fast path (compiled by region: 27 s at 1024 px on an H100), the fast path
+# replayed from CUDA graphs, and that with a tiny VAE; each row printed as measured, batch 8 last, with each path's
+# largest pixel difference from stock. Then the LoRA student's iteration at micro-batch 2 (its 70 and 150 s bounds
+# ran out twice, building the models twice: the iteration table, then the step profile). Measured on H100s on
+# 2026-11-27 and in README, so not repeated: the sdxl-realism iteration with AdamW at micro-batch 2 and with 8-bit
+# AdamW at micro-batch 5 (`bench --set student_optim.kind=adamw8bit`); the memory model runs on the meta device
+# (`bench --memory`).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
@@ -21,7 +23,7 @@ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
 quiet() { grep --line-buffered -v "should be kept in float32"; }
 section() { printf '\n## %s\n\n' "$1" | tee -a "$LOG"; }
 section "inference: stock eager vs fast"
-timeout 300 python3 -m nitrofusion bench --inference --out "$OUT/inference.json" 2>&1 | quiet | tee -a "$LOG"
+timeout 320 python3 -m nitrofusion bench --inference --out "$OUT/inference.json" 2>&1 | quiet | tee -a "$LOG"
 section "training iteration: LoRA student (rank 64, micro-batch 2)"
-timeout 210 python3 -m nitrofusion bench --set student.kind=lora --set student.rank=64 --set student.alpha=64 \
+timeout 190 python3 -m nitrofusion bench --set student.kind=lora --set student.rank=64 --set student.alpha=64 \
   --set micro_batch=2 --out "$OUT/bench-lora.json" 2>&1 | quiet | tee -a "$LOG"

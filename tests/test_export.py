@@ -321,7 +321,7 @@ def _bad(tmp_path, tiny_sdxl, run):
     (["export", "RUN", "--format", "lora", "--rank", "0", "--out", "T/o"], "--rank must be >= 1"),
     (["export", "RUN", "--format", "single-file", "--out", "T/o.ckpt"], "writes a .safetensors file"),
     (["export", "RUN", "--format", "diffusers", "--out", "T"], "already exists"),
-    (["export", "RUN", "--format", "diffusers", "--dtype", "fp8", "--out", "T/o"], "unknown dtype 'fp8'"),
+    (["export", "RUN", "--format", "diffusers", "--dtype", "fp8", "--out", "T/o"], "unknown --dtype 'fp8'"),
     (["export", "T/nothing", "--format", "diffusers", "--out", "T/o"], "no model in"),
     (["transfer", "--student", "RUN", "--base", "SDXL", "--custom", "T/bad_shape.safetensors", "--out", "T/o"],
      "wrong-shape keys (e.g. 'conv_out.bias' ((5,) vs (4,)))"),

@@ -26,12 +26,13 @@ LIVE_SIZE = 512  # SDXL images while typing: 1 step at 512x512 keeps up with a t
 
 def make_generator(model: str | Path, base: str | None = None, shift: int | None = None, device: str = "cpu",
                    dtype: torch.dtype | None = None, fast: bool = False, vae: str | None = None,
-                   size: int | None = LIVE_SIZE) -> tuple[Generate, list[str]]:
+                   vae_dtype: torch.dtype | None = None, size: int | None = LIVE_SIZE) -> tuple[Generate, list[str]]:
     """(prompt, steps, seed) -> image, and example prompts; the model loads once, here, through its world.
     `fast` / `vae`: the UNet families (SDXL, SD; fast.py); `size` (pixels; None = the run's resolution): not mini."""
     from .worlds import GenerateOptions, world_of_model
 
-    options = GenerateOptions(base=base, shift=shift, device=device, dtype=dtype, fast=fast, vae=vae)
+    options = GenerateOptions(base=base, shift=shift, device=device, dtype=dtype, fast=fast, vae=vae,
+                              vae_dtype=vae_dtype)
     return world_of_model(model).live_generator(Path(model), options, size)
 
 

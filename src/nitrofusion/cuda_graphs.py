@@ -5,8 +5,10 @@ At batch 1 a one-step SDXL image is a few thousand small kernels, and the GPU wa
 once and replays them in one call. Rules that make this safe, all kept by `GraphedCall`:
 - every input is a tensor copied into a static buffer before each replay (shapes, dtypes, devices fixed per graph:
   a new signature captures a new graph);
-- the output tensors are the graph's static buffers: the next replay overwrites them, so a caller that keeps an
-  output past the next call clones it;
+- the output tensors are the graph's static buffers: the next replay overwrites them, and graphs that share a
+  memory pool may reuse each other's freed intermediates, so a caller uses or clones an output before the next
+  replay of ANY graph of that pool (the runtime does: the scheduler consumes the UNet's, the 8-bit conversion the
+  decoder's, and prompt embeddings are cloned into their cache);
 - the function warms up on a side stream before capture (cuDNN's algorithm search, torch.compile's compilation
   and lazy allocations must not happen inside the capture);
 - a capture that fails (an op that synchronises with the host, a CPU fallback) says so in one line and that

@@ -20,13 +20,18 @@ _BY_TORCH_NAME = {v[1]: v[0] for v in _TABLE.values()}
 _BY_SAFETENSORS = {v[2]: v[0] for v in _TABLE.values()} | {"F64": torch.float64}
 
 
-def parse_dtype(name: str | None) -> torch.dtype | None:
+def parse_dtype(name: str | None, flag: str = "--dtype") -> torch.dtype | None:
     """A CLI `--dtype` (fp32, fp16, bf16); None stays None (the command's default)."""
     if name is None:
         return None
     if name not in _TABLE:
-        raise NitroFusionError(f"unknown dtype {name!r}: choose {', '.join(SHORT_NAMES)}")
+        raise NitroFusionError(f"unknown {flag} {name!r}: choose {', '.join(SHORT_NAMES)}")
     return _TABLE[name][0]
+
+
+def short_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bf16" (the CLI's name)."""
+    return next(short for short, row in _TABLE.items() if row[0] == dtype)
 
 
 def mixed_precision_dtype(mixed_precision: str) -> torch.dtype | None:

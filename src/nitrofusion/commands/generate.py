@@ -31,7 +31,8 @@ def cmd_generate(args) -> None:
 
     options = GenerateOptions(base=args.base, shift=args.shift, height=args.height, width=args.width,
                               batch_size=args.batch_size, num_per_prompt=args.num_per_prompt, device=args.device,
-                              dtype=parse_dtype(args.dtype), fast=args.fast, vae=args.vae)
+                              dtype=parse_dtype(args.dtype), fast=args.fast, vae=args.vae,
+                              vae_dtype=parse_dtype(args.vae_dtype, "--vae-dtype"))
     paths = world_of_model(args.model).generate_to_folder(Path(args.model), prompts, args.steps, args.seed,
                                                           Path(args.out), options)
     print(f"wrote {len(paths)} image{'s' if len(paths) != 1 else ''} and a grid to {args.out}")

@@ -34,6 +34,7 @@ class GenerateOptions:
     dtype: torch.dtype | None = None
     fast: bool = False
     vae: str | None = None
+    vae_dtype: torch.dtype | None = None
 
     def given(self) -> list[str]:
         """The options set away from their defaults, as CLI flags."""

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from ...dtypes import short_name
 from ...errors import NitroFusionError, describe
-from .runtime import SDXLRuntime, is_sdxl_pipeline, keep_vae_in_fp32
+from .runtime import SDXLRuntime, is_sdxl_pipeline, needs_upcast, set_vae_dtype
 
 VAE_CLASSES = ("AutoencoderTiny", "AutoencoderKL")
 REGIONAL_RECOMPILE_LIMIT = 64
@@ -59,17 +60,27 @@ def compile_problem(device: torch.device, dtype: torch.dtype, backend: str = "in
         return describe(e)
 
 
+def fast_vae_dtype(pipe) -> torch.dtype | None:
+    """Where SDXL's VAE cannot decode in fp16: bf16 (fp32's range, half its bytes; what ComfyUI decodes SDXL in) on
+    a GPU that has it, else fp32. None: the pipeline's dtype is fine."""
+    if not needs_upcast(pipe):
+        return None
+    device = pipe.vae.device
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
 def use_vae(pipe, folder: str | Path) -> None:
     """Decode with the VAE in `folder` (the pipeline's dtype and device)."""
     pipe.vae = load_vae(folder, pipe.unet.dtype).to(pipe.unet.device)
 
 
 def make_fast(pipe, compile: bool = True, cuda_graphs: bool = True, backend: str = "inductor",
-              regional: bool = True, log: Callable[[str], None] = print) -> dict:
+              regional: bool = True, vae_dtype: torch.dtype | None = None,
+              log: Callable[[str], None] = print) -> dict:
     """Apply the speed-ups to a loaded SDXL pipeline in place; returns what was applied. `backend`: torch.compile's
     (tests use "aot_eager": the same graph capture in seconds, without inductor's code generation).
     `cuda_graphs` (CUDA devices, SDXL pipelines): generation replays the text encoders, UNet and decoder from CUDA
-    graphs (runtime.py), one per shape."""
+    graphs (runtime.py), one per shape. `vae_dtype`: the decoder's precision (default: fast_vae_dtype's choice)."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     tiny_vae = type(pipe.vae).__name__ == "AutoencoderTiny"
     applied = {"fused_qkv": False, "channels_last": True, "compiled": False, "tiny_vae": tiny_vae}
@@ -78,8 +89,10 @@ def make_fast(pipe, compile: bool = True, cuda_graphs: bool = True, backend: str
         applied["fused_qkv"] = True
     except Exception as e:  # noqa: BLE001 - a processor without a fused form: keep the unfused attention
         log(f"fast: QKV projections not fused ({describe(e)})")
-    if keep_vae_in_fp32(pipe):
-        applied["vae_fp32"] = True
+    vae_dtype = vae_dtype or fast_vae_dtype(pipe)
+    if vae_dtype is not None:
+        set_vae_dtype(pipe, vae_dtype)
+    applied["vae_dtype"] = short_name(pipe.vae.dtype)
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
     if compile:

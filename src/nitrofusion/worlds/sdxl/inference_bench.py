@@ -6,12 +6,14 @@ LCM scheduler, as four paths:
 - runtime: the same eager networks driven by runtime.py (the pipeline's images bit for bit, without its per-call
   Python: the module walks it pays per image are printed too);
 - fast: make_fast (fused QKV, channels_last, torch.compile) driven by the runtime;
-- fast + CUDA graphs: the same compiled networks replayed from CUDA graphs (on a CPU this is "fast" again).
+- fast + CUDA graphs: the same compiled networks replayed from CUDA graphs (on a CPU this is "fast" again);
+- fast + CUDA graphs + tiny VAE: a random AutoencoderTiny (TAESDXL's architecture) as the decoder.
+The fast paths decode SDXL's VAE in bf16 on a GPU that has it (fast.py), the stock and runtime paths in fp32.
 For each resolution (1024 and 512 px; 64 and 32 for tiny), at batch 1: the first call (compilation or graph
 capture included), UNet latency, VAE decode latency, end-to-end latency of 1 and 4 steps (text encoding,
 sampling, decoding, PIL conversion); then images/s at batch 8 and 1 step, and the largest pixel difference of each
-path's 1-step image from the stock one (0 for the runtime: same images; compiled kernels and fused QKV move
-rounding). Weights do not change timings, so random ones are fine.
+path's 1-step image from the stock one (0 for the runtime: same images; compiled kernels, fused QKV and a bf16
+decoder move rounding; the tiny VAE is another decoder). Weights do not change timings, so random ones are fine.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from ...sampling.student import shifted_scheduler
 from .bench import _sync
 from .fast import make_fast
-from .runtime import SDXLRuntime
+from .runtime import SDXLRuntime, needs_upcast
 from .testing import build_sdxl_components
 
 RESOLUTIONS = {"full": (1024, 512), "tiny": (64, 32)}
@@ -60,6 +62,18 @@ def _pipeline(size: str, device: torch.device, dtype: torch.dtype, shift: int):
 PROMPT = "a benchmark prompt"
 
 
+def random_tiny_vae(size: str):
+    """A random AutoencoderTiny with TAESDXL's architecture (diffusers' defaults; `--vae` loads the real one), or for
+    the tiny pipeline one whose 2x upsampling matches its VAE."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    if size == "full":
+        return AutoencoderTiny()
+    return AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                           num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1))
+
+
 @dataclass
 class Path:
     """One way of generating: `runtime` None = the stock pipeline's own call."""
@@ -84,11 +98,14 @@ def run_inference_bench(size: str = "full", device: str | None = None, dtype: to
     eager = _pipeline(size, device_, dtype, shift)
     walks = _module_walks_ms(eager)
     progress(f"stock pipeline, per call: {walks}")
-    plain, fast = copy.deepcopy(eager), copy.deepcopy(eager)
+    plain, fast, tiny = copy.deepcopy(eager), copy.deepcopy(eager), copy.deepcopy(eager)
     applied = make_fast(fast, backend=backend, cuda_graphs=False, log=progress)
+    tiny.vae = random_tiny_vae(size).to(device_, dtype)
+    make_fast(tiny, backend=backend, cuda_graphs=False, log=progress)  # the UNet's compiled blocks are reused
     paths = {"stock eager": Path(eager, None), "runtime": Path(plain, SDXLRuntime(plain, log=progress)),
              "fast": Path(fast, SDXLRuntime(fast, log=progress)),
-             "fast + CUDA graphs": Path(fast, SDXLRuntime(fast, cuda_graphs=True, log=progress))}
+             "fast + CUDA graphs": Path(fast, SDXLRuntime(fast, cuda_graphs=True, log=progress)),
+             "fast + CUDA graphs + tiny VAE": Path(tiny, SDXLRuntime(tiny, cuda_graphs=True, log=progress))}
     # a fixed shape per compile, as a user at one resolution gets (not the dynamic-shape graph dynamo makes
     # on the second shape it sees); the batch-8 runs come last, so a bounded run keeps every latency row. The
     # regional graph is one per block shape: 2 per resolution x 2 resolutions x 2 batch sizes, at dynamo's
@@ -149,9 +166,17 @@ def _networks(path: Path, px: int, device: torch.device, dtype: torch.dtype) -> 
     embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, device=device, do_classifier_free_guidance=False)
     time_ids = torch.tensor([[px, px, 0, 0, px, px]], device=device, dtype=dtype)
     added = {"text_embeds": pooled, "time_ids": time_ids}
-    z = (x / pipe.vae.config.scaling_factor).to(pipe.vae.dtype)
-    return (lambda: pipe.unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=added),
-            lambda: pipe.vae.decode(z))
+    z = x / pipe.vae.config.scaling_factor
+
+    def decode():  # as the stock call decodes: SDXL's VAE cast to fp32 and back around every image under fp16
+        upcast = needs_upcast(pipe)
+        if upcast:
+            pipe.vae.to(torch.float32)
+        pipe.vae.decode(z.to(pipe.vae.dtype))
+        if upcast:
+            pipe.vae.to(torch.float16)
+
+    return lambda: pipe.unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=added), decode
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from ...sampling.student import check_steps
 from ...unet_weights import check_same_layout, read_weights_file
 from .architectures import check_family, is_lora
 from .family import Family, check_pipeline_folder, family_named, family_of_unet_config
-from .runtime import is_sdxl_pipeline, runtime_for
+from .runtime import is_sdxl_pipeline, runtime_for, set_vae_dtype
 
 SHIFT_BY_NAME = {"realism": 250, "vibrant": 500}  # the released NitroSD-Realism / -Vibrant (docs/method.md §2.3)
 SHIFT_METADATA_KEY = "nitrofusion.shifted_timestep"  # written by our single-file and transfer outputs
@@ -293,11 +293,14 @@ def load_scheduler(ref: ModelRef, shift: int | None = None, cls=None, build=None
 
 def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int | None = None,
                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None, fast: bool = False,
-                  vae: str | Path | None = None, log=print):
+                  vae: str | Path | None = None, vae_dtype: torch.dtype | None = None, log=print):
     """A stock diffusers `StableDiffusionXLPipeline` (or `StableDiffusionPipeline` for an SD model) with the student
     UNet and the shifted LCM scheduler (docs/method.md §5). Call it with guidance_scale=0 and 1-4 steps, or use
     `generate_images`. `vae`: decode with this AutoencoderTiny/AutoencoderKL folder; `fast`: fused QKV, channels_last
-    and torch.compile where it runs (fast.py)."""
+    and torch.compile where it runs, CUDA graphs on a GPU (fast.py); `vae_dtype`: the decoder's precision (default:
+    fp32 where SDXL's VAE would overflow in fp16, or bf16 with `fast` on a GPU that has it; else `dtype`)."""
+    if vae_dtype == torch.bfloat16 and torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise NitroFusionError("this GPU has no bf16: use --vae-dtype fp32")
     if vae is not None:
         from .fast import load_vae
 
@@ -338,7 +341,9 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
     if fast:
         from .fast import make_fast
 
-        make_fast(pipe, log=log)
+        make_fast(pipe, vae_dtype=vae_dtype, log=log)
+    elif vae_dtype is not None:
+        set_vae_dtype(pipe, vae_dtype)
     return pipe
 
 
@@ -408,7 +413,7 @@ def generate_to_folder(model: str | Path, prompts: list[str], steps: int, seed: 
                        base: str | Path | None = None, shift: int | None = None, height: int | None = None,
                        width: int | None = None, batch_size: int = 4, num_per_prompt: int = 1,
                        device: str = "cpu", dtype: torch.dtype | None = None, fast: bool = False,
-                       vae: str | Path | None = None) -> list[Path]:
+                       vae: str | Path | None = None, vae_dtype: torch.dtype | None = None) -> list[Path]:
     check_steps(steps)  # before any model loads
     for name, value in (("height", height), ("width", width)):
         if value is not None and (value <= 0 or value % 8):
@@ -419,7 +424,8 @@ def generate_to_folder(model: str | Path, prompts: list[str], steps: int, seed: 
         raise NitroFusionError(f"--num-per-prompt must be >= 1 (got {num_per_prompt})")
     if not prompts:
         raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
-    pipe = load_pipeline(model, base=base, shift=shift, device=device, dtype=dtype, fast=fast, vae=vae)
+    pipe = load_pipeline(model, base=base, shift=shift, device=device, dtype=dtype, fast=fast, vae=vae,
+                         vae_dtype=vae_dtype)
     prompts = [p for p in prompts for _ in range(num_per_prompt)]
     images = generate_images(pipe, prompts, steps, seed, height, width, batch_size)
     from ...viz import save_images

@@ -42,17 +42,23 @@ def runtime_for(pipe) -> SDXLRuntime:
     return runtime
 
 
-def keep_vae_in_fp32(pipe) -> bool:
-    """SDXL's VAE overflows in fp16, so diffusers casts it to fp32 and back around EVERY decode; keep it in fp32
-    once instead (no weight copies per image, one compiled decoder). True if it was cast now."""
+def set_vae_dtype(pipe, dtype: torch.dtype) -> None:
+    """Decode in `dtype` from now on: the VAE's weights cast once, and latents cast on entry (the stock pipelines
+    hand the decoder the UNet's dtype; they cast only a VAE they upcast themselves, and re-cast its weights around
+    every decode)."""
     vae = pipe.vae
-    if not (vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)):
-        return False
-    vae.to(torch.float32)
-    # the stock pipeline hands an fp32 decoder the UNet's fp16 latents (it casts only a decoder it upcast itself)
-    decode = vae.decode
-    vae.decode = lambda z, *args, **kwargs: decode(z.to(torch.float32), *args, **kwargs)
-    return True
+    if vae.dtype == dtype and getattr(vae, "nitrofusion_decode_dtype", None) in (None, dtype):
+        return
+    vae.to(dtype)
+    if getattr(vae, "nitrofusion_decode_dtype", None) is None:
+        decode = vae.decode
+        vae.decode = lambda z, *args, **kwargs: decode(z.to(vae.nitrofusion_decode_dtype), *args, **kwargs)
+    vae.nitrofusion_decode_dtype = dtype
+
+
+def needs_upcast(pipe) -> bool:
+    """SDXL's VAE overflows in fp16: diffusers decodes it in fp32 when the pipeline is fp16."""
+    return pipe.vae.dtype == torch.float16 and bool(getattr(pipe.vae.config, "force_upcast", False))
 
 
 class SDXLRuntime:
@@ -60,7 +66,8 @@ class SDXLRuntime:
                  log: Callable[[str], None] = print, capture: Capture | None = None):
         """`capture`: how graphs are recorded (default: CUDA's, on a CUDA device); tests pass a CPU stand-in."""
         self.pipe = pipe
-        keep_vae_in_fp32(pipe)  # the pipeline decodes in fp32 when SDXL's VAE asks for it; once here, not per call
+        if needs_upcast(pipe):  # decode in fp32 as the pipeline does, cast once here instead of around every image
+            set_vae_dtype(pipe, torch.float32)
         weight = next(pipe.unet.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         # the pipeline's own rule: SDXL's pooled embedding comes from the second encoder; without a first tokenizer

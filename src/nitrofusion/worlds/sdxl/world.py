@@ -17,7 +17,7 @@ EXAMPLES = ["a photo of a red fox in the snow", "an oil painting of a lighthouse
 
 class SDXLWorld(World):
     name = "sdxl"
-    supported_options = ("--base", "--shift", "--height", "--width", "--dtype", "--fast", "--vae")
+    supported_options = ("--base", "--shift", "--height", "--width", "--dtype", "--fast", "--vae", "--vae-dtype")
     examples = EXAMPLES
 
     def adapter(self, cfg: DistillConfig) -> ModelAdapter:
@@ -56,7 +56,8 @@ class SDXLWorld(World):
         o = options
         return generate_to_folder(model, prompts, steps, seed, out, base=o.base, shift=o.shift, height=o.height,
                                   width=o.width, batch_size=o.batch_size, num_per_prompt=o.num_per_prompt,
-                                  device=o.device or "cpu", dtype=o.dtype, fast=o.fast, vae=o.vae)
+                                  device=o.device or "cpu", dtype=o.dtype, fast=o.fast, vae=o.vae,
+                                  vae_dtype=o.vae_dtype)
 
     def live_generator(self, model: Path, options: GenerateOptions, size: int | None) -> tuple[LiveGenerator,
                                                                                                list[str]]:
@@ -64,7 +65,7 @@ class SDXLWorld(World):
 
         o = options
         pipe = load_pipeline(model, base=o.base, shift=o.shift, device=o.device or "cpu", dtype=o.dtype, fast=o.fast,
-                             vae=o.vae)
+                             vae=o.vae, vae_dtype=o.vae_dtype)
 
         def run(prompt: str, steps: int, seed: int):
             return generate_images(pipe, [prompt], steps, seed, height=size, width=size, batch_size=1)[0]
