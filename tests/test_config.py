@@ -30,6 +30,7 @@ def test_overrides_are_typed_and_nested():
     (["nonsense"], "key.sub=value"),
     (["adversarial.regression_weight=1", "real.source=data"], "regression_weight needs teacher pairs"),
     (["adversarial.regression_weight=-1"], "regression_weight must be >= 0"),
+    (["adversarial.regression_rows=some"], "regression_rows"),
 ])
 def test_bad_config_is_one_clear_error(overrides, needle):
     with pytest.raises(ConfigError) as e:

@@ -245,6 +245,23 @@ def test_regression_skips_refinement_rows(step_parts):
     assert all(torch.equal(a, b) for a, b in zip(adv, same, strict=True))
 
 
+def test_regression_on_all_rows_reaches_refinement_rows(step_parts):
+    """regression_rows "all" [ours]: refinement rows are pulled toward the teacher's x0 of their x_T too. With
+    every row refining, the term appears and moves the gradient; with none refining, "all" equals "one_step" bit
+    for bit (the same rows)."""
+    step, student, pool, x_T, x0, cond = step_parts
+    active = pool.sample_active()
+    step.cfg.regression_weight = 3.0
+    adv, _ = _student_grads(step, student, pool, x_T, x0, cond, active, refine_p=1.0)  # one_step: no term
+    step.cfg.regression_rows = "all"
+    pulled, logs = _student_grads(step, student, pool, x_T, x0, cond, active, refine_p=1.0)
+    assert logs["regression"] > 0 and not all(torch.equal(a, b) for a, b in zip(adv, pulled, strict=True))
+    every, _ = _student_grads(step, student, pool, x_T, x0, cond, active)
+    step.cfg.regression_rows = "one_step"
+    one, _ = _student_grads(step, student, pool, x_T, x0, cond, active)
+    assert all(torch.equal(a, b) for a, b in zip(every, one, strict=True))
+
+
 def test_logits_of_several_feature_sets_in_one_call_equal_one_call_per_set():
     torch.manual_seed(0)
     pool = _pool(heads_per_slot=2)

@@ -50,9 +50,12 @@ class AdversarialConfig:
     # backbone features f (the heads' inputs), added to L_D; 0 = off (the paper has no penalty)
     r1_weight: float = ranged(0.0, ge=0)
     # Regression [ours, after DMD's regression loss]: lambda * mean squared error between the student's one-step
-    # x0 and the teacher's x0 from the SAME x_T, added to L_G (one-step rows only; refinement rows have no paired
-    # target). Needs teacher pairs as the real samples. 0 = off: the paper's loss is adversarial only.
+    # x0 and the teacher's x0 from the SAME x_T, added to L_G (the rows regression_rows names). Needs teacher pairs
+    # as the real samples. 0 = off: the paper's loss is adversarial only.
     regression_weight: float = ranged(0.0, ge=0)
+    # which rows get it: one_step (the pair's x0 is the one-step map's target), or all [ours]: a refinement row is
+    # also pulled toward the teacher's sample from its x_T (the answer the refinement should converge to)
+    regression_rows: Literal["one_step", "all"] = "one_step"
 
 
 @dataclass

@@ -113,11 +113,11 @@ class AdversarialStep:
                             for r, f in zip(real, fake, strict=True) for j in range(f.shape[1])]).mean()
 
     def _regression(self, x0_fake: torch.Tensor, x0_real: torch.Tensor, t_in: torch.Tensor | None):
-        """The regression term [ours] on the one-step rows (a refinement row's target is not the pair's x0),
-        or None when it is off or no row is a one-step row."""
+        """The regression term [ours] on the one-step rows (regression_rows "all": on every row), or None when
+        it is off or no row gets it."""
         if self.cfg.regression_weight <= 0:
             return None
-        if t_in is not None:
+        if t_in is not None and self.cfg.regression_rows == "one_step":
             one = t_in == self.adapter.num_train_timesteps - 1
             if not bool(one.any()):
                 return None
