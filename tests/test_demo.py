@@ -31,6 +31,7 @@ def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
     assert report["train"]["iterations"] == 30 and report["train"]["images"] == 960
     assert report["config"]["micro_batch"] == 32 and not report["config"]["pool"]["dynamic"]
     assert report["config"]["adversarial"]["regression_weight"] == 10
+    assert report["config"]["adversarial"]["regression_rows"] == "all"
     assert report["config"]["pairs"]["start_shards"] == 2 and report["config"]["pairs"]["shard_size"] == 160
     timing = report["timing"]
     assert all(timing[k] > 0 for k in ("teacher_pairs_seconds", "train_seconds", "eval_seconds", "total_seconds"))
@@ -47,8 +48,9 @@ def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
     curve = [json.loads(x)["eval"]["fid"] for x in (out / "run" / "log.jsonl").read_text().splitlines()
              if "eval" in x]
     assert len(curve) == 4 and curve[-1] < 0.85 * curve[0]
-    assert "classifier-FID" in (out / "report.md").read_text()
-    assert "+ 10 x mean squared error to the teacher's sample" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "classifier-FID" in markdown
+    assert "+ 10 x mean squared error to the teacher's sample from the same x_T (every step)" in markdown
     printed = capsys.readouterr().out
     assert "student 1 step(s): classifier-FID" in printed
     assert "expected about" in printed and "s left (training, evaluation)" in printed

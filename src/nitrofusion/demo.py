@@ -235,7 +235,8 @@ def _loss_line(cfg: dict) -> str:
     pool, adv = cfg.get("pool", {}), cfg.get("adversarial", {})
     heads = "a dynamic pool of heads" if pool.get("dynamic", True) else "a static discriminator (one head per slot)"
     weight = adv.get("regression_weight", 0)
-    extra = f" + {weight:g} x mean squared error to the teacher's sample from the same x_T" if weight else ""
+    rows = "every step" if adv.get("regression_rows") == "all" else "the first step"
+    extra = f" + {weight:g} x mean squared error to the teacher's sample from the same x_T ({rows})" if weight else ""
     return f"Student loss: the {adv.get('loss', 'hinge')} adversarial loss against {heads}{extra}."
 
 
