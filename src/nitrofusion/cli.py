@@ -41,7 +41,8 @@ def _add_config_args(p: argparse.ArgumentParser, default_preset: str, example: s
 
 def _fast_args(p) -> None:
     p.add_argument("--fast", action="store_true", help="SDXL: fused QKV, channels_last and torch.compile of UNet and "
-                   "VAE decoder (first images pay the compile time; falls back to eager where compile cannot run)")
+                   "VAE decoder, on a GPU also CUDA graphs and a bf16 decoder (first images at each size pay the "
+                   "compile time; falls back to eager where compile cannot run)")
     p.add_argument("--vae", help="SDXL: decode with this AutoencoderTiny (e.g. TAESDXL) or AutoencoderKL folder")
     p.add_argument("--vae-dtype", help="SDXL/SD: the VAE decoder's precision, fp32, bf16 or fp16 (default: fp32 where "
                    "SDXL's VAE would overflow in fp16, bf16 instead with --fast on a GPU that has it; else --dtype)")
