@@ -29,21 +29,11 @@ class CountCalls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * sorted(times)[len(times) // 2]
-
-
 def module_walks(repeats: int) -> dict:
     from accelerate import init_empty_weights
     from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils.torch_utils import get_module_execution_device
 
+    from nitrofusion.worlds.sdxl.inference_bench import module_walks_ms
     from nitrofusion.worlds.sdxl.testing import build_sdxl_components
 
     with init_empty_weights():
@@ -51,10 +41,7 @@ def module_walks(repeats: int) -> dict:
     (te1, te2), (tok1, tok2) = parts["text_encoders"], parts["tokenizers"]
     pipe = StableDiffusionXLPipeline(vae=parts["vae"], text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
                                      tokenizer_2=tok2, unet=parts["unet"], scheduler=parts["scheduler"])
-    probes = {"_execution_device": lambda: pipe._execution_device, "unet.device": lambda: pipe.unet.device,
-              "unet.dtype": lambda: pipe.unet.dtype,
-              "vae execution device": lambda: get_module_execution_device(pipe.vae)}
-    return {name: round(_ms(probe, repeats), 2) for name, probe in probes.items()}
+    return module_walks_ms(pipe, repeats)
 
 
 @torch.no_grad()

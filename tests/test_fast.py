@@ -125,7 +125,8 @@ def test_inference_bench_compares_stock_and_fast_in_one_run():
     diffs = {(r["path"], r["px"]): r["max_pixel_diff_vs_stock"] for r in result["rows"]}
     assert diffs[("runtime", 64)] == diffs[("runtime", 32)] == 0
     assert max(d for (p, _), d in diffs.items() if "tiny" not in p) <= 1
-    assert set(result["stock_module_walks_ms"]) == {"_execution_device", "unet.dtype", "vae execution device"}
+    assert set(result["stock_module_walks_ms"]) == {"_execution_device", "unet.device", "unet.dtype",
+                                                    "vae execution device"}
     assert result["fast"]["compiled"] == "regional" and "% of stock eager" in format_inference(result)
 
 

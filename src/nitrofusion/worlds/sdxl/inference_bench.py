@@ -96,13 +96,13 @@ def run_inference_bench(size: str = "full", device: str | None = None, dtype: to
     dtype = dtype or (torch.float16 if device_.type == "cuda" else torch.float32)
     progress(f"building random-weight SDXL ({size}, {str(dtype).removeprefix('torch.')}) on {device_} ...")
     eager = _pipeline(size, device_, dtype, shift)
-    walks = _module_walks_ms(eager)
+    walks = module_walks_ms(eager)
     progress(f"stock pipeline, per call: {walks}")
     plain, fast = copy.deepcopy(eager), copy.deepcopy(eager)
     applied = make_fast(fast, backend=backend, cuda_graphs=False, log=progress)
     tiny = _with_tiny_vae(fast, size, backend)
     paths = {"stock eager": Path(eager, None), "runtime": Path(plain, SDXLRuntime(plain, log=progress)),
-             "fast": Path(fast, SDXLRuntime(fast, log=progress)),
+             "fast": Path(fast, fast.nitrofusion_runtime),  # make_fast's own, without graphs
              "fast + CUDA graphs": Path(fast, SDXLRuntime(fast, cuda_graphs=True, log=progress)),
              "fast + CUDA graphs + tiny VAE": Path(tiny, SDXLRuntime(tiny, cuda_graphs=True, log=progress))}
     # a fixed shape per compile, as a user at one resolution gets (not the dynamic-shape graph dynamo makes
@@ -130,19 +130,16 @@ def _with_tiny_vae(fast, size: str, backend: str):
     return tiny
 
 
-def _module_walks_ms(pipe, repeats: int = 5) -> dict:
-    """What the stock call spends finding its device and dtypes (each walks the modules; several per image)."""
+def module_walks_ms(pipe, repeats: int = 5) -> dict:
+    """What the stock call spends finding its device and dtypes, median ms each (each walks the modules; several
+    are paid per image)."""
     from diffusers.utils.torch_utils import get_module_execution_device
 
-    probes = {"_execution_device": lambda: pipe._execution_device, "unet.dtype": lambda: pipe.unet.dtype,
+    probes = {"_execution_device": lambda: pipe._execution_device, "unet.device": lambda: pipe.unet.device,
+              "unet.dtype": lambda: pipe.unet.dtype,
               "vae execution device": lambda: get_module_execution_device(pipe.vae)}
-    out = {}
-    for name, probe in probes.items():
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            probe()
-        out[name] = round(1000 * (time.perf_counter() - t0) / repeats, 3)
-    return out
+    return {name: round(1000 * _median_seconds(probe, torch.device("cpu"), repeats), 3)
+            for name, probe in probes.items()}
 
 
 def _measure_all(size: str, paths: dict[str, Path], device_: torch.device, dtype: torch.dtype, iters: int,
@@ -179,7 +176,7 @@ def _networks(path: Path, px: int, device: torch.device, dtype: torch.dtype) -> 
     x, t = x.to(device, dtype), torch.tensor(249, device=device)
     if runtime is not None:
         embeds, pooled = runtime.prompt_embeddings([PROMPT])
-        time_ids, z = runtime._time_ids(px, px, 1), (x / runtime.scaling_factor).to(runtime.vae_dtype)
+        time_ids, z = runtime.time_ids(px, px, 1), (x / runtime.scaling_factor).to(runtime.vae_dtype)
         return lambda: runtime.unet(x, t, embeds, pooled, time_ids), lambda: runtime.decode(z)
     embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, device=device, do_classifier_free_guidance=False)
     time_ids = torch.tensor([[px, px, 0, 0, px, px]], device=device, dtype=dtype)

@@ -78,11 +78,13 @@ class SDXLRuntime:
         self.projection_dim = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else None
         self.vae_dtype = next(pipe.vae.decoder.parameters()).dtype
         config = pipe.vae.config
-        self.latents_mean = getattr(config, "latents_mean", None)
-        self.latents_std = getattr(config, "latents_std", None)
+        # a VAE with latent statistics (not SDXL's): the pipeline's float32 tensors, made once here
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        self.latents_stats = None if mean is None or std is None else tuple(
+            torch.tensor(v).view(1, len(v), 1, 1).to(self.device) for v in (mean, std))
         self.scaling_factor = config.scaling_factor
         self.prompt_cache, self.cached = prompt_cache, OrderedDict()
-        self.time_ids: dict[tuple[int, int], torch.Tensor] = {}
+        self.time_ids_by_size: dict[tuple[int, int], torch.Tensor] = {}
         self.graphed = capture is not None or (cuda_graphs and self.device.type == "cuda")
         encode, unet, decode = self._encode_ids, self._unet, self._decode
         if self.graphed:
@@ -130,12 +132,13 @@ class SDXLRuntime:
             self.cached.popitem(last=False)
         return entry
 
-    def _time_ids(self, height: int, width: int, batch: int) -> torch.Tensor:
-        if (height, width) not in self.time_ids:  # (original size, crop corner, target size) as the pipeline sets
+    def time_ids(self, height: int, width: int, batch: int) -> torch.Tensor:
+        """SDXL's size conditioning: (original size, crop corner, target size) as the pipeline sets it."""
+        if (height, width) not in self.time_ids_by_size:
             ids = self.pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=self.embed_dtype,
                                               text_encoder_projection_dim=self.projection_dim)
-            self.time_ids[height, width] = ids.to(self.device)
-        return self.time_ids[height, width].repeat(batch, 1)
+            self.time_ids_by_size[height, width] = ids.to(self.device)
+        return self.time_ids_by_size[height, width].repeat(batch, 1)
 
     @torch.no_grad()
     def latents(self, prompts: list[str], steps: int, generators: list[torch.Generator], height: int,
@@ -143,7 +146,7 @@ class SDXLRuntime:
         """x0 latents after `steps` steps; image i draws its x_T and re-noising noise from generators[i]."""
         embeds, pooled = self.prompt_embeddings(prompts)
         batch = len(prompts)
-        time_ids = self._time_ids(height, width, batch)
+        time_ids = self.time_ids(height, width, batch)
         scheduler = self.pipe.scheduler
         scheduler.set_timesteps(steps, device=self.device)
         if hasattr(scheduler, "set_begin_index"):
@@ -159,10 +162,8 @@ class SDXLRuntime:
     def pixels(self, latents: torch.Tensor) -> torch.Tensor:
         """uint8 images (batch, height, width, 3) on the host, rounded as the pipeline's PIL conversion rounds."""
         latents = latents.to(self.vae_dtype)  # before scaling, as the pipeline does for a VAE it upcasts
-        if self.latents_mean is not None and self.latents_std is not None:
-            shape = (1, len(self.latents_mean), 1, 1)
-            mean = torch.tensor(self.latents_mean).view(shape).to(latents.device, latents.dtype)
-            std = torch.tensor(self.latents_std).view(shape).to(latents.device, latents.dtype)
+        if self.latents_stats is not None:
+            mean, std = (v.to(latents.dtype) for v in self.latents_stats)
             latents = latents * std / self.scaling_factor + mean
         else:
             latents = latents / self.scaling_factor
