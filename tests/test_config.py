@@ -31,6 +31,9 @@ def test_overrides_are_typed_and_nested():
     (["adversarial.regression_weight=1", "real.source=data"], "regression_weight needs teacher pairs"),
     (["adversarial.regression_weight=-1"], "regression_weight must be >= 0"),
     (["adversarial.regression_rows=some"], "regression_rows"),
+    (["adversarial.regression_weight=1", "adversarial.regression_refine_until=100"],
+     "needs adversarial.regression_rows=all"),
+    (["adversarial.regression_refine_until=-1"], "regression_refine_until must be >= 0"),
 ])
 def test_bad_config_is_one_clear_error(overrides, needle):
     with pytest.raises(ConfigError) as e:

@@ -262,6 +262,19 @@ def test_regression_on_all_rows_reaches_refinement_rows(step_parts):
     assert all(torch.equal(a, b) for a, b in zip(every, one, strict=True))
 
 
+def test_refinement_regression_switched_off_is_the_one_step_rows_only(step_parts):
+    """Past regression_refine_until the loop calls the step with refine_regression=False: "all" then gives no
+    refinement row the term, exactly as "one_step" does."""
+    step, student, pool, x_T, x0, cond = step_parts
+    active = pool.sample_active()
+    step.cfg.regression_weight = 3.0
+    one, _ = _student_grads(step, student, pool, x_T, x0, cond, active, refine_p=1.0)
+    step.cfg.regression_rows = "all"
+    off, logs = _student_grads(step, student, pool, x_T, x0, cond, active, refine_p=1.0, refine_regression=False)
+    assert "regression" not in logs
+    assert all(torch.equal(a, b) for a, b in zip(one, off, strict=True))
+
+
 def test_logits_of_several_feature_sets_in_one_call_equal_one_call_per_set():
     torch.manual_seed(0)
     pool = _pool(heads_per_slot=2)

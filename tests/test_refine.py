@@ -114,6 +114,28 @@ def test_stage_start_and_p(mini_adapter, tiny_cfg, tmp_path):
     assert all(0 <= e["refine_share"] <= 1 for e in log)
 
 
+def test_refinement_regression_stops_at_its_image_count(mini_adapter, tiny_cfg, tmp_path, monkeypatch):
+    """regression_refine_until=8: the first optimiser step (images 0-7) gives refinement rows the regression,
+    the later ones do not; the switch follows the images done, as the learning rate does."""
+    from nitrofusion.data.pairs import verify_and_repair
+    from nitrofusion.training import loop
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["refine_regression"])
+        return optimizer_step(*args, **kwargs)
+
+    optimizer_step = loop.optimizer_step
+    monkeypatch.setattr(loop, "optimizer_step", spy)
+    pairs = verify_and_repair(mini_adapter, ["a photo of a bag", "a photo of a coat"], 16, 0, tmp_path / "pairs",
+                              shard_size=8, batch_size=8, progress=False)
+    cfg = tiny_cfg("multistep.p=0.5", "adversarial.regression_weight=1", "adversarial.regression_rows=all",
+                   "adversarial.regression_refine_until=8", "max_images=24")
+    distill(cfg, mini_adapter, pairs, tmp_path / "run", progress=False)
+    assert calls == [True, False, False]
+
+
 def test_shifted_renoising_diagnostic_is_consistent_in_noise_level(mini_adapter):
     """renoise='shifted' re-noises to the next SHIFTED timestep (2 steps at s=500: 499 then 249)."""
     from nitrofusion.method.diffusion import add_noise, x0_from_output

@@ -190,6 +190,10 @@ class DistillConfig:
         if self.adversarial.regression_weight and self.real.source != "teacher":
             raise ConfigError(f"adversarial.regression_weight needs teacher pairs (a real image has no paired x_T); "
                               f"set it to 0 with real.source={self.real.source}, or use real.source=teacher")
+        adv = self.adversarial
+        if adv.regression_refine_until and not (adv.regression_weight and adv.regression_rows == "all"):
+            raise ConfigError("adversarial.regression_refine_until limits the refinement rows' regression: it needs "
+                              "adversarial.regression_rows=all and a regression_weight above 0, or set it to 0")
         if self.world != "mini" and self.eval_every_images:
             raise ConfigError("eval_every_images applies to world 'mini' (its metric classifier); evaluate an SDXL "
                               "run's checkpoints with `nitrofusion evaluate`")

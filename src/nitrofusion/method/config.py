@@ -56,6 +56,10 @@ class AdversarialConfig:
     # which rows get it: one_step (the pair's x0 is the one-step map's target), or all [ours]: a refinement row is
     # also pulled toward the teacher's sample from its x_T (the answer the refinement should converge to)
     regression_rows: Literal["one_step", "all"] = "one_step"
+    # with regression_rows all [ours]: the refinement rows get the term for the first this many training images
+    # only, the one-step rows for the whole run (0: every row for the whole run). The pull toward one teacher
+    # sample trains refinements early and averages them late (README, "A regression term on the pairs")
+    regression_refine_until: int = ranged(0, ge=0)
 
 
 @dataclass

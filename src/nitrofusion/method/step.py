@@ -112,12 +112,13 @@ class AdversarialStep:
         return torch.stack([d_loss(r[:, j], f[:, j], self.cfg.loss)
                             for r, f in zip(real, fake, strict=True) for j in range(f.shape[1])]).mean()
 
-    def _regression(self, x0_fake: torch.Tensor, x0_real: torch.Tensor, t_in: torch.Tensor | None):
-        """The regression term [ours] on the one-step rows (regression_rows "all": on every row), or None when
-        it is off or no row gets it."""
+    def _regression(self, x0_fake: torch.Tensor, x0_real: torch.Tensor, t_in: torch.Tensor | None,
+                    refine_regression: bool):
+        """The regression term [ours] on the one-step rows (regression_rows "all" while `refine_regression`:
+        on every row), or None when it is off or no row gets it."""
         if self.cfg.regression_weight <= 0:
             return None
-        if t_in is not None and self.cfg.regression_rows == "one_step":
+        if t_in is not None and not (self.cfg.regression_rows == "all" and refine_regression):
             one = t_in == self.adapter.num_train_timesteps - 1
             if not bool(one.any()):
                 return None
@@ -138,9 +139,10 @@ class AdversarialStep:
 
     def __call__(self, x_T: torch.Tensor, x0_real: torch.Tensor, cond: Cond, active: torch.Tensor,
                  gen: torch.Generator, loss_scale: float = 1.0, train_g: bool = True,
-                 train_d: bool = True, refine_p: float = 0.0) -> dict[str, float]:
+                 train_d: bool = True, refine_p: float = 0.0, refine_regression: bool = True) -> dict[str, float]:
         """Forward both players on one micro-batch and backpropagate `loss_scale` x each loss.
-        `refine_p`: probability that a sample trains a refinement step (method/refine.py).
+        `refine_p`: probability that a sample trains a refinement step (method/refine.py); `refine_regression`:
+        whether regression_rows "all" gives those rows the regression term now (regression_refine_until).
         Sets `self.nonfinite` to the (task, t*) pairs whose logits were not finite."""
         if refine_p > 0 and self.multistep.mode == "extra":  # the refining pairs again, as extra rows
             rows = (torch.rand(x_T.shape[0], generator=gen) < refine_p).nonzero(as_tuple=True)[0].to(x_T.device)
@@ -164,7 +166,7 @@ class AdversarialStep:
         # freeing its backbone graph; the student's graph is then walked once with the summed gradient.
         per_task = train_g and self._separable()
         fake_in = x0_fake.detach().requires_grad_() if per_task else (x0_fake if train_g else x0_fake.detach())
-        reg = self._regression(fake_in, x0_real, t_in) if train_g else None
+        reg = self._regression(fake_in, x0_real, t_in, refine_regression) if train_g else None
         if reg is not None and per_task:  # into fake_in.grad, walked through the student with the tasks' share
             with section("regression backward"):
                 (reg * self.cfg.regression_weight * loss_scale).backward()

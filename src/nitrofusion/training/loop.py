@@ -183,8 +183,9 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
         t0 = time.time()
         set_learning_rates([(opt_g, cfg.student_optim), (opt_d, cfg.heads_optim)], state.images, cfg.max_images)
         refine_p = cfg.multistep.p if state.images >= cfg.multistep.start_images else 0.0
+        until = cfg.adversarial.regression_refine_until  # a function of the images done: a resume stays exact
         out = optimizer_step(acc, step_fn, student, pool, opt_g, opt_d, next_batch, gen, cfg.grad_accum, refine_p,
-                             cfg.max_grad_norm, ema)
+                             cfg.max_grad_norm, ema, refine_regression=not until or state.images < until)
         bad_streak = 0 if out.finite else bad_streak + 1
         state.step += 1
         state.images += images_per_step

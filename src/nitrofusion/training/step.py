@@ -31,7 +31,7 @@ class StepOutcome:
 def optimizer_step(acc: Accelerator, step_fn: AdversarialStep, student: torch.nn.Module, pool: HeadPool,
                    opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, next_batch: Callable[[], Batch],
                    gen: torch.Generator, grad_accum: int, refine_p: float = 0.0, max_grad_norm: float = 0.0,
-                   ema: EMA | None = None) -> StepOutcome:
+                   ema: EMA | None = None, refine_regression: bool = True) -> StepOutcome:
     active = pool.sample_active()  # fixed for all micro-batches of this optimiser step
     logs: dict[str, float] = {}
     nonfinite: set[tuple[str, int]] = set()
@@ -41,7 +41,8 @@ def optimizer_step(acc: Accelerator, step_fn: AdversarialStep, student: torch.nn
         sync = micro == grad_accum - 1  # DDP all-reduces the student's gradients on the last micro-batch only
         ctx = acc.no_sync(student) if not sync else _nullcontext()
         with ctx, acc.autocast():
-            out = step_fn(x_T, x0, cond, active, gen, loss_scale=1.0 / grad_accum, refine_p=refine_p)
+            out = step_fn(x_T, x0, cond, active, gen, loss_scale=1.0 / grad_accum, refine_p=refine_p,
+                          refine_regression=refine_regression)
         for k, v in out.items():
             logs[k] = logs.get(k, 0.0) + v / grad_accum
         nonfinite.update(step_fn.nonfinite)
