@@ -32,6 +32,7 @@ def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
     assert report["config"]["micro_batch"] == 32 and not report["config"]["pool"]["dynamic"]
     assert report["config"]["adversarial"]["regression_weight"] == 10
     assert report["config"]["adversarial"]["regression_rows"] == "all"
+    assert report["config"]["adversarial"]["regression_refine_until"] == 3200  # the preset's budget: every step
     assert report["config"]["pairs"]["start_shards"] == 2 and report["config"]["pairs"]["shard_size"] == 160
     timing = report["timing"]
     assert all(timing[k] > 0 for k in ("teacher_pairs_seconds", "train_seconds", "eval_seconds", "total_seconds"))
@@ -54,3 +55,14 @@ def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "student 1 step(s): classifier-FID" in printed
     assert "expected about" in printed and "s left (training, evaluation)" in printed
+
+
+@pytest.mark.parametrize("budget, rows", [
+    (3200, "(every step)"),
+    (14720, "(every step for the first 3,200 training images, then the first step)"),
+])
+def test_report_names_where_the_refinement_regression_stopped(budget, rows):
+    from nitrofusion.demo import _loss_line
+
+    adv = {"regression_weight": 10, "regression_rows": "all", "regression_refine_until": 3200}
+    assert _loss_line({"adversarial": adv, "max_images": budget}).endswith(rows + ".")

@@ -236,6 +236,9 @@ def _loss_line(cfg: dict) -> str:
     heads = "a dynamic pool of heads" if pool.get("dynamic", True) else "a static discriminator (one head per slot)"
     weight = adv.get("regression_weight", 0)
     rows = "every step" if adv.get("regression_rows") == "all" else "the first step"
+    until, budget = adv.get("regression_refine_until", 0), cfg.get("max_images", 0)
+    if rows == "every step" and until and not (budget and budget <= until):  # the switch fell inside this run
+        rows = f"every step for the first {until:,} training images, then the first step"
     extra = f" + {weight:g} x mean squared error to the teacher's sample from the same x_T ({rows})" if weight else ""
     return f"Student loss: the {adv.get('loss', 'hinge')} adversarial loss against {heads}{extra}."
 
