@@ -120,13 +120,12 @@ def test_refinement_regression_stops_at_its_image_count(mini_adapter, tiny_cfg, 
     from nitrofusion.data.pairs import verify_and_repair
     from nitrofusion.training import loop
 
-    calls = []
+    calls, real_step = [], loop.optimizer_step
 
     def spy(*args, **kwargs):
         calls.append(kwargs["refine_regression"])
-        return optimizer_step(*args, **kwargs)
+        return real_step(*args, **kwargs)
 
-    optimizer_step = loop.optimizer_step
     monkeypatch.setattr(loop, "optimizer_step", spy)
     pairs = verify_and_repair(mini_adapter, ["a photo of a bag", "a photo of a coat"], 16, 0, tmp_path / "pairs",
                               shard_size=8, batch_size=8, progress=False)

@@ -74,6 +74,13 @@ def use_vae(pipe, folder: str | Path) -> None:
     pipe.vae = load_vae(folder, pipe.unet.dtype).to(pipe.unet.device)
 
 
+def fast_decoder(vae, compiled: bool, backend: str = "inductor") -> None:
+    """A decoder as make_fast leaves it: channels_last, and `decode` compiled when `compiled`."""
+    vae.to(memory_format=torch.channels_last)
+    if compiled:
+        vae.decode = torch.compile(vae.decode, backend=backend)
+
+
 def make_fast(pipe, compile: bool = True, cuda_graphs: bool = True, backend: str = "inductor",
               regional: bool = True, vae_dtype: torch.dtype | None = None,
               log: Callable[[str], None] = print) -> dict:
@@ -94,9 +101,9 @@ def make_fast(pipe, compile: bool = True, cuda_graphs: bool = True, backend: str
         set_vae_dtype(pipe, vae_dtype)
     applied["vae_dtype"] = short_name(pipe.vae.dtype)
     pipe.unet.to(memory_format=torch.channels_last)
-    pipe.vae.to(memory_format=torch.channels_last)
+    problem = compile_problem(device, dtype, backend) if compile else None
+    fast_decoder(pipe.vae, compiled=compile and problem is None, backend=backend)
     if compile:
-        problem = compile_problem(device, dtype, backend)
         if problem is not None:
             log(f"fast: torch.compile cannot run on {device} in {str(dtype).removeprefix('torch.')} ({problem}); "
                 "running eager with fused QKV and channels_last")
@@ -111,7 +118,6 @@ def make_fast(pipe, compile: bool = True, cuda_graphs: bool = True, backend: str
                 pipe.unet.compile_repeated_blocks(backend=backend)
             else:
                 pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend=backend)
-            pipe.vae.decode = torch.compile(pipe.vae.decode, backend=backend)
             applied["compiled"] = "regional" if regional else "whole"
     if is_sdxl_pipeline(pipe):
         # the graphs record the compiled kernels: one launch per network instead of thousands

@@ -28,7 +28,7 @@ import torch
 
 from ...sampling.student import shifted_scheduler
 from .bench import _sync
-from .fast import compile_problem, make_fast
+from .fast import compile_problem, fast_decoder, make_fast
 from .runtime import SDXLRuntime, needs_upcast
 from .testing import build_sdxl_components
 
@@ -122,9 +122,8 @@ def _with_tiny_vae(fast, size: str, backend: str):
     tiny VAE, compiled as make_fast compiles a decoder."""
     from diffusers import StableDiffusionXLPipeline
 
-    vae = random_tiny_vae(size).to(fast.unet.device, fast.unet.dtype).to(memory_format=torch.channels_last)
-    if compile_problem(fast.unet.device, fast.unet.dtype, backend) is None:
-        vae.decode = torch.compile(vae.decode, backend=backend)
+    vae = random_tiny_vae(size).to(fast.unet.device, fast.unet.dtype)
+    fast_decoder(vae, compiled=compile_problem(fast.unet.device, fast.unet.dtype, backend) is None, backend=backend)
     tiny = StableDiffusionXLPipeline(**{**fast.components, "vae": vae})
     tiny.set_progress_bar_config(disable=True)
     return tiny
