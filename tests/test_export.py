@@ -345,14 +345,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(run, tiny_sdxl, tmp_pat
 
 @pytest.mark.slow
 def test_sdxl_generate_prints_only_its_result(run, tmp_path):
-    """A fresh process (warnings are printed once per process): no library chatter before the result line."""
+    """A fresh process (warnings are printed once per process), offline (bitsandbytes' hub kernel load then warns
+    through `kernels`): no library chatter before the result line."""
     import os
     import subprocess
     import sys
 
     argv = [sys.executable, "-m", "nitrofusion", "generate", "--model", str(run), "--prompt", PROMPTS[0],
             "--out", str(tmp_path / "out")]
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
                           timeout=300)
     assert done.returncode == 0, done.stderr
     noise = [ln for ln in done.stderr.splitlines() if "torchvision" in ln or "kernels" in ln]

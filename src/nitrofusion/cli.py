@@ -19,6 +19,7 @@ from .commands.generate import cmd_generate
 from .commands.pairs import cmd_pairs
 from .commands.presets import cmd_presets
 from .errors import NitroFusionError, describe
+from .quiet import quiet_dependencies
 
 DEMO_HELP = ("distil the shipped mini-world teacher into a 1-4 step student and write a report (about 5 min "
              "on 2 cores)")
@@ -224,13 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import logging
-
-    # diffusers imports bitsandbytes when it is installed, which warns about 4-bit CPU kernels we never use
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # transformers warns once per image-processor class that torchvision is missing and it uses the PIL one;
-    # SDXL pipelines name such classes but we never run them: two stray lines before every result
-    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+    quiet_dependencies()  # before any dependency is imported (quiet.py)
     args = build_parser().parse_args(argv)
     threads.set_default_environment()  # before torch loads: OpenMP reads it once (threads.py has the rule)
     debug = args.debug or os.environ.get("NITROFUSION_DEBUG", "") not in ("", "0")

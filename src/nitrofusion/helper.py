@@ -18,12 +18,14 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 
 from . import threads
+from .quiet import quiet_dependencies
 
 
 def _init_worker(num_threads: int) -> None:
     import os
 
     os.environ["OMP_NUM_THREADS"] = str(num_threads)
+    quiet_dependencies()  # a spawned interpreter starts with the dependencies' loggers loud
     threads.apply(num_threads)
 
 
