@@ -353,8 +353,8 @@ def test_sdxl_generate_prints_only_its_result(run, tmp_path):
 
     argv = [sys.executable, "-m", "nitrofusion", "generate", "--model", str(run), "--prompt", PROMPTS[0],
             "--out", str(tmp_path / "out")]
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
-                          timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     noise = [ln for ln in done.stderr.splitlines() if "torchvision" in ln or "kernels" in ln]
     assert not noise and done.stdout.strip().splitlines() == [f"wrote 1 image and a grid to {tmp_path / 'out'}"]

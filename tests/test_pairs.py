@@ -87,3 +87,88 @@ def test_start_shards_is_checked_against_the_pair_set(tiny_cfg):
     with pytest.raises(ConfigError, match="applies to a cache of teacher pairs"):
         tiny_cfg("pairs.online=true", "pairs.start_shards=1")
     assert tiny_cfg("pairs.count=40", "pairs.shard_size=10", "pairs.start_shards=2").pairs.start_shards == 2
+
+
+def test_pairs_are_stored_in_their_dtype_and_read_back_as_float32(mini_adapter, tmp_path):
+    """docs/architecture.md, precision: the teacher samples under autocast, its sample leaves it as float32 and is
+    rounded to the storage dtype once, at the write; x_T is the float32 draw rounded before the teacher sees it;
+    readers return float32. bf16 autocast with float16 storage is the combination that used to fail."""
+    import torch
+    from safetensors import safe_open
+
+    from nitrofusion.data.pairs import generate_pairs, load_pairs, pair_inputs
+    from nitrofusion.worlds.mini.data import class_prompts
+
+    prompts = class_prompts()
+    for storage in (torch.float16, torch.bfloat16, torch.float32):
+        out = tmp_path / str(storage)
+        generate_pairs(mini_adapter, prompts, 8, 0, out, shard_size=4, batch_size=4, progress=False, dtype=storage,
+                       amp=torch.bfloat16)
+        with safe_open(str(out / "shard-00000.safetensors"), framework="pt") as f:
+            assert f.get_tensor("x0").dtype == f.get_tensor("x_T").dtype == storage
+        pairs = load_pairs(out)
+        assert pairs.x_T.dtype == pairs.x0.dtype == torch.float32
+        inputs = pair_inputs(mini_adapter, prompts, 8, 0, 4, storage)
+        assert torch.equal(pairs.x_T, inputs.x_T.float())
+        assert torch.isfinite(pairs.x0).all()
+
+
+def test_precision_is_part_of_the_pair_set(mini_adapter):
+    """Another storage dtype or autocast dtype gives other numbers, so another cache folder; the float32 /
+    no-autocast key is the one caches had before precision was keyed."""
+    import torch
+
+    from nitrofusion.data.pairs import cache_key
+    from nitrofusion.worlds.mini.data import class_prompts
+
+    prompts = class_prompts()
+    keys = {cache_key(mini_adapter, prompts, 40, 0, 20, storage, amp)
+            for storage in (torch.float32, torch.float16, torch.bfloat16) for amp in (None, torch.bfloat16)}
+    assert len(keys) == 6
+    assert cache_key(mini_adapter, prompts, 40, 0, 20) == cache_key(mini_adapter, prompts, 40, 0, 20, torch.float32)
+
+
+def test_a_smoke_budget_makes_the_first_shards_of_the_full_set(mini_adapter, tmp_path, tiny_cfg):
+    """max_images below pairs.count: only the whole shards the run reads are made, in the full set's cache; a
+    longer run later keeps them and adds the rest, and the cache is bit for bit the one made in one go."""
+    import hashlib
+
+    import torch
+
+    from nitrofusion.data.pair_cache import teacher_pairs, used_pairs
+    from nitrofusion.distill_config import PairsConfig
+    from nitrofusion.worlds.mini.data import class_prompts
+
+    cfg = tiny_cfg("pairs.count=40", "pairs.shard_size=8", "micro_batch=2", "grad_accum=2", "max_images=12")
+    assert used_pairs(cfg) == 16  # 12 images in whole optimiser steps of 4: 12 rows, 2 shards of 8
+    assert used_pairs(cfg, processes=2) == 16  # 2 steps of 8
+    assert used_pairs(tiny_cfg("pairs.count=40", "pairs.shard_size=8", "max_images=400")) == 40
+    assert used_pairs(tiny_cfg("pairs.count=40", "pairs.shard_size=64", "micro_batch=2", "grad_accum=2",
+                               "max_images=4")) == 40  # one shard holds them all
+    p = PairsConfig(count=40, shard_size=8, batch_size=8)
+    prompts = class_prompts()
+    smoke = teacher_pairs(mini_adapter, prompts, p, 40, 0, tmp_path / "grown", rows=16, progress=False)
+    assert len(smoke) == 16 and sorted(f.name for f in (tmp_path / "grown").glob("shard-*")) == [
+        "shard-00000.safetensors", "shard-00001.safetensors"]
+    first = hashlib.sha256((tmp_path / "grown" / "shard-00000.safetensors").read_bytes()).hexdigest()
+    grown = teacher_pairs(mini_adapter, prompts, p, 40, 0, tmp_path / "grown", progress=False)
+    whole = teacher_pairs(mini_adapter, prompts, p, 40, 0, tmp_path / "whole", progress=False)
+    assert hashlib.sha256((tmp_path / "grown" / "shard-00000.safetensors").read_bytes()).hexdigest() == first
+    assert torch.equal(grown.x_T, whole.x_T) and torch.equal(grown.x0, whole.x0) and grown.prompts == whole.prompts
+    assert torch.equal(smoke.x0, whole.x0[:16])
+
+
+def test_mixed_precision_is_refused_where_it_cannot_train(tiny_cfg, monkeypatch):
+    import torch
+
+    from nitrofusion.dtypes import check_mixed_precision
+    from nitrofusion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"mixed_precision fp16 cannot train: .* use mixed_precision=bf16"):
+        tiny_cfg("mixed_precision=fp16")
+    check_mixed_precision("bf16", torch.device("cpu"))  # every CPU autocasts to bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    with pytest.raises(ConfigError, match=r"bf16 needs a GPU with bfloat16 .* Tesla V100 has none: set mixed_prec"):
+        check_mixed_precision("bf16", torch.device("cuda", 0))
+    check_mixed_precision("no", torch.device("cuda", 0))

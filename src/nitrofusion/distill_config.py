@@ -116,6 +116,8 @@ class DistillConfig:
     max_images: int = ranged(0, ge=0)  # training budget in images (edm2-style); 0 = unlimited
     max_minutes: float = ranged(0.0, ge=0)  # wall-clock budget across resumes; 0 = unlimited
     ema_decay: float = ranged(0.0, ge=0, lt=1)  # EMA of the student; 0 disables
+    # frozen networks' dtype and the autocast dtype of their forward passes (docs/architecture.md, precision);
+    # fp16 is refused by validate(): our backward passes are not loss-scaled
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
     max_grad_norm: float = ranged(0.0, ge=0)  # 0 = no clipping
@@ -162,6 +164,10 @@ class DistillConfig:
         return {"sdxl": self.sdxl, "sd": self.sd, "sd3": self.sd3}.get(self.world)
 
     def validate(self) -> None:
+        if self.mixed_precision == "fp16":
+            raise ConfigError("mixed_precision fp16 cannot train: the adversarial step's backward passes are not "
+                              "loss-scaled, so fp16 gradients would underflow; use mixed_precision=bf16 (CPUs, CUDA "
+                              "GPUs from Ampere on) or no (docs/architecture.md, precision)")
         if self.max_images <= 0 and self.max_minutes <= 0:
             raise ConfigError("set a budget: max_images > 0 or max_minutes > 0")
         if self.max_images and self.max_images < self.micro_batch * self.grad_accum:

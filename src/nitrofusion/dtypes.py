@@ -4,9 +4,11 @@ names) and a safetensors header's `F16`."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from .errors import NitroFusionError
+from .errors import ConfigError, NitroFusionError
 
 # short name -> (torch dtype, torch's name, safetensors' name)
 _TABLE = {
@@ -48,3 +50,19 @@ def torch_dtype(name: str) -> torch.dtype:
 def safetensors_dtype(name: str, default: torch.dtype = torch.float32) -> torch.dtype:
     """A dtype by a safetensors header's name (F16, BF16, F32, F64)."""
     return _BY_SAFETENSORS.get(name, default)
+
+
+def autocast(device: str | torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast to `dtype` on the device's type; no autocast for None (mixed_precision `no`). Only network
+    forward passes run under it (docs/architecture.md, precision)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def check_mixed_precision(mixed_precision: str, device: torch.device) -> None:
+    """A run's `mixed_precision` on the device it will train on, before any model loads: bf16 needs a CUDA GPU
+    with native bfloat16 (Ampere or newer; every CPU autocasts to bf16)."""
+    if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(False):
+        raise ConfigError(f"mixed_precision bf16 needs a GPU with bfloat16 (Ampere or newer); "
+                          f"{torch.cuda.get_device_name(device)} has none: set mixed_precision=no")

@@ -23,7 +23,29 @@ NOISY_LOGGERS = {
 }
 
 
+# logger name -> (start, part) of one message it logs that is noise, while its other warnings matter
+NOISY_MESSAGES = {
+    # diffusers' ModelMixin.to(dtype=...) warns on every cast that "modules should be kept in float32" even when
+    # the list it names is empty; its loading warnings (missing keys, ...) stay
+    "diffusers.models.modeling_utils": ("There are modules in", "should be kept in float32: []"),
+}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str, part: str) -> None:
+        super().__init__()
+        self.start, self.part = start, part
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(self.start) and self.part in message)
+
+
 def quiet_dependencies() -> None:
-    """Raise each noisy dependency logger to ERROR (its real errors still show)."""
+    """Raise each noisy dependency logger to ERROR (its real errors still show), and drop the noisy messages."""
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name, (start, part) in NOISY_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) for f in logger.filters):
+            logger.addFilter(_DropMessage(start, part))

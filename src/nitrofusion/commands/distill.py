@@ -15,12 +15,14 @@ def cmd_distill(args) -> None:
                                "choose a new --out")
     from ..data.pair_cache import process_state, training_data
     from ..data.real_data import training_source
+    from ..dtypes import check_mixed_precision
     from ..training import check_student, distill, ensure_writable, read_student_init
     from ..worlds import world_of_config
 
+    state = process_state()
+    check_mixed_precision(cfg.mixed_precision, state.device)
     read_student_init(cfg, header_only=True)
     ensure_writable(Path(args.out))  # before minutes of teacher sampling, not after
-    state = process_state()
     world = world_of_config(cfg)
     prompts = world.prompts(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
     adapter = world.adapter(cfg)

@@ -9,17 +9,20 @@ from .common import distill_config, model_args
 def cmd_pairs(args) -> None:
     extra = [f"pairs.dir={args.out}"] if args.out else []  # the folder `distill --set pairs.dir=...` reads
     cfg = distill_config(args, model_args(args) + extra)
-    from ..data.pair_cache import process_state, training_data
+    from ..data.pair_cache import process_state, training_data, used_pairs
     from ..data.pairs import load_pairs
+    from ..dtypes import check_mixed_precision
     from ..worlds import world_of_config
 
     if cfg.pairs.online:
         raise NitroFusionError("pairs.online is set: this preset samples the teacher during training, nothing to "
                                "pre-generate (use --set pairs.online=false)")
     state = process_state()
+    check_mixed_precision(cfg.mixed_precision, state.device)
     world = world_of_config(cfg)
     prompts = world.prompts(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
     out = training_data(cfg, world.adapter(cfg), state, load=False, prompts=prompts)
     if state.is_main_process:
-        print(f"{len(load_pairs(out, in_memory=False))} teacher pairs in {out}")
+        print(f"{len(load_pairs(out, in_memory=False, rows=used_pairs(cfg, state.num_processes)))} teacher pairs "
+              f"in {out}")
 

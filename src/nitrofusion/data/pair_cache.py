@@ -6,7 +6,6 @@ Pair generation is sharded over the accelerate processes (shard s goes to proces
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -52,42 +51,61 @@ class _OneCPUProcess:
         pass
 
 
+def used_pairs(cfg: DistillConfig, processes: int = 1) -> int:
+    """The teacher pairs a run reads: all `pairs.count`, or, when `max_images` is a shorter budget (a smoke run),
+    the first whole shards that cover it. Shard s is the same whatever the count (its own seed), so those
+    shards are the first shards of the full set, in the same cache: a longer run later adds only the rest."""
+    p = cfg.pairs
+    if not cfg.max_images or cfg.max_images >= p.count:
+        return p.count
+    per_step = cfg.micro_batch * cfg.grad_accum * processes
+    images = -(-cfg.max_images // per_step) * per_step  # the last optimiser step completes
+    shards = -(-max(images, cfg.micro_batch * processes) // p.shard_size)
+    return min(p.count, shards * p.shard_size)
+
+
 def training_data(cfg: DistillConfig, adapter: ModelAdapter, state: PartialState | None = None,
                   out: Path | None = None, load: bool = True,
                   prompts: Prompts | None = None) -> Pairs | ShardedPairs | OnlinePairs | Path:
-    """The teacher pairs of a run: online, or the cache (`teacher_pairs`)."""
+    """The teacher pairs of a run: online, or the cache (`teacher_pairs`), as many as the run reads."""
     state = state or process_state()
     if prompts is None:
         from ..worlds import world_of_config
 
         prompts = world_of_config(cfg).prompts(cfg, verbose=state.is_main_process)
     if cfg.pairs.online:
-        return OnlinePairs(adapter, prompts, cfg.pairs.seed)
+        return OnlinePairs(adapter, prompts, cfg.pairs.seed, mixed_precision_dtype(cfg.mixed_precision))
+    rows = used_pairs(cfg, state.num_processes)
+    if rows < cfg.pairs.count and state.is_main_process:
+        print(f"teacher pairs: making {rows:,} of pairs.count={cfg.pairs.count:,}, all that max_images="
+              f"{cfg.max_images:,} reads (a longer run adds the rest to the same cache)")
     return teacher_pairs(adapter, prompts, cfg.pairs, cfg.pairs.count, cfg.pairs.seed, out, state,
-                         mixed_precision_dtype(cfg.mixed_precision), load)
+                         mixed_precision_dtype(cfg.mixed_precision), load, rows=rows)
 
 
 def teacher_pairs(adapter: ModelAdapter, prompts: Prompts, p: PairsConfig, count: int, seed: int,
                   out: Path | None = None, state: PartialState | None = None, amp: torch.dtype | None = None,
-                  load: bool = True, progress: bool = True) -> Pairs | ShardedPairs | Path:
+                  load: bool = True, progress: bool = True, rows: int | None = None) -> Pairs | ShardedPairs | Path:
     """The one path to a pair cache, for every caller (a run, the held-out sets of the demo, `evaluate` and
-    `ablate`): corrupt shards dropped, what is missing generated (shard s by process s mod N, under autocast
-    `amp`), indexed, then loaded (or its folder returned when `load` is false). `out` defaults to the shared
-    cache keyed by teacher, sampler, prompts, count, seed and shard size (`p.dir` names a folder instead).
-    Without `state`: this process alone, on the CPU (the mini world's single-process callers)."""
+    `ablate`): corrupt shards dropped, what is missing generated (shard s by process s mod N, the teacher under
+    autocast `amp`), indexed, then loaded (or its folder returned when `load` is false). `rows`: only the first
+    rows of the set (whole shards, `used_pairs`). `out` defaults to the shared cache keyed by teacher, sampler,
+    prompts, count, seed, shard size and precision (`p.dir` names a folder instead). Without `state`: this
+    process alone, on the CPU (the mini world's single-process callers)."""
     state = state or _OneCPUProcess()
-    out = out or pair_dir(p.dir, adapter, prompts, count, seed, p.shard_size)
+    storage = torch_dtype(p.dtype)
+    out = out or pair_dir(p.dir, adapter, prompts, count, seed, p.shard_size, storage, amp)
+    rows = count if rows is None else rows
     if state.is_main_process:
         drop_corrupt_shards(out)
     state.wait_for_everyone()
     adapter.to(state.device)
-    ctx = torch.autocast(state.device.type, dtype=amp) if amp else contextlib.nullcontext()
-    with ctx:
-        generate_pairs(adapter, prompts, count, seed, out, shard_size=p.shard_size, batch_size=p.batch_size,
-                       device=state.device, process_index=state.process_index, num_processes=state.num_processes,
-                       progress=progress and state.is_main_process, write_index=False, dtype=torch_dtype(p.dtype))
+    shards = [s for s in range(-(-rows // p.shard_size)) if s % state.num_processes == state.process_index]
+    generate_pairs(adapter, prompts, count, seed, out, shard_size=p.shard_size, batch_size=p.batch_size,
+                   device=state.device, progress=progress and state.is_main_process, write_index=False,
+                   dtype=storage, shards=shards, amp=amp)
     state.wait_for_everyone()
     if state.is_main_process:
         write_index_file(out, count, seed, p.shard_size, adapter)
     state.wait_for_everyone()
-    return load_pairs(out, in_memory=p.in_memory) if load else out
+    return load_pairs(out, in_memory=p.in_memory, rows=rows) if load else out

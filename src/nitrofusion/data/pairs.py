@@ -19,6 +19,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .. import faults
+from ..dtypes import autocast
 from ..errors import NitroFusionError
 from ..io import atomic_save_safetensors, atomic_write_json, cache_dir, disk_errors
 from ..worlds.adapter import ModelAdapter
@@ -128,15 +129,22 @@ def fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(adapter: ModelAdapter, prompts: Prompts, count: int, seed: int, shard_size: int) -> str:
-    """Teacher weights, sampler, latent shape, prompts (a list's content, a source's identity), count, seed and
-    shard size (shard s is drawn from its own seed, so another shard size is another pair set)."""
+def cache_key(adapter: ModelAdapter, prompts: Prompts, count: int, seed: int, shard_size: int,
+              storage: torch.dtype = torch.float32, amp: torch.dtype | None = None) -> str:
+    """Teacher weights, sampler, latent shape, prompts (a list's content, a source's identity), count, seed,
+    shard size (shard s is drawn from its own seed, so another shard size is another pair set), and the
+    precision: the storage dtype and the teacher's autocast dtype (each gives other numbers)."""
     h = hashlib.sha256()
     h.update(fingerprint(adapter.teacher_unet).encode())
     h.update(repr(adapter.sampler).encode())
     h.update(f"{count}:{seed}:{adapter.latent_shape()}".encode())
-    if shard_size != 1000:  # the default keeps the key it had before shard sizes were keyed
+    # the defaults keep the key they had before shard sizes and precision were keyed
+    if shard_size != 1000:
         h.update(f":shard_size={shard_size}".encode())
+    if storage != torch.float32:
+        h.update(f":storage={storage}".encode())
+    if amp is not None:
+        h.update(f":autocast={amp}".encode())
     if isinstance(prompts, PromptSource):
         h.update(prompts.identity().encode())
     else:
@@ -146,11 +154,11 @@ def cache_key(adapter: ModelAdapter, prompts: Prompts, count: int, seed: int, sh
 
 
 def pair_dir(root: str, adapter: ModelAdapter, prompts: Prompts, count: int, seed: int,
-             shard_size: int = 1000) -> Path:
+             shard_size: int = 1000, storage: torch.dtype = torch.float32, amp: torch.dtype | None = None) -> Path:
     """`root`/count-seed when a folder is configured, else the shared cache keyed by `cache_key`."""
     if root:
         return Path(root) / f"{count}-{seed}"
-    return cache_dir("pairs") / cache_key(adapter, prompts, count, seed, shard_size)
+    return cache_dir("pairs") / cache_key(adapter, prompts, count, seed, shard_size, storage, amp)
 
 
 def shard_prompts(prompts: Prompts, shard: int, shard_size: int, n: int, gen: torch.Generator) -> list[str]:
@@ -208,12 +216,14 @@ def generate_pairs(adapter: ModelAdapter, prompts: Prompts, count: int, seed: in
                    shard_size: int = 1000, batch_size: int = 250, device: str | torch.device = "cpu",
                    process_index: int = 0, num_processes: int = 1, progress: bool = True,
                    write_index: bool = True, dtype: torch.dtype = torch.float32,
-                   shards: list[int] | None = None) -> Path:
+                   shards: list[int] | None = None, amp: torch.dtype | None = None) -> Path:
     """Write this process's shards of `count` pairs to out_dir (skipping shards already present and
     intact); return out_dir. With several processes, pass write_index=False and call `write_index` on
     one process once all have finished. `shards` names the shards to write instead of "s mod
     num_processes". `dtype` is the storage dtype; x_T is rounded to it BEFORE the teacher sees it, so
-    student and teacher start from the very same noise."""
+    student and teacher start from the very same noise. `amp`: the teacher samples under autocast to this
+    dtype; its sample leaves autocast as float32 and is rounded to `dtype` once, at the write
+    (docs/architecture.md, precision)."""
     if isinstance(prompts, list) and not prompts:
         raise NitroFusionError("no prompts to generate teacher pairs from; give a non-empty prompt source")
     out = Path(out_dir)
@@ -240,12 +250,14 @@ def generate_pairs(adapter: ModelAdapter, prompts: Prompts, count: int, seed: in
         for i in range(0, n, batch_size):
             cond = adapter.encode_prompts(texts[i:i + batch_size])
             cond = {k: v.to(device) for k, v in cond.items()}
-            x0.append(adapter.teacher_sample(x_T[i:i + batch_size].to(device).float(), cond,
-                                             generator=noise_gen).to(dtype).cpu())
+            with autocast(device, amp):
+                sample = adapter.teacher_sample(x_T[i:i + batch_size].to(device).float(), cond, generator=noise_gen)
+            x0.append(sample.float().cpu())
             bar.update(min(batch_size, n - i))
         faults.point("pairs-shard")  # a shard sampled, not yet written
         with disk_errors("teacher pairs", out, fix="then rerun the same command (finished shards are kept)"):
-            atomic_save_safetensors({"x_T": x_T, "x0": torch.cat(x0)}, path, metadata={"prompts": json.dumps(texts)})
+            atomic_save_safetensors({"x_T": x_T, "x0": torch.cat(x0).to(dtype)}, path,
+                                    metadata={"prompts": json.dumps(texts)})
     bar.close()
     if write_index:
         write_index_file(out, count, seed, shard_size, adapter)
@@ -282,23 +294,28 @@ def _read_shard(path: Path) -> Pairs:
         return Pairs(f.get_tensor("x_T").float(), f.get_tensor("x0").float(), json.loads(f.metadata()["prompts"]))
 
 
-def load_pairs(out_dir: str | Path, verify: bool = True, in_memory: bool = True) -> Pairs | ShardedPairs:
+def load_pairs(out_dir: str | Path, verify: bool = True, in_memory: bool = True,
+               rows: int | None = None) -> Pairs | ShardedPairs:
     """Read the cache (into memory, or as memory-mapped shards); a shard whose checksum does not match
-    is an error (regenerate it)."""
+    is an error (regenerate it). `rows`: only the first rows (whole shards, `used_pairs`) of the set,
+    which may be all the cache holds yet."""
     out = Path(out_dir)
     meta = _read_meta(out)
+    want = meta["count"] if rows is None else rows
+    size = meta.get("shard_size", want)
+    names = sorted(meta["shards"]) if rows is None else [_shard_name(s) for s in range((rows + size - 1) // size)]
     paths = []
-    for name, digest in sorted(meta["shards"].items()):
+    for name in names:
         path = out / name
-        if not path.exists() or (verify and _sha256(path) != digest):
+        if name not in meta["shards"] or not path.exists() or (verify and _sha256(path) != meta["shards"][name]):
             raise NitroFusionError(f"teacher-pair shard missing or corrupt: {path}; rerun the same command "
                                    "to regenerate it")
         paths.append(path)
     if not paths:
         raise NitroFusionError(f"teacher-pair cache is empty: {out}")
     pairs = Pairs.cat([_read_shard(p) for p in paths]) if in_memory else ShardedPairs(paths)
-    if len(pairs) != meta["count"]:
-        raise NitroFusionError(f"teacher-pair cache {out} holds {len(pairs)} pairs, expected {meta['count']}; "
+    if len(pairs) != want:
+        raise NitroFusionError(f"teacher-pair cache {out} holds {len(pairs)} pairs, expected {want}; "
                                "rerun the same command to finish it")
     return pairs
 
@@ -367,6 +384,7 @@ class OnlinePairs:
     adapter: ModelAdapter
     prompts: Prompts
     seed: int = 0
+    amp: torch.dtype | None = None  # the teacher samples under autocast to this dtype (mixed_precision)
 
 
 class OnlinePairLoader:
@@ -392,7 +410,9 @@ class OnlinePairLoader:
         texts = shard_prompts(self.data.prompts, k, self.batch_size, self.batch_size, gen)
         cond = {k_: v.to(self.device) for k_, v in self.data.adapter.encode_prompts(texts).items()}
         noise_gen = torch.Generator(device=self.device).manual_seed(self.data.seed * 1_000_003 + k + 7)
-        x0 = self.data.adapter.teacher_sample(x_T.to(self.device), cond, generator=noise_gen).float()
+        with autocast(self.device, self.data.amp):
+            x0 = self.data.adapter.teacher_sample(x_T.to(self.device), cond, generator=noise_gen)
+        x0 = x0.float()
         self.position += 1
         return x_T, x0, texts
 

@@ -46,6 +46,7 @@ class GenerateOptions:
 class World(ABC):
     name: str
     supported_options: tuple[str, ...] = ()  # GenerateOptions flags its models take besides the common ones
+    export_formats: tuple[str, ...] = ()  # what `export --format` writes for its models
     common_options = ("--num-per-prompt", "--batch-size", "--device")
 
     # training half

@@ -23,6 +23,7 @@ class SD3World(SDXLWorld):
     """Prompts as SDXL's (a streamed source); its own adapter and inference; no evaluate, transfer or bench yet."""
 
     name = "sd3"
+    export_formats = ("diffusers",)
     supported_options = ("--base", "--shift", "--height", "--width", "--dtype")
     examples = EXAMPLES
 
@@ -82,7 +83,7 @@ class SD3World(SDXLWorld):
         from ...dtypes import parse_dtype
         from .pipeline import export_diffusers
 
-        if fmt != "diffusers":
+        if fmt not in self.export_formats:
             raise NitroFusionError(f"export --format {fmt} is not implemented for SD3 models; use --format diffusers "
                                    "(a StableDiffusion3Pipeline folder)")
         export_diffusers(model, out, base=options.get("base"), shift=options.get("shift"),

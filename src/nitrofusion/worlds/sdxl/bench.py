@@ -117,9 +117,8 @@ def run_bench(size: str = "full", device: str | None = None, overrides: list[str
             adapter.teacher_sample(x_T, adapter.encode_prompts(prompts), generator=torch.Generator(device_))
 
     tmp = tempfile.TemporaryDirectory()
-    with autocast:
-        generate_pairs(adapter, prompts, 2 * b, 0, tmp.name, shard_size=b, batch_size=b, device=device_,
-                       progress=False, dtype=torch.float16)
+    generate_pairs(adapter, prompts, 2 * b, 0, tmp.name, shard_size=b, batch_size=b, device=device_,
+                   progress=False, dtype=torch.float16, amp=amp)
     loader = PairLoader(load_pairs(tmp.name, in_memory=False), b, seed=0)
 
     def from_cache():

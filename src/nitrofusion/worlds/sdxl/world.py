@@ -17,6 +17,7 @@ EXAMPLES = ["a photo of a red fox in the snow", "an oil painting of a lighthouse
 
 class SDXLWorld(World):
     name = "sdxl"
+    export_formats = ("diffusers", "single-file", "lora")
     supported_options = ("--base", "--shift", "--height", "--width", "--dtype", "--fast", "--vae", "--vae-dtype")
     examples = EXAMPLES
 

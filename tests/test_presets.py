@@ -1,0 +1,111 @@
+"""Every shipped real preset runs as a user runs it: through the CLI, on a tiny random pipeline of its family, with
+only sizes and budgets overridden (its precision settings, sampler, pool and optimisers as shipped): teacher pairs,
+a few optimiser steps with checkpoints, `--resume` to a longer budget, every export format of its family, and
+1- and 4-step generation. The presets are found by listing them, so a new one cannot skip this."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from nitrofusion import config as config_lib
+from nitrofusion.cli import main
+from nitrofusion.distill_config import DistillConfig
+
+
+def _real_presets() -> list[str]:
+    """The distill presets of the diffusers families, less the `*-tiny` ones that exist for tests."""
+    return [name for name in config_lib.available_presets("distill")
+            if config_lib.load_preset("distill", name).get("world", "mini") != "mini" and not name.endswith("tiny")]
+
+
+# Sizes only: a tiny pipeline's resolution (SD: 16x16 latents, as bf16 attention on a CPU is slow) and SD3's depth;
+# nothing about precision, sampler, pool or optimisers.
+SIZES = {"sdxl": ["sdxl.resolution=64"], "sd": ["sd.resolution=32"],
+         "sd3": ["sd3.resolution=64", "sd3.backbone_blocks=4", "sd3.taps=[1,3]"]}
+# Budgets: 2 optimiser steps of 2 images, a checkpoint after each, teacher pairs in shards of 4.
+BUDGET = ["max_images=4", "micro_batch=2", "grad_accum=1", "pairs.shard_size=4", "checkpoint_every_images=2"]
+PRECISION_KEYS = ("mixed_precision", "pairs.dtype")
+
+
+def _tiny_pipeline(world: str, preset: dict, folder):
+    if world == "sdxl":
+        from nitrofusion.worlds.sdxl.testing import build_random_sdxl
+
+        return build_random_sdxl(folder, "tiny")
+    if world == "sd":
+        from nitrofusion.worlds.sd.testing import build_random_sd
+
+        v_prediction = preset.get("sd", {}).get("resolution", 512) >= 768  # SD 2.x-v ships at 768 px
+        return build_random_sd(folder, "sd2" if v_prediction else "sd1")
+    from nitrofusion.worlds.sd3.testing import build_random_sd3
+
+    return build_random_sd3(folder)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_real_presets_are_listed():
+    names = _real_presets()
+    assert {"sdxl-realism", "sdxl-vibrant", "sdxl-realism-lora", "sdxl-vibrant-lora", "sd15", "sd21",
+            "sd35-medium"} <= set(names)
+    assert not any(n.endswith("tiny") or n.startswith("mini") for n in names)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _real_presets())
+def test_preset_runs_as_users_run_it(name, tmp_path, monkeypatch, capsys):
+    from accelerate.state import AcceleratorState
+
+    from nitrofusion.worlds import world_named
+
+    monkeypatch.setenv("NITROFUSION_CACHE", str(tmp_path / "cache"))  # this preset's pairs, made here
+    resolved = config_lib.to_dict(config_lib.build(DistillConfig, "distill", name, []))
+    world = resolved["world"]
+    teacher = _tiny_pipeline(world, resolved, tmp_path / "teacher")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red dress\na photo of a shoe\nan astronaut riding a horse\n")
+    run = tmp_path / "run"
+    sets = [a for kv in SIZES[world] + BUDGET for a in ("--set", kv)]
+
+    def cli(*argv: str) -> str:
+        AcceleratorState._reset_state(reset_partial_state=True)  # each command is its own process for a user
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        assert code == 0, f"{argv[0]} exited {code}: {err.strip().splitlines()[-1:]}"
+        return out
+
+    out = cli("distill", "--preset", name, "--teacher", str(teacher), "--prompts", str(prompts), "--out", str(run),
+              *sets)
+    assert "2 steps, 4 images" in out
+    assert "making 4 of pairs.count" in out  # the smoke budget made only the pairs it reads
+    trained = _flat(yaml.safe_load((run / "config.yaml").read_text()))
+    shipped = _flat(resolved)
+    assert {k: trained[k] for k in PRECISION_KEYS} == {k: shipped[k] for k in PRECISION_KEYS}
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+
+    out = cli("distill", "--resume", "--out", str(run), "--set", "max_images=8")
+    assert "4 steps, 8 images" in out and "making 8 of pairs.count" in out
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # continued from step 2, not restarted
+
+    formats = world_named(world).export_formats
+    assert "diffusers" in formats
+    for fmt in formats:
+        dest = tmp_path / ("student.safetensors" if fmt == "single-file" else fmt)
+        rank = ["--rank", "4"] if fmt == "lora" and resolved["student"]["kind"] == "full" else []
+        cli("export", str(run), "--format", fmt, "--out", str(dest), *rank)
+        assert dest.exists()
+    for steps in ("1", "4"):
+        out = cli("generate", "--model", str(run), "--prompt", "a red dress", "--steps", steps,
+                  "--out", str(tmp_path / f"steps{steps}"))
+        assert out.strip().endswith(f"to {tmp_path / f'steps{steps}'}")
+        assert (tmp_path / f"steps{steps}" / "grid.png").exists()
+
