@@ -2,7 +2,9 @@
 # Run ON the lent GPU (device tool), from the repo root, with .whl carried (scripts/gpu_wheels.sh):
 #   run(command="bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=540)
 # One log (bench.md) and one JSON per bench come back in $OUT (the device tool returns at most 8 files). Each
-# command is bounded so the whole stays under 9 minutes and what finished comes back, most wanted first: 1-step
+# command is bounded so the whole stays under 9 minutes and what finished comes back, most wanted first: the first
+# real end-to-end run (scripts/gpu_e2e.py: sdxl-realism-lora as shipped through accelerate launch, SIGKILL and
+# resume, every export, generate --fast; its steps run at --size tiny in the test suite), then 1-step
 # generation (issue 14 item 3), stock diffusers eager against our runtime (runtime.py, the stock images without the
 # pipeline's per-call module walks), the fast path (compiled by region: 27 s at 1024 px on an H100), the fast path
 # replayed from CUDA graphs, and that with a tiny VAE; each row printed as measured, batch 8 last, with each path's
@@ -22,8 +24,11 @@ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
 # diffusers warns at every .to(dtype) of a model built in fp32 ("modules ... kept in float32: []"): noise here
 quiet() { grep --line-buffered -v "should be kept in float32"; }
 section() { printf '\n## %s\n\n' "$1" | tee -a "$LOG"; }
+section "end to end: sdxl-realism-lora as shipped, killed and resumed, exported, generated (scripts/gpu_e2e.py)"
+timeout 400 python3 scripts/gpu_e2e.py --out /tmp/e2e 2>&1 | quiet | tee -a "$LOG"
+cp /tmp/e2e/e2e.json "$OUT/e2e.json" 2>/dev/null
 section "inference: stock eager vs fast"
-timeout 320 python3 -m nitrofusion bench --inference --out "$OUT/inference.json" 2>&1 | quiet | tee -a "$LOG"
+timeout 150 python3 -m nitrofusion bench --inference --out "$OUT/inference.json" 2>&1 | quiet | tee -a "$LOG"
 section "training iteration: LoRA student (rank 64, micro-batch 2)"
 timeout 190 python3 -m nitrofusion bench --set student.kind=lora --set student.rank=64 --set student.alpha=64 \
   --set micro_batch=2 --out "$OUT/bench-lora.json" 2>&1 | quiet | tee -a "$LOG"

@@ -200,6 +200,8 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
                      "images_per_second": round(images_per_step / dt, 2), "skipped": not out.finite,
                      "lr": opt_g.param_groups[0]["lr"],
                      "refreshed": len(out.refreshed), **{k: round(v, 5) for k, v in out.logs.items()}}
+            if device.type == "cuda":  # this process's peak since the run started (the memory model's lower bound)
+                entry["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             if not out.finite:  # which task and t* went wrong (docs/method.md §3: grouped by t*, so this localises it)
                 entry["nonfinite"] = [f"{task}@t*={ts}" for task, ts in sorted(out.nonfinite)] or ["gradient"]
             log(entry)
