@@ -128,34 +128,39 @@ def test_precision_is_part_of_the_pair_set(mini_adapter):
     assert cache_key(mini_adapter, prompts, 40, 0, 20) == cache_key(mini_adapter, prompts, 40, 0, 20, torch.float32)
 
 
-def test_a_smoke_budget_makes_the_first_shards_of_the_full_set(mini_adapter, tmp_path, tiny_cfg):
-    """max_images below pairs.count: only the whole shards the run reads are made, in the full set's cache; a
-    longer run later keeps them and adds the rest, and the cache is bit for bit the one made in one go."""
+def test_a_smoke_budget_makes_only_the_shards_its_rows_are_in(mini_adapter, tmp_path, tiny_cfg):
+    """max_images below pairs.count: only the shards holding the rows the loader draws are made, in the full set's
+    cache, and the run reads the very rows it reads with every shard present; a longer run later keeps those
+    shards and adds the rest, and the cache is bit for bit the one made in one go."""
     import hashlib
 
     import torch
 
-    from nitrofusion.data.pair_cache import teacher_pairs, used_pairs
+    from nitrofusion.data.pair_cache import shards_read, teacher_pairs
+    from nitrofusion.data.pairs import PairLoader
     from nitrofusion.distill_config import PairsConfig
     from nitrofusion.worlds.mini.data import class_prompts
 
-    cfg = tiny_cfg("pairs.count=40", "pairs.shard_size=8", "micro_batch=2", "grad_accum=2", "max_images=12")
-    assert used_pairs(cfg) == 16  # 12 images in whole optimiser steps of 4: 12 rows, 2 shards of 8
-    assert used_pairs(cfg, processes=2) == 16  # 2 steps of 8
-    assert used_pairs(tiny_cfg("pairs.count=40", "pairs.shard_size=8", "max_images=400")) == 40
-    assert used_pairs(tiny_cfg("pairs.count=40", "pairs.shard_size=64", "micro_batch=2", "grad_accum=2",
-                               "max_images=4")) == 40  # one shard holds them all
-    p = PairsConfig(count=40, shard_size=8, batch_size=8)
+    cfg = tiny_cfg("pairs.count=40", "pairs.shard_size=4", "micro_batch=2", "grad_accum=2", "max_images=6")
+    first_epoch = torch.randperm(40, generator=torch.Generator().manual_seed(cfg.seed * 7919))
+    shards = shards_read(cfg)  # 6 images in whole optimiser steps of 4: 8 rows
+    assert shards == sorted({r // 4 for r in first_epoch[:8].tolist()}) and len(shards) < 10
+    assert shards_read(tiny_cfg("pairs.count=40", "pairs.shard_size=4", "micro_batch=2", "grad_accum=2",
+                                "max_images=40")) is None
+    p = PairsConfig(count=40, shard_size=4, batch_size=4)
     prompts = class_prompts()
-    smoke = teacher_pairs(mini_adapter, prompts, p, 40, 0, tmp_path / "grown", rows=16, progress=False)
-    assert len(smoke) == 16 and sorted(f.name for f in (tmp_path / "grown").glob("shard-*")) == [
-        "shard-00000.safetensors", "shard-00001.safetensors"]
-    first = hashlib.sha256((tmp_path / "grown" / "shard-00000.safetensors").read_bytes()).hexdigest()
-    grown = teacher_pairs(mini_adapter, prompts, p, 40, 0, tmp_path / "grown", progress=False)
+    smoke = teacher_pairs(mini_adapter, prompts, p, 40, 0, tmp_path / "grown", shards=shards, progress=False)
+    assert sorted(f.name for f in (tmp_path / "grown").glob("shard-*")) == [f"shard-{s:05d}.safetensors"
+                                                                           for s in shards]
+    hashes = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (tmp_path / "grown").glob("shard-*")}
     whole = teacher_pairs(mini_adapter, prompts, p, 40, 0, tmp_path / "whole", progress=False)
-    assert hashlib.sha256((tmp_path / "grown" / "shard-00000.safetensors").read_bytes()).hexdigest() == first
+    a, b = PairLoader(smoke, 2, cfg.seed), PairLoader(whole, 2, cfg.seed)
+    for _ in range(4):
+        (xa, ya, pa), (xb, yb, pb) = a.next(), b.next()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and pa == pb
+    grown = teacher_pairs(mini_adapter, prompts, p, 40, 0, tmp_path / "grown", progress=False)
+    assert all(hashlib.sha256((tmp_path / "grown" / n).read_bytes()).hexdigest() == h for n, h in hashes.items())
     assert torch.equal(grown.x_T, whole.x_T) and torch.equal(grown.x0, whole.x0) and grown.prompts == whole.prompts
-    assert torch.equal(smoke.x0, whole.x0[:16])
 
 
 def test_mixed_precision_is_refused_where_it_cannot_train(tiny_cfg, monkeypatch):

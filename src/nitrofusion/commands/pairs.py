@@ -9,8 +9,8 @@ from .common import distill_config, model_args
 def cmd_pairs(args) -> None:
     extra = [f"pairs.dir={args.out}"] if args.out else []  # the folder `distill --set pairs.dir=...` reads
     cfg = distill_config(args, model_args(args) + extra)
-    from ..data.pair_cache import process_state, training_data, used_pairs
-    from ..data.pairs import load_pairs
+    from ..data.pair_cache import process_state, shards_read, training_data
+    from ..data.pairs import ShardSubset, load_pairs
     from ..dtypes import check_mixed_precision
     from ..worlds import world_of_config
 
@@ -23,6 +23,6 @@ def cmd_pairs(args) -> None:
     prompts = world.prompts(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
     out = training_data(cfg, world.adapter(cfg), state, load=False, prompts=prompts)
     if state.is_main_process:
-        print(f"{len(load_pairs(out, in_memory=False, rows=used_pairs(cfg, state.num_processes)))} teacher pairs "
-              f"in {out}")
+        pairs = load_pairs(out, in_memory=False, shards=shards_read(cfg, state.num_processes))
+        print(f"{pairs.held if isinstance(pairs, ShardSubset) else len(pairs)} teacher pairs in {out}")
 

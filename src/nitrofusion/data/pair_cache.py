@@ -16,14 +16,17 @@ from ..distill_config import DistillConfig, PairsConfig
 from ..dtypes import mixed_precision_dtype, torch_dtype
 from ..worlds.adapter import ModelAdapter
 from .pairs import (
+    EpochGrowth,
     OnlinePairs,
     Pairs,
     Prompts,
     ShardedPairs,
+    ShardSubset,
     drop_corrupt_shards,
     generate_pairs,
     load_pairs,
     pair_dir,
+    rows_read,
     write_index_file,
 )
 
@@ -51,17 +54,22 @@ class _OneCPUProcess:
         pass
 
 
-def used_pairs(cfg: DistillConfig, processes: int = 1) -> int:
-    """The teacher pairs a run reads: all `pairs.count`, or, when `max_images` is a shorter budget (a smoke run),
-    the first whole shards that cover it. Shard s is the same whatever the count (its own seed), so those
-    shards are the first shards of the full set, in the same cache: a longer run later adds only the rest."""
+def shards_read(cfg: DistillConfig, processes: int = 1) -> list[int] | None:
+    """The teacher-pair shards a run reads, when its `max_images` budget reads fewer rows than `pairs.count` (a smoke
+    run); None when it reads them all. Shard s is the same whatever else is made (its own seed), so a longer run
+    later, or a resume to a longer budget, adds only the shards it lacks and trains on the very same rows."""
     p = cfg.pairs
-    if not cfg.max_images or cfg.max_images >= p.count:
-        return p.count
     per_step = cfg.micro_batch * cfg.grad_accum * processes
-    images = -(-cfg.max_images // per_step) * per_step  # the last optimiser step completes
-    shards = -(-max(images, cfg.micro_batch * processes) // p.shard_size)
-    return min(p.count, shards * p.shard_size)
+    steps = -(-cfg.max_images // per_step)
+    if not cfg.max_images or steps * per_step >= p.count:
+        return None
+    batch = cfg.micro_batch
+    if cfg.real.source == "mix":  # the teacher's share of every micro-batch
+        batch -= round(cfg.real.share * cfg.micro_batch)
+    growth = EpochGrowth(p.start_shards, p.shard_size) if p.start_shards else None
+    rows = rows_read(p.count, batch, steps * cfg.grad_accum, cfg.seed, processes, growth)
+    shards = sorted({r // p.shard_size for r in rows})
+    return None if len(shards) == p.shards else shards
 
 
 def training_data(cfg: DistillConfig, adapter: ModelAdapter, state: PartialState | None = None,
@@ -75,37 +83,38 @@ def training_data(cfg: DistillConfig, adapter: ModelAdapter, state: PartialState
         prompts = world_of_config(cfg).prompts(cfg, verbose=state.is_main_process)
     if cfg.pairs.online:
         return OnlinePairs(adapter, prompts, cfg.pairs.seed, mixed_precision_dtype(cfg.mixed_precision))
-    rows = used_pairs(cfg, state.num_processes)
-    if rows < cfg.pairs.count and state.is_main_process:
-        print(f"teacher pairs: making {rows:,} of pairs.count={cfg.pairs.count:,}, all that max_images="
-              f"{cfg.max_images:,} reads (a longer run adds the rest to the same cache)")
+    shards = shards_read(cfg, state.num_processes)
+    if shards is not None and state.is_main_process:
+        print(f"teacher pairs: making {len(shards):,} of the {cfg.pairs.shards:,} shards of pairs.count="
+              f"{cfg.pairs.count:,}, those max_images={cfg.max_images:,} reads (a longer run adds the rest)")
     return teacher_pairs(adapter, prompts, cfg.pairs, cfg.pairs.count, cfg.pairs.seed, out, state,
-                         mixed_precision_dtype(cfg.mixed_precision), load, rows=rows)
+                         mixed_precision_dtype(cfg.mixed_precision), load, shards=shards)
 
 
 def teacher_pairs(adapter: ModelAdapter, prompts: Prompts, p: PairsConfig, count: int, seed: int,
                   out: Path | None = None, state: PartialState | None = None, amp: torch.dtype | None = None,
-                  load: bool = True, progress: bool = True, rows: int | None = None) -> Pairs | ShardedPairs | Path:
+                  load: bool = True, progress: bool = True,
+                  shards: list[int] | None = None) -> Pairs | ShardedPairs | ShardSubset | Path:
     """The one path to a pair cache, for every caller (a run, the held-out sets of the demo, `evaluate` and
     `ablate`): corrupt shards dropped, what is missing generated (shard s by process s mod N, the teacher under
-    autocast `amp`), indexed, then loaded (or its folder returned when `load` is false). `rows`: only the first
-    rows of the set (whole shards, `used_pairs`). `out` defaults to the shared cache keyed by teacher, sampler,
+    autocast `amp`), indexed, then loaded (or its folder returned when `load` is false). `shards`: only these
+    shards of the set (`shards_read`). `out` defaults to the shared cache keyed by teacher, sampler,
     prompts, count, seed, shard size and precision (`p.dir` names a folder instead). Without `state`: this
     process alone, on the CPU (the mini world's single-process callers)."""
     state = state or _OneCPUProcess()
     storage = torch_dtype(p.dtype)
     out = out or pair_dir(p.dir, adapter, prompts, count, seed, p.shard_size, storage, amp)
-    rows = count if rows is None else rows
     if state.is_main_process:
         drop_corrupt_shards(out)
     state.wait_for_everyone()
     adapter.to(state.device)
-    shards = [s for s in range(-(-rows // p.shard_size)) if s % state.num_processes == state.process_index]
+    wanted = range(-(-count // p.shard_size)) if shards is None else shards
+    mine = [s for s in wanted if s % state.num_processes == state.process_index]
     generate_pairs(adapter, prompts, count, seed, out, shard_size=p.shard_size, batch_size=p.batch_size,
                    device=state.device, progress=progress and state.is_main_process, write_index=False,
-                   dtype=storage, shards=shards, amp=amp)
+                   dtype=storage, shards=mine, amp=amp)
     state.wait_for_everyone()
     if state.is_main_process:
         write_index_file(out, count, seed, p.shard_size, adapter)
     state.wait_for_everyone()
-    return load_pairs(out, in_memory=p.in_memory, rows=rows) if load else out
+    return load_pairs(out, in_memory=p.in_memory, shards=shards) if load else out

@@ -75,6 +75,34 @@ class ShardedPairs:
         return torch.cat(x_T), torch.cat(x0), prompts
 
 
+class ShardSubset:
+    """Some shards of a pair set, addressed by the whole set's row numbers (row r is row r mod shard_size of shard
+    r // shard_size): a smoke run reads the rows its budget draws, from the only shards made (`rows_read`)."""
+
+    def __init__(self, shards: dict[int, Pairs | ShardedPairs], shard_size: int, count: int) -> None:
+        self._shards, self._size, self._count = shards, shard_size, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def held(self) -> int:
+        """The pairs actually here (the shards made)."""
+        return sum(len(shard) for shard in self._shards.values())
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        x_T, x0, prompts = [], [], []
+        for shard, row in zip((idx // self._size).tolist(), (idx % self._size).tolist(), strict=True):
+            if shard not in self._shards:
+                raise NitroFusionError(f"teacher-pair row {shard * self._size + row} is in shard {shard}, which "
+                                       "this run did not make; rerun without --resume to remake the pairs")
+            a, b, p = self._shards[shard].batch(torch.tensor([row]))
+            x_T.append(a)
+            x0.append(b)
+            prompts += p
+        return torch.cat(x_T), torch.cat(x0), prompts
+
+
 class GrowingPairs:
     """A pair set read shard by shard as training needs it, while later shards may still be being
     generated (the demo: a helper process makes them): `wait_for(rows)` calls each shard's `arrive()` in
@@ -295,15 +323,13 @@ def _read_shard(path: Path) -> Pairs:
 
 
 def load_pairs(out_dir: str | Path, verify: bool = True, in_memory: bool = True,
-               rows: int | None = None) -> Pairs | ShardedPairs:
+               shards: list[int] | None = None) -> Pairs | ShardedPairs | ShardSubset:
     """Read the cache (into memory, or as memory-mapped shards); a shard whose checksum does not match
-    is an error (regenerate it). `rows`: only the first rows (whole shards, `used_pairs`) of the set,
-    which may be all the cache holds yet."""
+    is an error (regenerate it). `shards`: only these shards of the set (a smoke run's, `rows_read`), which
+    may be all the cache holds yet, read as a `ShardSubset` of the whole set."""
     out = Path(out_dir)
     meta = _read_meta(out)
-    want = meta["count"] if rows is None else rows
-    size = meta.get("shard_size", want)
-    names = sorted(meta["shards"]) if rows is None else [_shard_name(s) for s in range((rows + size - 1) // size)]
+    names = sorted(meta["shards"]) if shards is None else [_shard_name(s) for s in shards]
     paths = []
     for name in names:
         path = out / name
@@ -313,9 +339,12 @@ def load_pairs(out_dir: str | Path, verify: bool = True, in_memory: bool = True,
         paths.append(path)
     if not paths:
         raise NitroFusionError(f"teacher-pair cache is empty: {out}")
+    if shards is not None:
+        read = _read_shard if in_memory else (lambda path: ShardedPairs([path]))
+        return ShardSubset({s: read(p) for s, p in zip(shards, paths, strict=True)}, meta["shard_size"], meta["count"])
     pairs = Pairs.cat([_read_shard(p) for p in paths]) if in_memory else ShardedPairs(paths)
-    if len(pairs) != want:
-        raise NitroFusionError(f"teacher-pair cache {out} holds {len(pairs)} pairs, expected {want}; "
+    if len(pairs) != meta["count"]:
+        raise NitroFusionError(f"teacher-pair cache {out} holds {len(pairs)} pairs, expected {meta['count']}; "
                                "rerun the same command to finish it")
     return pairs
 
@@ -366,7 +395,8 @@ class PairLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._perm = self._order(self.epoch)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def next_rows(self) -> torch.Tensor:
+        """The rows of this rank's next micro-batch (the loader's whole state moves on)."""
         step = self.batch_size * self.world
         if self.position + step > len(self._perm):
             self.epoch, self.position = self.epoch + 1, 0
@@ -374,7 +404,33 @@ class PairLoader:
         start = self.position + self.rank * self.batch_size
         idx = self._perm[start:start + self.batch_size]
         self.position += step
-        return self.pairs.batch(idx)
+        return idx
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        return self.pairs.batch(self.next_rows())
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A pair set's length alone: what `rows_read` runs the loaders over."""
+
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def rows_read(count: int, batch_size: int, micro_batches: int, seed: int, world: int = 1,
+              growth: EpochGrowth | None = None) -> set[int]:
+    """The rows of a `count`-pair set that `micro_batches` micro-batches of every rank draw: the loaders' own
+    order, run without data. A budget shorter than the set reads a random part of it; making only the shards
+    of those rows keeps the run, and a resume to a longer budget, bit for bit what they are with every shard."""
+    rows: set[int] = set()
+    for rank in range(world):
+        loader = PairLoader(_Rows(count), batch_size, seed, rank, world, growth)
+        for _ in range(micro_batches):
+            rows.update(loader.next_rows().tolist())
+    return rows
 
 
 @dataclass
