@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from nitrofusion.app import build_app, launch, make_generator
-from nitrofusion.browser import open_browser, screenshot, type_and_wait
+from nitrofusion.app.browser import open_browser, screenshot, type_and_wait
+from nitrofusion.app.live import build_app, launch, make_generator
 
 
 def main() -> None:

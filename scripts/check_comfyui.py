@@ -35,7 +35,7 @@ def log(msg: str) -> None:
 
 
 def build_models(work: Path, shift: int, rank: int) -> dict[str, Path]:
-    from nitrofusion.worlds.sdxl.export import export
+    from nitrofusion.worlds.pipelines.export import export
     from nitrofusion.worlds.sdxl.testing import build_random_sdxl
 
     paths = {"base": work / "base", "single": work / "model.safetensors", "lora": work / "lora"}
@@ -52,7 +52,7 @@ def build_models(work: Path, shift: int, rank: int) -> dict[str, Path]:
         from accelerate import init_empty_weights
         from diffusers import UNet2DConditionModel
 
-        from nitrofusion.worlds.sdxl.export import save_lora_files
+        from nitrofusion.worlds.pipelines.export import save_lora_files
 
         log(f"random rank-{rank} LoRA factors, saved as export --format lora saves them")
         config = UNet2DConditionModel.load_config(paths["base"] / "unet")
@@ -75,7 +75,7 @@ def references(paths: dict[str, Path], work: Path, shift: int) -> tuple[dict, di
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from nitrofusion.worlds.sdxl.pipeline import load_scheduler, resolve
+    from nitrofusion.worlds.pipelines.pipeline import load_scheduler, resolve
 
     gen = torch.Generator().manual_seed(0)
     lat = (1, 4, HEIGHT // 8, WIDTH // 8)

@@ -68,8 +68,8 @@ def aten_calls() -> dict:
 
 
 def stock_vs_runtime(repeats: int) -> dict:
+    from nitrofusion.worlds.pipelines.runtime import SDXLRuntime
     from nitrofusion.worlds.sdxl.inference_bench import Path, _pipeline
-    from nitrofusion.worlds.sdxl.runtime import SDXLRuntime
 
     stock = _pipeline("tiny", torch.device("cpu"), torch.float32, 250)
     ours = copy.deepcopy(stock)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nitrofusion import checkpoint as ckpt
+from nitrofusion.training import checkpoint as ckpt
 from nitrofusion.distill_config import PairsConfig
 from nitrofusion.worlds.mini.adapter import MiniAdapter
 from nitrofusion.worlds.mini.evaluation import MiniEvaluation

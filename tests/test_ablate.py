@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from nitrofusion.ablate import PAPER, run_ablation, summarise
 from nitrofusion.errors import NitroFusionError
+from nitrofusion.studies.ablate import PAPER, run_ablation, summarise
 
 
 def test_summary_statistics_and_deltas():
@@ -20,8 +20,8 @@ def test_summary_statistics_and_deltas():
 
 def test_every_variant_is_a_valid_config_that_differs_from_full():
     from nitrofusion import config as config_lib
-    from nitrofusion.ablate import VARIANTS
     from nitrofusion.distill_config import DistillConfig
+    from nitrofusion.studies.ablate import VARIANTS
 
     built = {v: config_lib.build(DistillConfig, "distill", preset, list(sets)) for v, (preset, sets, _) in
              VARIANTS.items()}
@@ -37,7 +37,7 @@ def test_every_variant_is_a_valid_config_that_differs_from_full():
 
 @pytest.mark.slow
 def test_ablate_runs_every_variant_and_skips_finished_runs(tmp_path, monkeypatch):
-    import nitrofusion.ablate as ablate
+    import nitrofusion.studies.ablate as ablate
 
     sets = ["pairs.count=64", "pairs.shard_size=32", "micro_batch=8", "pool.width=8", "pool.heads_per_slot=2"]
     messages = []

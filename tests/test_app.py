@@ -20,7 +20,7 @@ def mini_run(tmp_path_factory):
 
 
 def test_app_generates_deterministically_and_binds_to_localhost(mini_run):
-    from nitrofusion.app import build_app, launch, make_generator
+    from nitrofusion.app.live import build_app, launch, make_generator
 
     fn, examples = make_generator(mini_run)
     a, b, c = fn(examples[0], 1, 3), fn(examples[0], 1, 3), fn(examples[0], 4, 3)
@@ -61,7 +61,7 @@ def test_app_cli_refuses_a_taken_port_in_one_line(mini_run, capsys):
 
 
 def _serve(mini_run):
-    from nitrofusion.app import build_app, launch, make_generator
+    from nitrofusion.app.live import build_app, launch, make_generator
 
     fn, examples = make_generator(mini_run)
     demo = build_app(fn, examples)
@@ -69,14 +69,14 @@ def _serve(mini_run):
     return demo
 
 
-@pytest.mark.skipif(__import__("nitrofusion.browser").browser.find_browser() is None,
+@pytest.mark.skipif(__import__("nitrofusion.app.browser", fromlist=["find_browser"]).find_browser() is None,
                     reason="needs chromium and chromium-driver (scripts/install.sh installs them)")
 def test_the_app_draws_as_a_visitor_types_in_two_browser_tabs(mini_run, tmp_path):
     """Headless Chromium types key by key, no click and no Enter: the live mode makes the image of the whole
     prompt and shows its latency; two tabs typing at once are both served (one queue, each tab's latest)."""
     import threading
 
-    from nitrofusion.browser import open_browser, screenshot, type_and_wait
+    from nitrofusion.app.browser import open_browser, screenshot, type_and_wait
 
     demo = _serve(mini_run)
     drivers = []

@@ -27,7 +27,7 @@ def test_bench_cli_writes_json(tmp_path, capsys):
 
 
 def test_lora_parameter_count_of_the_memory_model_is_peft_s(tiny_cfg):
-    from nitrofusion.student import add_lora, trainable_state
+    from nitrofusion.models.student import add_lora, trainable_state
     from nitrofusion.worlds.sdxl.memory import _lora_parameters
     from nitrofusion.worlds.sdxl.testing import build_sdxl_unet
 
@@ -75,10 +75,10 @@ def test_memory_model_cli_prints_every_sdxl_preset(tmp_path, capsys):
 
 
 def test_the_step_profile_names_every_part_of_an_optimiser_step(capsys):
-    from nitrofusion.step_profile import format_profile, profile_step
+    from nitrofusion.training.profile import format_profile
+    from nitrofusion.worlds import world_named
 
-    r = profile_step("mini", "cpu", ["micro_batch=4", "pool.heads_per_slot=2"], steps=1, warmup=0,
-                     progress=lambda _: None)
+    r = world_named("mini").profile("cpu", ["micro_batch=4", "pool.heads_per_slot=2"], steps=1, warmup=0)
     parts = {x["part"] for x in r["rows"]}
     groups = ("global_cond", "local_cond + local_uncond")  # the two crop tasks share one backbone call
     expected = {"student forward", "student backward", "optimisers", "pool refresh", "heads forward (D)",

@@ -62,7 +62,7 @@ def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
     (14720, "(every step for the first 3,200 training images, then the first step)"),
 ])
 def test_report_names_where_the_refinement_regression_stopped(budget, rows):
-    from nitrofusion.demo import _loss_line
+    from nitrofusion.studies.demo import _loss_line
 
     adv = {"regression_weight": 10, "regression_rows": "all", "regression_refine_until": 3200}
     assert _loss_line({"adversarial": adv, "max_images": budget}).endswith(rows + ".")

@@ -80,7 +80,7 @@ def test_the_pipeline_is_the_training_time_sampler(run, tiny_sdxl, sdxl_adapter,
 def test_exported_folder_in_a_stock_pipeline_reproduces_generate_bit_for_bit(run, tmp_path, monkeypatch):
     from diffusers import UNet2DConditionModel
 
-    from nitrofusion.worlds.sdxl.pipeline import image_generators
+    from nitrofusion.worlds.pipelines.pipeline import image_generators
 
     assert main(["export", str(run), "--format", "diffusers", "--out", str(tmp_path / "exp")]) == 0
     index = json.loads((tmp_path / "exp" / "model_index.json").read_text())
@@ -106,7 +106,7 @@ def test_exported_folder_in_a_stock_pipeline_reproduces_generate_bit_for_bit(run
 
 def test_single_file_round_trip_through_diffusers_converters_is_exact(run, tiny_sdxl, tmp_path):
     from nitrofusion import load_pipeline
-    from nitrofusion.worlds.sdxl.export import original_to_diffusers
+    from nitrofusion.worlds.pipelines.export import original_to_diffusers
 
     path = tmp_path / "nitro.safetensors"
     assert main(["export", str(run), "--format", "single-file", "--out", str(path)]) == 0
@@ -168,8 +168,8 @@ def test_from_single_file_loads_every_component_of_a_single_file_export_bitwise(
 def test_lora_error_falls_as_rank_grows_and_it_moves_the_base_toward_the_student(run, tiny_sdxl, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from nitrofusion.worlds.sdxl.export import KOHYA_LORA_FILE, lora_from_delta
-    from nitrofusion.worlds.sdxl.pipeline import guess_shift, load_unet, resolve
+    from nitrofusion.worlds.pipelines.export import KOHYA_LORA_FILE, lora_from_delta
+    from nitrofusion.worlds.pipelines.pipeline import guess_shift, load_unet, resolve
 
     student = UNet2DConditionModel.from_pretrained(run / "student" / "unet")
     base = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
@@ -218,7 +218,7 @@ def test_lora_error_falls_as_rank_grows_and_it_moves_the_base_toward_the_student
 def _check_kohya_file(out, rank, base, factors, out_peft, x, t, cond, tiny_sdxl):
     """The kohya-style file holds the PEFT file's factors under the original SDXL module names (those A1111 and
     ComfyUI map LoRA keys to), and diffusers' kohya converter loads it to the same UNet."""
-    from nitrofusion.worlds.sdxl.export import KOHYA_LORA_FILE, unet_to_original
+    from nitrofusion.worlds.pipelines.export import KOHYA_LORA_FILE, unet_to_original
 
     kohya = load_file(str(out / KOHYA_LORA_FILE))
     original = unet_to_original(base.state_dict(), base.config)
@@ -239,7 +239,7 @@ def _check_kohya_file(out, rank, base, factors, out_peft, x, t, cond, tiny_sdxl)
 
 
 def test_transfer_is_exact_arithmetic(run, tiny_sdxl, tmp_path):
-    from nitrofusion.worlds.sdxl.export import unet_to_original
+    from nitrofusion.worlds.pipelines.export import unet_to_original
     from nitrofusion.worlds.sdxl.testing import build_sdxl_unet
 
     custom = build_sdxl_unet("tiny", seed=7)  # a "fine-tuned SDXL": same layout, other weights
@@ -286,7 +286,7 @@ def _bad(tmp_path, tiny_sdxl, run):
     save_file(other, str(tmp_path / "other_shape.safetensors"))
     from diffusers import UNet2DConditionModel
 
-    from nitrofusion.worlds.sdxl.export import lora_from_delta
+    from nitrofusion.worlds.pipelines.export import lora_from_delta
 
     sd1 = [UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=4,

@@ -9,8 +9,8 @@ import torch
 
 from nitrofusion.cli import main
 from nitrofusion.errors import NitroFusionError
-from nitrofusion.worlds.sdxl.fast import compile_problem, make_fast
-from nitrofusion.worlds.sdxl.pipeline import image_generators, load_pipeline
+from nitrofusion.worlds.pipelines.fast import compile_problem, make_fast
+from nitrofusion.worlds.pipelines.pipeline import image_generators, load_pipeline
 
 PROMPTS = ["a red cat", "a photo of a dog"]
 
@@ -57,7 +57,7 @@ def test_fp16_fast_path_decodes_in_fp32(tiny_sdxl):
 
 
 def test_compile_falls_back_to_eager_in_one_line(tiny_sdxl, monkeypatch):
-    import nitrofusion.worlds.sdxl.fast as fast_mod
+    import nitrofusion.worlds.pipelines.fast as fast_mod
 
     monkeypatch.setattr(fast_mod, "compile_problem", lambda *a: "no C++ compiler")
     pipe = load_pipeline(tiny_sdxl, shift=250)
@@ -135,7 +135,7 @@ def test_regional_compile_serves_many_pipelines_and_sizes(tiny_sdxl):
     fills with a graph per model configuration, dtype, backend and shape; past its default limit of 8 the
     fullgraph compile failed the request (found by the whole suite: with the earlier tests of this file and
     test_sd.py's, this test failed before the limit was raised and fullgraph dropped)."""
-    from nitrofusion.worlds.sdxl.pipeline import generate_images
+    from nitrofusion.worlds.pipelines.pipeline import generate_images
 
     for _ in range(5):
         pipe = load_pipeline(tiny_sdxl, shift=250)
@@ -151,7 +151,7 @@ def test_the_fast_decoder_precision(monkeypatch, device, bf16, expected):
     decodes fine in the pipeline's dtype is left alone."""
     from types import SimpleNamespace
 
-    from nitrofusion.worlds.sdxl.fast import fast_vae_dtype
+    from nitrofusion.worlds.pipelines.fast import fast_vae_dtype
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     vae = SimpleNamespace(dtype=torch.float16, device=torch.device(device), config=SimpleNamespace(force_upcast=True))
@@ -163,7 +163,7 @@ def test_the_fast_decoder_precision(monkeypatch, device, bf16, expected):
 def test_a_bf16_decoder_is_close_to_fp32(tiny_sdxl, tmp_path):
     """`--vae-dtype bf16`: the decoder's weights in bf16, the UNet untouched; images within a few 8-bit levels of
     the fp32 decoder's (bf16 keeps 8 bits of mantissa), with and without --fast."""
-    from nitrofusion.worlds.sdxl.pipeline import generate_images
+    from nitrofusion.worlds.pipelines.pipeline import generate_images
 
     exact = load_pipeline(tiny_sdxl, shift=250)
     half = load_pipeline(tiny_sdxl, shift=250, vae_dtype=torch.bfloat16)

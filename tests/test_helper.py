@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nitrofusion.distill_config import PairsConfig
-from nitrofusion.helper import Helper, Inline, start_helper
+from nitrofusion.studies.helper import Helper, Inline, start_helper
 from nitrofusion.worlds.mini import demo_jobs
 
 
@@ -70,7 +70,7 @@ def test_student_rows_in_a_helper_equal_inline(teacher_dir, tiny_teacher, tmp_pa
 
 
 def test_demo_progress_scales_what_is_left_by_how_the_finished_phases_went():
-    from nitrofusion.demo import Progress
+    from nitrofusion.studies.demo import Progress
 
     lines = []
     progress = Progress({"teacher pairs": 10.0, "training": 20.0, "evaluation": 30.0}, lines.append)
@@ -82,7 +82,7 @@ def test_demo_progress_scales_what_is_left_by_how_the_finished_phases_went():
 
 
 def test_demo_progress_ignores_a_phase_the_cache_skipped():
-    from nitrofusion.demo import Progress
+    from nitrofusion.studies.demo import Progress
 
     lines = []
     progress = Progress({"teacher pairs": 30.0, "training": 20.0, "evaluation": 10.0}, lines.append)

@@ -40,7 +40,7 @@ def _inputs(adapter, n=3):
 
 
 def _nonzero_adapters(student):
-    from nitrofusion.student import trainable_state
+    from nitrofusion.models.student import trainable_state
 
     with torch.no_grad():
         for p in trainable_state(student).values():
@@ -50,7 +50,7 @@ def _nonzero_adapters(student):
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_one_unet_and_its_base_is_the_plain_teacher_bitwise(adapter, tiny_cfg, checkpointing):
     from nitrofusion.method.backbone import UNetBackbone
-    from nitrofusion.student import trainable_state
+    from nitrofusion.models.student import trainable_state
 
     plain = copy.deepcopy(adapter.teacher_unet)
     storage = {p.data_ptr() for p in adapter.teacher_unet.parameters()}
@@ -87,7 +87,7 @@ def test_one_unet_and_its_base_is_the_plain_teacher_bitwise(adapter, tiny_cfg, c
 
 
 def test_lora_training_trains_only_the_adapters_and_gives_the_teacher_back(adapter, pairs, tiny_cfg, tmp_path):
-    from nitrofusion.student import has_lora
+    from nitrofusion.models.student import has_lora
 
     teacher = {k: v.clone() for k, v in adapter.teacher_unet.state_dict().items()}
     result = distill(tiny_cfg(*LORA), adapter, pairs, tmp_path, progress=False)
@@ -128,7 +128,7 @@ def test_lora_init_from_an_exported_lora_and_the_wrong_kinds_are_refused(adapter
     factors = tmp_path / "a" / "student" / "lora" / "pytorch_lora_weights.safetensors"
     cfg = tiny_cfg(*LORA, f"student_init={factors}")
     student = build_student(cfg, adapter)
-    from nitrofusion.student import peft_factors, remove_lora
+    from nitrofusion.models.student import peft_factors, remove_lora
 
     got, want = peft_factors(student), {k.removeprefix("unet."): v for k, v in load_file(str(factors)).items()}
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
@@ -196,7 +196,7 @@ def test_lora_export_is_the_training_time_student_bitwise(lora_run, tiny_sdxl, t
 
     from nitrofusion import config
     from nitrofusion.distill_config import DistillConfig
-    from nitrofusion.student import load_trainable_state
+    from nitrofusion.models.student import load_trainable_state
     from nitrofusion.worlds.sdxl.adapter import SDXLAdapter
 
     out = tmp_path / "lora"
@@ -248,7 +248,7 @@ def test_on_a_fused_teacher_lora_the_student_is_both_loras_stacked(tiny_sdxl, tm
 
     from nitrofusion import config
     from nitrofusion.distill_config import DistillConfig
-    from nitrofusion.student import load_trainable_state
+    from nitrofusion.models.student import load_trainable_state
     from nitrofusion.worlds.sdxl.adapter import SDXLAdapter
     from nitrofusion.worlds.sdxl.testing import build_sdxl_unet
 
@@ -289,6 +289,6 @@ def test_a_lora_student_skips_non_finite_steps_like_a_full_one(adapter, pairs, t
     saved = load_file(str(ck / "student.safetensors"))
     lora_b = [v for k, v in saved.items() if ".lora_B." in k]
     assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b)  # B still at its zero init: no step taken
-    from nitrofusion.student import has_lora
+    from nitrofusion.models.student import has_lora
 
     assert not has_lora(adapter.teacher_unet)  # given back even when the run stops with an error

@@ -28,8 +28,10 @@ SCRIPT = textwrap.dedent('''
                                                          "micro_batch=2", "grad_accum=4",
                                                          *[a for a in sys.argv[2:] if a != "RESUME"]])
     state = process_state()
-    adapter = world_of_config(cfg).adapter(cfg)
-    result = distill(cfg, adapter, training_data(cfg, adapter, state), out / "run", progress=False,
+    world = world_of_config(cfg)
+    adapter = world.adapter(cfg)
+    data = training_data(cfg, adapter, world.prompts(cfg), state)
+    result = distill(cfg, adapter, data, out / "run", progress=False,
                      resume="RESUME" in sys.argv)
     pool = result["pool"]
     tensors = {f"pool.{k}": v for k, v in pool.state_dict().items()}

@@ -8,9 +8,11 @@ import torch
 
 from nitrofusion.cli import main
 from nitrofusion.data.pairs import MixedPairs, MixLoader, Pairs
-from nitrofusion.data.real_data import caption_folder, folder_real_pairs, mini_real_pairs, training_source
-from nitrofusion.manifold import knn_radii, per_class_coverage, precision_recall_coverage
+from nitrofusion.data.real_data import caption_folder, folder_real_pairs, training_source
+from nitrofusion.evaluation.manifold import knn_radii, per_class_coverage, precision_recall_coverage
 from nitrofusion.method.losses import r1_penalty
+from nitrofusion.worlds import world_named
+from nitrofusion.worlds.mini.data import mini_real_pairs
 
 
 def test_mini_real_rows_are_fashion_mnist_with_their_class_prompts(mini_adapter):
@@ -47,9 +49,12 @@ def test_mix_loader_takes_its_share_and_resumes_exactly():
 
 def test_source_data_never_makes_teacher_pairs(mini_adapter, tiny_cfg):
     cfg = tiny_cfg("real.source=data", "real.count=40")
-    data = training_source(cfg, mini_adapter, lambda: pytest.fail("teacher pairs were generated"), progress=False)
+    mini = world_named("mini")
+    data = training_source(cfg, lambda: pytest.fail("teacher pairs were generated"),
+                           lambda: mini.real_pairs(cfg, mini_adapter, progress=False))
     assert len(data) == 40
-    mixed = training_source(tiny_cfg("real.source=mix", "real.count=40"), mini_adapter, lambda: _rows(4, 0, "t"))
+    mix = tiny_cfg("real.source=mix", "real.count=40")
+    mixed = training_source(mix, lambda: _rows(4, 0, "t"), lambda: mini.real_pairs(mix, mini_adapter))
     assert isinstance(mixed, MixedPairs) and mixed.share == 0.5
 
 
@@ -58,7 +63,8 @@ def test_distill_against_real_images(mini_adapter, tiny_cfg, tmp_path):
     from nitrofusion.training import distill
 
     cfg = tiny_cfg("real.source=data", "real.count=64", "adversarial.r1_weight=0.5")
-    result = distill(cfg, mini_adapter, training_source(cfg, mini_adapter, list), tmp_path, progress=False)
+    data = training_source(cfg, list, lambda: world_named("mini").real_pairs(cfg, mini_adapter))
+    result = distill(cfg, mini_adapter, data, tmp_path, progress=False)
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert result["images"] == 16 and all(e["r1"] > 0 for e in log)
 
@@ -128,7 +134,7 @@ def test_precision_recall_coverage_hand_computed():
     (["adversarial.r1_weight=-1"], "adversarial.r1_weight must be >= 0 (got -1"),
     (["real.share=1.5"], "real.share must be > 0 and < 1 (got 1.5)"),
     (["world=sdxl", "teacher=/x", "real.source=data"], "real.source 'data' needs real images: set real.data"),
-    (["real.source=mix", "real.data=/imgs"], "real.data applies to worlds 'sdxl' and 'sd'"),
+    (["real.source=mix", "real.data=/imgs"], "real.data applies to the pipeline worlds"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(sets, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nitrofusion import real_metrics as rm
 from nitrofusion.errors import NitroFusionError
-from nitrofusion.real_metrics import RealMetrics, RealMetricsConfig
+from nitrofusion.evaluation import real_metrics as rm
+from nitrofusion.evaluation.real_metrics import RealMetrics, RealMetricsConfig
 
 PROJECTION = 16
 

@@ -118,21 +118,26 @@ def test_refinement_regression_stops_at_its_image_count(mini_adapter, tiny_cfg, 
     """regression_refine_until=8: the first optimiser step (images 0-7) gives refinement rows the regression,
     the later ones do not; the switch follows the images done, as the learning rate does."""
     from nitrofusion.data.pairs import verify_and_repair
-    from nitrofusion.training import loop
+    from nitrofusion.method.schedules import refine_probability, regression_on_refinements
+    from nitrofusion.training import step
 
-    calls, real_step = [], loop.optimizer_step
+    calls, real_schedule = [], step.regression_on_refinements
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs["refine_regression"])
-        return real_step(*args, **kwargs)
+    def spy(*args, **kwargs):  # the optimiser step reads the schedule once, at its images done
+        calls.append(real_schedule(*args, **kwargs))
+        return calls[-1]
 
-    monkeypatch.setattr(loop, "optimizer_step", spy)
+    monkeypatch.setattr(step, "regression_on_refinements", spy)
     pairs = verify_and_repair(mini_adapter, ["a photo of a bag", "a photo of a coat"], 16, 0, tmp_path / "pairs",
                               shard_size=8, batch_size=8, progress=False)
     cfg = tiny_cfg("multistep.p=0.5", "adversarial.regression_weight=1", "adversarial.regression_rows=all",
                    "adversarial.regression_refine_until=8", "max_images=24")
     distill(cfg, mini_adapter, pairs, tmp_path / "run", progress=False)
     assert calls == [True, False, False]
+    # the schedules are pure functions of (config, images seen)
+    assert [regression_on_refinements(cfg.adversarial, n) for n in (0, 7, 8, 100)] == [True, True, False, False]
+    stage = tiny_cfg("multistep.p=0.5", "multistep.start_images=16").multistep
+    assert [refine_probability(stage, n) for n in (0, 15, 16)] == [0.0, 0.0, 0.5]
 
 
 def test_shifted_renoising_diagnostic_is_consistent_in_noise_level(mini_adapter):

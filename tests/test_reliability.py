@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nitrofusion import checkpoint as ckpt
 from nitrofusion.cli import main
 from nitrofusion.data.pairs import verify_and_repair
 from nitrofusion.errors import NitroFusionError
+from nitrofusion.training import checkpoint as ckpt
 from nitrofusion.training import distill
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "nitrofusion"
@@ -144,7 +144,7 @@ class Payload:  # any non-tensor object makes weights_only loading refuse a file
 def test_a_refused_pickle_is_explained_in_our_words(tmp_path):
     import torch
 
-    from nitrofusion.unet_weights import read_weights
+    from nitrofusion.models.weights import read_weights
 
     torch.save({"w": torch.zeros(2), "x": Payload()}, tmp_path / "evil.bin")
     with pytest.raises(NitroFusionError) as info:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from nitrofusion.cuda_graphs import GraphedCall
-from nitrofusion.worlds.sdxl.pipeline import generate_images, image_generators, load_pipeline
-from nitrofusion.worlds.sdxl.runtime import SDXLRuntime, runtime_for
+from nitrofusion.worlds.pipelines.cuda_graphs import GraphedCall
+from nitrofusion.worlds.pipelines.pipeline import generate_images, image_generators, load_pipeline
+from nitrofusion.worlds.pipelines.runtime import SDXLRuntime, runtime_for
 
 PROMPTS = ["a red cat", "a photo of a dog on a beach"]
 

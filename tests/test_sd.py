@@ -123,7 +123,7 @@ def test_the_pipeline_is_the_training_time_sampler(family, steps):
 
 
 def test_generate_export_and_a_stock_pipeline_agree(family, tmp_path):
-    from nitrofusion.worlds.sdxl.pipeline import image_generators
+    from nitrofusion.worlds.pipelines.pipeline import image_generators
 
     _, folder, run = family
     ours = _generate(run, tmp_path / "gen")
@@ -164,7 +164,7 @@ def test_single_file_export_round_trips_and_loads_with_from_single_file(family, 
 
 
 def test_lora_export_loads_into_a_stock_pipeline_and_through_base(family, tmp_path):
-    from nitrofusion.worlds.sdxl.export import KOHYA_LORA_FILE
+    from nitrofusion.worlds.pipelines.export import KOHYA_LORA_FILE
 
     _, folder, run = family
     assert main(["export", str(run), "--format", "lora", "--rank", "64", "--out", str(tmp_path / "lora")]) == 0
@@ -243,8 +243,8 @@ def test_transfer_is_exact_arithmetic_from_folders_and_an_original_layout_file(f
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
+    from nitrofusion.worlds.pipelines.export import unet_to_original
     from nitrofusion.worlds.sd.testing import sd_unet_config
-    from nitrofusion.worlds.sdxl.export import unet_to_original
 
     variant, folder, run = family
     torch.manual_seed(7)
@@ -266,8 +266,8 @@ def test_transfer_is_exact_arithmetic_from_folders_and_an_original_layout_file(f
 def test_the_fast_path_gives_the_eager_images(family):
     """Fused QKV, channels_last and the regional compile (aot_eager: the graph capture, seconds on a CPU)."""
     from nitrofusion import load_pipeline
-    from nitrofusion.worlds.sdxl.fast import make_fast
-    from nitrofusion.worlds.sdxl.pipeline import generate_images
+    from nitrofusion.worlds.pipelines.fast import make_fast
+    from nitrofusion.worlds.pipelines.pipeline import generate_images
 
     _, _, run = family
     eager, fast = load_pipeline(run), load_pipeline(run)

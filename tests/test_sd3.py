@@ -168,7 +168,7 @@ def test_the_stock_pipeline_is_the_training_time_sampler(sd3, steps):
 
 def test_generate_and_the_exported_folder_in_a_stock_pipeline_agree(sd3, tmp_path):
     from nitrofusion.worlds import world_of_model
-    from nitrofusion.worlds.sdxl.pipeline import image_generators
+    from nitrofusion.worlds.pipelines.pipeline import image_generators
 
     _, _, run = sd3
     ours = generate(run, tmp_path / "gen")
@@ -230,7 +230,7 @@ def test_a_transformer_weights_file_generates_through_base(sd3, tmp_path):
     from safetensors.torch import save_file
 
     from nitrofusion.worlds import world_of_model
-    from nitrofusion.worlds.sdxl.pipeline import SHIFT_METADATA_KEY
+    from nitrofusion.worlds.pipelines.pipeline import SHIFT_METADATA_KEY
 
     folder, _, run = sd3
     state = load_file(str(run / "student" / "transformer" / "diffusion_pytorch_model.safetensors"))

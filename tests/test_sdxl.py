@@ -215,7 +215,7 @@ def test_sdxl_bad_input_is_one_line_and_exit_2(tiny_sdxl, prompt_file, tmp_path,
 
 
 def test_unused_downloaded_weights_are_never_unpickled(tmp_path):
-    from nitrofusion.unet_weights import read_weights
+    from nitrofusion.models.weights import read_weights
 
     class Evil:
         def __reduce__(self):

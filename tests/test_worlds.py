@@ -63,7 +63,7 @@ def test_generate_with_an_sdxl_flag_on_a_mini_model_is_one_line(mini_run, capsys
 
 
 def test_the_app_loads_a_mini_model_through_its_world(mini_run):
-    from nitrofusion.app import make_generator
+    from nitrofusion.app.live import make_generator
 
     run, examples = make_generator(mini_run)
     image = run(examples[0], 2, 7)

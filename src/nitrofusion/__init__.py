@@ -14,7 +14,7 @@ def __getattr__(name: str):
 
         return TimestepShiftFlowScheduler
     if name == "load_pipeline":
-        from .worlds.sdxl.pipeline import load_pipeline
+        from .worlds.pipelines.pipeline import load_pipeline
 
         return load_pipeline
     if name == "SchedulerMixin":

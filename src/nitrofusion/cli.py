@@ -51,7 +51,8 @@ def _fast_args(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nitrofusion", description="NitroFusion: dynamic adversarial "
-                                     "distillation of text-to-image diffusion models into 1-4 step generators.")
+                                     "distillation of text-to-image diffusion models (mini world, SDXL, SD 1.x/2.x, "
+                                     "SD3/3.5) into 1-4 step generators.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks (also NITROFUSION_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -61,17 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, help="distillation budget in training images (default: the preset's)")
     p.add_argument("--minutes", type=float, help="also stop after this many training minutes (0 = no time limit)")
     p.add_argument("--eval-samples", type=int, default=1000, help="held-out prompts/x_T for the metrics (default "
-                   "1000; the README's tables use 2000)")
+                   "1000; the study tables in docs/studies use 2000)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.set_defaults(func=cmd_demo)
 
-    p = command(sub, "distill", "run NitroFusion distillation (mini world, SDXL or SD 1.x/2.x; `accelerate launch "
-                       "-m nitrofusion distill` for many processes)")
+    p = command(sub, "distill", "run NitroFusion distillation (mini world, SDXL, SD 1.x/2.x or SD3/3.5; `accelerate "
+                       "launch -m nitrofusion distill` for many processes)")
     _add_config_args(p, "mini", resumable=True)
-    p.add_argument("--teacher", help="teacher folder: a diffusers SDXL (sdxl presets) or SD 1.x/2.x (sd15, sd21) "
-                   "pipeline, or a mini teacher")
-    p.add_argument("--prompts", help="prompt source for sdxl and sd: .txt, .csv/.jsonl (prompts.column), a datasets "
-                   "folder, or hf:NAME")
+    p.add_argument("--teacher", help="teacher folder: a diffusers SDXL (sdxl presets), SD 1.x/2.x (sd15, sd21) or "
+                   "SD3/3.5 (sd35-medium) pipeline, or a mini teacher")
+    p.add_argument("--prompts", help="prompt source for sdxl, sd and sd3: .txt, .csv/.jsonl (prompts.column), a "
+                   "datasets folder, or hf:NAME")
     p.add_argument("--out", required=True, help="run folder: config, log, checkpoints, student")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.set_defaults(func=cmd_distill)
@@ -89,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "released NitroSD UNet file")
     p.add_argument("--model", required=True, help="run folder (from distill/demo) or its student/ folder, an "
                    "exported diffusers folder, or a UNet .safetensors (with --base)")
-    p.add_argument("--base", help="SDXL or SD pipeline folder giving the text encoders and VAE (default for a run: its "
-                   "teacher folder)")
+    p.add_argument("--base", help="SDXL, SD or SD3 pipeline folder giving the text encoders and VAE (default for a "
+                   "run: its teacher folder)")
     p.add_argument("--shift", type=int, help="timestep shift for a UNet file (default: its metadata or name: "
                    "realism 250, vibrant 500)")
     p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
@@ -107,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for PNG files and grid.png")
     p.set_defaults(func=cmd_generate)
 
-    p = command(sub, "export", "export an SDXL or SD student as a diffusers folder, an original-layout single "
-                       "file (A1111/ComfyUI) or a LoRA of student - base")
-    p.add_argument("model", help="SDXL or SD run folder (or student folder / exported folder / UNet file with --base)")
+    p = command(sub, "export", "export an SDXL, SD or SD3 student as a diffusers folder, or (SDXL, SD) an "
+                       "original-layout single file (A1111/ComfyUI) or a LoRA of student - base")
+    p.add_argument("model", help="SDXL, SD or SD3 run folder (or student folder / exported folder / UNet file with "
+                   "--base)")
     p.add_argument("--format", required=True, help="diffusers, single-file or lora")
     p.add_argument("--out", required=True, help="folder (diffusers, lora) or .safetensors file (single-file); "
                    "must not exist")

@@ -9,9 +9,12 @@ from typing import ClassVar, Literal
 from .config import ranged
 from .errors import ConfigError
 from .method.config import AdversarialConfig, MultiStepConfig, PoolConfig
+from .worlds.config import check_config
 from .worlds.sd.config import SDConfig
 from .worlds.sd3.config import SD3Config
 from .worlds.sdxl.config import SDXLConfig
+
+PIPELINE_SECTIONS = ("sdxl", "sd", "sd3")  # the config sections of the pipeline worlds, named as their world
 
 
 @dataclass
@@ -64,16 +67,6 @@ class RealConfig:
     data: str = ""  # sdxl, sd: a folder of images with captions; mini: empty (Fashion-MNIST's train split)
     count: int = ranged(0, ge=0)  # real images used, the first `count` in order; 0 = all
     seed: int = ranged(0, ge=0, le=2**31 - 1)  # seeds the x_T of real rows
-
-    def check_world(self, world: str) -> None:
-        if self.source == "teacher":
-            return
-        if world == "mini" and self.data:
-            raise ConfigError("real.data applies to worlds 'sdxl' and 'sd'; the mini world's real images are "
-                              "Fashion-MNIST's train split (leave real.data empty)")
-        if world != "mini" and not self.data:
-            raise ConfigError(f"real.source '{self.source}' needs real images: set real.data to a folder of images "
-                              "with captions, or use real.source=teacher")
 
 
 # LoRA targets by default: attention (self and cross: q, k, v, out), feed-forward (GEGLU in, out) and the
@@ -161,7 +154,7 @@ class DistillConfig:
     @property
     def pipeline_config(self) -> SDXLConfig | SD3Config | None:
         """The active diffusers family's section (`sdxl`, `sd` or `sd3`); None in the mini world."""
-        return {"sdxl": self.sdxl, "sd": self.sd, "sd3": self.sd3}.get(self.world)
+        return getattr(self, self.world) if self.world in PIPELINE_SECTIONS else None
 
     def validate(self) -> None:
         if self.mixed_precision == "fp16":
@@ -182,17 +175,7 @@ class DistillConfig:
             if getattr(self, name).schedule == "linear" and not self.max_images:
                 raise ConfigError(f"{name}.schedule linear decays to 0 at max_images; set max_images, or "
                                   f"{name}.schedule=constant with a max_minutes budget")
-        if self.world == "mini" and (self.prompts.source or self.sdxl.teacher_unet or self.sdxl.teacher_lora
-                                     or self.sd.teacher_unet or self.sd.teacher_lora):
-            raise ConfigError("prompts.*, sdxl.* and sd.* apply to worlds 'sdxl' and 'sd'; the mini world's prompts "
-                              "are its 10 classes")
-        if self.world == "sd3" and self.student.kind == "lora":
-            raise ConfigError("student.kind lora is not implemented for world 'sd3' yet; use student.kind=full")
-        other = {"sdxl": "sd", "sd": "sdxl"}.get(self.world)
-        if other and (getattr(self, other).teacher_unet or getattr(self, other).teacher_lora):
-            raise ConfigError(f"{other}.* applies to world '{other}'; this run is world '{self.world}': set "
-                              f"{self.world}.teacher_unet / {self.world}.teacher_lora instead")
-        self.real.check_world(self.world)
+        check_config(self)  # the world's own checks (worlds/config.py)
         if self.adversarial.regression_weight and self.real.source != "teacher":
             raise ConfigError(f"adversarial.regression_weight needs teacher pairs (a real image has no paired x_T); "
                               f"set it to 0 with real.source={self.real.source}, or use real.source=teacher")
@@ -200,6 +183,3 @@ class DistillConfig:
         if adv.regression_refine_until and not (adv.regression_weight and adv.regression_rows == "all"):
             raise ConfigError("adversarial.regression_refine_until limits the refinement rows' regression: it needs "
                               "adversarial.regression_rows=all and a regression_weight above 0, or set it to 0")
-        if self.world != "mini" and self.eval_every_images:
-            raise ConfigError("eval_every_images applies to world 'mini' (its metric classifier); evaluate an SDXL "
-                              "run's checkpoints with `nitrofusion evaluate`")

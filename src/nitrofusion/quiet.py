@@ -8,7 +8,9 @@ the lines it printed at import.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 # logger name -> why its warnings are noise to us
 NOISY_LOGGERS = {
@@ -49,3 +51,17 @@ def quiet_dependencies() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) for f in logger.filters):
             logger.addFilter(_DropMessage(start, part))
+
+
+@contextlib.contextmanager
+def transformers_progress_off() -> Iterator[None]:
+    """No per-file 'Loading weights' bars from transformers while models load: a run's output is its own."""
+    from transformers.utils import logging as transformers_logging
+
+    was = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            transformers_logging.enable_progress_bar()

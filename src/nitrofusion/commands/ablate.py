@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def cmd_ablate(args) -> None:
-    from ..ablate import run_ablation
+    from ..studies.ablate import run_ablation
 
     r = run_ablation(Path(args.out), seeds=args.seeds, seed_start=args.seed_start, budget_images=args.budget,
                      eval_samples=args.eval_samples,

@@ -10,7 +10,7 @@ def cmd_app(args) -> None:
         import gradio  # noqa: F401
     except ImportError:
         raise NitroFusionError("the live demo needs gradio: pip install 'nitrofusion[app]'") from None
-    from ..app import LIVE_SIZE, build_app, launch, make_generator
+    from ..app.live import LIVE_SIZE, build_app, launch, make_generator
     from ..dtypes import parse_dtype
 
     if args.size is not None and (args.size <= 0 or args.size % 8):

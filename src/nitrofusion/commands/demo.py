@@ -12,7 +12,7 @@ def cmd_demo(args) -> None:
     extra += [f"max_images={args.images}"] if args.images is not None else []
     cfg = distill_config(args, extra)  # checked before torch and diffusers load (seconds)
     output_folder(args.out)
-    from ..demo import run_demo
+    from ..studies.demo import run_demo
 
     report = run_demo(Path(args.out), cfg, eval_samples=args.eval_samples, resume=args.resume)
     t, s = report["teacher"], report["student"]

@@ -27,8 +27,8 @@ def cmd_distill(args) -> None:
     prompts = world.prompts(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
     adapter = world.adapter(cfg)
     check_student(cfg, adapter)  # LoRA targets against the real UNet, still before any teacher pair
-    data = training_source(cfg, adapter, lambda: training_data(cfg, adapter, state, prompts=prompts),
-                           progress=state.is_main_process)
+    data = training_source(cfg, lambda: training_data(cfg, adapter, prompts, state),
+                           lambda: world.real_pairs(cfg, adapter, progress=state.is_main_process))
     evaluator = world.training_evaluator(cfg, adapter) if state.is_main_process else None
     result = distill(cfg, adapter, data, Path(args.out), resume=args.resume, evaluator=evaluator)
     if state.is_main_process:

@@ -22,7 +22,7 @@ def cmd_generate(args) -> None:
         raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
     if args.num_per_prompt < 1:
         raise NitroFusionError(f"--num-per-prompt must be >= 1 (got {args.num_per_prompt})")
-    from ..worlds.sdxl.pipeline import check_seed
+    from ..worlds.pipelines.pipeline import check_seed
 
     check_seed(args.seed, "--seed")
     output_folder(args.out)

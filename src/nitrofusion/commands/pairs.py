@@ -21,7 +21,7 @@ def cmd_pairs(args) -> None:
     check_mixed_precision(cfg.mixed_precision, state.device)
     world = world_of_config(cfg)
     prompts = world.prompts(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
-    out = training_data(cfg, world.adapter(cfg), state, load=False, prompts=prompts)
+    out = training_data(cfg, world.adapter(cfg), prompts, state, load=False)
     if state.is_main_process:
         pairs = load_pairs(out, in_memory=False, shards=shards_read(cfg, state.num_processes))
         print(f"{pairs.held if isinstance(pairs, ShardSubset) else len(pairs)} teacher pairs in {out}")

@@ -14,7 +14,7 @@ from accelerate import PartialState
 
 from ..distill_config import DistillConfig, PairsConfig
 from ..dtypes import mixed_precision_dtype, torch_dtype
-from ..worlds.adapter import ModelAdapter
+from ..method.adapter import ModelAdapter
 from .pairs import (
     EpochGrowth,
     OnlinePairs,
@@ -72,15 +72,12 @@ def shards_read(cfg: DistillConfig, processes: int = 1) -> list[int] | None:
     return None if len(shards) == p.shards else shards
 
 
-def training_data(cfg: DistillConfig, adapter: ModelAdapter, state: PartialState | None = None,
-                  out: Path | None = None, load: bool = True,
-                  prompts: Prompts | None = None) -> Pairs | ShardedPairs | OnlinePairs | Path:
-    """The teacher pairs of a run: online, or the cache (`teacher_pairs`), as many as the run reads."""
+def training_data(cfg: DistillConfig, adapter: ModelAdapter, prompts: Prompts, state: PartialState | None = None,
+                  out: Path | None = None,
+                  load: bool = True) -> Pairs | ShardedPairs | ShardSubset | OnlinePairs | Path:
+    """The teacher pairs of a run (its world's `prompts`): online, or the cache (`teacher_pairs`), as many as the
+    run reads."""
     state = state or process_state()
-    if prompts is None:
-        from ..worlds import world_of_config
-
-        prompts = world_of_config(cfg).prompts(cfg, verbose=state.is_main_process)
     if cfg.pairs.online:
         return OnlinePairs(adapter, prompts, cfg.pairs.seed, mixed_precision_dtype(cfg.mixed_precision))
     shards = shards_read(cfg, state.num_processes)

@@ -22,7 +22,7 @@ from .. import faults
 from ..dtypes import autocast
 from ..errors import NitroFusionError
 from ..io import atomic_save_safetensors, atomic_write_json, cache_dir, disk_errors
-from ..worlds.adapter import ModelAdapter
+from ..method.adapter import ModelAdapter
 from .prompts import PromptSource
 
 META = "pairs.json"

@@ -7,7 +7,8 @@ teacher. Where real images with prompts exist, `real.source: data` judges the st
 for SDXL), x_T a seeded Gaussian the student starts from, unrelated to the image (no pairing is needed:
 the adversarial loss compares distributions per prompt).
 
-Mini world: the Fashion-MNIST train split with its class prompts. SDXL: a folder of images with captions
+Mini world: the Fashion-MNIST train split with its class prompts (worlds/mini/data.py). The pipeline families: a
+folder of images with captions
 (`metadata.jsonl` with file_name and text/caption/prompt, or `NAME.txt` beside each image), encoded once
 by the teacher's VAE and cached.
 """
@@ -23,26 +24,14 @@ import torch
 
 from ..errors import NitroFusionError
 from ..io import atomic_save_safetensors, cache_dir, disk_errors
-from ..worlds.adapter import ModelAdapter
 from .pairs import MixedPairs, OnlinePairs, Pairs, ShardedPairs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_KEYS = ("text", "caption", "prompt")
 
 
-def _noise(count: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def real_noise(count: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn((count, *shape), generator=torch.Generator().manual_seed(seed * 1_000_003 + 17))
-
-
-def mini_real_pairs(adapter: ModelAdapter, count: int = 0, seed: int = 0) -> Pairs:
-    """Fashion-MNIST train images (at the teacher's resolution) with their class prompts."""
-    from ..worlds.mini.data import class_prompts, load_split
-
-    images, labels = load_split("train", adapter.latent_shape()[-1])
-    if count:
-        images, labels = images[:count], labels[:count]
-    names = class_prompts()
-    return Pairs(_noise(len(images), adapter.latent_shape(), seed), images, [names[i] for i in labels.tolist()])
 
 
 def caption_folder(folder: Path) -> list[tuple[Path, str]]:
@@ -124,26 +113,19 @@ def folder_real_pairs(adapter, folder: str | Path, resolution: int, count: int =
         latents = torch.cat(out)
         with disk_errors("real-image latents", cache.parent, fix="then rerun"):
             atomic_save_safetensors({"x0": latents}, cache)
-    return Pairs(_noise(len(prompts), adapter.latent_shape(), seed), latents, prompts)
-
-
-def real_pairs(cfg, adapter: ModelAdapter, progress: bool = True) -> Pairs:
-    if cfg.world == "mini":
-        return mini_real_pairs(adapter, cfg.real.count, cfg.real.seed)
-    return folder_real_pairs(adapter, cfg.real.data, cfg.pipeline_config.resolution, cfg.real.count, cfg.real.seed,
-                             progress=progress)
+    return Pairs(real_noise(len(prompts), adapter.latent_shape(), seed), latents, prompts)
 
 
 TeacherData = Pairs | ShardedPairs | OnlinePairs
 
 
-def training_source(cfg, adapter: ModelAdapter, teacher_pairs: Callable[[], TeacherData],
-                    progress: bool = True) -> TeacherData | MixedPairs:
-    """What the discriminator calls real, per `real.source`: teacher pairs (made only when needed), real
-    images with their prompts, or both mixed."""
+def training_source(cfg, teacher_pairs: Callable[[], TeacherData],
+                    real_pairs: Callable[[], Pairs]) -> TeacherData | MixedPairs:
+    """What the discriminator calls real, per `real.source`: teacher pairs, real images with their prompts (the
+    world's `real_pairs`), or both mixed; each made only when needed."""
     if cfg.real.source == "teacher":
         return teacher_pairs()
-    real = real_pairs(cfg, adapter, progress)
+    real = real_pairs()
     if cfg.real.source == "data":
         return real
     return MixedPairs(teacher_pairs(), real, cfg.real.share)

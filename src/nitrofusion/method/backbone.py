@@ -14,7 +14,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..student import base_only, has_lora
+from ..models.student import base_only, has_lora
 
 
 def level_channels(unet: UNet2DConditionModel) -> list[int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..worlds.adapter import Cond, ModelAdapter, cond_index
+from .adapter import Cond, ModelAdapter, cond_index
 from .config import MultiStepConfig  # noqa: F401 - re-exported beside the stage it configures
 from .diffusion import conditioning_timestep
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..stopwatch import section
-from ..worlds.adapter import Cond, ModelAdapter, cond_cat, cond_index
+from .adapter import Cond, ModelAdapter, cond_cat, cond_index
 from .backbone import UNetBackbone
 from .config import AdversarialConfig, MultiStepConfig
 from .losses import d_loss, g_loss, r1_penalty, regression_loss

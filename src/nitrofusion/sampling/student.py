@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from ..errors import NitroFusionError
-from ..worlds.adapter import Cond, ModelAdapter
 from .scheduler import TimestepShiftLCMScheduler, config_for
 from .teacher import SamplerSpec, sample
+
+if TYPE_CHECKING:  # the adapter interface calls this module; its types are for annotations only
+    from ..method.adapter import Cond, ModelAdapter
 
 
 def shifted_scheduler(scheduler_config: dict, shift: int) -> TimestepShiftLCMScheduler:

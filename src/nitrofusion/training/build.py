@@ -1,19 +1,27 @@
-"""The student of a run: a full copy of the teacher UNet (fp32 master weights) or LoRA adapters on the teacher
-itself (docs/method.md §1, §4, §7), optionally initialised from a file (`student_init`)."""
+"""A run's parts, built once: the student (a full copy of the teacher UNet in fp32 master weights, or LoRA adapters
+on the teacher itself: docs/method.md §1, §4, §7, optionally initialised from a file, `student_init`), E, the head
+pool, the optimisers, the EMA and the adversarial step, as one `TrainParts` bundle."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from .. import student as student_lib
 from ..distill_config import DistillConfig
+from ..dtypes import mixed_precision_dtype
 from ..errors import NitroFusionError, describe
-from ..unet_weights import load_checked
-from ..worlds.adapter import ModelAdapter
+from ..method.adapter import ModelAdapter
+from ..method.pool import HeadPool
+from ..method.step import AdversarialStep
+from ..models import student as student_lib
+from ..models.weights import load_checked
+from .optim import EMA, adamw
 
 
 def read_student_init(cfg: DistillConfig, header_only: bool = False) -> dict[str, torch.Tensor] | None:
@@ -70,19 +78,43 @@ def build_student(cfg: DistillConfig, adapter: ModelAdapter, device: torch.devic
     return student
 
 
-def single_process_parts(cfg: DistillConfig, adapter: ModelAdapter, device: torch.device,
-                         weight_dtype: torch.dtype | None) -> tuple:
-    """What one optimiser step needs outside a run (`bench`, the step profile): the student, the backbone E, the
-    head pool, both optimisers and a one-process Accelerator."""
-    from accelerate import Accelerator
+@dataclass
+class TrainParts:
+    """Everything one optimiser step touches, built once (`build_parts`): the student (DDP-wrapped in a run of
+    several processes), E, the head pool, both optimisers, the EMA and the adversarial step over them."""
 
-    from ..method.pool import HeadPool
-    from .optim import adamw
+    acc: Accelerator
+    student: torch.nn.Module
+    backbone: torch.nn.Module
+    pool: HeadPool
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    ema: EMA | None
+    step_fn: AdversarialStep
+    zero: bool  # the student's optimiser state is sharded over the processes (ZeRO-1)
 
-    student = build_student(cfg, adapter, device, weight_dtype)
+
+def build_parts(cfg: DistillConfig, adapter: ModelAdapter, acc: Accelerator,
+                on_student: Callable[[], None] | None = None) -> TrainParts:
+    """A run's parts on `acc`'s device, the frozen teacher/backbone/encoders in the autocast dtype and the student in
+    fp32 master weights; `on_student` runs once the student's weights have loaded (the run saves its config then).
+    Seeded by the caller (torch.manual_seed): the order of the random initialisations here is part of the run."""
+    student = build_student(cfg, adapter, acc.device, mixed_precision_dtype(cfg.mixed_precision))
+    if on_student is not None:
+        on_student()
     backbone = adapter.make_backbone(cfg.gradient_checkpointing)
-    pool = HeadPool(cfg.pool, backbone.channels).to(device)
-    opt_g = adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim)
+    pool = HeadPool(cfg.pool, backbone.channels).to(acc.device)
+    zero = cfg.student_optim.zero and acc.num_processes > 1
+    opt_g = adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim, sharded=zero)
     opt_d = adamw(pool.parameters(), cfg.heads_optim)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
-    return student, backbone, pool, opt_g, opt_d, acc
+    student = acc.prepare(student)
+    if not zero:  # accelerate's optimiser wrapper reads state_dict() at once, which ZeRO only has after consolidating
+        opt_g = acc.prepare(opt_g)
+    ema = EMA(acc.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay > 0 else None
+    step_fn = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial, cfg.multistep)
+    return TrainParts(acc, student, backbone, pool, opt_g, opt_d, ema, step_fn, zero)
+
+
+def single_process_parts(cfg: DistillConfig, adapter: ModelAdapter, device: torch.device) -> TrainParts:
+    """The parts outside a run (`bench`, the step profile): one process on `device`."""
+    return build_parts(cfg, adapter, Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu"))

@@ -18,28 +18,23 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .. import checkpoint as ckpt
 from .. import config as config_lib
 from .. import faults, threads
-from .. import student as student_lib
 from ..data.pair_cache import use_cpu
 from ..data.pairs import EpochGrowth, GrowingPairs, MixedPairs, OnlinePairs, Pairs, ShardedPairs, make_loader
 from ..distill_config import DistillConfig
-from ..dtypes import mixed_precision_dtype
 from ..errors import NitroFusionError
 from ..io import atomic_write_text, disk_errors
-from ..method.pool import HeadPool
-from ..method.step import AdversarialStep
-from ..worlds.adapter import ModelAdapter, cond_to
-from .build import build_student
-from .optim import EMA, adamw, set_learning_rates
+from ..method.adapter import ModelAdapter, cond_to
+from ..models import student as student_lib
+from ..models.student import LORA_DIR
+from . import checkpoint as ckpt
+from .build import build_parts
+from .optim import set_learning_rates
 from .state import TrainState
 from .step import optimizer_step
 
 Evaluator = Callable[[torch.nn.Module, int], dict]
-
-
-LORA_DIR = "lora"  # run_dir/student/lora: a LoRA student's trained adapters
 
 
 def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter, shift: int,
@@ -52,12 +47,10 @@ def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter,
     faults.point("student-save")  # the UNet written, its scheduler not yet
     adapter.student_scheduler(shift).save_pretrained(out / "scheduler")
     if lora is not None:
-        from ..worlds.sdxl.export import save_lora_files
-
         factors, metadata = lora
         (out / LORA_DIR).mkdir(exist_ok=True)
-        save_lora_files(out / LORA_DIR, factors, student.config, int(metadata["r"]), shift,
-                        alpha=float(metadata["lora_alpha"]), metadata=metadata)
+        adapter.save_lora(out / LORA_DIR, factors, student.config, int(metadata["r"]), shift,
+                          float(metadata["lora_alpha"]), metadata)
     return out
 
 
@@ -96,25 +89,18 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=use_cpu())
     device = acc.device
     torch.manual_seed(cfg.seed)
-    # frozen teacher/backbone/encoders in the autocast dtype; the student keeps fp32 master weights
-    student = build_student(cfg, adapter, device, mixed_precision_dtype(cfg.mixed_precision))
-    if acc.is_main_process:  # the fully resolved config, once the student's weights have loaded
-        config_lib.save(cfg, run_dir / "config.yaml")
-    backbone = adapter.make_backbone(cfg.gradient_checkpointing)
-    pool = HeadPool(cfg.pool, backbone.channels).to(device)
-    zero = cfg.student_optim.zero and acc.num_processes > 1
-    opt_g = adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim, sharded=zero)
-    opt_d = adamw(pool.parameters(), cfg.heads_optim)
-    student = acc.prepare(student)
-    if not zero:  # accelerate's optimiser wrapper reads state_dict() at once, which ZeRO only has after consolidating
-        opt_g = acc.prepare(opt_g)
-    ema = EMA(acc.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay > 0 else None
-    step_fn = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial, cfg.multistep)
+
+    def save_config() -> None:  # the fully resolved config, once the student's weights have loaded
+        if acc.is_main_process:
+            config_lib.save(cfg, run_dir / "config.yaml")
+
+    parts = build_parts(cfg, adapter, acc, on_student=save_config)
+    student, pool, opt_g, ema = parts.student, parts.pool, parts.opt_g, parts.ema
     growth = EpochGrowth(cfg.pairs.start_shards, cfg.pairs.shard_size) if cfg.pairs.start_shards else None
     loader = make_loader(pairs, cfg.micro_batch, cfg.seed, acc.process_index, acc.num_processes, device, growth)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)  # t*, noise, crops
     images_per_step = cfg.micro_batch * cfg.grad_accum * acc.num_processes
-    state = TrainState(acc, student, pool, opt_g, opt_d, ema, loader, gen, zero)
+    state = TrainState(parts, loader, gen)
 
     bad_streak = 0
     log_path = run_dir / "log.jsonl"
@@ -181,11 +167,9 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
         evaluated_at = 0
     while budget_left():
         t0 = time.time()
-        set_learning_rates([(opt_g, cfg.student_optim), (opt_d, cfg.heads_optim)], state.images, cfg.max_images)
-        refine_p = cfg.multistep.p if state.images >= cfg.multistep.start_images else 0.0
-        until = cfg.adversarial.regression_refine_until  # a function of the images done: a resume stays exact
-        out = optimizer_step(acc, step_fn, student, pool, opt_g, opt_d, next_batch, gen, cfg.grad_accum, refine_p,
-                             cfg.max_grad_norm, ema, refine_regression=not until or state.images < until)
+        set_learning_rates([(opt_g, cfg.student_optim), (parts.opt_d, cfg.heads_optim)], state.images,
+                           cfg.max_images)
+        out = optimizer_step(parts, next_batch, gen, cfg.grad_accum, state.images, cfg.max_grad_norm)
         bad_streak = 0 if out.finite else bad_streak + 1
         state.step += 1
         state.images += images_per_step

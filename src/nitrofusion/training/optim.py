@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
-from .. import student as student_lib
 from ..errors import NitroFusionError
 from ..method.pool import HeadPool
+from ..models import student as student_lib
 
 
 def adamw(params, o, sharded: bool = False) -> torch.optim.Optimizer:

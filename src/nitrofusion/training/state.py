@@ -6,20 +6,20 @@ states, JSON state), so a resumed run continues bitwise where the checkpoint lef
 from __future__ import annotations
 
 import torch
-from accelerate import Accelerator
 
-from .. import student as student_lib
 from ..errors import NitroFusionError
-from ..method.pool import HeadPool
-from .optim import EMA
+from ..models import student as student_lib
+from .build import TrainParts
 
 
 class TrainState:
-    def __init__(self, acc: Accelerator, student: torch.nn.Module, pool: HeadPool, opt_g: torch.optim.Optimizer,
-                 opt_d: torch.optim.Optimizer, ema: EMA | None, loader, gen: torch.Generator,
-                 zero: bool = False) -> None:
-        self.acc, self.student, self.pool, self.opt_g, self.opt_d = acc, student, pool, opt_g, opt_d
-        self.ema, self.loader, self.gen, self.zero = ema, loader, gen, zero
+    """A run's parts (build.py) with its data position, its generator and its counters."""
+
+    def __init__(self, parts: TrainParts, loader, gen: torch.Generator) -> None:
+        self.parts = parts
+        self.acc, self.student, self.pool, self.opt_g, self.opt_d = (parts.acc, parts.student, parts.pool,
+                                                                     parts.opt_g, parts.opt_d)
+        self.ema, self.loader, self.gen, self.zero = parts.ema, loader, gen, parts.zero
         self.step, self.images, self.train_seconds = 0, 0, 0.0
 
     def state_dict(self) -> tuple[dict, dict, dict] | None:

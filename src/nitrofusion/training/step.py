@@ -9,13 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from accelerate import Accelerator
 
-from ..method.pool import HeadPool
-from ..method.step import AdversarialStep
+from ..method.adapter import Cond
+from ..method.schedules import refine_probability, regression_on_refinements
 from ..stopwatch import section
-from ..worlds.adapter import Cond
-from .optim import EMA, average_active_head_grads
+from .build import TrainParts
+from .optim import average_active_head_grads
 
 Batch = tuple[torch.Tensor, torch.Tensor, Cond]  # x_T, the teacher's x0 (or a real image), conditioning
 
@@ -28,10 +27,14 @@ class StepOutcome:
     refreshed: list[int] = field(default_factory=list)  # heads re-initialised after the step
 
 
-def optimizer_step(acc: Accelerator, step_fn: AdversarialStep, student: torch.nn.Module, pool: HeadPool,
-                   opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, next_batch: Callable[[], Batch],
-                   gen: torch.Generator, grad_accum: int, refine_p: float = 0.0, max_grad_norm: float = 0.0,
-                   ema: EMA | None = None, refine_regression: bool = True) -> StepOutcome:
+def optimizer_step(parts: TrainParts, next_batch: Callable[[], Batch], gen: torch.Generator, grad_accum: int,
+                   images: int, max_grad_norm: float = 0.0) -> StepOutcome:
+    """One optimiser step after `images` training images: the method's schedules (method/schedules.py) are read at
+    that point, so a resumed run takes the same steps."""
+    acc, step_fn, student, pool, opt_g, opt_d, ema = (parts.acc, parts.step_fn, parts.student, parts.pool,
+                                                      parts.opt_g, parts.opt_d, parts.ema)
+    refine_p = refine_probability(step_fn.multistep, images)
+    refine_regression = regression_on_refinements(step_fn.cfg, images)
     active = pool.sample_active()  # fixed for all micro-batches of this optimiser step
     logs: dict[str, float] = {}
     nonfinite: set[tuple[str, int]] = set()

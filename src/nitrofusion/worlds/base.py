@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..data.pairs import Prompts
+from ..data.pairs import Pairs, Prompts
 from ..distill_config import DistillConfig
 from ..errors import NitroFusionError
-from .adapter import ModelAdapter
+from ..method.adapter import ModelAdapter
 
 LiveGenerator = Callable[[str, int, int], Image.Image]  # (prompt, steps, seed) -> image, the model loaded once
 Evaluator = Callable[[torch.nn.Module, int], dict]  # (student, step) -> numbers for log.jsonl (train.py)
@@ -57,6 +57,16 @@ class World(ABC):
     @abstractmethod
     def prompts(self, cfg: DistillConfig, verbose: bool = True) -> Prompts:
         """The run's prompt source; an unusable source fails here, before any model loads."""
+
+    def check_config(self, cfg: DistillConfig) -> None:
+        """This world's checks of a distill config (torch-free: DistillConfig.validate runs them first)."""
+        from .config import CHECKS
+
+        CHECKS[self.name](cfg)
+
+    @abstractmethod
+    def real_pairs(self, cfg: DistillConfig, adapter: ModelAdapter, progress: bool = True) -> Pairs:
+        """Real images with their prompts as pair rows (x_T, x0, prompt), for `real.source` data and mix."""
 
     def training_evaluator(self, cfg: DistillConfig, adapter: ModelAdapter) -> Evaluator | None:
         """What `eval_every_images` runs during `distill`; None where the world has no cheap metric."""

@@ -46,7 +46,7 @@ def world_of_model(model: str | Path) -> World:
     weights file; 'teacher' is the mini world's shipped teacher. A path that is none of these is one line."""
     if str(model) == "teacher":
         return world_named("mini")
-    from .sdxl.pipeline import model_kind, run_config
+    from .pipelines.pipeline import model_kind, run_config
 
     path = Path(model)
     kind = model_kind(path)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
+from ...method.adapter import Cond, ModelAdapter
 from ...sampling.scheduler import config_for
-from ..adapter import Cond, ModelAdapter
 from . import text
 from .data import class_prompts
 from .teacher import MiniTeacher
@@ -14,6 +14,11 @@ from .teacher import MiniTeacher
 
 class MiniAdapter(ModelAdapter):
     crop_multiple = 4  # two downsamplers
+
+    def save_lora(self, folder, factors, unet_config, rank, shift, alpha, metadata) -> None:
+        from ..pipelines.export import save_lora_files  # the mini UNet is a diffusers UNet2DConditionModel
+
+        save_lora_files(folder, factors, unet_config, rank, shift, alpha=alpha, metadata=metadata)
 
     def __init__(self, teacher: MiniTeacher) -> None:
         self.teacher = teacher

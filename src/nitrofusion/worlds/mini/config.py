@@ -45,3 +45,13 @@ class TeacherTrainConfig:
     def validate(self) -> None:
         if self.minutes <= 0 and self.max_iterations <= 0:
             raise ConfigError("set minutes > 0 or max_iterations > 0")
+
+
+def check_run(cfg) -> None:
+    """A distill config of world `mini` (DistillConfig.validate): no keys of the pipeline worlds."""
+    if cfg.prompts.source or any(getattr(cfg, s).teacher_unet or getattr(cfg, s).teacher_lora for s in ("sdxl", "sd")):
+        raise ConfigError("prompts.*, sdxl.* and sd.* apply to the pipeline worlds; the mini world's prompts are its "
+                          "10 classes")
+    if cfg.real.source != "teacher" and cfg.real.data:
+        raise ConfigError("real.data applies to the pipeline worlds (sdxl, sd, sd3); the mini world's real images are "
+                          "Fashion-MNIST's train split (leave real.data empty)")

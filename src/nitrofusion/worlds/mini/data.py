@@ -12,7 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...data.pairs import Pairs
 from ...errors import NitroFusionError
+from ...method.adapter import ModelAdapter
 
 DATA_DIR = Path(os.environ.get("NITROFUSION_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat",
@@ -63,3 +65,14 @@ def load_split(split: str, resolution: int = 16, root: str | None = None) -> tup
     if resolution != 28:
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
     return x.mul(2).sub(1).clamp(-1, 1).contiguous(), torch.from_numpy(labels.astype(np.int64))
+
+
+def mini_real_pairs(adapter: ModelAdapter, count: int = 0, seed: int = 0) -> Pairs:
+    """Fashion-MNIST train images (at the teacher's resolution) with their class prompts."""
+    from ...data.real_data import real_noise
+
+    images, labels = load_split("train", adapter.latent_shape()[-1])
+    if count:
+        images, labels = images[:count], labels[:count]
+    names = class_prompts()
+    return Pairs(real_noise(len(images), adapter.latent_shape(), seed), images, [names[i] for i in labels.tolist()])

@@ -11,9 +11,9 @@ from tqdm.auto import tqdm
 
 from ...distill_config import PairsConfig
 from ...errors import NitroFusionError
+from ...evaluation.viz import save_grid
 from ...io import atomic_write_json, atomic_write_text
 from ...sampling.student import check_step_counts
-from ...viz import save_grid
 from .adapter import MiniAdapter
 from .evaluation import MiniEvaluation, labels_for, per_class
 from .generate import load_mini_student

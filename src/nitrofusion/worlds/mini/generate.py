@@ -64,7 +64,7 @@ def unknown_prompts(prompts: list[str]) -> list[str]:
 
 def generate_to_folder(model_path: Path, prompts: list[str], steps: int, seed: int, out: Path,
                        num_per_prompt: int = 1) -> list[Path]:
-    from ...viz import save_images
+    from ...evaluation.viz import save_images
 
     images = generate_images(model_path, prompts, steps, seed, num_per_prompt)
     arrays = images.mul(255).round().byte().squeeze(1).numpy()

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ...errors import NitroFusionError
+from ...evaluation.manifold import per_class_coverage, precision_recall_coverage
 from ...io import atomic_save_safetensors
-from ...manifold import per_class_coverage, precision_recall_coverage
 from . import data
 from .models import ClassifierFeatures, FashionClassifier
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ...data.pairs import Prompts
+from ...data.pairs import Pairs, Prompts
 from ...distill_config import DistillConfig
-from ..adapter import ModelAdapter
+from ...method.adapter import ModelAdapter
 from ..base import Evaluator, GenerateOptions, LiveGenerator, World
 
 
@@ -34,6 +34,11 @@ class MiniWorld(World):
         from .data import class_prompts
 
         return class_prompts()
+
+    def real_pairs(self, cfg: DistillConfig, adapter: ModelAdapter, progress: bool = True) -> Pairs:
+        from .data import mini_real_pairs
+
+        return mini_real_pairs(adapter, cfg.real.count, cfg.real.seed)
 
     def training_evaluator(self, cfg: DistillConfig, adapter: ModelAdapter) -> Evaluator | None:
         """The EMA student's 1-step classifier-FID and accuracy on `eval_samples` held-out prompts and x_T (the
@@ -99,9 +104,18 @@ class MiniWorld(World):
 
     def bench(self, options: dict) -> tuple[dict, str]:
         """The mini world's training step, part by part (its step has no SDXL stages to time)."""
-        from ...step_profile import format_profile, profile_step
+        from ...training.profile import format_profile
 
         o = options
-        result = profile_step("mini", o.get("device"), o.get("overrides"), steps=max(o["iters"], 1),
-                              warmup=o["warmup"])
+        result = self.profile(o.get("device"), o.get("overrides"), steps=max(o["iters"], 1), warmup=o["warmup"])
         return result, format_profile(result)
+
+    def profile(self, device: str | None = None, overrides: list[str] | None = None, steps: int = 3,
+                warmup: int = 1) -> dict:
+        """training/profile.py's step profile on the `mini` preset (fp32 on the CPU, or on a GPU when there is one)."""
+        from ... import config as config_lib
+        from ...training.profile import profile_step
+
+        cfg = config_lib.build(DistillConfig, "distill", "mini", list(overrides or []))
+        device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return profile_step(cfg, self.adapter(cfg), device_, None, self.prompts(cfg), "mini", steps, warmup)

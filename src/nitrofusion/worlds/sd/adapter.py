@@ -13,20 +13,26 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Cond
-from ..sdxl.adapter import SDXLAdapter, _component, _quiet_transformers
-from ..sdxl.family import SD, Family
+from ...method.adapter import Cond
+from ...quiet import transformers_progress_off
+from ..pipelines.family import SD, Family
+from ..pipelines.parts import load_component
+from ..pipelines.unet_adapter import UNetPipelineAdapter
+from .config import SDConfig
 
 
-class SDAdapter(SDXLAdapter):
+class SDAdapter(UNetPipelineAdapter):
     family: Family = SD
+
+    def family_config(self) -> SDConfig:
+        return SDConfig()
 
     def _load_text(self, folder: Path) -> tuple[list, list]:
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        tokenizer = _component(CLIPTokenizer, folder / "tokenizer")
-        with _quiet_transformers():
-            encoder = _component(CLIPTextModel, folder / "text_encoder")
+        tokenizer = load_component(CLIPTokenizer, folder / "tokenizer")
+        with transformers_progress_off():
+            encoder = load_component(CLIPTextModel, folder / "text_encoder")
         return [tokenizer], [encoder]
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from ..sdxl.testing import BOS, EOS, write_tokenizer
+from ..pipelines.testing import BOS, EOS, write_tokenizer
 
 Variant = Literal["sd1", "sd2"]
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from ...distill_config import DistillConfig
 from ...errors import NitroFusionError
-from ..adapter import ModelAdapter
-from ..sdxl.world import SDXLWorld
+from ...method.adapter import ModelAdapter
+from ..pipelines.world import UNetPipelineWorld
 
 EXAMPLES = ["a photo of a red fox in the snow", "a watercolour of a harbour at dawn"]
 
 
-class SDWorld(SDXLWorld):
+class SDWorld(UNetPipelineWorld):
     name = "sd"
     examples = EXAMPLES
 
@@ -30,13 +30,9 @@ class SDWorld(SDXLWorld):
     def recognises(self, kind: str, path: Path) -> bool:
         if kind == "pipeline":
             return json.loads((path / "model_index.json").read_text()).get("_class_name") == "StableDiffusionPipeline"
-        if kind == "file":  # a weights file's family is its --base folder's (the SDXL world's machinery reads it)
+        if kind == "file":  # a weights file's family is its --base folder's (the shared UNet machinery reads it)
             return False
-        file = path / "unet" / "config.json" if kind == "student" else path / "config.json"
-        if not file.is_file():
-            return False
-        config = json.loads(file.read_text())
-        return config.get("addition_embed_type") is None and "cross_attention_dim" in config
+        return self.recognises_unet(kind, path, text_time=False)
 
     def bench(self, options: dict) -> tuple[dict, str]:
         raise NitroFusionError("bench measures SDXL (--size full or tiny) and the mini world (--size mini); an SD "

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from ...errors import ConfigError, NitroFusionError
+from ...method.adapter import Cond, ModelAdapter
 from ...method.diffusion import NoiseProcess, RectifiedFlow
-from ..adapter import Cond, ModelAdapter
-from ..sdxl.adapter import PipelineParts, module_dtype
-from ..sdxl.family import SD3, check_pipeline_folder
+from ..pipelines.family import SD3, check_pipeline_folder
+from ..pipelines.parts import PipelineParts, module_dtype
 from .backbone import DiTBackbone
 from .config import SD3Config
 
@@ -39,7 +39,7 @@ class SD3Adapter(PipelineParts, ModelAdapter):
                  dtype: torch.dtype | None = None) -> None:
         from diffusers import StableDiffusion3Pipeline
 
-        from ..sdxl.pipeline import quiet_loading
+        from ..pipelines.pipeline import quiet_loading
         from .pipeline import absent_text_parts
 
         folder = Path(folder)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ...errors import ConfigError
-from ...student import base_only, has_lora
+from ...models.student import base_only, has_lora
 
 
 class DiTBackbone(nn.Module):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ...config import ranged
 from ...errors import ConfigError
 from ...sampling.spec import SamplerSpec
+from ..pipelines.config import check_pipeline_run
 
 
 @dataclass
@@ -34,3 +35,9 @@ class SD3Config:
         if len(set(self.taps)) != len(self.taps) or self.taps != sorted(self.taps):
             raise ConfigError(f"sd3.taps {self.taps} must be increasing block indices without repeats")
         self.sampler.validate()
+
+
+def check_run(cfg) -> None:
+    check_pipeline_run(cfg)
+    if cfg.student.kind == "lora":
+        raise ConfigError("student.kind lora is not implemented for world 'sd3' yet; use student.kind=full")

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from ...errors import NitroFusionError, describe
-from ..sdxl.pipeline import SHIFT_METADATA_KEY, ModelRef, generate_images, need_base, quiet_loading, resolve
-from ..sdxl.pipeline import load_scheduler as base_load_scheduler
+from ..pipelines.pipeline import SHIFT_METADATA_KEY, ModelRef, generate_images, need_base, quiet_loading, resolve
+from ..pipelines.pipeline import load_scheduler as base_load_scheduler
 
 SCHEDULER_ENTRY = ["nitrofusion", "TimestepShiftFlowScheduler"]
 __all__ = ["export_diffusers", "generate_images", "load_pipeline"]  # generate_images: the shared one
@@ -27,27 +27,12 @@ def absent_text_parts(folder: Path) -> dict:
     return {name: None for name in OPTIONAL_TEXT if not (index.get(name) or [None])[0]}
 
 
-def is_dit_weights(path: Path) -> bool:
-    """Whether a .safetensors file holds an SD3 transformer (diffusers keys, `transformer.`-prefixed or not): its
-    header names a context embedder, which no UNet has. Reads the header only."""
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            keys = f.keys()  # a safe_open handle is not iterable
-            return any(k.removeprefix("transformer.") == "context_embedder.weight" for k in keys)
-    except Exception:  # noqa: BLE001 - not a readable safetensors file: not ours to claim
-        return False
-
-
 def transformer_from_file(ref: ModelRef, dtype: torch.dtype):
     """An SD3 transformer weights file (diffusers keys) in the architecture of the base folder's transformer."""
     from accelerate import init_empty_weights
     from diffusers import SD3Transformer2DModel
 
-    from ...unet_weights import check_same_layout, read_weights
+    from ...models.weights import check_same_layout, read_weights
 
     base = need_base(ref, "an SD3 transformer weights file")
     config = SD3Transformer2DModel.load_config(base / "transformer")
@@ -60,7 +45,7 @@ def transformer_from_file(ref: ModelRef, dtype: torch.dtype):
 
 
 def file_shift(ref: ModelRef) -> int | None:
-    from ...unet_weights import read_weights_file
+    from ...models.weights import read_weights_file
 
     meta = read_weights_file(ref.path)[1] if ref.kind == "file" else {}
     return int(meta[SHIFT_METADATA_KEY]) if SHIFT_METADATA_KEY in meta else None
@@ -122,7 +107,7 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
 def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None = None, shift: int | None = None,
                      dtype: torch.dtype | None = None) -> Path:
     """A complete StableDiffusion3Pipeline folder that stock diffusers loads once nitrofusion is imported."""
-    from ..sdxl.export import staged_output
+    from ..pipelines.export import staged_output
 
     out = Path(out)
     if out.exists():

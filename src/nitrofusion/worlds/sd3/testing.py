@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..sdxl.testing import BOS, EOS, write_tokenizer
+from ..pipelines.testing import BOS, EOS, write_tokenizer
 
 
 def sd3_transformer_config(layers: int = 4) -> dict:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from ...distill_config import DistillConfig
 from ...errors import NitroFusionError
-from ..adapter import ModelAdapter
+from ...method.adapter import ModelAdapter
 from ..base import GenerateOptions, LiveGenerator
-from ..sdxl.world import SDXLWorld
+from ..pipelines.world import PipelineWorld
 
 EXAMPLES = ["a photo of a red fox in the snow", "a poster that says 'one step' in bold letters"]
 TRANSFORMER = "SD3Transformer2DModel"
@@ -19,8 +19,9 @@ def _class_of(config: Path) -> str | None:
     return json.loads(config.read_text()).get("_class_name") if config.is_file() else None
 
 
-class SD3World(SDXLWorld):
-    """Prompts as SDXL's (a streamed source); its own adapter and inference; no evaluate, transfer or bench yet."""
+class SD3World(PipelineWorld):
+    """Prompts and real images as every pipeline family's; its own adapter and inference; no evaluate, transfer or
+    bench yet."""
 
     name = "sd3"
     export_formats = ("diffusers",)
@@ -41,15 +42,15 @@ class SD3World(SDXLWorld):
         if kind == "student":
             return _class_of(path / "transformer" / "config.json") == TRANSFORMER
         if kind == "file":
-            from .pipeline import is_dit_weights
+            from ...models.architectures import is_dit_weights
 
             return is_dit_weights(path)
         return kind == "unet" and _class_of(path / "config.json") == TRANSFORMER
 
     def generate_to_folder(self, model: Path, prompts: list[str], steps: int, seed: int, out: Path,
                            options: GenerateOptions) -> list[Path]:
+        from ...evaluation.viz import save_images
         from ...sampling.student import check_steps
-        from ...viz import save_images
         from .pipeline import generate_images, load_pipeline
 
         check_steps(steps)

@@ -21,7 +21,7 @@ from ...data.pairs import PairLoader, generate_pairs, load_pairs
 from ...distill_config import DistillConfig
 from ...dtypes import mixed_precision_dtype
 from ...errors import NitroFusionError
-from ...method.step import AdversarialStep, student_one_step
+from ...method.step import student_one_step
 from ...training.build import single_process_parts
 from ...training.step import optimizer_step
 from .adapter import SDXLAdapter
@@ -102,8 +102,8 @@ def run_bench(size: str = "full", device: str | None = None, overrides: list[str
               iters: int = 3, warmup: int = 1, progress: Callable[[str], None] = print) -> dict:
     device_ = bench_device(size, device)
     cfg, adapter, amp, text = sdxl_setup(size, device_, overrides, progress)
-    student, backbone, pool, opt_g, opt_d, acc = single_process_parts(cfg, adapter, device_, amp)
-    step = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial)
+    parts = single_process_parts(cfg, adapter, device_)
+    student, pool, opt_g = parts.student, parts.pool, parts.opt_g
     b = cfg.micro_batch
     prompts = [f"a benchmark prompt number {i}" for i in range(b)]
     gen = torch.Generator().manual_seed(0)
@@ -132,7 +132,7 @@ def run_bench(size: str = "full", device: str | None = None, overrides: list[str
         opt_g.zero_grad(set_to_none=True)
 
     def iteration():  # one optimiser step at grad_accum 1 (training/step.py): data, D and G over 3 tasks, both
-        optimizer_step(acc, step, student, pool, opt_g, opt_d, from_cache, gen, 1)  # optimisers, refresh
+        optimizer_step(parts, from_cache, gen, 1, images=0)  # optimisers, refresh
 
     one = torch.randn((1, *adapter.latent_shape()), generator=gen).to(device_)
     cond1 = {k: v[:1] for k, v in cond.items()}

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from ...sampling.student import shifted_scheduler
+from ..pipelines.fast import compile_problem, fast_decoder, make_fast
+from ..pipelines.runtime import SDXLRuntime, needs_upcast
 from .bench import _sync
-from .fast import compile_problem, fast_decoder, make_fast
-from .runtime import SDXLRuntime, needs_upcast
 from .testing import build_sdxl_components
 
 RESOLUTIONS = {"full": (1024, 512), "tiny": (64, 32)}

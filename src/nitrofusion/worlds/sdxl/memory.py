@@ -167,7 +167,7 @@ def _numel(module: nn.Module) -> int:
 
 
 def _lora_parameters(unet: nn.Module, cfg: DistillConfig) -> int:
-    from ...student import check_targets
+    from ...models.student import check_targets
 
     check_targets(unet, cfg.student.targets)
     total = 0

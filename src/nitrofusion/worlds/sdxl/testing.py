@@ -2,23 +2,21 @@
 
 `build_random_sdxl(folder, "tiny")` writes a seconds-to-load diffusers SDXL folder for tests;
 `"full"` uses the real SDXL architecture (2.6B-parameter UNet, both CLIP encoders, the VAE) for
-benchmarks, where timing and memory do not depend on the weights. The tokenizers are offline: a
-character-level CLIP BPE vocabulary written here, with the special-token ids the text-encoder configs
-point at (CLIPTextModel pools at eos_token_id).
+benchmarks, where timing and memory do not depend on the weights. The tokenizers are offline
+(worlds/pipelines/testing.py).
 """
 
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-Size = Literal["tiny", "full"]
+from ..pipelines.testing import BOS, EOS, write_tokenizer
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+Size = Literal["tiny", "full"]
 
 _UNET = {
     "tiny": dict(sample_size=32, block_out_channels=(32, 64, 64), layers_per_block=2,
@@ -41,20 +39,6 @@ _VAE = {
     "tiny": dict(block_out_channels=(32, 64), sample_size=64),
     "full": dict(block_out_channels=(128, 256, 512, 512), sample_size=1024),
 }
-
-
-def write_tokenizer(folder: Path) -> dict[str, int]:
-    """A character-level CLIP BPE tokenizer (no merges); returns its vocabulary."""
-    chars = string.ascii_lowercase + string.digits + string.punctuation
-    vocab = {tok: i for i, tok in enumerate([*chars, *(c + "</w>" for c in chars), BOS, EOS])}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    from transformers import CLIPTokenizer
-
-    tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
-    tok.save_pretrained(folder)
-    return vocab
 
 
 def sdxl_unet_config(size: Size = "tiny") -> dict:

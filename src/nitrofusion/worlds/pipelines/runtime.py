@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-from ...cuda_graphs import Capture, GraphedCall, cuda_capture
+from .cuda_graphs import Capture, GraphedCall, cuda_capture
 
 PROMPT_CACHE = 64  # prompts whose embeddings are kept (a few KB to 0.3 MB each at SDXL's size)
 

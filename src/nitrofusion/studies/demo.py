@@ -20,22 +20,22 @@ from pathlib import Path
 
 import torch
 
-from . import config as config_lib
-from . import threads
-from .data.pairs import GrowingPairs, MixedPairs, Pairs, drop_corrupt_shards, load_shard, pair_inputs, write_index_file
-from .data.real_data import training_source
-from .distill_config import DistillConfig
+from .. import config as config_lib
+from .. import threads
+from ..data.pairs import GrowingPairs, MixedPairs, Pairs, drop_corrupt_shards, load_shard, pair_inputs, write_index_file
+from ..data.real_data import training_source
+from ..distill_config import DistillConfig
+from ..evaluation.viz import plot_curves, save_grid
+from ..io import atomic_write_json, atomic_write_text
+from ..training import distill
+from ..worlds import world_of_config
+from ..worlds.mini import demo_jobs
+from ..worlds.mini.adapter import MiniAdapter
+from ..worlds.mini.data import class_prompts
+from ..worlds.mini.evaluation import MiniEvaluation, per_class
+from ..worlds.mini.metrics import MiniMetrics
+from ..worlds.mini.pairsets import EVAL_SEED_OFFSET, held_out_pairs, pair_dir
 from .helper import Helper, Inline, start_helper
-from .io import atomic_write_json, atomic_write_text
-from .training import distill
-from .viz import plot_curves, save_grid
-from .worlds import world_of_config
-from .worlds.mini import demo_jobs
-from .worlds.mini.adapter import MiniAdapter
-from .worlds.mini.data import class_prompts
-from .worlds.mini.evaluation import MiniEvaluation, per_class
-from .worlds.mini.metrics import MiniMetrics
-from .worlds.mini.pairsets import EVAL_SEED_OFFSET, held_out_pairs, pair_dir
 
 STEPS = (1, 2, 3, 4)
 MAIN_STEPS, HELPER_STEPS = (1, 4), (2, 3)  # 5 student calls per sample on each side
@@ -125,7 +125,8 @@ def run_demo(out: Path, cfg: DistillConfig, eval_samples: int = 2000, resume: bo
         progress = Progress(plan, log)
 
         t0 = time.time()
-        train_pairs = training_source(cfg, adapter, lambda: _training_pairs(cfg, adapter, helper, teacher_path))
+        train_pairs = training_source(cfg, lambda: _training_pairs(cfg, adapter, helper, teacher_path),
+                                      lambda: world_of_config(cfg).real_pairs(cfg, adapter))
         timing["teacher_pairs_seconds"] = round(time.time() - t0, 1)
         ready = (f"first {first:,} of {count:,} teacher pairs ready (the rest are made beside training)"
                  if first < count else f"training data ready ({cfg.real.source})")

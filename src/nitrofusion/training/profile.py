@@ -17,12 +17,11 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import config as config_lib
-from .distill_config import DistillConfig
-from .method.step import AdversarialStep
-from .stopwatch import Stopwatch
-from .training.build import single_process_parts
-from .training.step import optimizer_step
+from ..distill_config import DistillConfig
+from ..method.adapter import ModelAdapter
+from ..stopwatch import Stopwatch
+from .build import single_process_parts
+from .step import optimizer_step
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype | None = None) -> float:
@@ -42,28 +41,13 @@ def matmul_peak(device: torch.device, dtype: torch.dtype | None = None) -> float
     return 2 * n**3 / best
 
 
-def _mini_setup(overrides: list[str] | None):
-    from .worlds import world_of_config
-
-    cfg = config_lib.build(DistillConfig, "distill", "mini", list(overrides or []))
-    world = world_of_config(cfg)
-    return cfg, world.adapter(cfg), None, world.prompts(cfg)
-
-
-def profile_step(size: str = "mini", device: str | None = None, overrides: list[str] | None = None,
-                 steps: int = 3, warmup: int = 1, progress: Callable[[str], None] = print) -> dict:
-    from .worlds.sdxl.bench import bench_device, sdxl_setup
-
-    device_ = bench_device(size, device)
-    if size == "mini":
-        cfg, adapter, amp, prompts = _mini_setup(overrides)
-    else:
-        # one micro-batch per step: the SDXL recipe's 20 would make each profiled step a minute on a GPU
-        cfg, adapter, amp, _ = sdxl_setup(size, device_, ["grad_accum=1", *(overrides or [])], progress)
-        prompts = [f"a benchmark prompt number {i}" for i in range(8)]
+def profile_step(cfg: DistillConfig, adapter: ModelAdapter, device_: torch.device, amp: torch.dtype | None,
+                 prompts: list[str], size: str, steps: int = 3, warmup: int = 1,
+                 progress: Callable[[str], None] = print) -> dict:
+    """Profile `steps` optimiser steps of the run `cfg` on `adapter` (a world's bench sets both up); `size` labels
+    the report."""
     torch.manual_seed(0)
-    student, backbone, pool, opt_g, opt_d, acc = single_process_parts(cfg, adapter, device_, amp)
-    step_fn = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial, cfg.multistep)
+    parts = single_process_parts(cfg, adapter, device_)
     gen = torch.Generator().manual_seed(0)
     b = cfg.micro_batch
     shape = (b, *adapter.latent_shape())
@@ -74,7 +58,7 @@ def profile_step(size: str = "mini", device: str | None = None, overrides: list[
         return x_T, x0, {k: v.to(device_) for k, v in adapter.encode_prompts(names).items()}
 
     def one_step() -> None:  # the trainer's own optimiser step (training/step.py), its sections timed
-        optimizer_step(acc, step_fn, student, pool, opt_g, opt_d, batch, gen, cfg.grad_accum, cfg.multistep.p)
+        optimizer_step(parts, batch, gen, cfg.grad_accum, images=cfg.multistep.start_images)
 
     progress(f"profiling {steps} optimiser steps ({size}, micro-batch {b} x {cfg.grad_accum}) ...")
     for _ in range(warmup):

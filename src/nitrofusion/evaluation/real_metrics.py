@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import NitroFusionError, describe
+from ..errors import NitroFusionError, describe
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FID_FEATURES = 2048
@@ -188,10 +188,10 @@ def load_clip(name: str, what: str) -> tuple[nn.Module, Any]:
     """A transformers CLIPModel and its CLIPProcessor from a saved folder, or a hub id on a connected machine."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from .worlds.sdxl.adapter import _quiet_transformers
+    from ..quiet import transformers_progress_off
 
     try:
-        with _quiet_transformers():
+        with transformers_progress_off():
             model = CLIPModel.from_pretrained(name)
             processor = CLIPProcessor.from_pretrained(name)
     except Exception as e:  # noqa: BLE001 - missing files, no network and bad configs all land here
@@ -547,7 +547,7 @@ def coco_captions(path: str | Path, n: int = 5000, seed: int = 0) -> list[tuple[
 
 def write_caption_pairs(pairs: Sequence[tuple[str, str]], path: str | Path) -> None:
     """The chosen set as a TSV with a header (file_name, caption), so the exact protocol can be reused."""
-    from .io import atomic_write_text
+    from ..io import atomic_write_text
 
     rows = ["file_name\tcaption", *(f"{f}\t{' '.join(c.split())}" for c, f in pairs)]
     atomic_write_text(path, "\n".join(rows) + "\n")

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import NitroFusionError, describe
-from .worlds.sdxl.architectures import is_lora
+from ..errors import NitroFusionError, describe
+from .architectures import is_lora
 
 ADAPTER = "nitrofusion"  # the PEFT adapter name of a LoRA student
+LORA_DIR = "lora"  # run_dir/student/lora: a LoRA student's trained adapters
 
 
 def tuner_layers(model: nn.Module) -> list[nn.Module]:

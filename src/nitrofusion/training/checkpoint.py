@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import faults
-from .errors import NitroFusionError, describe
+from .. import faults
+from ..errors import NitroFusionError, describe
 
 
 def _fsync(path: Path) -> None:

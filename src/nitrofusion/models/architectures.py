@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import NitroFusionError
+from ..errors import NitroFusionError
 
 FAMILIES = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 1280: "the SDXL refiner", 2048: "SDXL"}
 # the key projection of a cross-attention layer (its input width is the text width), by naming scheme
@@ -62,3 +62,18 @@ def check_family(state: dict[str, torch.Tensor], unet_config: dict, what: str, b
             base_name = f"an SDXL-layout UNet (cross-attention width {want})"
         raise NitroFusionError(f"{what} is {describe_state(state)}, but the base {base} is {base_name}: "
                                "give a base of the same family (or a file made for this base)")
+
+
+def is_dit_weights(path: Path) -> bool:
+    """Whether a .safetensors file holds an SD3 transformer (diffusers keys, `transformer.`-prefixed or not): its
+    header names a context embedder, which no UNet has. Reads the header only."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = f.keys()  # a safe_open handle is not iterable
+            return any(k.removeprefix("transformer.") == "context_embedder.weight" for k in keys)
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: not ours to claim
+        return False

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .errors import describe
+from ...errors import describe
 
 Outputs = torch.Tensor | tuple[torch.Tensor, ...]
 # capture(fn, static_inputs) -> (replay, static_outputs): records fn's work on the static inputs once

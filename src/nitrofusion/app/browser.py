@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .errors import NitroFusionError
+from ..errors import NitroFusionError
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ...errors import NitroFusionError
+from ...evaluation.viz import pil_to_tensor, save_grid
 from ...io import atomic_write_json, atomic_write_text
 from ...sampling.student import check_step_counts
-from ...viz import pil_to_tensor, save_grid
 
 
 def evaluate_sdxl(model: str, steps: list[int], out: Path, prompts: str = "", coco: str = "", samples: int = 5000,
@@ -20,8 +20,14 @@ def evaluate_sdxl(model: str, steps: list[int], out: Path, prompts: str = "", co
     """Real-model metrics (real_metrics.py) of an SDXL student at each step count, on a prompt file or the
     COCO-5k captions (docs/method.md §6); one image per prompt, image i seeded seed + i, no CFG."""
     from ...data.prompts import open_prompts
+    from ...evaluation.real_metrics import (
+        RealMetrics,
+        RealMetricsConfig,
+        evaluate_images,
+        load_caption_pairs,
+        write_caption_pairs,
+    )
     from ...io import disk_errors
-    from ...real_metrics import RealMetrics, RealMetricsConfig, evaluate_images, load_caption_pairs, write_caption_pairs
     from .pipeline import generate_images, load_pipeline
 
     check_step_counts(steps)
@@ -69,7 +75,7 @@ def evaluate_sdxl(model: str, steps: list[int], out: Path, prompts: str = "", co
 
 
 def render_real(r: dict) -> str:
-    from ...real_metrics import METRICS
+    from ...evaluation.real_metrics import METRICS
 
     names = {"clip_score": "CLIP score (raw cosine)", "fid": "FID (Inception)", "fd_clip": "FD-CLIP (not FID)",
              "aesthetic": "LAION aesthetic", "image_reward": "ImageReward"}

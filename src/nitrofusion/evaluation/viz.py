@@ -65,7 +65,7 @@ def save_images(images: list, prompts: list[str], out: Path, steps: int, seed: i
     to a temporary name and renamed, so a reader never sees half a PNG."""
     from PIL.PngImagePlugin import PngInfo
 
-    from .io import atomic_write
+    from ..io import atomic_write
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []

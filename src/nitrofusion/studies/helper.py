@@ -17,8 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from multiprocessing import get_context
 
-from . import threads
-from .quiet import quiet_dependencies
+from .. import threads
+from ..quiet import quiet_dependencies
 
 
 def _init_worker(num_threads: int) -> None:

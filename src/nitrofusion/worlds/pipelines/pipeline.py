@@ -26,9 +26,9 @@ import torch
 
 from ...dtypes import safetensors_dtype
 from ...errors import NitroFusionError, describe
+from ...models.architectures import check_family, is_lora
+from ...models.weights import check_same_layout, read_weights_file
 from ...sampling.student import check_steps
-from ...unet_weights import check_same_layout, read_weights_file
-from .architectures import check_family, is_lora
 from .family import Family, check_pipeline_folder, family_named, family_of_unet_config
 from .runtime import is_sdxl_pipeline, runtime_for, set_vae_dtype
 
@@ -43,14 +43,14 @@ def quiet_loading(errors_only: bool = False):
     and errors (one line each). `errors_only`: diffusers' warnings too (e.g. that an absent T5 "cannot be saved")."""
     from diffusers.utils import logging as dlog
 
-    from .adapter import _quiet_transformers
+    from ...quiet import transformers_progress_off
 
     was, level = dlog.is_progress_bar_enabled(), dlog.get_verbosity()
     dlog.disable_progress_bar()
     if errors_only:
         dlog.set_verbosity_error()
     try:
-        with _quiet_transformers():
+        with transformers_progress_off():
             yield
     finally:
         dlog.set_verbosity(level)
@@ -428,6 +428,6 @@ def generate_to_folder(model: str | Path, prompts: list[str], steps: int, seed: 
                          vae_dtype=vae_dtype)
     prompts = [p for p in prompts for _ in range(num_per_prompt)]
     images = generate_images(pipe, prompts, steps, seed, height, width, batch_size)
-    from ...viz import save_images
+    from ...evaluation.viz import save_images
 
     return save_images(images, prompts, Path(out), steps, seed, num_per_prompt)

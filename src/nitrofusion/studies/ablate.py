@@ -13,19 +13,19 @@ import math
 import time
 from pathlib import Path
 
-from . import checkpoint as ckpt
-from . import config as config_lib
-from .data.real_data import training_source
-from .distill_config import DistillConfig
-from .errors import NitroFusionError
-from .io import atomic_write_json, atomic_write_text
-from .sampling.student import check_step_counts
-from .training import distill
-from .worlds import world_of_config
-from .worlds.mini.evaluation import MiniEvaluation
-from .worlds.mini.generate import load_mini_student
-from .worlds.mini.metrics import MiniMetrics
-from .worlds.mini.pairsets import held_out_pairs, training_pairs
+from .. import config as config_lib
+from ..data.real_data import training_source
+from ..distill_config import DistillConfig
+from ..errors import NitroFusionError
+from ..io import atomic_write_json, atomic_write_text
+from ..sampling.student import check_step_counts
+from ..training import checkpoint as ckpt
+from ..training import distill
+from ..worlds import world_of_config
+from ..worlds.mini.evaluation import MiniEvaluation
+from ..worlds.mini.generate import load_mini_student
+from ..worlds.mini.metrics import MiniMetrics
+from ..worlds.mini.pairsets import held_out_pairs, training_pairs
 
 # name -> (distill preset, overrides, what it changes). PAPER: the paper's ablation (the default set);
 # the rest test explanations of how the pool and the multi-step stage behave (issue-driven studies).
@@ -95,7 +95,8 @@ def run_ablation(out: Path, seeds: int = 3, budget_images: int = 6400, eval_samp
         f"pool.seed={seed}", "eval_every_images=0"]) for v in variants for seed in seed_range}  # all checked first
     started = time.time()
     base = config_lib.build(DistillConfig, "distill", "mini", overrides)
-    adapter = world_of_config(base).adapter(base)
+    world = world_of_config(base)
+    adapter = world.adapter(base)
     cached: list = []
 
     def teacher_pairs():  # made once, and only if some variant judges against teacher samples
@@ -116,7 +117,7 @@ def run_ablation(out: Path, seeds: int = 3, budget_images: int = 6400, eval_samp
             if entry is None:
                 resume = ckpt.latest(run_dir) is not None
                 log(f"{variant} seed {seed}: {'resuming' if resume else 'training'} ({budget_images} images)")
-                data = training_source(cfg, adapter, teacher_pairs, progress=progress)
+                data = training_source(cfg, teacher_pairs, lambda cfg=cfg: world.real_pairs(cfg, adapter, progress))
                 result = distill(cfg, adapter, data, run_dir, resume=resume, progress=progress)
                 student = result["student"]
                 entry = {"variant": variant, "seed": seed, "images": result["images"],

@@ -7,12 +7,13 @@ concatenate and null it without knowing what is inside.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import torch
 
-from ..method.diffusion import NoiseProcess, VariancePreserving
+from ..models.student import base_only
 from ..sampling.teacher import Predict, SamplerSpec, sample
-from ..student import base_only
+from .diffusion import NoiseProcess, VariancePreserving
 
 Cond = dict[str, torch.Tensor]
 
@@ -42,9 +43,15 @@ class ModelAdapter(ABC):
 
     def make_backbone(self, gradient_checkpointing: bool = False) -> torch.nn.Module:
         """The frozen discriminator backbone E on the teacher (docs/method.md §3): the UNet's encoder."""
-        from ..method.backbone import UNetBackbone
+        from .backbone import UNetBackbone
 
         return UNetBackbone(self.teacher_unet, gradient_checkpointing)
+
+    def save_lora(self, folder: Path, factors: dict[str, torch.Tensor], unet_config, rank: int, shift: int,
+                  alpha: float, metadata: dict) -> None:
+        """Write a LoRA student's trained adapters into `folder` in the family's LoRA formats (a run's
+        student/lora, which `export --format lora` hands on exactly)."""
+        raise NotImplementedError(f"{type(self).__name__} trains no LoRA students")
 
     def student_scheduler(self, shift: int):
         """The scheduler a student of this family is sampled with in 1-4 steps (docs/method.md §5)."""

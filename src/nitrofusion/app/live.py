@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .errors import NitroFusionError, describe
-from .sampling.student import check_steps
-from .worlds.sdxl.pipeline import check_seed
+from ..errors import NitroFusionError, describe
+from ..sampling.student import check_steps
+from ..worlds.pipelines.pipeline import check_seed
 
 Generate = Callable[[str, int, int], Image.Image]
 
@@ -29,7 +29,7 @@ def make_generator(model: str | Path, base: str | None = None, shift: int | None
                    vae_dtype: torch.dtype | None = None, size: int | None = LIVE_SIZE) -> tuple[Generate, list[str]]:
     """(prompt, steps, seed) -> image, and example prompts; the model loads once, here, through its world.
     `fast` / `vae`: the UNet families (SDXL, SD; fast.py); `size` (pixels; None = the run's resolution): not mini."""
-    from .worlds import GenerateOptions, world_of_model
+    from ..worlds import GenerateOptions, world_of_model
 
     options = GenerateOptions(base=base, shift=shift, device=device, dtype=dtype, fast=fast, vae=vae,
                               vae_dtype=vae_dtype)

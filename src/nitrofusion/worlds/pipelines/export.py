@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ...errors import NitroFusionError
-from ...unet_weights import check_same_layout, read_weights_file
+from ...models.weights import check_same_layout, read_weights_file
 from .family import SDXL, family_of_unet_config
 from .pipeline import (
     SHIFT_METADATA_KEY,
@@ -435,7 +435,7 @@ def lora_to_kohya(lora: dict[str, torch.Tensor], unet_config, rank: int,
 
 def trained_lora_dir(ref) -> Path | None:
     """A LoRA student's adapters (run/student/lora, written by the trainer), if the model is such a run."""
-    from ...training import LORA_DIR
+    from ...models.student import LORA_DIR
 
     folder = ref.student_dir / LORA_DIR if ref.student_dir is not None else None
     return folder if folder is not None and (folder / PEFT_LORA_FILE).is_file() else None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import NitroFusionError, describe
+from ..errors import NitroFusionError, describe
 
 # prefixes a UNet state dict can carry: a pipeline-level dict, the original (A1111 / ComfyUI) layout
 KEY_PREFIXES = ("unet.", "model.diffusion_model.")

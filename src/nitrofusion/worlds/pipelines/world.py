@@ -1,0 +1,128 @@
+"""What the diffusers pipeline worlds share: prompts from a streamed source, real images from a captioned folder
+(PipelineWorld: SDXL, SD 1.x/2.x, SD3), and the UNet families' inference half (UNetPipelineWorld: SDXL and SD 1.x/2.x
+generate, serve, evaluate, export and transfer through worlds/pipelines/pipeline.py, which loads either family's
+pipeline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ...data.pairs import Pairs, Prompts
+from ...distill_config import DistillConfig
+from ...errors import NitroFusionError
+from ...method.adapter import ModelAdapter
+from ..base import GenerateOptions, LiveGenerator, World
+
+
+class PipelineWorld(World):
+    """A diffusers pipeline family: prompts and real images as every such family takes them."""
+
+    def prompts(self, cfg: DistillConfig, verbose: bool = True) -> Prompts:
+        from ...data.prompts import open_prompts
+
+        if not cfg.prompts.source:
+            raise NitroFusionError(f"world '{self.name}' needs prompts: --prompts FILE (.txt, .csv, .jsonl, a datasets "
+                                   "folder or hf:NAME)")
+        source = open_prompts(cfg.prompts.source, cfg.prompts.column, cfg.prompts.split, cfg.prompts.max_chars)
+        source.count()  # one streamed pass: fails now on an unusable source, and counts what was skipped
+        if verbose:
+            print(f"prompts: {source.stats.summary()} from {cfg.prompts.source}")
+        return source
+
+    def real_pairs(self, cfg: DistillConfig, adapter: ModelAdapter, progress: bool = True) -> Pairs:
+        from ...data.real_data import folder_real_pairs
+
+        return folder_real_pairs(adapter, cfg.real.data, getattr(cfg, self.name).resolution, cfg.real.count,
+                                 cfg.real.seed, progress=progress)
+
+
+class UNetPipelineWorld(PipelineWorld):
+    """SDXL and SD 1.x/2.x: UNet pipelines, one inference machinery (worlds/pipelines/)."""
+
+    export_formats = ("diffusers", "single-file", "lora")
+    supported_options = ("--base", "--shift", "--height", "--width", "--dtype", "--fast", "--vae", "--vae-dtype")
+    examples: list[str] = []
+
+    def recognises_unet(self, kind: str, path: Path, text_time: bool) -> bool:
+        """A run's student folder or a UNet folder of this family: SDXL's UNet has text_time micro-conditioning."""
+        file = path / "unet" / "config.json" if kind == "student" else path / "config.json"
+        if not file.is_file():
+            return False
+        config = json.loads(file.read_text())
+        if text_time:
+            return config.get("addition_embed_type") == "text_time"
+        return config.get("addition_embed_type") is None and "cross_attention_dim" in config
+
+    def generate_to_folder(self, model: Path, prompts: list[str], steps: int, seed: int, out: Path,
+                           options: GenerateOptions) -> list[Path]:
+        from .pipeline import generate_to_folder
+
+        o = options
+        return generate_to_folder(model, prompts, steps, seed, out, base=o.base, shift=o.shift, height=o.height,
+                                  width=o.width, batch_size=o.batch_size, num_per_prompt=o.num_per_prompt,
+                                  device=o.device or "cpu", dtype=o.dtype, fast=o.fast, vae=o.vae,
+                                  vae_dtype=o.vae_dtype)
+
+    def live_generator(self, model: Path, options: GenerateOptions, size: int | None) -> tuple[LiveGenerator,
+                                                                                               list[str]]:
+        from .pipeline import generate_images, load_pipeline
+
+        o = options
+        pipe = load_pipeline(model, base=o.base, shift=o.shift, device=o.device or "cpu", dtype=o.dtype, fast=o.fast,
+                             vae=o.vae, vae_dtype=o.vae_dtype)
+
+        def run(prompt: str, steps: int, seed: int):
+            return generate_images(pipe, [prompt], steps, seed, height=size, width=size, batch_size=1)[0]
+
+        return run, self.examples
+
+    def evaluate(self, model: str, steps: list[int], out: Path, options: dict) -> list[str]:
+        from ...evaluation.real_metrics import RealMetricsConfig
+        from .evaluate import evaluate_sdxl
+
+        o = {k: v for k, v in options.items() if v is not None}
+        cfg = RealMetricsConfig(clip=o.get("clip", ""), inception=o.get("inception", ""),
+                                aesthetic=o.get("aesthetic", ""), aesthetic_clip=o.get("aesthetic_clip", ""),
+                                image_reward=o.get("image_reward", ""), reference=o.get("reference", ""),
+                                device=o.get("device", ""))
+        r = evaluate_sdxl(model, steps, out, prompts=o.get("prompts", ""), coco=o.get("coco", ""),
+                          samples=o.get("samples") or 5000, seed=o.get("seed", 0), metrics_cfg=cfg,
+                          base=o.get("base"), shift=o.get("shift"), batch_size=o.get("batch_size", 4),
+                          device=o.get("device") or "cpu", dtype=o.get("dtype"))
+        lines = []
+        for row in r["rows"]:
+            parts = [f"{m} {v['value']:.4g}" if "value" in v else f"{m} skipped ({v['skipped']})"
+                     for m, v in row.items() if isinstance(v, dict)]
+            lines.append(f"{row['steps']} step(s): " + "; ".join(parts))
+        return lines
+
+    def export(self, model: str, fmt: str, out: str, options: dict) -> list[str]:
+        from ...dtypes import parse_dtype
+        from .export import export
+
+        r = export(model, fmt, out, base=options.get("base"), shift=options.get("shift"), rank=options.get("rank"),
+                   dtype=parse_dtype(options.get("dtype")), device=options.get("device"))
+        lines = []
+        if fmt == "lora" and "source" in r:
+            lines.append(f"LoRA rank {r['rank']} (alpha {r['alpha']:g}) on {r['lora_layers']} layers "
+                         f"({r['lora_parameters']:,} parameters): {r['source']}")
+        elif fmt == "lora":
+            lines.append(f"LoRA rank {r['rank']} on {r['lora_layers']} Linear/Conv2d layers ({r['lora_parameters']:,} "
+                         f"parameters): relative error of the delta {r['relative_error_total']:.4f} overall, "
+                         f"{r['relative_error_covered']:.4f} on those layers; {100 * r['uncovered_fraction']:.2f}% of "
+                         "the delta (squared norm) is in norms/biases that LoRA cannot hold")
+        elif fmt == "single-file":
+            lines.append(f"{r['tensors']} tensors in the original {r['architecture']} layout; round trip through "
+                         f"diffusers' converters exact for all {r['round_trip_checked']} tensors; sample with shift "
+                         f"{r['shift']}, 1-4 steps, no CFG")
+        return lines + [f"exported to {out}"]
+
+    def transfer(self, student: str, base: str, custom: str, out: str, options: dict) -> list[str]:
+        from ...dtypes import parse_dtype
+        from .export import transfer
+
+        r = transfer(student, base, custom, out, dtype=parse_dtype(options.get("dtype")))
+        return [f"custom + (student - base) over {r['tensors']} tensors written to {r['path']}"
+                + (f" (sample with shift {r['shift']})" if r["shift"] is not None else "")]
+
