@@ -1,4 +1,4 @@
-"""The README's picture of the live app: serve a run, type a prompt in headless Chromium, save a screenshot.
+"""The picture of the live app (docs/app.png): serve a run, type a prompt in headless Chromium, save a screenshot.
 
     python scripts/app_screenshot.py --model RUN --prompt "a photo of a sneaker" --out docs/app.png
 """

@@ -187,7 +187,7 @@ def main() -> int:
             rows.append({"check": f"LoRA ({name}) every key applied", "ok": info["not_loaded"] == 0,
                          "note": f"{info['keys']} tensors, {info['not_loaded']} not applied {info['examples'][:2]}"})
     # the PEFT file is diffusers' format; ComfyUI maps only the older `.processor.to_q` attention names, so it is
-    # reported but not required here (README: use kohya_lora.safetensors in ComfyUI / A1111)
+    # reported but not required here (docs/guide/export.md: use kohya_lora.safetensors in ComfyUI / A1111)
     for r in rows:
         r["required"] = not (r["check"].startswith("lora_peft") or r["check"].startswith("LoRA (peft)"))
     report = {"comfyui_commit": commit, "shift": args.shift, "probe": probe, "checks": rows}

@@ -5,12 +5,12 @@
 # command is bounded so the whole stays under 9 minutes and what finished comes back, most wanted first: the first
 # real end-to-end run (scripts/gpu_e2e.py: sdxl-realism-lora as shipped through accelerate launch, SIGKILL and
 # resume, every export, generate --fast; its steps run at --size tiny in the test suite), then 1-step
-# generation (issue 14 item 3), stock diffusers eager against our runtime (runtime.py, the stock images without the
+# generation , stock diffusers eager against our runtime (runtime.py, the stock images without the
 # pipeline's per-call module walks), the fast path (compiled by region: 27 s at 1024 px on an H100), the fast path
 # replayed from CUDA graphs, and that with a tiny VAE; each row printed as measured, batch 8 last, with each path's
 # largest pixel difference from stock. Then the LoRA student's iteration at micro-batch 2 (its 70 and 150 s bounds
 # ran out twice, building the models twice: the iteration table, then the step profile). Measured on H100s on
-# 2026-11-27 and in README, so not repeated: the sdxl-realism iteration with AdamW at micro-batch 2 and with 8-bit
+# 2026-11-27 (docs/guide/bench.md), so not repeated: the sdxl-realism iteration with AdamW at micro-batch 2 and with 8-bit
 # AdamW at micro-batch 5 (`bench --set student_optim.kind=adamw8bit`); the memory model runs on the meta device
 # (`bench --memory`).
 set -uo pipefail

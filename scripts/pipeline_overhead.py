@@ -1,4 +1,4 @@
-"""What the stock SDXL pipeline costs the host per image, measured without a GPU (README "Generate", issue 14):
+"""What the stock SDXL pipeline costs the host per image, measured without a GPU (docs/guide/fast-inference-and-app.md):
 
 1. its module walks (`_execution_device`, `unet.device`, `unet.dtype`, the VAE's execution device) on the FULL SDXL
    architecture, built with empty weights (accelerate's init_empty_weights: no memory, same modules);

@@ -1,7 +1,7 @@
 """How strong are the discriminator heads? Reads the `log.jsonl` of finished ablation runs and prints, per
 variant (mean ± sd over seeds), the discriminator loss and the margin d_real - d_fake of each task over
 windows of optimiser steps. A pool whose heads are young (refreshed) or rarely trained (many heads per
-slot) separates real from fake less, so the student gets a weaker signal (README, "The dynamic pool").
+slot) separates real from fake less, so the student gets a weaker signal (docs/studies/pool.md).
 
     python scripts/pool_diagnostics.py ablation-out/runs --variants full static no-refresh hps1
 """

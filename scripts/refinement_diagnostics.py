@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from nitrofusion.training import checkpoint as ckpt
 from nitrofusion.distill_config import PairsConfig
+from nitrofusion.training import checkpoint as ckpt
 from nitrofusion.worlds.mini.adapter import MiniAdapter
 from nitrofusion.worlds.mini.evaluation import MiniEvaluation
 from nitrofusion.worlds.mini.generate import load_mini_student

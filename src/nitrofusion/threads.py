@@ -2,7 +2,7 @@
 
 OpenMP threads spin while they wait for each other. When a process asks for as many threads as the
 machine has cores and anything else runs beside it, the spinning threads fight for the cores and the
-step time collapses. Measured on a 2-core machine (README, "CPU threads"): mini `distill` at 2 threads
+step time collapses. Measured on a 2-core machine (docs/studies/cpu-threads.md): mini `distill` at 2 threads
 trains 31 images/s alone but 8 images/s beside one single-threaded process, while 1 thread trains 27 alone
 and 25 beside it. So the default leaves one core for everything else.
 

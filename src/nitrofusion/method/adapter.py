@@ -1,4 +1,4 @@
-"""What the method asks of a model family (four worlds, one core: see README).
+"""What the method asks of a model family: the training calls, implemented by each world (docs/architecture.md).
 
 A conditioning `Cond` is a dict of tensors whose first dimension is the batch, so the core can index,
 concatenate and null it without knowing what is inside.

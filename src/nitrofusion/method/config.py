@@ -58,7 +58,7 @@ class AdversarialConfig:
     regression_rows: Literal["one_step", "all"] = "one_step"
     # with regression_rows all [ours]: the refinement rows get the term for the first this many training images
     # only, the one-step rows for the whole run (0: every row for the whole run). The pull toward one teacher
-    # sample trains refinements early and averages them late (README, "A regression term on the pairs")
+    # sample trains refinements early and averages them late (docs/studies/regression-rows.md)
     regression_refine_until: int = ranged(0, ge=0)
 
 

@@ -1,6 +1,6 @@
 """Where one optimiser step's time goes (`nitrofusion bench --size mini`, and with every SDXL bench).
 
-Runs the training step exactly as `train.py` composes it (heads sampled once, `grad_accum` adversarial
+Runs the training step exactly as the loop composes it (training/step.py: heads sampled once, `grad_accum` adversarial
 micro-steps, both optimisers, the refresh) on the preset's micro-batch, with a `Stopwatch` over the named
 sections that method/step.py marks: the student's forward and backward, E's forward per task for the real and
 the fake view, E's backward per task (the G gradient on its way to the student), the heads for G and D, and

@@ -3,7 +3,7 @@ picks it from the run's config (`world:`) or from the model a command is given, 
 command.
 
 A world answers, for training: its model adapter (prompts -> conditioning, teacher sampling, the student call
-and its one-step x0, the backbone's features: adapters/base.py) and its prompt source; for inference: whether a
+and its one-step x0, the backbone's features: method/adapter.py) and its prompt source; for inference: whether a
 model path is one of its models, 1-4 step generation into a folder or for the live app, and its default
 evaluation. Registered here: `mini` (the embedded Fashion-MNIST world), `sdxl`, `sd` (Stable Diffusion
 1.x/2.x) and `sd3` (SD3/3.5, a DiT trained as a flow).

@@ -17,7 +17,7 @@ from ..errors import NitroFusionError
 from ..method.adapter import ModelAdapter
 
 LiveGenerator = Callable[[str, int, int], Image.Image]  # (prompt, steps, seed) -> image, the model loaded once
-Evaluator = Callable[[torch.nn.Module, int], dict]  # (student, step) -> numbers for log.jsonl (train.py)
+Evaluator = Callable[[torch.nn.Module, int], dict]  # (student, step) -> numbers for log.jsonl (training/loop.py)
 
 
 @dataclass
@@ -52,7 +52,7 @@ class World(ABC):
     # training half
     @abstractmethod
     def adapter(self, cfg: DistillConfig) -> ModelAdapter:
-        """The teacher, backbone and encoders of a run (adapters/base.py)."""
+        """The teacher, backbone and encoders of a run (method/adapter.py)."""
 
     @abstractmethod
     def prompts(self, cfg: DistillConfig, verbose: bool = True) -> Prompts:

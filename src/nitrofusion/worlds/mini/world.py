@@ -1,5 +1,5 @@
 """The embedded mini world: Fashion-MNIST 16x16, the shipped teacher, MiniLM prompts, a project-trained metric
-classifier (README "What the demo does")."""
+classifier (docs/studies/demo.md)."""
 
 from __future__ import annotations
 

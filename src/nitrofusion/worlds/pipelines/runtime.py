@@ -1,8 +1,8 @@
 """The SDXL runtime: what `StableDiffusionXLPipeline.__call__` computes for a student (no guidance, 1-4 steps of
 the shifted LCM scheduler, docs/method.md §5), without the pipeline's per-call Python, and with CUDA graphs.
 
-Why: at batch 1 the host is the bottleneck (issue 14's H100 runs: the UNet cost about the same at 512 as at 1024
-px). The stock call walks every module of the pipeline several times to find its device and dtype
+Why: at batch 1 the host is the bottleneck (the H100 runs in docs/guide/bench.md: the UNet cost about the same at
+512 as at 1024 px). The stock call walks every module of the pipeline several times to find its device and dtype
 (`_execution_device`, `unet.device`, `unet.dtype`, `get_module_execution_device`): on the full SDXL architecture
 each walk takes milliseconds (`nitrofusion bench --inference` measures them), paid on every image. Here the
 device, dtypes, time ids and step grids are read once; prompt embeddings are kept for recent prompts (a live app

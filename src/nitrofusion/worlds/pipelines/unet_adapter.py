@@ -52,7 +52,7 @@ class UNetPipelineAdapter(PipelineParts, ModelAdapter):
     def from_components(cls, tokenizers: list, text_encoders: list, unet: UNet2DConditionModel, vae: AutoencoderKL,
                         scheduler_config: dict, cfg: PipelineConfig | None = None, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None) -> UNetPipelineAdapter:
-        """From models already in memory (e.g. nitrofusion.testing's random full-size SDXL)."""
+        """From models already in memory (e.g. worlds/sdxl/testing.py's random full-size SDXL)."""
         self = cls.__new__(cls)
         self.folder = None
         self._setup(tokenizers, text_encoders, unet, vae, scheduler_config, cfg or self.family_config(), device, dtype)
