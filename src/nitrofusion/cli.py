@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "datasets folder, or hf:NAME")
     p.add_argument("--out", required=True, help="run folder: config, log, checkpoints, student")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="check everything that can be checked without training "
+                   "(config, teacher folder, prompts, output folder, resume) from file headers only, print the plan "
+                   "(steps, heads, trainable parameters, predicted memory) and exit; nothing is written")
     p.set_defaults(func=cmd_distill)
 
     p = command(sub, "pairs", "pre-generate and cache the teacher pairs a distillation preset reads "
@@ -84,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="prompt source (as for distill)")
     p.add_argument("--out", help="cache root, read by distill with --set pairs.dir=OUT (default: the shared "
                    "cache that distill reads by itself)")
+    p.add_argument("--dry-run", action="store_true", help="check the config, teacher folder and prompts, print the "
+                   "plan and exit; nothing is written")
     p.set_defaults(func=cmd_pairs)
 
     p = command(sub, "generate", "generate images in 1-4 steps from a run, an exported folder or a "

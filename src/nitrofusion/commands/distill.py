@@ -10,6 +10,10 @@ from .common import model_args, resumed_config
 
 def cmd_distill(args) -> None:
     cfg = resumed_config(args, model_args(args))  # checked before torch and diffusers load (seconds)
+    if args.dry_run:
+        from .dry_run import dry_run
+
+        return dry_run(cfg, Path(args.out), args.resume, "distill")
     if not args.resume and any((Path(args.out) / "checkpoints").glob("step-*")):
         raise NitroFusionError(f"{args.out} already holds a run (checkpoints/); add --resume to continue it or "
                                "choose a new --out")

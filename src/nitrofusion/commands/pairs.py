@@ -9,6 +9,12 @@ from .common import distill_config, model_args
 def cmd_pairs(args) -> None:
     extra = [f"pairs.dir={args.out}"] if args.out else []  # the folder `distill --set pairs.dir=...` reads
     cfg = distill_config(args, model_args(args) + extra)
+    if args.dry_run:
+        from pathlib import Path
+
+        from .dry_run import dry_run
+
+        return dry_run(cfg, Path(args.out) if args.out else None, False, "pairs")
     from ..data.pair_cache import process_state, shards_read, training_data
     from ..data.pairs import ShardSubset, load_pairs
     from ..dtypes import check_mixed_precision

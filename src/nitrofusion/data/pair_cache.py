@@ -16,7 +16,6 @@ from ..distill_config import DistillConfig, PairsConfig
 from ..dtypes import mixed_precision_dtype, torch_dtype
 from ..method.adapter import ModelAdapter
 from .pairs import (
-    EpochGrowth,
     OnlinePairs,
     Pairs,
     Prompts,
@@ -26,7 +25,7 @@ from .pairs import (
     generate_pairs,
     load_pairs,
     pair_dir,
-    rows_read,
+    shards_read,
     write_index_file,
 )
 
@@ -52,24 +51,6 @@ class _OneCPUProcess:
 
     def wait_for_everyone(self) -> None:
         pass
-
-
-def shards_read(cfg: DistillConfig, processes: int = 1) -> list[int] | None:
-    """The teacher-pair shards a run reads, when its `max_images` budget reads fewer rows than `pairs.count` (a smoke
-    run); None when it reads them all. Shard s is the same whatever else is made (its own seed), so a longer run
-    later, or a resume to a longer budget, adds only the shards it lacks and trains on the very same rows."""
-    p = cfg.pairs
-    per_step = cfg.micro_batch * cfg.grad_accum * processes
-    steps = -(-cfg.max_images // per_step)
-    if not cfg.max_images or steps * per_step >= p.count:
-        return None
-    batch = cfg.micro_batch
-    if cfg.real.source == "mix":  # the teacher's share of every micro-batch
-        batch -= round(cfg.real.share * cfg.micro_batch)
-    growth = EpochGrowth(p.start_shards, p.shard_size) if p.start_shards else None
-    rows = rows_read(p.count, batch, steps * cfg.grad_accum, cfg.seed, processes, growth)
-    shards = sorted({r // p.shard_size for r in rows})
-    return None if len(shards) == p.shards else shards
 
 
 def training_data(cfg: DistillConfig, adapter: ModelAdapter, prompts: Prompts, state: PartialState | None = None,

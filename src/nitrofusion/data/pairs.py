@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -22,8 +23,10 @@ from .. import faults
 from ..dtypes import autocast
 from ..errors import NitroFusionError
 from ..io import atomic_save_safetensors, atomic_write_json, cache_dir, disk_errors
-from ..method.adapter import ModelAdapter
 from .prompts import PromptSource
+
+if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
+    from ..method.adapter import ModelAdapter
 
 META = "pairs.json"
 Prompts = list[str] | PromptSource
@@ -523,3 +526,21 @@ def make_loader(data: Pairs | ShardedPairs | GrowingPairs | OnlinePairs | MixedP
     if isinstance(data, OnlinePairs):
         return OnlinePairLoader(data, batch_size, rank, world, device)
     return PairLoader(data, batch_size, seed, rank, world, growth)
+
+
+def shards_read(cfg, processes: int = 1) -> list[int] | None:
+    """The teacher-pair shards a run reads, when its `max_images` budget reads fewer rows than `pairs.count` (a smoke
+    run); None when it reads them all. Shard s is the same whatever else is made (its own seed), so a longer run
+    later, or a resume to a longer budget, adds only the shards it lacks and trains on the very same rows."""
+    p = cfg.pairs
+    per_step = cfg.micro_batch * cfg.grad_accum * processes
+    steps = -(-cfg.max_images // per_step)
+    if not cfg.max_images or steps * per_step >= p.count:
+        return None
+    batch = cfg.micro_batch
+    if cfg.real.source == "mix":  # the teacher's share of every micro-batch
+        batch -= round(cfg.real.share * cfg.micro_batch)
+    growth = EpochGrowth(p.start_shards, p.shard_size) if p.start_shards else None
+    rows = rows_read(p.count, batch, steps * cfg.grad_accum, cfg.seed, processes, growth)
+    shards = sorted({r // p.shard_size for r in rows})
+    return None if len(shards) == p.shards else shards

@@ -77,3 +77,15 @@ def is_dit_weights(path: Path) -> bool:
             return any(k.removeprefix("transformer.") == "context_embedder.weight" for k in keys)
     except Exception:  # noqa: BLE001 - not a readable safetensors file: not ours to claim
         return False
+
+
+def unet_level_channels(config: dict) -> list[int]:
+    """The channels of E's feature levels (method/backbone.py) from a diffusers UNet's config.json alone: conv_in,
+    every resnet of the down path, a downsampler after every block but the last, the mid block."""
+    blocks = config["block_out_channels"]
+    layers = config.get("layers_per_block", 2)
+    layers = [layers] * len(blocks) if isinstance(layers, int) else list(layers)
+    chans = [blocks[0]]
+    for i, ch in enumerate(blocks):
+        chans += [ch] * layers[i] + ([ch] if i < len(blocks) - 1 else [])
+    return chans + [blocks[-1]]

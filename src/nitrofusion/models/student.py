@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import NitroFusionError, describe
@@ -200,3 +201,37 @@ def load_init_factors(model: nn.Module, factors: dict[str, torch.Tensor], path: 
     with torch.no_grad():
         for k, name in wanted.items():
             own[name].copy_(given[k])
+
+
+def lora_parameter_count(unet: nn.Module, student) -> int:
+    """The parameters of LoRA adapters of rank `student.rank` on `student.targets` (a StudentConfig), counted from
+    the layers' shapes alone: it works on a meta-device UNet (the memory model, `distill --dry-run`)."""
+    check_targets(unet, student.targets)
+    total = 0
+    for name, m in unet.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in student.targets):
+            continue
+        if isinstance(m, nn.Linear):
+            total += student.rank * (m.in_features + m.out_features)
+        elif isinstance(m, nn.Conv2d):
+            total += student.rank * (m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels)
+    return total
+
+
+def read_student_init(cfg, header_only: bool = False) -> dict[str, torch.Tensor] | None:
+    """The student_init weights (None for 'teacher'); a missing or unreadable file, or a file of the other
+    student kind (a UNet for a LoRA student, LoRA factors for a full one), is a one-line error. `header_only`
+    reads just the safetensors header: the CLI's check before any teacher pair is generated."""
+    if cfg.student_init == "teacher":
+        return None
+    path = Path(cfg.student_init)
+    if not path.is_file():
+        raise NitroFusionError(f"student_init file not found: {path}; give a .safetensors UNet or 'teacher'")
+    check_init_kind(path, cfg.student.kind)
+    if header_only:
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file surfaces as several types
+        raise NitroFusionError(f"student_init {path} is not a readable safetensors file ({describe(e)}); give a "
+                               "UNet .safetensors or 'teacher'") from None

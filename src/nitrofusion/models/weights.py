@@ -73,3 +73,22 @@ def load_checked(unet: torch.nn.Module, state: dict[str, torch.Tensor], other_na
     own = unet.state_dict()
     check_same_layout(own, state, other_name, ref_name, hint)
     unet.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def header_numel(folder: Path) -> int | None:
+    """Parameters in the .safetensors files of a model folder, from their headers alone (no tensor is read); None
+    when the folder holds weights in another format."""
+    import json
+    import math
+    import struct
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total

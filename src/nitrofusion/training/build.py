@@ -11,36 +11,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 
 from ..distill_config import DistillConfig
 from ..dtypes import mixed_precision_dtype
-from ..errors import NitroFusionError, describe
 from ..method.adapter import ModelAdapter
 from ..method.pool import HeadPool
 from ..method.step import AdversarialStep
 from ..models import student as student_lib
+from ..models.student import read_student_init
 from ..models.weights import load_checked
 from .optim import EMA, adamw
-
-
-def read_student_init(cfg: DistillConfig, header_only: bool = False) -> dict[str, torch.Tensor] | None:
-    """The student_init weights (None for 'teacher'); a missing or unreadable file, or a file of the other
-    student kind (a UNet for a LoRA student, LoRA factors for a full one), is a one-line error. `header_only`
-    reads just the safetensors header: the CLI's check before any teacher pair is generated."""
-    if cfg.student_init == "teacher":
-        return None
-    path = Path(cfg.student_init)
-    if not path.is_file():
-        raise NitroFusionError(f"student_init file not found: {path}; give a .safetensors UNet or 'teacher'")
-    student_lib.check_init_kind(path, cfg.student.kind)
-    if header_only:
-        return None
-    try:
-        return load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file surfaces as several types
-        raise NitroFusionError(f"student_init {path} is not a readable safetensors file ({describe(e)}); give a "
-                               "UNet .safetensors or 'teacher'") from None
 
 
 def check_student(cfg: DistillConfig, adapter: ModelAdapter) -> None:

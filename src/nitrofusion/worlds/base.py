@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -14,7 +15,9 @@ from PIL import Image
 from ..data.pairs import Pairs, Prompts
 from ..distill_config import DistillConfig
 from ..errors import NitroFusionError
-from ..method.adapter import ModelAdapter
+
+if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
+    from ..method.adapter import ModelAdapter
 
 LiveGenerator = Callable[[str, int, int], Image.Image]  # (prompt, steps, seed) -> image, the model loaded once
 Evaluator = Callable[[torch.nn.Module, int], dict]  # (student, step) -> numbers for log.jsonl (training/loop.py)
@@ -43,6 +46,45 @@ class GenerateOptions:
                 if getattr(self, f.name) != getattr(defaults, f.name)]
 
 
+@dataclass
+class ModelPlan:
+    """What `--dry-run` learns of a run's networks from its folders' configs and file headers (no weight is read)."""
+
+    teacher: str  # one line: what the teacher is
+    parameters: int  # the teacher network's
+    trainable: int  # the student's trainable parameters
+    level_channels: list[int]  # E's feature levels, the pool's heads read them
+    peak_bytes: int | None = None  # the memory model's predicted peak, where the world has one
+
+
+def meta_unet(config: dict):
+    """A diffusers UNet from its config.json on the meta device: shapes only, no memory, no weights."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+def unet_plan(teacher: str, folder: Path, cfg: DistillConfig, need_model: bool = False) -> tuple[ModelPlan, object]:
+    """A UNet family's plan from its `unet` folder: parameters (from the weights' headers), the student's trainable
+    share (all, or its LoRA adapters: counted on a meta-device UNet), E's levels; the meta UNet when one was built
+    (a LoRA student, or `need_model`), else None."""
+    import json
+
+    from ..models.architectures import unet_level_channels
+    from ..models.student import lora_parameter_count
+    from ..models.weights import header_numel
+
+    config = json.loads((folder / "config.json").read_text())
+    unet = meta_unet(config) if need_model or cfg.student.kind == "lora" else None
+    parameters = header_numel(folder)
+    if parameters is None:  # weights in another format than safetensors: count the architecture
+        unet = unet if unet is not None else meta_unet(config)
+        parameters = sum(p.numel() for p in unet.parameters())
+    trainable = lora_parameter_count(unet, cfg.student) if cfg.student.kind == "lora" else parameters
+    return ModelPlan(teacher, parameters, trainable, unet_level_channels(config)), unet
+
+
 class World(ABC):
     name: str
     supported_options: tuple[str, ...] = ()  # GenerateOptions flags its models take besides the common ones
@@ -63,6 +105,11 @@ class World(ABC):
         from .config import CHECKS
 
         CHECKS[self.name](cfg)
+
+    def plan_model(self, cfg: DistillConfig) -> ModelPlan:
+        """`distill --dry-run`: the teacher checked from its folder's configs and file headers, and what the run
+        would build from it; a missing or wrong file is a one-line error."""
+        raise NitroFusionError(f"--dry-run cannot plan a {self.name}-world run yet")
 
     @abstractmethod
     def real_pairs(self, cfg: DistillConfig, adapter: ModelAdapter, progress: bool = True) -> Pairs:

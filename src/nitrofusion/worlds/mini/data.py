@@ -7,6 +7,7 @@ import os
 import struct
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,7 +15,9 @@ import torch.nn.functional as F
 
 from ...data.pairs import Pairs
 from ...errors import NitroFusionError
-from ...method.adapter import ModelAdapter
+
+if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
+    from ...method.adapter import ModelAdapter
 
 DATA_DIR = Path(os.environ.get("NITROFUSION_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat",

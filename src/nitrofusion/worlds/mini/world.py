@@ -6,19 +6,26 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from ...data.pairs import Pairs, Prompts
 from ...distill_config import DistillConfig
-from ...method.adapter import ModelAdapter
-from ..base import Evaluator, GenerateOptions, LiveGenerator, World
+from ...errors import NitroFusionError
+from ..base import Evaluator, GenerateOptions, LiveGenerator, ModelPlan, World, unet_plan
+
+if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
+    from ...method.adapter import ModelAdapter
 
 
 def _unet_config(kind: str, path: Path) -> dict | None:
     file = {"student": path / "unet" / "config.json", "unet": path / "config.json"}.get(kind)
     return json.loads(file.read_text()) if file is not None and file.is_file() else None
+
+
+ASSET_TEACHER = Path(__file__).resolve().parent / "assets" / "teacher"  # as teacher.py, without diffusers
 
 
 class MiniWorld(World):
@@ -34,6 +41,16 @@ class MiniWorld(World):
         from .data import class_prompts
 
         return class_prompts()
+
+    def plan_model(self, cfg: DistillConfig) -> ModelPlan:
+        root = Path(cfg.teacher) if cfg.teacher else ASSET_TEACHER
+        for need in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                     "scheduler/scheduler_config.json", "teacher.yaml"):
+            if not (root / need).is_file():
+                raise NitroFusionError(f"teacher file missing: {root / need}; give a folder written by "
+                                       "`nitrofusion teacher --out DIR`, or leave teacher empty for the shipped one")
+        what = "the shipped mini teacher" if root == ASSET_TEACHER else f"mini teacher {root}"
+        return unet_plan(what, root / "unet", cfg)[0]
 
     def real_pairs(self, cfg: DistillConfig, adapter: ModelAdapter, progress: bool = True) -> Pairs:
         from .data import mini_real_pairs

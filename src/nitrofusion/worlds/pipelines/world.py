@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...data.pairs import Pairs, Prompts
 from ...distill_config import DistillConfig
 from ...errors import NitroFusionError
-from ...method.adapter import ModelAdapter
-from ..base import GenerateOptions, LiveGenerator, World
+from ..base import GenerateOptions, LiveGenerator, ModelPlan, World, unet_plan
+from .family import Family, check_pipeline_folder
+
+if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
+    from ...method.adapter import ModelAdapter
 
 
 class PipelineWorld(World):
@@ -39,6 +43,33 @@ class PipelineWorld(World):
 
 class UNetPipelineWorld(PipelineWorld):
     """SDXL and SD 1.x/2.x: UNet pipelines, one inference machinery (worlds/pipelines/)."""
+
+    family: Family
+
+    def plan_model(self, cfg: DistillConfig) -> ModelPlan:
+        return self.plan_unet(cfg)[0]
+
+    def plan_unet(self, cfg: DistillConfig, need_model: bool = False) -> tuple[ModelPlan, object]:
+        """The teacher folder's family and parts, the section's weight files, the resolution against the VAE and
+        UNet, from config.json files only; the plan and the meta-device UNet."""
+        section = getattr(cfg, self.name)
+        if not cfg.teacher:
+            raise NitroFusionError(f"world '{self.name}' needs a teacher: --teacher DIR (a diffusers "
+                                   f"{self.family.pipeline} folder)")
+        folder = Path(cfg.teacher)
+        check_pipeline_folder(folder, self.family)
+        for key in ("teacher_unet", "teacher_lora"):
+            path = getattr(section, key)
+            if path and not Path(path).exists():
+                raise NitroFusionError(f"{self.name}.{key} not found: {path}")
+        config = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        multiple = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(config["block_out_channels"]) - 1)
+        if section.resolution % multiple:
+            raise NitroFusionError(f"{self.name}.resolution {section.resolution} must be a multiple of {multiple} "
+                                   "for this VAE and UNet")
+        return unet_plan(f"{self.family.article} {self.family.label} pipeline, {folder}", folder / "unet", cfg,
+                         need_model)
 
     export_formats = ("diffusers", "single-file", "lora")
     supported_options = ("--base", "--shift", "--height", "--width", "--dtype", "--fast", "--vae", "--vae-dtype")

@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...distill_config import DistillConfig
 from ...errors import NitroFusionError
-from ...method.adapter import ModelAdapter
+from ..pipelines.family import SD
 from ..pipelines.world import UNetPipelineWorld
+
+if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
+    from ...method.adapter import ModelAdapter
 
 EXAMPLES = ["a photo of a red fox in the snow", "a watercolour of a harbour at dawn"]
 
 
 class SDWorld(UNetPipelineWorld):
     name = "sd"
+    family = SD
     examples = EXAMPLES
 
     def adapter(self, cfg: DistillConfig) -> ModelAdapter:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...distill_config import DistillConfig
 from ...errors import NitroFusionError
-from ...method.adapter import ModelAdapter
-from ..base import GenerateOptions, LiveGenerator
+from ..base import GenerateOptions, LiveGenerator, ModelPlan
 from ..pipelines.world import PipelineWorld
+
+if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
+    from ...method.adapter import ModelAdapter
 
 EXAMPLES = ["a photo of a red fox in the snow", "a poster that says 'one step' in bold letters"]
 TRANSFORMER = "SD3Transformer2DModel"
@@ -35,6 +38,25 @@ class SD3World(PipelineWorld):
             raise NitroFusionError("world 'sd3' needs a teacher: --teacher DIR (a diffusers StableDiffusion3Pipeline "
                                    "folder, SD3 or SD3.5)")
         return SD3Adapter(cfg.teacher, cfg.sd3)
+
+    def plan_model(self, cfg: DistillConfig) -> ModelPlan:
+        from diffusers import SD3Transformer2DModel
+
+        from ..pipelines.family import SD3, check_pipeline_folder
+        from .adapter import check_backbone
+
+        if not cfg.teacher:
+            raise NitroFusionError("world 'sd3' needs a teacher: --teacher DIR (a diffusers StableDiffusion3Pipeline "
+                                   "folder, SD3 or SD3.5)")
+        folder = Path(cfg.teacher)
+        check_pipeline_folder(folder, SD3)
+        check_backbone(folder, cfg.sd3)
+        import torch
+
+        with torch.device("meta"):
+            model = SD3Transformer2DModel.from_config(json.loads((folder / "transformer" / "config.json").read_text()))
+        parameters = sum(p.numel() for p in model.parameters())
+        return ModelPlan(f"an SD3 pipeline, {folder}", parameters, parameters, [model.inner_dim] * len(cfg.sd3.taps))
 
     def recognises(self, kind: str, path: Path) -> bool:
         if kind == "pipeline":

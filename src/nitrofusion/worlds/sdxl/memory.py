@@ -25,6 +25,7 @@ from torch import nn
 
 from ... import config as config_lib
 from ...distill_config import DistillConfig
+from ...models.student import lora_parameter_count
 
 GiB = 1024**3
 PRESETS = ("sdxl-realism", "sdxl-realism-lora", "sdxl-vibrant", "sdxl-vibrant-lora")
@@ -166,22 +167,6 @@ def _numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _lora_parameters(unet: nn.Module, cfg: DistillConfig) -> int:
-    from ...models.student import check_targets
-
-    check_targets(unet, cfg.student.targets)
-    total = 0
-    for name, m in unet.named_modules():
-        if not any(name == t or name.endswith("." + t) for t in cfg.student.targets):
-            continue
-        r = cfg.student.rank
-        if isinstance(m, nn.Linear):
-            total += r * (m.in_features + m.out_features)
-        elif isinstance(m, nn.Conv2d):
-            total += r * (m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels)
-    return total
-
-
 def _frozen_parts_bytes() -> dict:
     """Text encoders (in the run's bf16) and the VAE (fp32: SDXL's overflows in fp16), counted on meta."""
     from diffusers import AutoencoderKL
@@ -207,51 +192,55 @@ def pool_parameters(cfg: DistillConfig, unet: nn.Module) -> int:
         return _numel(HeadPool(cfg.pool, level_channels(unet)))
 
 
+def run_memory(cfg: DistillConfig, unet: nn.Module, frozen: dict, acts: dict | None = None, name: str = "") -> dict:
+    """Bytes per part of one run `cfg` on `unet` (a meta-device UNet) with frozen text encoders and VAE of `frozen`
+    bytes, and its predicted peak at the run's micro-batch, resolution and checkpointing."""
+    unet_params = _numel(unet)
+    trainable = lora_parameter_count(unet, cfg.student) if cfg.student.kind == "lora" else unet_params
+    weight_bytes = 2 if cfg.mixed_precision in ("bf16", "fp16") else 4
+    heads = pool_parameters(cfg, unet)
+    parts = {
+        "frozen UNet (teacher = E)": weight_bytes * unet_params,
+        "text encoders + VAE": frozen["text_encoders"] + frozen["vae"],
+        "student weights (fp32)": 4 * trainable,
+        "student gradients": 4 * trainable,
+        "student optimiser state": OPTIM_BYTES[cfg.student_optim.kind] * trainable,
+        # every head keeps weights and (once trained) AdamW state; only the active share has gradients
+        "head pool (weights, AdamW, active grads)": (4 + OPTIM_BYTES[cfg.heads_optim.kind]) * heads
+        + 4 * heads // (cfg.pool.heads_per_slot if cfg.pool.dynamic else 1),
+    }
+    if cfg.ema_decay > 0:
+        parts["student EMA (fp32)"] = 4 * trainable
+    if weight_bytes == 2:
+        # autocast casts each fp32 weight to half precision once per forward and keeps the copy until the
+        # autocast region ends (found on an H100: the measured peak at micro-batch 2 was ~5 GiB above the
+        # model without this term, the size of the student's bf16 copy)
+        parts["student half-precision copies (autocast cache)"] = 2 * trainable
+    px = cfg.sdxl.resolution
+    a = (acts or {}).get((px, cfg.gradient_checkpointing)) or activation_bytes(unet, px, cfg.gradient_checkpointing)
+    crop_tasks = sum(task != "global_cond" for task in cfg.pool.tasks)
+    per_image = a["student"] + max(a["backbone_global"], crop_tasks * a["backbone_local"])
+    activations = cfg.micro_batch * per_image + a["recompute_peak"] * cfg.micro_batch
+    return {"preset": name, "student": cfg.student.kind, "trainable_parameters": trainable,
+            "pool_parameters": heads, "micro_batch": cfg.micro_batch, "resolution": px,
+            "gradient_checkpointing": cfg.gradient_checkpointing, "parts": parts,
+            "activations": activations, "total": sum(parts.values()) + activations}
+
+
 def memory_model(presets: tuple[str, ...] = PRESETS, overrides: list[str] | None = None) -> dict:
     """Bytes per part for each preset; activations per image at 1024 and 512 px, with and without checkpointing;
     the predicted peak at the preset's own micro-batch, resolution and checkpointing."""
     unet = _sdxl_unet_meta(torch.bfloat16)
-    unet_params = _numel(unet)
     frozen = _frozen_parts_bytes()
     acts = {(px, ck): activation_bytes(unet, px, ck) for px in (1024, 512) for ck in (False, True)}
-    rows = []
-    for name in presets:
-        cfg = config_lib.build(DistillConfig, "distill", name, list(overrides or []))
-        trainable = _lora_parameters(unet, cfg) if cfg.student.kind == "lora" else unet_params
-        weight_bytes = 2 if cfg.mixed_precision in ("bf16", "fp16") else 4
-        heads = pool_parameters(cfg, unet)
-        parts = {
-            "frozen UNet (teacher = E)": weight_bytes * unet_params,
-            "text encoders + VAE": frozen["text_encoders"] + frozen["vae"],
-            "student weights (fp32)": 4 * trainable,
-            "student gradients": 4 * trainable,
-            "student optimiser state": OPTIM_BYTES[cfg.student_optim.kind] * trainable,
-            # every head keeps weights and (once trained) AdamW state; only the active share has gradients
-            "head pool (weights, AdamW, active grads)": (4 + OPTIM_BYTES[cfg.heads_optim.kind]) * heads
-            + 4 * heads // (cfg.pool.heads_per_slot if cfg.pool.dynamic else 1),
-        }
-        if cfg.ema_decay > 0:
-            parts["student EMA (fp32)"] = 4 * trainable
-        if weight_bytes == 2:
-            # autocast casts each fp32 weight to half precision once per forward and keeps the copy until the
-            # autocast region ends (found on an H100: the measured peak at micro-batch 2 was ~5 GiB above the
-            # model without this term, the size of the student's bf16 copy)
-            parts["student half-precision copies (autocast cache)"] = 2 * trainable
-        px = cfg.sdxl.resolution
-        a = acts.get((px, cfg.gradient_checkpointing)) or activation_bytes(unet, px, cfg.gradient_checkpointing)
-        crop_tasks = sum(task != "global_cond" for task in cfg.pool.tasks)
-        per_image = a["student"] + max(a["backbone_global"], crop_tasks * a["backbone_local"])
-        activations = cfg.micro_batch * per_image + a["recompute_peak"] * cfg.micro_batch
-        rows.append({"preset": name, "student": cfg.student.kind, "trainable_parameters": trainable,
-                     "pool_parameters": heads, "micro_batch": cfg.micro_batch, "resolution": px,
-                     "gradient_checkpointing": cfg.gradient_checkpointing, "parts": parts,
-                     "activations": activations, "total": sum(parts.values()) + activations})
+    rows = [run_memory(config_lib.build(DistillConfig, "distill", name, list(overrides or [])), unet, frozen, acts,
+                       name) for name in presets]
     per_image = {f"{px}px, checkpointing {'on' if ck else 'off'}": {
         "student": v["student"], "backbone_global": v["backbone_global"], "backbone_local": v["backbone_local"],
         "recompute_peak": v["recompute_peak"],
         "per_image_peak": v["student"] + max(v["backbone_global"], 2 * v["backbone_local"]) + v["recompute_peak"]}
         for (px, ck), v in acts.items()}
-    return {"unet_parameters": unet_params, "rows": rows, "activations_per_image": per_image}
+    return {"unet_parameters": _numel(unet), "rows": rows, "activations_per_image": per_image}
 
 
 def format_memory(result: dict) -> str:

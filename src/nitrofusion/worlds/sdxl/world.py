@@ -5,18 +5,42 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
 
 from ...distill_config import DistillConfig
 from ...errors import NitroFusionError
-from ...method.adapter import ModelAdapter
+from ..base import ModelPlan
+from ..pipelines.family import SDXL
 from ..pipelines.world import UNetPipelineWorld
+
+if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
+    from ...method.adapter import ModelAdapter
 
 EXAMPLES = ["a photo of a red fox in the snow", "an oil painting of a lighthouse at dusk"]
 
 
 class SDXLWorld(UNetPipelineWorld):
     name = "sdxl"
+    family = SDXL
     examples = EXAMPLES
+
+    def plan_model(self, cfg: DistillConfig) -> ModelPlan:
+        """With the memory model's peak (worlds/sdxl/memory.py) for this teacher's UNet, text encoders and VAE."""
+        from ...models.weights import header_numel
+        from .memory import run_memory
+
+        plan, unet = self.plan_unet(cfg, need_model=True)
+        folder = Path(cfg.teacher)
+        text = [header_numel(folder / name) for name in ("text_encoder", "text_encoder_2")]
+        vae = header_numel(folder / "vae")
+        if None not in (*text, vae):
+            weight = 2 if cfg.mixed_precision != "no" else 4
+            frozen = {"text_encoders": weight * sum(text), "vae": 4 * vae}
+            plan.peak_bytes = run_memory(cfg, nn.Module.to(unet, torch.bfloat16), frozen)["total"]
+        return plan
 
     def adapter(self, cfg: DistillConfig) -> ModelAdapter:
         from .adapter import SDXLAdapter
