@@ -27,13 +27,12 @@ def test_bench_cli_writes_json(tmp_path, capsys):
 
 
 def test_lora_parameter_count_of_the_memory_model_is_peft_s(tiny_cfg):
-    from nitrofusion.models.student import add_lora, trainable_state
-    from nitrofusion.worlds.sdxl.memory import _lora_parameters
+    from nitrofusion.models.student import add_lora, lora_parameter_count, trainable_state
     from nitrofusion.worlds.sdxl.testing import build_sdxl_unet
 
     unet = build_sdxl_unet("tiny")
     cfg = tiny_cfg("student.kind=lora", "student.rank=3")
-    predicted = _lora_parameters(unet, cfg)
+    predicted = lora_parameter_count(unet, cfg.student)
     add_lora(unet, 3, 0, 0, cfg.student.targets)
     assert predicted == sum(p.numel() for p in trainable_state(unet).values()) > 0
 

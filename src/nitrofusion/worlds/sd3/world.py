@@ -40,6 +40,7 @@ class SD3World(PipelineWorld):
         return SD3Adapter(cfg.teacher, cfg.sd3)
 
     def plan_model(self, cfg: DistillConfig) -> ModelPlan:
+        import torch
         from diffusers import SD3Transformer2DModel
 
         from ..pipelines.family import SD3, check_pipeline_folder
@@ -51,8 +52,6 @@ class SD3World(PipelineWorld):
         folder = Path(cfg.teacher)
         check_pipeline_folder(folder, SD3)
         check_backbone(folder, cfg.sd3)
-        import torch
-
         with torch.device("meta"):
             model = SD3Transformer2DModel.from_config(json.loads((folder / "transformer" / "config.json").read_text()))
         parameters = sum(p.numel() for p in model.parameters())
