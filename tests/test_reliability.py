@@ -201,3 +201,25 @@ def test_resume_with_another_number_of_processes_is_refused(mini_adapter, tiny_c
     with pytest.raises(NitroFusionError, match=r"written by 2 process\(es\), this run has 1; resume with the same"):
         distill(tiny_cfg("max_images=32"), mini_adapter, pairs, tmp_path / "run", resume=True, progress=False)
 
+
+
+def test_a_teacher_of_another_family_is_refused_before_out_is_created(tiny_sdxl, tmp_path, capsys):
+    out = tmp_path / "X"
+    assert main(["distill", "--preset", "sd3-tiny", "--teacher", str(tiny_sdxl), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "but world 'sd3' needs an SD3 pipeline" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--steps", "5"], "steps must be 1, 2, 3 or 4 (got 5)"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63 - 2**32] (got -1)"),
+    (["--height", "100"], "--height must be a positive multiple of 8 (got 100)"),
+    (["--batch-size", "0"], "--batch-size must be >= 1 (got 0)"),
+])
+def test_generate_checks_its_values_before_looking_at_the_model(flags, needle, tmp_path, capsys):
+    """No model exists at --model: the value is refused first, without loading anything."""
+    assert main(["generate", "--model", str(tmp_path / "none"), "--prompt", "a", *flags,
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and not (tmp_path / "out").exists()

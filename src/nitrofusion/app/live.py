@@ -15,8 +15,7 @@ import torch
 from PIL import Image
 
 from ..errors import NitroFusionError, describe
-from ..sampling.student import check_steps
-from ..worlds.pipelines.pipeline import check_seed
+from ..sampling.spec import check_seed, check_steps
 
 Generate = Callable[[str, int, int], Image.Image]
 

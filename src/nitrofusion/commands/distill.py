@@ -26,8 +26,9 @@ def cmd_distill(args) -> None:
     state = process_state()
     check_mixed_precision(cfg.mixed_precision, state.device)
     read_student_init(cfg, header_only=True)
-    ensure_writable(Path(args.out))  # before minutes of teacher sampling, not after
     world = world_of_config(cfg)
+    world.check_teacher(cfg)  # a wrong teacher folder is refused before --out is created
+    ensure_writable(Path(args.out))  # before minutes of teacher sampling, not after
     prompts = world.prompts(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
     adapter = world.adapter(cfg)
     check_student(cfg, adapter)  # LoRA targets against the real UNet, still before any teacher pair

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..config import ranged
-from ..errors import ConfigError
+from ..errors import ConfigError, NitroFusionError
 
 
 @dataclass
@@ -39,3 +39,24 @@ def _is_scheduler_class(name: str) -> bool:
     import diffusers
 
     return name.endswith("Scheduler") and isinstance(getattr(diffusers, name, None), type)
+
+
+def check_steps(steps: int) -> None:
+    """1-4: the student's shifted LCM grid has 4 points (docs/method.md §5); every generating command checks
+    this before any model loads."""
+    if not 1 <= steps <= 4:
+        raise NitroFusionError(f"steps must be 1, 2, 3 or 4 (got {steps}): the shifted LCM grid has 4 points")
+
+
+def check_step_counts(steps: list[int], flag: str = "--steps") -> None:
+    """A list of step counts (evaluate, ablate): each 1-4, checked before any model loads."""
+    if not steps or any(not 1 <= s <= 4 for s in steps):
+        raise NitroFusionError(f"{flag} takes values from 1 to 4 (got {steps}): the shifted LCM grid has 4 points")
+
+
+MAX_SEED = 2**63 - 2**32  # torch generators take seeds < 2**64; image i of a batch is seeded seed + i
+
+
+def check_seed(seed: int, name: str = "seed") -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise NitroFusionError(f"{name} must be in [0, 2**63 - 2**32] (got {seed})")

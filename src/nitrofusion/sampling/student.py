@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ..errors import NitroFusionError
 from .scheduler import TimestepShiftLCMScheduler, config_for
+from .spec import check_step_counts, check_steps  # noqa: F401 - re-exported: torch-free, in spec.py
 from .teacher import SamplerSpec, sample
 
 if TYPE_CHECKING:  # the adapter interface calls this module; its types are for annotations only
@@ -18,19 +18,6 @@ def shifted_scheduler(scheduler_config: dict, shift: int) -> TimestepShiftLCMSch
     cfg = {**config_for(TimestepShiftLCMScheduler, scheduler_config), "shifted_timestep": shift,
            "original_inference_steps": 4}
     return TimestepShiftLCMScheduler.from_config(cfg)
-
-
-def check_steps(steps: int) -> None:
-    """1-4: the student's shifted LCM grid has 4 points (docs/method.md §5); every generating command checks
-    this before any model loads."""
-    if not 1 <= steps <= 4:
-        raise NitroFusionError(f"steps must be 1, 2, 3 or 4 (got {steps}): the shifted LCM grid has 4 points")
-
-
-def check_step_counts(steps: list[int], flag: str = "--steps") -> None:
-    """A list of step counts (evaluate, ablate): each 1-4, checked before any model loads."""
-    if not steps or any(not 1 <= s <= 4 for s in steps):
-        raise NitroFusionError(f"{flag} takes values from 1 to 4 (got {steps}): the shifted LCM grid has 4 points")
 
 
 @torch.no_grad()

@@ -106,6 +106,11 @@ class World(ABC):
 
         CHECKS[self.name](cfg)
 
+    def check_teacher(self, cfg: DistillConfig) -> None:
+        """The run's teacher from its folder's index and configs alone (no weight is read): a missing folder, a
+        folder of another family or a missing part is one line before anything is created."""
+        return None  # a world whose teacher needs no files (none yet) checks nothing
+
     def plan_model(self, cfg: DistillConfig) -> ModelPlan:
         """`distill --dry-run`: the teacher checked from its folder's configs and file headers, and what the run
         would build from it; a missing or wrong file is a one-line error."""

@@ -42,13 +42,17 @@ class MiniWorld(World):
 
         return class_prompts()
 
-    def plan_model(self, cfg: DistillConfig) -> ModelPlan:
+    def check_teacher(self, cfg: DistillConfig) -> None:
         root = Path(cfg.teacher) if cfg.teacher else ASSET_TEACHER
         for need in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                      "scheduler/scheduler_config.json", "teacher.yaml"):
             if not (root / need).is_file():
                 raise NitroFusionError(f"teacher file missing: {root / need}; give a folder written by "
                                        "`nitrofusion teacher --out DIR`, or leave teacher empty for the shipped one")
+
+    def plan_model(self, cfg: DistillConfig) -> ModelPlan:
+        self.check_teacher(cfg)
+        root = Path(cfg.teacher) if cfg.teacher else ASSET_TEACHER
         what = "the shipped mini teacher" if root == ASSET_TEACHER else f"mini teacher {root}"
         return unet_plan(what, root / "unet", cfg)[0]
 

@@ -28,7 +28,7 @@ from ...dtypes import safetensors_dtype
 from ...errors import NitroFusionError, describe
 from ...models.architectures import check_family, is_lora
 from ...models.weights import check_same_layout, read_weights_file
-from ...sampling.student import check_steps
+from ...sampling.spec import MAX_SEED, check_seed, check_steps  # noqa: F401 - check_seed re-exported
 from .family import Family, check_pipeline_folder, family_named, family_of_unet_config
 from .runtime import is_sdxl_pipeline, runtime_for, set_vae_dtype
 
@@ -56,14 +56,6 @@ def quiet_loading(errors_only: bool = False):
         dlog.set_verbosity(level)
         if was:
             dlog.enable_progress_bar()
-
-
-MAX_SEED = 2**63 - 2**32  # torch generators take seeds < 2**64; image i of a batch is seeded seed + i
-
-
-def check_seed(seed: int, name: str = "seed") -> None:
-    if not 0 <= seed <= MAX_SEED:
-        raise NitroFusionError(f"{name} must be in [0, 2**63 - 2**32] (got {seed})")
 
 
 @dataclass

@@ -50,8 +50,15 @@ class UNetPipelineWorld(PipelineWorld):
         return self.plan_unet(cfg)[0]
 
     def plan_unet(self, cfg: DistillConfig, need_model: bool = False) -> tuple[ModelPlan, object]:
+        """The plan (`check_teacher`, then what the run builds) and the meta-device UNet, if one was built."""
+        self.check_teacher(cfg)
+        folder = Path(cfg.teacher)
+        return unet_plan(f"{self.family.article} {self.family.label} pipeline, {folder}", folder / "unet", cfg,
+                         need_model)
+
+    def check_teacher(self, cfg: DistillConfig) -> None:
         """The teacher folder's family and parts, the section's weight files, the resolution against the VAE and
-        UNet, from config.json files only; the plan and the meta-device UNet."""
+        UNet, from config.json files only."""
         section = getattr(cfg, self.name)
         if not cfg.teacher:
             raise NitroFusionError(f"world '{self.name}' needs a teacher: --teacher DIR (a diffusers "
@@ -68,8 +75,6 @@ class UNetPipelineWorld(PipelineWorld):
         if section.resolution % multiple:
             raise NitroFusionError(f"{self.name}.resolution {section.resolution} must be a multiple of {multiple} "
                                    "for this VAE and UNet")
-        return unet_plan(f"{self.family.article} {self.family.label} pipeline, {folder}", folder / "unet", cfg,
-                         need_model)
 
     export_formats = ("diffusers", "single-file", "lora")
     supported_options = ("--base", "--shift", "--height", "--width", "--dtype", "--fast", "--vae", "--vae-dtype")

@@ -39,19 +39,23 @@ class SD3World(PipelineWorld):
                                    "folder, SD3 or SD3.5)")
         return SD3Adapter(cfg.teacher, cfg.sd3)
 
-    def plan_model(self, cfg: DistillConfig) -> ModelPlan:
-        import torch
-        from diffusers import SD3Transformer2DModel
-
+    def check_teacher(self, cfg: DistillConfig) -> None:
         from ..pipelines.family import SD3, check_pipeline_folder
         from .adapter import check_backbone
 
         if not cfg.teacher:
             raise NitroFusionError("world 'sd3' needs a teacher: --teacher DIR (a diffusers StableDiffusion3Pipeline "
                                    "folder, SD3 or SD3.5)")
+        check_pipeline_folder(Path(cfg.teacher), SD3)
+        check_backbone(Path(cfg.teacher), cfg.sd3)
+
+    def plan_model(self, cfg: DistillConfig) -> ModelPlan:
+        import torch
+        from diffusers import SD3Transformer2DModel
+
+
+        self.check_teacher(cfg)
         folder = Path(cfg.teacher)
-        check_pipeline_folder(folder, SD3)
-        check_backbone(folder, cfg.sd3)
         with torch.device("meta"):
             model = SD3Transformer2DModel.from_config(json.loads((folder / "transformer" / "config.json").read_text()))
         parameters = sum(p.numel() for p in model.parameters())
