@@ -65,10 +65,10 @@ class UNetPipelineWorld(PipelineWorld):
                                    f"{self.family.pipeline} folder)")
         folder = Path(cfg.teacher)
         check_pipeline_folder(folder, self.family)
-        for key in ("teacher_unet", "teacher_lora"):
+        for key, what in (("teacher_unet", "UNet weights file"), ("teacher_lora", "teacher LoRA")):
             path = getattr(section, key)
             if path and not Path(path).exists():
-                raise NitroFusionError(f"{self.name}.{key} not found: {path}")
+                raise NitroFusionError(f"{what} not found: {path} ({self.name}.{key})")
         config = json.loads((folder / "unet" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
         multiple = 2 ** (len(vae["block_out_channels"]) - 1) * 2 ** (len(config["block_out_channels"]) - 1)
