@@ -223,3 +223,19 @@ def test_generate_checks_its_values_before_looking_at_the_model(flags, needle, t
                  "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("PAYLOAD RAN",))
+
+
+def test_a_pickle_with_objects_is_refused_in_one_line_and_never_run(tiny_sdxl, tmp_path, capsys):
+    import torch
+
+    torch.save({"conv_in.weight": torch.zeros(1), "x": _Payload()}, tmp_path / "evil.pt")
+    assert main(["generate", "--model", str(tmp_path / "evil.pt"), "--base", str(tiny_sdxl), "--shift", "250",
+                 "--prompt", "a", "--out", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert "PAYLOAD RAN" not in out + err and len(err.strip().splitlines()) == 1
+    assert "pickled Python objects beyond plain tensors, which are never loaded" in err
