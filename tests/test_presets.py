@@ -32,19 +32,31 @@ BUDGET = ["max_images=4", "micro_batch=2", "grad_accum=1", "pairs.shard_size=4",
 PRECISION_KEYS = ("mixed_precision", "pairs.dtype")
 
 
-def _tiny_pipeline(world: str, preset: dict, folder):
-    if world == "sdxl":
-        from nitrofusion.worlds.sdxl.testing import build_random_sdxl
+@pytest.fixture(scope="module")
+def tiny_pipelines(tmp_path_factory):
+    """A tiny random pipeline per family (and SD variant), built once for every preset of it: presets only read it."""
+    built: dict = {}
 
-        return build_random_sdxl(folder, "tiny")
-    if world == "sd":
-        from nitrofusion.worlds.sd.testing import build_random_sd
+    def get(world: str, preset: dict):
+        v_prediction = world == "sd" and preset.get("sd", {}).get("resolution", 512) >= 768  # SD 2.x-v: 768 px
+        key = (world, v_prediction)
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"{world}-teacher") / "pipe"
+            if world == "sdxl":
+                from nitrofusion.worlds.sdxl.testing import build_random_sdxl
 
-        v_prediction = preset.get("sd", {}).get("resolution", 512) >= 768  # SD 2.x-v ships at 768 px
-        return build_random_sd(folder, "sd2" if v_prediction else "sd1")
-    from nitrofusion.worlds.sd3.testing import build_random_sd3
+                built[key] = build_random_sdxl(folder, "tiny")
+            elif world == "sd":
+                from nitrofusion.worlds.sd.testing import build_random_sd
 
-    return build_random_sd3(folder)
+                built[key] = build_random_sd(folder, "sd2" if v_prediction else "sd1")
+            else:
+                from nitrofusion.worlds.sd3.testing import build_random_sd3
+
+                built[key] = build_random_sd3(folder)
+        return built[key]
+
+    return get
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -63,7 +75,7 @@ def test_real_presets_are_listed():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", _real_presets())
-def test_preset_runs_as_users_run_it(name, tmp_path, monkeypatch, capsys):
+def test_preset_runs_as_users_run_it(name, tiny_pipelines, tmp_path, monkeypatch, capsys):
     from accelerate.state import AcceleratorState
 
     from nitrofusion.worlds import world_named
@@ -71,7 +83,7 @@ def test_preset_runs_as_users_run_it(name, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NITROFUSION_CACHE", str(tmp_path / "cache"))  # this preset's pairs, made here
     resolved = config_lib.to_dict(config_lib.build(DistillConfig, "distill", name, []))
     world = resolved["world"]
-    teacher = _tiny_pipeline(world, resolved, tmp_path / "teacher")
+    teacher = tiny_pipelines(world, resolved)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red dress\na photo of a shoe\nan astronaut riding a horse\n")
     run = tmp_path / "run"

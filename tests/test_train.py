@@ -219,18 +219,24 @@ def test_linear_schedule_needs_an_image_budget(tiny_cfg):
 
 
 @pytest.mark.slow
-def test_every_pair_dtype_trains_with_every_allowed_mixed_precision(tmp_path, monkeypatch, capsys):
+def test_every_pair_dtype_trains_with_every_allowed_mixed_precision(tiny_teacher, tmp_path, monkeypatch, capsys):
     """docs/architecture.md, precision: pairs.dtype (storage) x mixed_precision (no, bf16), cached and online, each
     trains through `distill` on a CPU to a finite student (float16 pairs under bf16 autocast used to stop at the
-    first shard)."""
+    first shard). The tiny random teacher (2 DDIM steps) keeps the pairs cheap."""
     from accelerate.state import AcceleratorState
 
+    from nitrofusion.worlds.mini.teacher import TeacherTrainConfig, save_teacher
+
+    teacher = tmp_path / "teacher"
+    save_teacher(tiny_teacher.unet, TeacherTrainConfig(model=tiny_teacher.model, sampler=tiny_teacher.sampler),
+                 teacher, {"note": "random tiny teacher for tests"})
     monkeypatch.setenv("NITROFUSION_CACHE", str(tmp_path / "cache"))
     grid = [(storage, mp, "false") for storage in ("float32", "float16", "bfloat16") for mp in ("no", "bf16")]
     for storage, mp, online in grid + [("float16", "bf16", "true")]:
         AcceleratorState._reset_state(reset_partial_state=True)
         out = tmp_path / f"{storage}-{mp}-{online}"
-        code = main(["distill", "--preset", "tiny", "--out", str(out), "--set", f"pairs.dtype={storage}",
+        code = main(["distill", "--preset", "tiny", "--teacher", str(teacher), "--out", str(out),
+                     "--set", f"pairs.dtype={storage}",
                      "--set", f"mixed_precision={mp}", "--set", f"pairs.online={online}", "--set", "max_images=8"])
         assert code == 0, (storage, mp, online, capsys.readouterr().err)
         weights = load_file(str(out / "student" / "unet" / "diffusion_pytorch_model.safetensors"))
