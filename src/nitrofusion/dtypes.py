@@ -5,6 +5,7 @@ names) and a safetensors header's `F16`."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -66,3 +67,11 @@ def check_mixed_precision(mixed_precision: str, device: torch.device) -> None:
     if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(False):
         raise ConfigError(f"mixed_precision bf16 needs a GPU with bfloat16 (Ampere or newer); "
                           f"{torch.cuda.get_device_name(device)} has none: set mixed_precision=no")
+
+
+def use_cpu() -> bool:
+    """Whether a run trains on the CPU. accelerate only forms a multi-CPU (gloo) group when told `cpu`; on a machine
+    without a GPU that is the only choice, so `accelerate launch --multi_gpu --num_processes N` (or torchrun) works
+    there too."""
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return flag or not torch.cuda.is_available()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import NitroFusionError
 from .common import model_args, resumed_config
+from .dry_run import check_out_folder
 
 
 def cmd_distill(args) -> None:
@@ -14,9 +14,7 @@ def cmd_distill(args) -> None:
         from .dry_run import dry_run
 
         return dry_run(cfg, Path(args.out), args.resume, "distill")
-    if not args.resume and any((Path(args.out) / "checkpoints").glob("step-*")):
-        raise NitroFusionError(f"{args.out} already holds a run (checkpoints/); add --resume to continue it or "
-                               "choose a new --out")
+    check_out_folder(Path(args.out), args.resume)  # an existing run, a file in the path: before anything loads
     from ..data.pair_cache import process_state, training_data
     from ..data.real_data import training_source
     from ..dtypes import check_mixed_precision

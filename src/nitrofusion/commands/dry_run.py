@@ -28,7 +28,7 @@ def check_out_folder(out: Path, resume: bool) -> str:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise NitroFusionError(f"cannot create the run folder {out}: {existing} is a file; choose another --out")
+        raise NitroFusionError(f"cannot write to the run folder {out}: {existing} is a file; choose another --out")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise NitroFusionError(f"cannot write to the run folder {out} ({existing} is not writable); choose another "
                                "--out or fix its permissions")
@@ -56,13 +56,12 @@ def dry_run(cfg, out: Path | None, resume: bool, command: str) -> None:
     import torch
 
     from ..data.pairs import shards_read
-    from ..dtypes import check_mixed_precision
+    from ..dtypes import check_mixed_precision, use_cpu
     from ..models.student import read_student_init
     from ..worlds import world_of_config
 
     processes = _processes()
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
-    device = torch.device("cpu" if cpu else "cuda")  # as data/pair_cache.use_cpu decides for the run
+    device = torch.device("cpu" if use_cpu() else "cuda")
     check_mixed_precision(cfg.mixed_precision, device)
     world = world_of_config(cfg)
     world.check_config(cfg)

@@ -20,17 +20,11 @@ def cmd_generate(args) -> None:
             raise NitroFusionError(f"prompt file {path} is not UTF-8 text; give one prompt per line") from None
     if not prompts:
         raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
-    if args.num_per_prompt < 1:
-        raise NitroFusionError(f"--num-per-prompt must be >= 1 (got {args.num_per_prompt})")
-    from ..sampling.spec import check_seed, check_steps  # torch-free: bad values answer before any model loads
+    from ..sampling.spec import check_generate_values, check_seed, check_steps  # torch-free: answers before loading
 
     check_steps(args.steps)
     check_seed(args.seed, "--seed")
-    for name, value in (("height", args.height), ("width", args.width)):
-        if value is not None and (value <= 0 or value % 8):
-            raise NitroFusionError(f"--{name} must be a positive multiple of 8 (got {value})")
-    if args.batch_size < 1:
-        raise NitroFusionError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    check_generate_values(args.height, args.width, args.batch_size, args.num_per_prompt)
     output_folder(args.out)
     from ..dtypes import parse_dtype
     from ..worlds import GenerateOptions, world_of_model

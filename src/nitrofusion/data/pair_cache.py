@@ -6,14 +6,13 @@ Pair generation is sharded over the accelerate processes (shard s goes to proces
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
 
 from ..distill_config import DistillConfig, PairsConfig
-from ..dtypes import mixed_precision_dtype, torch_dtype
+from ..dtypes import mixed_precision_dtype, torch_dtype, use_cpu
 from ..method.adapter import ModelAdapter
 from .pairs import (
     OnlinePairs,
@@ -28,13 +27,6 @@ from .pairs import (
     shards_read,
     write_index_file,
 )
-
-
-def use_cpu() -> bool:
-    """accelerate only forms a multi-CPU (gloo) group when told `cpu`; on a machine without a GPU that is
-    the only choice, so `accelerate launch --multi_gpu --num_processes N` (or torchrun) works there too."""
-    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return flag or not torch.cuda.is_available()
 
 
 def process_state() -> PartialState:

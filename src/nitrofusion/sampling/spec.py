@@ -60,3 +60,14 @@ MAX_SEED = 2**63 - 2**32  # torch generators take seeds < 2**64; image i of a ba
 def check_seed(seed: int, name: str = "seed") -> None:
     if not 0 <= seed <= MAX_SEED:
         raise NitroFusionError(f"{name} must be in [0, 2**63 - 2**32] (got {seed})")
+
+
+def check_generate_values(height: int | None, width: int | None, batch_size: int, num_per_prompt: int) -> None:
+    """Image sizes and batch sizes of a generating command, before any model loads."""
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value <= 0 or value % 8):
+            raise NitroFusionError(f"--{name} must be a positive multiple of 8 (got {value})")
+    if batch_size < 1:
+        raise NitroFusionError(f"--batch-size must be >= 1 (got {batch_size})")
+    if num_per_prompt < 1:
+        raise NitroFusionError(f"--num-per-prompt must be >= 1 (got {num_per_prompt})")

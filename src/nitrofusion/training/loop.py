@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from .. import config as config_lib
 from .. import faults, threads
-from ..data.pair_cache import use_cpu
 from ..data.pairs import EpochGrowth, GrowingPairs, MixedPairs, OnlinePairs, Pairs, ShardedPairs, make_loader
 from ..distill_config import DistillConfig
+from ..dtypes import use_cpu
 from ..errors import NitroFusionError
 from ..io import atomic_write_text, disk_errors
 from ..method.adapter import ModelAdapter, cond_to

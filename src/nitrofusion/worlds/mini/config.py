@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ...config import ranged
 from ...errors import ConfigError
 from ...sampling.spec import SamplerSpec
+
+ASSET_TEACHER = Path(__file__).resolve().parent / "assets" / "teacher"  # the shipped teacher folder
 
 
 @dataclass

@@ -20,10 +20,8 @@ from ...errors import NitroFusionError
 from ...io import atomic_write_text
 from ...sampling.teacher import SamplerSpec
 from . import data, text
-from .config import TeacherTrainConfig  # noqa: F401 - re-exported
+from .config import ASSET_TEACHER, TeacherTrainConfig  # noqa: F401 - re-exported
 from .models import MiniUNetConfig, build_noise_scheduler, build_unet
-
-ASSET_TEACHER = Path(__file__).resolve().parent / "assets" / "teacher"
 
 
 @dataclass

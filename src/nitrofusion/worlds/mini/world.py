@@ -15,6 +15,7 @@ from ...data.pairs import Pairs, Prompts
 from ...distill_config import DistillConfig
 from ...errors import NitroFusionError
 from ..base import Evaluator, GenerateOptions, LiveGenerator, ModelPlan, World, unet_plan
+from .config import ASSET_TEACHER
 
 if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
     from ...method.adapter import ModelAdapter
@@ -23,9 +24,6 @@ if TYPE_CHECKING:  # annotations only: importing the adapter interface loads dif
 def _unet_config(kind: str, path: Path) -> dict | None:
     file = {"student": path / "unet" / "config.json", "unet": path / "config.json"}.get(kind)
     return json.loads(file.read_text()) if file is not None and file.is_file() else None
-
-
-ASSET_TEACHER = Path(__file__).resolve().parent / "assets" / "teacher"  # as teacher.py, without diffusers
 
 
 class MiniWorld(World):

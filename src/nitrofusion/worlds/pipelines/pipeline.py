@@ -28,7 +28,7 @@ from ...dtypes import safetensors_dtype
 from ...errors import NitroFusionError, describe
 from ...models.architectures import check_family, is_lora
 from ...models.weights import check_same_layout, read_weights_file
-from ...sampling.spec import MAX_SEED, check_seed, check_steps  # noqa: F401 - check_seed re-exported
+from ...sampling.spec import MAX_SEED, check_generate_values, check_seed, check_steps  # noqa: F401 - check_seed re-exported
 from .family import Family, check_pipeline_folder, family_named, family_of_unet_config
 from .runtime import is_sdxl_pipeline, runtime_for, set_vae_dtype
 
@@ -407,13 +407,7 @@ def generate_to_folder(model: str | Path, prompts: list[str], steps: int, seed: 
                        device: str = "cpu", dtype: torch.dtype | None = None, fast: bool = False,
                        vae: str | Path | None = None, vae_dtype: torch.dtype | None = None) -> list[Path]:
     check_steps(steps)  # before any model loads
-    for name, value in (("height", height), ("width", width)):
-        if value is not None and (value <= 0 or value % 8):
-            raise NitroFusionError(f"--{name} must be a positive multiple of 8 (got {value})")
-    if batch_size < 1:
-        raise NitroFusionError(f"--batch-size must be >= 1 (got {batch_size})")
-    if num_per_prompt < 1:
-        raise NitroFusionError(f"--num-per-prompt must be >= 1 (got {num_per_prompt})")
+    check_generate_values(height, width, batch_size, num_per_prompt)
     if not prompts:
         raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
     pipe = load_pipeline(model, base=base, shift=shift, device=device, dtype=dtype, fast=fast, vae=vae,
