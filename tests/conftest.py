@@ -3,7 +3,14 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# The suite runs in 2 pytest-xdist workers on a 2-core machine (README's test command): one torch thread each keeps
+# the cores busy without oversubscribing them. Run serially (no -n), a test process gets up to 2 threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(items):
+    # The slow end-to-end tests first, so the two workers finish together instead of one waiting on the last long test
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session", autouse=True)

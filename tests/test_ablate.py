@@ -2,9 +2,11 @@
 table and plot; a rerun skips finished runs."""
 
 import json
+import signal
 
 import pytest
 
+from nitrofusion import preemption
 from nitrofusion.errors import NitroFusionError
 from nitrofusion.studies.ablate import PAPER, run_ablation, summarise
 
@@ -41,8 +43,22 @@ def test_ablate_runs_every_variant_and_skips_finished_runs(tmp_path, monkeypatch
 
     sets = ["pairs.count=64", "pairs.shard_size=32", "micro_batch=8", "pool.width=8", "pool.heads_per_slot=2"]
     messages = []
+    real_distill, runs = ablate.distill, []
+
+    def stopped_in_the_third_run(*a, **k):  # SIGTERM (a real signal to this process) as the third run starts
+        runs.append(1)
+        if len(runs) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return real_distill(*a, **k)
+
+    monkeypatch.setattr(ablate, "distill", stopped_in_the_third_run)
+    with preemption.stop_on_signals(), pytest.raises(preemption.Preempted, match="after step 1 "):
+        run_ablation(tmp_path, seeds=2, budget_images=16, eval_samples=20, overrides=sets, progress=False,
+                     log=messages.append)
+    monkeypatch.setattr(ablate, "distill", real_distill)
     r = run_ablation(tmp_path, seeds=2, budget_images=16, eval_samples=20, overrides=sets, progress=False,
                      log=messages.append)
+    assert sum("skipped" in m for m in messages) == 2 and sum("resuming" in m for m in messages) == 1
     assert set(r["summary"]["1"]) == set(PAPER) and all(s["n"] == 2 for s in r["summary"]["1"].values())
     assert len(r["runs"]) == 10 and all(run["images"] == 16 for run in r["runs"])
     assert (tmp_path / "ablation.png").stat().st_size > 0 and "| single-head" in (tmp_path / "ablation.md").read_text()
@@ -53,7 +69,7 @@ def test_ablate_runs_every_variant_and_skips_finished_runs(tmp_path, monkeypatch
     monkeypatch.setattr(ablate, "distill", lambda *a, **k: pytest.fail("a finished run was retrained"))
     again = run_ablation(tmp_path, seeds=2, budget_images=16, eval_samples=20, overrides=sets, progress=False,
                          log=messages.append)
-    assert again["summary"] == r["summary"] and sum("skipped" in m for m in messages) == 10
+    assert again["summary"] == r["summary"] and sum("skipped" in m for m in messages) == 12
     # a step count a finished run lacks is scored from its saved student, without retraining
     more = run_ablation(tmp_path, seeds=2, budget_images=16, eval_samples=20, overrides=sets, steps=[1, 4],
                         variants=["full"], progress=False, log=messages.append)

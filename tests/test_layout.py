@@ -38,7 +38,8 @@ def test_every_relative_import_resolves():
 
 # docs/architecture.md, "Layers": each package may import its own layer and the layers below it, never above.
 LAYERS = [
-    ("core", ["errors", "io", "dtypes", "faults", "quiet", "threads", "config", "stopwatch"]),
+    ("core", ["errors", "io", "locks", "dtypes", "faults", "quiet", "threads", "config", "stopwatch",
+              "preemption"]),
     ("schemas", ["distill_config", "sampling.spec"]),  # and every */config.py: torch-free config sections
     ("method", ["method", "sampling", "models"]),
     ("data", ["data", "evaluation"]),

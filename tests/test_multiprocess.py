@@ -1,23 +1,28 @@
 """Two CPU processes under `accelerate launch` (DDP over gloo): head sampling, pool refresh and the
-head updates must be identical on every rank, or the ranks train different discriminators."""
+head updates must be identical on every rank, or the ranks train different discriminators; a stop signal to one
+rank stops both at the same step, and the run resumes exactly."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
+from ports import free_port
 from safetensors.torch import load_file
 
 SCRIPT = textwrap.dedent('''
+    import os
     import sys
     from pathlib import Path
 
     import torch
     from safetensors.torch import save_file
 
-    from nitrofusion import config
+    from nitrofusion import config, preemption
     from nitrofusion.distill_config import DistillConfig
     from nitrofusion.training import distill
     from nitrofusion.data.pair_cache import process_state, training_data
@@ -28,11 +33,16 @@ SCRIPT = textwrap.dedent('''
                                                          "micro_batch=2", "grad_accum=4",
                                                          *[a for a in sys.argv[2:] if a != "RESUME"]])
     state = process_state()
-    world = world_of_config(cfg)
-    adapter = world.adapter(cfg)
-    data = training_data(cfg, adapter, world.prompts(cfg), state)
-    result = distill(cfg, adapter, data, out / "run", progress=False,
-                     resume="RESUME" in sys.argv)
+    with preemption.stop_on_signals():  # as the CLI does: a stop signal ends the run at a safe point
+        world = world_of_config(cfg)
+        adapter = world.adapter(cfg)
+        data = training_data(cfg, adapter, world.prompts(cfg), state)
+        (out / f"pid{state.process_index}").write_text(str(os.getpid()))  # a signal now lands in step 1
+        try:
+            result = distill(cfg, adapter, data, out / "run", progress=False, resume="RESUME" in sys.argv)
+        except preemption.Preempted as e:
+            (out / f"stopped{state.process_index}").write_text(str(e))
+            sys.exit(preemption.REQUEUE_EXIT)
     pool = result["pool"]
     tensors = {f"pool.{k}": v for k, v in pool.state_dict().items()}
     tensors["pool_generator"] = pool.generator_state()
@@ -41,49 +51,65 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _launch(tmp_path, *sets):
+def _start(tmp_path, *sets) -> subprocess.Popen:
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "train.py").write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(tmp_path / "train.py"), str(tmp_path), *sets]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(tmp_path / "train.py"), str(tmp_path), *sets]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _launch(tmp_path, *sets):
+    proc = _start(tmp_path, *sets)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
     return [load_file(str(tmp_path / f"rank{i}.safetensors")) for i in (0, 1)]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("student", ["full", "lora"])
-def test_two_processes_keep_bitwise_identical_pools(tmp_path, student):
-    """And students: DDP averages a full student's gradients, or a LoRA student's adapter gradients only."""
-    lora = ("student.kind=lora", "student.rank=4", "student_optim.lr=1e-3") if student == "lora" else ()
-    r0, r1 = _launch(tmp_path, *lora)
+def _identical(r0, r1):
     assert r0.keys() == r1.keys()
     different = [k for k in r0 if not torch.equal(r0[k], r1[k])]
     assert not different, different[:5]
-    # and training did happen: 4 optimiser steps of 2 ranks x 4 micro-batches x 2 images (2 < 4 t*: some
-    # heads get no gradient on one rank and some on the other; the collectives must still line up)
-    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+
+
+@pytest.mark.slow
+def test_two_processes_keep_bitwise_identical_pools_and_a_stopped_sharded_run_resumes_exactly(tmp_path):
+    """One plain run (pools and students identical on both ranks), then a ZeRO-1 run that SIGUSR1 to rank 1 alone
+    stops: both ranks checkpoint at the same step and exit 75; --resume reaches the plain run's weights bitwise
+    (ZeRO-1 changes where the AdamW state lives, not the arithmetic; every rank restores its own RNG streams,
+    loader position, pool and optimiser shard)."""
+    plain = _launch(tmp_path / "plain")
+    _identical(*plain)
+    # training did happen: 4 optimiser steps of 2 ranks x 4 micro-batches x 2 images (2 < 4 t*: some heads get no
+    # gradient on one rank and some on the other; the collectives must still line up)
+    log = (tmp_path / "plain" / "run" / "log.jsonl").read_text().splitlines()
     assert len(log) == 4 and '"images": 64' in log[-1]
 
-
-@pytest.mark.slow
-def test_zero_sharded_student_optimiser_matches_the_replicated_one(tmp_path):
-    plain, _ = _launch(tmp_path / "plain")
-    z0, z1 = _launch(tmp_path / "zero", "student_optim.zero=true")
-    for k in plain:  # ZeRO-1 changes where the AdamW state lives, not the arithmetic
-        assert torch.equal(z0[k], z1[k]) and torch.equal(z0[k], plain[k]), k
-    optim = torch.load(sorted((tmp_path / "zero" / "run" / "checkpoints").iterdir())[-1] / "optim.pt",
-                       weights_only=True)
-    n_params = sum(1 for k in plain if k.startswith("student."))
+    zero = tmp_path / "zero"
+    proc = _start(zero, "student_optim.zero=true")
+    deadline = time.time() + 300
+    while not (zero / "pid1").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(int((zero / "pid1").read_text()), signal.SIGUSR1)  # before step 1 ends: the stop comes after it
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0, "the launcher reports the ranks' requeue exit as a failure"
+    stopped = [(zero / f"stopped{i}").read_text() for i in (0, 1)]
+    assert "stopped by SIGUSR1 after step 1 (16 images)" in stopped[1], err[-3000:]
+    assert "stopped by a signal to another process after step 1 (16 images)" in stopped[0]
+    assert [p.name for p in (zero / "run" / "checkpoints").iterdir()] == ["step-00000001"]
+    assert (zero / "run" / "preempted.json").is_file()  # the launcher's status says "failed"; this says why
+    optim = torch.load(zero / "run" / "checkpoints" / "step-00000001" / "optim.pt", weights_only=True)
+    n_params = sum(1 for k in plain[0] if k.startswith("student."))
     assert len(optim["g"]["state"]) == n_params  # the checkpoint holds every rank's shard, consolidated
 
+    r0, r1 = _launch(zero, "student_optim.zero=true", "RESUME")
+    for k in plain[0]:
+        assert torch.equal(r0[k], plain[0][k]) and torch.equal(r1[k], plain[0][k]), k
+
 
 @pytest.mark.slow
-def test_two_processes_resume_exactly(tmp_path):
-    whole, _ = _launch(tmp_path / "whole")
-    _launch(tmp_path / "cut", "max_images=32")  # stops after 2 of the 4 steps, with a checkpoint
-    r0, r1 = _launch(tmp_path / "cut", "RESUME")
-    for k in whole:  # every rank restored its own RNG streams, loader position, pool and optimiser state
-        assert torch.equal(r0[k], whole[k]) and torch.equal(r1[k], whole[k]), k
+def test_two_processes_keep_bitwise_identical_lora_students(tmp_path):
+    """DDP averages a LoRA student's adapter gradients only; pools and adapters stay identical on both ranks."""
+    _identical(*_launch(tmp_path, "student.kind=lora", "student.rank=4", "student_optim.lr=1e-3"))

@@ -1,6 +1,5 @@
-"""Issue 6 odds and ends: a full disk mid-run, and no unpickling of untrusted files anywhere."""
+"""Odds and ends: a full disk at each kind of write, bad input, no unpickling of untrusted files anywhere."""
 
-import errno
 import re
 from pathlib import Path
 
@@ -16,26 +15,59 @@ from nitrofusion.training import distill
 SRC = Path(__file__).resolve().parents[1] / "src" / "nitrofusion"
 
 
-def test_a_full_disk_mid_run_is_one_clear_error_and_the_last_checkpoint_survives(mini_adapter, tiny_cfg,
-                                                                                tmp_path, monkeypatch):
+def _full_disk_at(monkeypatch, point: str) -> None:
+    from nitrofusion import faults
+
+    faults.reset()
+    monkeypatch.setenv("NITROFUSION_DISK_FULL_AT", point)
+
+
+def _one_line(error: pytest.ExceptionInfo, what: str, where: Path) -> None:
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"cannot write {what} to {where} (No space left on device; "
+                                                       "it needs about ")
+    assert re.search(r"needs about [0-9.]+ [MG]iB, [0-9.]+ [MG]iB free there\); free space", message), message
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".tmp" in p.name or ".student." in p.name)
+
+
+def test_a_full_disk_while_writing_a_pair_shard(mini_adapter, tmp_path, monkeypatch):
+    kw = dict(count=32, seed=0, shard_size=8, batch_size=8, progress=False)
+    _full_disk_at(monkeypatch, "pairs-shard-write:2")  # the second shard's bytes are on disk, not yet renamed
+    with pytest.raises(NitroFusionError) as error:
+        verify_and_repair(mini_adapter, ["a photo of a bag"], out_dir=tmp_path / "pairs", **kw)
+    _one_line(error, "teacher pairs", tmp_path / "pairs")
+    assert [p.name for p in (tmp_path / "pairs").glob("shard-*")] == ["shard-00000.safetensors"]
+    assert not _leftovers(tmp_path / "pairs")
+    monkeypatch.delenv("NITROFUSION_DISK_FULL_AT")
+    assert len(verify_and_repair(mini_adapter, ["a photo of a bag"], out_dir=tmp_path / "pairs", **kw)) == 32
+
+
+@pytest.mark.parametrize("point, what, folder", [("checkpoint-write:2", "a checkpoint", "checkpoints"),
+                                                 ("student-save", "the student", "student")])
+def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_survives(mini_adapter, tiny_cfg, tmp_path,
+                                                                         monkeypatch, point, what, folder):
+    """While the second checkpoint is written (its tensors on disk, the optimiser state not yet), or the student
+    folder (its UNet written, the scheduler not yet): no half of either is left where resume or a reader looks,
+    the newest complete checkpoint loads, and --resume (once there is space) finishes the run."""
     pairs = verify_and_repair(mini_adapter, ["a photo of a bag"], 16, 0, tmp_path / "pairs", shard_size=8,
                               batch_size=8, progress=False)
-    real_save = ckpt.save_file
-
-    def filling_disk(tensors, path, *a, **k):
-        if "step-00000002" in str(path):  # the first checkpoint fits, the second does not
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(tensors, path, *a, **k)
-
-    monkeypatch.setattr(ckpt, "save_file", filling_disk)
     run = tmp_path / "run"
-    with pytest.raises(NitroFusionError, match=r"cannot write a checkpoint .*No space left on device.*--resume"):
+    _full_disk_at(monkeypatch, point)
+    with pytest.raises(NitroFusionError) as error:
         distill(tiny_cfg("max_images=64"), mini_adapter, pairs, run, progress=False)
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000001"]  # no half-written folder
+    _one_line(error, what, run / folder)
+    assert error.value.args[0].endswith("--resume (the last complete checkpoint is intact)")
+    done = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert done[-1] == ("step-00000001" if folder == "checkpoints" else "step-00000008") and len(done) <= 2
+    assert not (run / "student").exists() and not _leftovers(run)
     ckpt.load(ckpt.latest(run))  # the newest complete checkpoint loads
-    monkeypatch.setattr(ckpt, "save_file", real_save)
+    monkeypatch.delenv("NITROFUSION_DISK_FULL_AT")
     distill(tiny_cfg("max_images=64"), mini_adapter, pairs, run, resume=True, progress=False)
-    assert (run / "student" / "unet").is_dir()
+    assert (run / "student" / "unet").is_dir() and (run / "student" / "scheduler").is_dir()
+    assert not _leftovers(run)
 
 
 def test_an_unwritable_output_folder_is_refused_in_one_line(tmp_path, capsys):

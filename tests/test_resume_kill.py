@@ -1,5 +1,8 @@
-"""kill -9 of a real `nitrofusion distill` process, then --resume: same weights as an uninterrupted run."""
+"""Real `nitrofusion distill` processes stopped every way a cluster stops them, then --resume: the uninterrupted
+run's weights, bitwise. A stop signal (SIGTERM: checkpoint at the next step, exit 75), kill -9 from outside, and
+kill -9 at each kind of write (a pair shard, a checkpoint mid-write and after its rename, the student folder)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nitrofusion.preemption import REQUEUE_EXIT
+
 pytestmark = pytest.mark.slow
+FINAL = "step-00000012"  # 96 images of 8
 
 
 def _run(args, env):
@@ -23,73 +29,87 @@ def _final(run):
     return ck.name, load_file(str(ck / "student.safetensors")), load_file(str(ck / "pool.safetensors"))
 
 
-def test_kill_9_then_resume_matches_an_uninterrupted_run(tiny_teacher, tmp_path):
+def _checkpoints(run) -> list[str]:
+    folder = run / "checkpoints"
+    return sorted(p.name for p in folder.iterdir() if "." not in p.name) if folder.exists() else []
+
+
+def _newest_step(run) -> int:
+    done = _checkpoints(run)
+    return int(done[-1].removeprefix("step-")) if done else 0
+
+
+def _wait_for_checkpoints(proc, run, n: int) -> None:
+    """Until the run's newest complete checkpoint is n steps past the newest now (the loop is past its setup)."""
+    target = _newest_step(run) + n
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and _newest_step(run) < target:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be stopped"
+
+
+def _setup(tiny_teacher, tmp_path):
+    """A saved tiny teacher, the common arguments, and one uninterrupted run of 12 optimiser steps."""
     from nitrofusion.worlds.mini.teacher import TeacherTrainConfig, save_teacher
 
-    teacher_dir = tmp_path / "teacher"
     save_teacher(tiny_teacher.unet, TeacherTrainConfig(model=tiny_teacher.model, sampler=tiny_teacher.sampler),
-                 teacher_dir, {"note": "random tiny teacher for tests"})
+                 tmp_path / "teacher", {"note": "random tiny teacher for tests"})
     # a cache of its own: the session's may hold text encodings and pairs that an in-process test made with 2
     # threads, whose last bits differ from a 1-thread process's on some CPUs (seen on Intel, not on AMD)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NITROFUSION_CACHE": str(tmp_path / "cache")}
-    common = ["--preset", "tiny", "--teacher", str(teacher_dir), "--set", "max_images=96", "--set", "threads=1"]
-
+    common = ["--preset", "tiny", "--teacher", str(tmp_path / "teacher"), "--set", "max_images=96", "--set",
+              "threads=1"]
     straight = _run([*common, "--out", str(tmp_path / "straight")], env)
     assert straight.wait(timeout=300) == 0, straight.stderr.read()
-
-    victim = tmp_path / "victim"
-    proc = _run([*common, "--out", str(victim)], env)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill as soon as a few complete checkpoints exist
-        done = [p for p in (victim / "checkpoints").glob("step-*") if "." not in p.name] \
-            if (victim / "checkpoints").exists() else []
-        if len(done) >= 2 or proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = sorted(p.name for p in (victim / "checkpoints").iterdir() if "." not in p.name)[-1]
-    assert killed_at != "step-00000012"
-
-    resumed = _run([*common, "--out", str(victim), "--resume"], env)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    (n1, s1, p1), (n2, s2, p2) = _final(tmp_path / "straight"), _final(victim)
-    assert n1 == n2 == "step-00000012"
-    assert all(torch.equal(s1[k], s2[k]) for k in s1)
-    assert all(torch.equal(p1[k], p2[k]) for k in p1)
+    return common, env, _final(tmp_path / "straight")
 
 
-@pytest.fixture(scope="module")
-def tiny_setup(tiny_teacher, tmp_path_factory):
-    """A saved tiny teacher and an uninterrupted run of 4 optimiser steps to compare against."""
-    from nitrofusion.worlds.mini.teacher import TeacherTrainConfig, save_teacher
-
-    root = tmp_path_factory.mktemp("kill-points")
-    save_teacher(tiny_teacher.unet, TeacherTrainConfig(model=tiny_teacher.model, sampler=tiny_teacher.sampler),
-                 root / "teacher", {"note": "random tiny teacher for tests"})
-    common = ["--preset", "tiny", "--teacher", str(root / "teacher"), "--set", "max_images=32", "--set",
-              "threads=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # the straight run encodes its prompts and makes its pairs in a 1-thread process, as each victim does in its own
-    # cache (the session's may hold ones made with 2 threads, whose last bits differ on some CPUs)
-    straight = _run([*common, "--out", str(root / "straight")], {**env, "NITROFUSION_CACHE": str(root / "cache")})
-    assert straight.wait(timeout=300) == 0, straight.stderr.read()
-    return root, common, env
-
-
-@pytest.mark.parametrize("point", ["pairs-shard:2", "checkpoint-write:3", "checkpoint-rename:3", "student-save:1"])
-def test_kill_9_at_each_write_then_resume_matches(tiny_setup, tmp_path, point):
-    """Killed while a pair shard, a checkpoint (mid-write; after the rename, before pruning) or student/ is being
-    written: --resume ends with the uninterrupted run's weights and a complete student folder."""
-    root, common, env = tiny_setup
-    victim_env = {**env, "NITROFUSION_KILL_AT": point, "NITROFUSION_CACHE": str(tmp_path / "cache")}
-    proc = _run([*common, "--out", str(tmp_path / "run")], victim_env)
-    assert proc.wait(timeout=300) == -signal.SIGKILL, proc.stderr.read()
-    resumed = _run([*common, "--out", str(tmp_path / "run"), "--resume"], {**env, "NITROFUSION_CACHE":
-                                                                          str(tmp_path / "cache")})
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-    (n1, s1, p1), (n2, s2, p2) = _final(root / "straight"), _final(tmp_path / "run")
-    assert n1 == n2 == "step-00000004"
+def _assert_same(run, expected) -> None:
+    (n1, s1, p1), (n2, s2, p2) = expected, _final(run)
+    assert n1 == n2 == FINAL
     assert all(torch.equal(s1[k], s2[k]) for k in s1) and all(torch.equal(p1[k], p2[k]) for k in p1)
-    assert (tmp_path / "run" / "student" / "scheduler" / "scheduler_config.json").is_file()
+    assert (run / "student" / "scheduler" / "scheduler_config.json").is_file()
+
+
+def test_sigterm_then_kill_9_then_resume_matches_an_uninterrupted_run(tiny_teacher, tmp_path):
+    common, env, expected = _setup(tiny_teacher, tmp_path)
+    victim = tmp_path / "victim"
+
+    proc = _run([*common, "--out", str(victim)], env)  # SIGTERM: finish the step, checkpoint, one line, exit 75
+    _wait_for_checkpoints(proc, victim, 2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == REQUEUE_EXIT
+    said = [line for line in proc.stderr.read().splitlines()
+            if line.strip() and not line.startswith(("distill:", "teacher pairs:"))]
+    stopped_at = _checkpoints(victim)[-1]  # (the progress bars aside) one line: where it stopped, how to go on
+    assert len(said) == 1 and f"stopped by SIGTERM after step {int(stopped_at[5:])} (" in said[0], said
+    assert "--resume" in said[0] and stopped_at != FINAL
+    marker = json.loads((victim / "preempted.json").read_text())  # for job scripts behind a launcher
+    assert marker == {"signal": "SIGTERM", "step": int(stopped_at[5:]), "images": 8 * int(stopped_at[5:])}
+
+    proc = _run([*common, "--out", str(victim), "--resume"], env)  # kill -9 from outside, mid-run
+    _wait_for_checkpoints(proc, victim, 2)
+    assert not (victim / "preempted.json").exists()  # the requeued run took it
+    proc.kill()
+    proc.wait()
+    assert _checkpoints(victim)[-1] != FINAL
+
+    proc = _run([*common, "--out", str(victim), "--resume"], env)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    _assert_same(victim, expected)
+
+
+def test_kill_9_at_each_write_then_resume_matches_an_uninterrupted_run(tiny_teacher, tmp_path):
+    """One run killed five times, each resume killed at the next kind of write (every point below is a real
+    SIGKILL the process sends itself: faults.py): each recovery starts from what the last one left."""
+    common, env, expected = _setup(tiny_teacher, tmp_path)
+    env = {**env, "NITROFUSION_CACHE": str(tmp_path / "victim-cache")}  # the victim makes its own pairs
+    run = tmp_path / "run"
+    for point in ("pairs-shard:2", "checkpoint-write:3", "checkpoint-rename:3", "student-save:1"):
+        args = [*common, "--out", str(run)] + (["--resume"] if run.exists() else [])
+        proc = _run(args, {**env, "NITROFUSION_KILL_AT": point})
+        assert proc.wait(timeout=300) == -signal.SIGKILL, (point, proc.stderr.read())
+    assert _checkpoints(run)[-1] == FINAL  # killed while writing student/: resume must still write it
+    proc = _run([*common, "--out", str(run), "--resume"], env)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    _assert_same(run, expected)

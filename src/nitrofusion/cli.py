@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
-from . import threads
+from . import preemption, threads
 from .commands.ablate import cmd_ablate
 from .commands.app import cmd_app
 from .commands.assets import cmd_classifier, cmd_teacher
@@ -20,6 +21,12 @@ from .commands.pairs import cmd_pairs
 from .commands.presets import cmd_presets
 from .errors import NitroFusionError, describe
 from .quiet import quiet_dependencies
+
+# The long commands, and how each continues after an interruption
+RESUMABLE = {"distill": "rerun the same command with --resume to continue",
+             "demo": "rerun the same command with --resume to continue",
+             "ablate": "rerun the same command to continue (finished runs are kept, the others resume)",
+             "pairs": "rerun the same command to continue (finished shards are kept)"}
 
 DEMO_HELP = ("distil the shipped mini-world teacher into a 1-4 step student and write a report (about 5 min "
              "on 2 cores)")
@@ -236,15 +243,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     threads.set_default_environment()  # before torch loads: OpenMP reads it once (threads.py has the rule)
     debug = args.debug or os.environ.get("NITROFUSION_DEBUG", "") not in ("", "0")
+    stoppable = args.command in RESUMABLE  # SIGTERM / SIGUSR1: checkpoint at the next safe point, exit 75
     try:
-        args.func(args)
+        with preemption.stop_on_signals() if stoppable else contextlib.nullcontext():
+            args.func(args)
+    except preemption.Preempted as e:
+        if os.environ.get("RANK", "0") == "0":  # one line for the job, not one per rank
+            print(f"nitrofusion: {e}; {RESUMABLE[args.command]} (exit code {preemption.REQUEUE_EXIT}: requeue)",
+                  file=sys.stderr)
+        return preemption.REQUEUE_EXIT
     except NitroFusionError as e:
         print(f"nitrofusion: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resumable = args.command in ("distill", "demo", "ablate", "pairs")
-        print("nitrofusion: interrupted" + ("; rerun with --resume to continue from the last checkpoint"
-                                            if resumable else ""), file=sys.stderr)
+        print("nitrofusion: interrupted" + (f"; {RESUMABLE[args.command]}" if stoppable else ""), file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`nitrofusion presets | head -1`): not an error to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second complaint at exit

@@ -1,15 +1,17 @@
-"""Dependencies' log lines that never matter to a nitrofusion user, silenced in one place.
+"""Dependencies' log lines and warnings that never matter to a nitrofusion user, silenced in one place.
 
-Each logger below prints on import or on a path we never take, before our own one-line result or error
-(the reliability rule: a clean terminal). Called first thing in every process we start (the CLI and the
-demo's helper process), before the dependencies are imported: a logger's level set later is too late for
-the lines it printed at import.
+Each logger below prints on import or on a path we never take, before our own one-line result or error, and each
+warning is about a dependency's own internals (the reliability rule: a clean terminal; tests/test_terminal.py).
+Called first thing in every process we start (the CLI and the demo's helper process), before the dependencies are
+imported: a logger's level set later is too late for the lines it printed at import.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import warnings
 from collections.abc import Iterator
 
 # logger name -> why its warnings are noise to us
@@ -33,6 +35,17 @@ NOISY_MESSAGES = {
 }
 
 
+# (module a Python warning is attributed to, start of its message) -> why it is noise to us; "" matches any
+NOISY_WARNINGS = {
+    # gradio's queue statistics (the live app, on the first request) use pandas options that pandas 3 deprecates
+    ("gradio.queueing", ""): "gradio's internals, nothing a user can change",
+    # the stock SDXL pipeline (bench --inference's baseline, in fp16) casts its VAE to fp32 through a method that it
+    # deprecates itself
+    ("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl", "`upcast_vae` is deprecated"):
+        "diffusers' own call of its own deprecated method",
+}
+
+
 class _DropMessage(logging.Filter):
     def __init__(self, start: str, part: str) -> None:
         super().__init__()
@@ -44,7 +57,10 @@ class _DropMessage(logging.Filter):
 
 
 def quiet_dependencies() -> None:
-    """Raise each noisy dependency logger to ERROR (its real errors still show), and drop the noisy messages."""
+    """Raise each noisy dependency logger to ERROR (its real errors still show), and drop the noisy messages and
+    warnings."""
+    for module, start in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(start), module=re.escape(module))
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     for name, (start, part) in NOISY_MESSAGES.items():

@@ -65,6 +65,33 @@ def type_and_wait(driver, url: str, prompt: str, timeout: float = 120.0, keystro
     return {"latency_text": text, "seconds": time.perf_counter() - t0}
 
 
+def paste_and_generate(driver, prompt: str, timeout: float = 60.0) -> str:
+    """On an open app page, put `prompt` in the box as a script would (past the box's maxlength, which only stops
+    typing), click generate, and return what the page shows for it: the latency line of that prompt (one not
+    shown before on this page), or the message of the error toast."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    toast = (By.CSS_SELECTOR, "[data-testid=toast-text]")
+    wait = WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,))
+    for old in driver.find_elements(By.CSS_SELECTOR, "[data-testid=toast-close]"):  # an earlier request's error
+        old.click()
+    wait.until(lambda d: not d.find_elements(*toast))
+    box = driver.find_element(By.CSS_SELECTOR, "textarea")
+    driver.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input', "
+                          "{bubbles: true}));", box, prompt)
+    driver.find_element(By.XPATH, "//button[normalize-space()='generate']").click()
+
+    def shown(d):
+        errors = [e.text for e in d.find_elements(*toast) if e.text]
+        lines = [e.text for e in d.find_elements(By.CSS_SELECTOR, ".prose, .md")
+                 if " ms" in e.text and e.text.startswith(f"“{prompt}”")]
+        return (errors or lines or [False])[-1]
+
+    return wait.until(shown)
+
+
 def screenshot(driver, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,17 +15,18 @@ def cmd_distill(args) -> None:
 
         return dry_run(cfg, Path(args.out), args.resume, "distill")
     check_out_folder(Path(args.out), args.resume)  # an existing run, a file in the path: before anything loads
+    from ..worlds import world_of_config
+
+    world = world_of_config(cfg)
+    world.check_teacher(cfg)  # a wrong teacher folder or an offline hub id: before --out and the training stack
     from ..data.pair_cache import process_state, training_data
     from ..data.real_data import training_source
     from ..dtypes import check_mixed_precision
     from ..training import check_student, distill, ensure_writable, read_student_init
-    from ..worlds import world_of_config
 
     state = process_state()
     check_mixed_precision(cfg.mixed_precision, state.device)
     read_student_init(cfg, header_only=True)
-    world = world_of_config(cfg)
-    world.check_teacher(cfg)  # a wrong teacher folder is refused before --out is created
     ensure_writable(Path(args.out))  # before minutes of teacher sampling, not after
     prompts = world.prompts(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
     adapter = world.adapter(cfg)

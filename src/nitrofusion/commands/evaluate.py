@@ -10,9 +10,11 @@ from .common import output_folder
 
 def cmd_evaluate(args) -> None:
     output_folder(args.out)
-    if args.model != "teacher" and not Path(args.model).exists():
+    from ..worlds.pipelines.hub import is_hub_id  # torch-free: a wrong path answers before anything loads
+
+    if args.model != "teacher" and not Path(args.model).exists() and not is_hub_id(args.model):
         raise NitroFusionError(f"--model {args.model} does not exist; give a run folder, an exported folder, a UNet "
-                               "file or 'teacher'")
+                               "file, a Hugging Face Hub id or 'teacher'")
     from ..worlds import world_of_model
 
     world = world_of_model(args.model)

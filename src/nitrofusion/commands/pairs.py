@@ -15,20 +15,23 @@ def cmd_pairs(args) -> None:
         from .dry_run import dry_run
 
         return dry_run(cfg, Path(args.out) if args.out else None, False, "pairs")
-    from ..data.pair_cache import process_state, shards_read, training_data
-    from ..data.pairs import ShardSubset, load_pairs
-    from ..dtypes import check_mixed_precision
-    from ..worlds import world_of_config
-
     if cfg.pairs.online:
         raise NitroFusionError("pairs.online is set: this preset samples the teacher during training, nothing to "
                                "pre-generate (use --set pairs.online=false)")
+    from ..worlds import world_of_config
+
+    world = world_of_config(cfg)
+    world.check_teacher(cfg)  # a wrong teacher folder or an offline hub id: before the training stack loads
+    from ..data.pair_cache import process_state, shards_read, training_data
+    from ..data.pairs import ShardSubset, load_pairs
+    from ..dtypes import check_mixed_precision
+
     state = process_state()
     check_mixed_precision(cfg.mixed_precision, state.device)
-    world = world_of_config(cfg)
     prompts = world.prompts(cfg, verbose=state.is_main_process)  # a bad source fails before a model loads
     out = training_data(cfg, world.adapter(cfg), prompts, state, load=False)
     if state.is_main_process:
-        pairs = load_pairs(out, in_memory=False, shards=shards_read(cfg, state.num_processes))
+        pairs = load_pairs(out, verify=False, in_memory=False,  # every shard was just checked or made
+                           shards=shards_read(cfg, state.num_processes))
         print(f"{pairs.held if isinstance(pairs, ShardSubset) else len(pairs)} teacher pairs in {out}")
 

@@ -1,7 +1,8 @@
 """A run's teacher pairs (docs/method.md §4): online, or a cache generated (sharded over processes) and loaded.
 
 Pair generation is sharded over the accelerate processes (shard s goes to process s mod N), so
-`accelerate launch` fills a cache N times faster and every process then reads the same cache.
+`accelerate launch` fills a cache N times faster and every process then reads the same cache. Runs that are not
+one accelerate launch may share a cache too: each shard is made under its lock (data/pairs.py).
 """
 
 from __future__ import annotations
@@ -74,17 +75,17 @@ def teacher_pairs(adapter: ModelAdapter, prompts: Prompts, p: PairsConfig, count
     state = state or _OneCPUProcess()
     storage = torch_dtype(p.dtype)
     out = out or pair_dir(p.dir, adapter, prompts, count, seed, p.shard_size, storage, amp)
-    if state.is_main_process:
-        drop_corrupt_shards(out)
+    # each shard file is hashed once here: the digests computed (`verified`) are handed on, never recomputed
+    verified = drop_corrupt_shards(out) if state.is_main_process else {}
     state.wait_for_everyone()
     adapter.to(state.device)
     wanted = range(-(-count // p.shard_size)) if shards is None else shards
     mine = [s for s in wanted if s % state.num_processes == state.process_index]
     generate_pairs(adapter, prompts, count, seed, out, shard_size=p.shard_size, batch_size=p.batch_size,
                    device=state.device, progress=progress and state.is_main_process, write_index=False,
-                   dtype=storage, shards=mine, amp=amp)
+                   dtype=storage, shards=mine, amp=amp, verified=verified)
     state.wait_for_everyone()
     if state.is_main_process:
-        write_index_file(out, count, seed, p.shard_size, adapter)
+        write_index_file(out, count, seed, p.shard_size, adapter, verified)
     state.wait_for_everyone()
-    return load_pairs(out, in_memory=p.in_memory, shards=shards) if load else out
+    return load_pairs(out, in_memory=p.in_memory, shards=shards, verified=verified) if load else out

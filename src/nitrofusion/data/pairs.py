@@ -3,6 +3,15 @@ from that same x_T. Generated once, cached on disk in checksummed safetensors sh
 
 Shard s is generated from its own seed (seed, s), so a cache is identical however many processes
 generated it, and each process can generate a disjoint set of shards.
+
+Two runs may share one cache folder at the same time (two `nitrofusion pairs`, or `distill` beside `pairs`): a
+process holds shard s's lock (`locks.locked`, a flock the kernel drops if the process dies) while it checks, makes
+and indexes s, so the other makes another shard or waits for s, never both make it. pairs.json is rewritten under
+its own lock, one shard's digest at a time, so every process ends with the same index.
+
+A run hashes each shard file once at its start (`drop_corrupt_shards`), or once when it makes or first meets it:
+the digests it computed (`verified`, name -> SHA-256) are handed on to `generate_pairs`, `write_index_file` and
+`load_pairs` instead of hashing the same file again.
 """
 
 from __future__ import annotations
@@ -19,10 +28,10 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .. import faults
+from .. import faults, locks, preemption
 from ..dtypes import autocast
 from ..errors import NitroFusionError
-from ..io import atomic_save_safetensors, atomic_write_json, cache_dir, disk_errors
+from ..io import atomic_save_safetensors, atomic_write_json, cache_dir, disk_errors, tensor_bytes
 from .prompts import PromptSource
 
 if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
@@ -242,69 +251,168 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
+def _lock(out: Path, name: str) -> Path:
+    """The lock file of cache file `name` (a hidden folder: globbing shard-* finds the shards alone)."""
+    return out / ".locks" / f"{name}.lock"
+
+
+def _drop_stale_tmp(out: Path, name: str) -> None:
+    """Remove the half-written temporary files (io.atomic_write's `.NAME.*.tmp`) of a writer that was killed: the
+    caller holds `name`'s lock, so no live writer of that file exists."""
+    for tmp in out.glob(f".{name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 @torch.no_grad()
 def generate_pairs(adapter: ModelAdapter, prompts: Prompts, count: int, seed: int, out_dir: str | Path,
                    shard_size: int = 1000, batch_size: int = 250, device: str | torch.device = "cpu",
                    process_index: int = 0, num_processes: int = 1, progress: bool = True,
                    write_index: bool = True, dtype: torch.dtype = torch.float32,
-                   shards: list[int] | None = None, amp: torch.dtype | None = None) -> Path:
+                   shards: list[int] | None = None, amp: torch.dtype | None = None,
+                   verified: dict[str, str] | None = None) -> Path:
     """Write this process's shards of `count` pairs to out_dir (skipping shards already present and
     intact); return out_dir. With several processes, pass write_index=False and call `write_index` on
     one process once all have finished. `shards` names the shards to write instead of "s mod
     num_processes". `dtype` is the storage dtype; x_T is rounded to it BEFORE the teacher sees it, so
     student and teacher start from the very same noise. `amp`: the teacher samples under autocast to this
     dtype; its sample leaves autocast as float32 and is rounded to `dtype` once, at the write
-    (docs/architecture.md, precision)."""
+    (docs/architecture.md, precision). `verified`: digests this run already computed (`drop_corrupt_shards`),
+    trusted instead of hashing again, and added to for every shard made or checked here. Shards another process
+    holds are left for last and waited for; each shard is indexed as soon as it is written."""
     if isinstance(prompts, list) and not prompts:
         raise NitroFusionError("no prompts to generate teacher pairs from; give a non-empty prompt source")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_shards = (count + shard_size - 1) // shard_size
     mine = shards if shards is not None else [s for s in range(n_shards) if s % num_processes == process_index]
+    _check_shard_size(out, shard_size)
+    verified = {} if verified is None else verified
+    sizes = {s: min(shard_size, count - s * shard_size) for s in mine}
+    bar = tqdm(total=sum(sizes.values()), desc="teacher pairs", unit="pair", disable=not progress, dynamic_ncols=True)
+
+    def make(s: int) -> None:
+        x_T, texts = shard_inputs(adapter, prompts, s, sizes[s], seed, shard_size, dtype)
+        x0 = _teacher_samples(adapter, x_T, texts, seed * 1_000_003 + s + 7, batch_size, device, amp, bar)
+        faults.point("pairs-shard")  # a shard sampled, not yet written
+        name = _shard_name(s)
+        tensors = {"x_T": x_T, "x0": x0.to(dtype)}
+        with disk_errors("teacher pairs", out, fix="then rerun the same command (finished shards are kept)",
+                         needed=tensor_bytes(tensors)):
+            atomic_save_safetensors(tensors, out / name, metadata={"prompts": json.dumps(texts)},
+                                    fault="pairs-shard-write")
+            verified[name] = _sha256(out / name)  # read back at once, from the page cache
+            _record(out, name, verified[name], count, seed, shard_size, adapter)
+
+    def claim(s: int, wait: bool) -> bool:
+        """Check shard s, and make it unless intact, holding its lock; False when another process holds it."""
+        name = _shard_name(s)
+        with locks.locked(_lock(out, name), wait=wait) as held:
+            if not held:
+                return False
+            if _intact(out, name, verified):
+                bar.update(sizes[s])
+            else:
+                _drop_stale_tmp(out, name)
+                make(s)
+        return True
+
+    def stop_if_asked(done: int) -> None:  # a safe point: every shard so far is whole and indexed
+        if preemption.requested() and done < len(mine):
+            bar.close()
+            raise preemption.Preempted(f"stopped by {preemption.requested()} with {done} of this process's "
+                                       f"{len(mine)} teacher-pair shards in {out}")
+
+    # first the shards no one else is making; then wait for the rest, each of which is then made or checked once
+    held_elsewhere = []
+    for s in mine:
+        if not claim(s, wait=False):
+            held_elsewhere.append(s)
+        stop_if_asked(mine.index(s) + 1 - len(held_elsewhere))
+    for i, s in enumerate(held_elsewhere):
+        claim(s, wait=True)
+        stop_if_asked(len(mine) - len(held_elsewhere) + i + 1)
+    bar.close()
+    if write_index:
+        write_index_file(out, count, seed, shard_size, adapter, verified)
+    return out
+
+
+def _teacher_samples(adapter: ModelAdapter, x_T: torch.Tensor, texts: list[str], noise_seed: int, batch_size: int,
+                     device: str | torch.device, amp: torch.dtype | None, bar: tqdm) -> torch.Tensor:
+    """The teacher's float32 samples from x_T, `batch_size` at a time (one noise generator for the shard)."""
+    noise_gen = torch.Generator(device=device).manual_seed(noise_seed)
+    x0 = []
+    for i in range(0, len(texts), batch_size):
+        cond = adapter.encode_prompts(texts[i:i + batch_size])
+        cond = {k: v.to(device) for k, v in cond.items()}
+        with autocast(device, amp):
+            sample = adapter.teacher_sample(x_T[i:i + batch_size].to(device).float(), cond, generator=noise_gen)
+        x0.append(sample.float().cpu())
+        bar.update(min(batch_size, len(texts) - i))
+    return torch.cat(x0)
+
+
+def _check_shard_size(out: Path, shard_size: int) -> None:
     meta = _read_meta(out) if (out / META).exists() else {}
     if meta.get("shard_size", shard_size) != shard_size:
         raise NitroFusionError(f"the teacher pairs in {out} were written with pairs.shard_size={meta['shard_size']}, "
                                f"this run asks for {shard_size}; set pairs.shard_size={meta['shard_size']} or "
                                "choose another pairs.dir")
-    existing = meta.get("shards", {})
-    bar = tqdm(total=sum(min(shard_size, count - s * shard_size) for s in mine), desc="teacher pairs",
-               unit="pair", disable=not progress, dynamic_ncols=True)
-    for s in mine:
-        n = min(shard_size, count - s * shard_size)
-        path = out / _shard_name(s)
-        if path.exists() and existing.get(path.name) == _sha256(path):
-            bar.update(n)
-            continue
-        x_T, texts = shard_inputs(adapter, prompts, s, n, seed, shard_size, dtype)
-        noise_gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + s + 7)
-        x0 = []
-        for i in range(0, n, batch_size):
-            cond = adapter.encode_prompts(texts[i:i + batch_size])
-            cond = {k: v.to(device) for k, v in cond.items()}
-            with autocast(device, amp):
-                sample = adapter.teacher_sample(x_T[i:i + batch_size].to(device).float(), cond, generator=noise_gen)
-            x0.append(sample.float().cpu())
-            bar.update(min(batch_size, n - i))
-        faults.point("pairs-shard")  # a shard sampled, not yet written
-        with disk_errors("teacher pairs", out, fix="then rerun the same command (finished shards are kept)"):
-            atomic_save_safetensors({"x_T": x_T, "x0": torch.cat(x0).to(dtype)}, path,
-                                    metadata={"prompts": json.dumps(texts)})
-    bar.close()
-    if write_index:
-        write_index_file(out, count, seed, shard_size, adapter)
-    return out
 
 
-def write_index_file(out: Path, count: int, seed: int, shard_size: int, adapter: ModelAdapter) -> None:
-    """pairs.json: the checksum of every shard present (the loader refuses a cache with shards missing)."""
+def _indexed(out: Path, name: str) -> str | None:
+    """The digest pairs.json holds for `name` now (it may have changed since this run read it)."""
+    return _read_meta(out).get("shards", {}).get(name) if (out / META).exists() else None
+
+
+def _intact(out: Path, name: str, verified: dict[str, str]) -> bool:
+    """Shard `name` is present and its bytes are the ones indexed (the caller holds its lock). A shard present but
+    not indexed is remade, as a run killed between writing and indexing it leaves it: nothing vouches for it."""
+    path = out / name
+    want = _indexed(out, name) if path.exists() else None
+    if want is None:
+        return False
+    digest = verified.get(name)
+    if digest != want:  # not hashed by this run yet (or the index moved on): hash it now, once
+        digest = _sha256(path)
+    if digest != want:
+        return False
+    verified[name] = digest
+    return True
+
+
+def _meta(count: int, seed: int, shard_size: int, adapter: ModelAdapter, shards: dict[str, str]) -> dict:
+    return {"count": count, "seed": seed, "shard_size": shard_size, "sampler": adapter.sampler.describe(),
+            "shards": shards}
+
+
+def _write_meta(out: Path, meta: dict) -> None:
+    """Write pairs.json (the caller holds its lock), shards in name order: every process writes the same bytes."""
+    meta["shards"] = dict(sorted(meta["shards"].items(), key=lambda kv: (len(kv[0]), kv[0])))  # shard order
+    _drop_stale_tmp(out, META)
+    atomic_write_json(out / META, meta)
+
+
+def _record(out: Path, name: str, digest: str, count: int, seed: int, shard_size: int, adapter: ModelAdapter) -> None:
+    """Add one shard's digest to pairs.json, under the index's lock (another process may be adding its own)."""
+    with locks.locked(_lock(out, META)):
+        shards = _read_meta(out).get("shards", {}) if (out / META).exists() else {}
+        _write_meta(out, _meta(count, seed, shard_size, adapter, {**shards, name: digest}))
+
+
+def write_index_file(out: Path, count: int, seed: int, shard_size: int, adapter: ModelAdapter,
+                     verified: dict[str, str] | None = None) -> None:
+    """pairs.json: the checksum of every shard present (the loader refuses a cache with shards missing). `verified`:
+    digests this run computed from the very files (`generate_pairs`), used instead of hashing them again."""
+    verified = verified or {}
     n_shards = (count + shard_size - 1) // shard_size
-    shards = {}
-    for s in range(n_shards):
-        p = out / _shard_name(s)
-        if p.exists():
-            shards[p.name] = _sha256(p)
-    atomic_write_json(out / META, {"count": count, "seed": seed, "shard_size": shard_size,
-                                   "sampler": adapter.sampler.describe(), "shards": shards})
+    with locks.locked(_lock(out, META)):
+        shards = {}
+        for s in range(n_shards):
+            p = out / _shard_name(s)
+            if p.exists():
+                shards[p.name] = verified.get(p.name) or _sha256(p)
+        _write_meta(out, _meta(count, seed, shard_size, adapter, shards))
 
 
 def _read_meta(out: Path) -> dict:
@@ -326,17 +434,20 @@ def _read_shard(path: Path) -> Pairs:
 
 
 def load_pairs(out_dir: str | Path, verify: bool = True, in_memory: bool = True,
-               shards: list[int] | None = None) -> Pairs | ShardedPairs | ShardSubset:
+               shards: list[int] | None = None,
+               verified: dict[str, str] | None = None) -> Pairs | ShardedPairs | ShardSubset:
     """Read the cache (into memory, or as memory-mapped shards); a shard whose checksum does not match
     is an error (regenerate it). `shards`: only these shards of the set (a smoke run's, `rows_read`), which
-    may be all the cache holds yet, read as a `ShardSubset` of the whole set."""
+    may be all the cache holds yet, read as a `ShardSubset` of the whole set. `verified`: digests this run
+    computed from the very files moments ago (`generate_pairs`), checked against the index without hashing again."""
     out = Path(out_dir)
     meta = _read_meta(out)
     names = sorted(meta["shards"]) if shards is None else [_shard_name(s) for s in shards]
     paths = []
     for name in names:
         path = out / name
-        if name not in meta["shards"] or not path.exists() or (verify and _sha256(path) != meta["shards"][name]):
+        if name not in meta["shards"] or not path.exists() or (verify and not _matches(path, meta["shards"][name],
+                                                                                           verified)):
             raise NitroFusionError(f"teacher-pair shard missing or corrupt: {path}; rerun the same command "
                                    "to regenerate it")
         paths.append(path)
@@ -352,21 +463,37 @@ def load_pairs(out_dir: str | Path, verify: bool = True, in_memory: bool = True,
     return pairs
 
 
-def drop_corrupt_shards(out: Path) -> None:
-    if (out / META).exists():
-        for name, digest in _read_meta(out).get("shards", {}).items():
-            p = out / name
-            if p.exists() and _sha256(p) != digest:
+def _matches(path: Path, want: str, verified: dict[str, str] | None) -> bool:
+    return (verified or {}).get(path.name) == want or _sha256(path) == want
+
+
+def drop_corrupt_shards(out: Path) -> dict[str, str]:
+    """Delete every indexed shard whose bytes are not the ones indexed (it is remade); return the digests of those
+    that are (name -> SHA-256: `verified` for the rest of this run start). A shard another process holds is
+    skipped: that process leaves it whole, and `generate_pairs` checks it later under its lock."""
+    verified: dict[str, str] = {}
+    if not (out / META).exists():
+        return verified
+    for name, digest in _read_meta(out).get("shards", {}).items():
+        p = out / name
+        with locks.locked(_lock(out, name), wait=False) as held:
+            if not held or not p.exists():
+                continue
+            actual = _sha256(p)
+            if actual == digest or actual == _indexed(out, name):  # the index read first may be older than the shard
+                verified[name] = actual
+            else:
                 p.unlink()
+    return verified
 
 
 def verify_and_repair(adapter: ModelAdapter, prompts: Prompts, count: int, seed: int, out_dir: str | Path,
                       in_memory: bool = True, **kw) -> Pairs | ShardedPairs:
     """Generate what is missing (corrupt shards are regenerated), then load (single process)."""
     out = Path(out_dir)
-    drop_corrupt_shards(out)
-    generate_pairs(adapter, prompts, count, seed, out, **kw)
-    return load_pairs(out, in_memory=in_memory)
+    verified = drop_corrupt_shards(out)
+    generate_pairs(adapter, prompts, count, seed, out, verified=verified, **kw)
+    return load_pairs(out, in_memory=in_memory, verified=verified)
 
 
 class PairLoader:

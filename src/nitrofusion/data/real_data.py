@@ -24,6 +24,7 @@ import torch
 
 from ..errors import NitroFusionError
 from ..io import atomic_save_safetensors, cache_dir, disk_errors
+from ..locks import locked
 from .pairs import MixedPairs, OnlinePairs, Pairs, ShardedPairs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -87,9 +88,6 @@ def folder_real_pairs(adapter, folder: str | Path, resolution: int, count: int =
                       batch_size: int = 8, progress: bool = True) -> Pairs:
     """Encode a caption folder with the adapter's VAE once; later runs read the cache (keyed by the files'
     names, sizes and times, the resolution and the VAE's weights)."""
-    from safetensors.torch import load_file
-    from tqdm.auto import tqdm
-
     from .pairs import fingerprint
 
     items = caption_folder(Path(folder))
@@ -103,17 +101,40 @@ def folder_real_pairs(adapter, folder: str | Path, resolution: int, count: int =
         h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}:{text}".encode())
     cache = cache_dir("real") / h.hexdigest()[:16] / "latents.safetensors"
     prompts = [t for _, t in items]
-    if cache.is_file():
-        latents = load_file(str(cache))["x0"]
-    else:
-        out = []
-        for i in tqdm(range(0, len(items), batch_size), desc="encode real images", disable=not progress):
-            images = torch.stack([load_image(p, resolution) for p, _ in items[i:i + batch_size]])
-            out.append(adapter.encode_images(images))
-        latents = torch.cat(out)
-        with disk_errors("real-image latents", cache.parent, fix="then rerun"):
-            atomic_save_safetensors({"x0": latents}, cache)
+    latents = _cached_latents(cache)
+    if latents is None:
+        # one process encodes, another that needs the same folder meanwhile waits and reads its file (the file
+        # alone needs no lock: it is written by atomic rename, so a reader sees it whole or not at all)
+        with locked(cache.parent / ".locks" / f"{cache.name}.lock"):
+            latents = _cached_latents(cache)
+            if latents is None:
+                latents = _encode_folder(adapter, items, resolution, batch_size, progress)
+                with disk_errors("real-image latents", cache.parent, fix="then rerun"):
+                    atomic_save_safetensors({"x0": latents}, cache)
     return Pairs(real_noise(len(prompts), adapter.latent_shape(), seed), latents, prompts)
+
+
+def _cached_latents(cache: Path) -> torch.Tensor | None:
+    """The cached latents, or None when missing or unreadable (a damaged file is re-encoded, never trusted)."""
+    from safetensors.torch import load_file
+
+    if not cache.is_file():
+        return None
+    try:
+        return load_file(str(cache))["x0"]
+    except Exception:  # whatever safetensors raises on a damaged file
+        return None
+
+
+def _encode_folder(adapter, items: list[tuple[Path, str]], resolution: int, batch_size: int,
+                   progress: bool) -> torch.Tensor:
+    from tqdm.auto import tqdm
+
+    out = []
+    for i in tqdm(range(0, len(items), batch_size), desc="encode real images", disable=not progress):
+        images = torch.stack([load_image(p, resolution) for p, _ in items[i:i + batch_size]])
+        out.append(adapter.encode_images(images))
+    return torch.cat(out)
 
 
 TeacherData = Pairs | ShardedPairs | OnlinePairs

@@ -153,7 +153,8 @@ def merged(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> nn
         if state is None:
             return model
         out = copy.deepcopy(model)
-        out.load_state_dict({k: v.to(out.state_dict()[k].dtype) for k, v in state.items()})
+        dtypes = {k: v.dtype for k, v in out.state_dict().items()}  # once: a state_dict() walks every module
+        out.load_state_dict({k: v.to(dtypes[k]) for k, v in state.items()})
         return out
     out = nn.Module.to(copy.deepcopy(model), "cpu", torch.float32)  # nn's own: diffusers' warns on a dtype cast
     if state is not None:

@@ -21,6 +21,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A UNet state dict from .safetensors or a weights-only torch file; never unpickles objects."""
     if not path.is_file():
         raise NitroFusionError(f"UNet weights file not found: {path}")
+    problem = safetensors_problem(path) if path.suffix == ".safetensors" else None
+    if problem:  # from the header alone: a cut-short download named as such, not as a reader's error
+        raise NitroFusionError(f"cannot read UNet weights: {problem}; fetch or write the file again")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -75,20 +78,100 @@ def load_checked(unet: torch.nn.Module, state: dict[str, torch.Tensor], other_na
     unet.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
-def header_numel(folder: Path) -> int | None:
-    """Parameters in the .safetensors files of a model folder, from their headers alone (no tensor is read); None
-    when the folder holds weights in another format."""
+SAFETENSORS_HEADER_LIMIT = 100_000_000  # safetensors' own cap: a longer "header" means the file is no safetensors
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """A .safetensors file's header and the file size it describes (8 + header + the last tensor's end), from the
+    file's first bytes alone; no tensor is read. A file cut short inside its header, or that is no safetensors
+    file, is one line naming it."""
     import json
-    import math
     import struct
 
-    files = sorted(Path(folder).glob("*.safetensors"))
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+        if length > SAFETENSORS_HEADER_LIMIT:
+            raise NitroFusionError(f"{path} is not a safetensors file (its first bytes are no header length)")
+        if len(head) < 8 or 8 + length > size:
+            raise NitroFusionError(f"{path} is cut short inside its header ({size:,} bytes)")
+        try:
+            header = json.loads(f.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+            raise NitroFusionError(f"{path} is not a safetensors file (its header is not a tensor index)") from None
+    return header, 8 + length + end
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file cannot be loaded, from its header and size alone (an interrupted download is shorter
+    than its header says); None when it is whole."""
+    try:
+        _, expected = safetensors_header(path)
+    except NitroFusionError as e:
+        return str(e)
+    size = path.stat().st_size
+    if size < expected:
+        return f"{path} is cut short: {size:,} of its {expected:,} bytes"
+    if size > expected:
+        return f"{path} is {size:,} bytes, more than the {expected:,} its header describes"
+    return None
+
+
+def _plain(path: Path) -> bool:
+    """A plain weights file or index (`model.safetensors`, `model-00001-of-00002.safetensors`, `...index.json`), not
+    a variant (`model.fp16.safetensors`), which loaders read only when asked for it."""
+    return "." not in Path(path.name.removesuffix(".index.json")).stem
+
+
+def _loaded(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(index files, .safetensors files) a loader reads from a model folder: the plain ones, or the variants when a
+    folder holds no plain weights at all."""
+    folder = Path(folder)
+    indexes, files = sorted(folder.glob("*.index.json")), sorted(folder.glob("*.safetensors"))
+    plain = any(_plain(p) for p in (*indexes, *files, *folder.glob("*.bin")))
+    return [i for i in indexes if _plain(i) == plain], [f for f in files if _plain(f) == plain]
+
+
+def loaded_safetensors(folder: Path) -> list[Path]:
+    """The .safetensors files a loader reads from a model folder (plain ones before variants)."""
+    return _loaded(folder)[1]
+
+
+def weights_problem(folder: Path, weights_name: str = "diffusion_pytorch_model.safetensors") -> str | None:
+    """What an interrupted download left wrong in a model folder, from file names, index files and safetensors
+    headers alone (no weight is read): its config.json missing, no weights file (`weights_name` expected), a shard
+    its index names missing, a .safetensors file cut short. None when nothing is."""
+    import json
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return f"{folder / 'config.json'} is missing"
+    indexes, files = _loaded(folder)
+    for index in indexes:
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{index} is not a weights index (no weight_map)"
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            return f"{index.name} names {folder / missing[0]}, which is missing"
+    if not files and not indexes and not any(folder.glob("*.bin")):
+        return f"no weights file: {folder / weights_name} is missing"
+    return next((problem for problem in map(safetensors_problem, files) if problem), None)
+
+
+def header_numel(folder: Path) -> int | None:
+    """Parameters in the .safetensors files a loader reads from a model folder, from their headers alone (no tensor
+    is read); None when the folder holds weights in another format."""
+    import math
+
+    files = loaded_safetensors(folder)
     if not files:
         return None
     total = 0
     for path in files:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
+        header, _ = safetensors_header(path)
         total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     return total

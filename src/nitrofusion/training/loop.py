@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,12 +20,12 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .. import config as config_lib
-from .. import faults, threads
+from .. import faults, preemption, threads
 from ..data.pairs import EpochGrowth, GrowingPairs, MixedPairs, OnlinePairs, Pairs, ShardedPairs, make_loader
 from ..distill_config import DistillConfig
 from ..dtypes import use_cpu
 from ..errors import NitroFusionError
-from ..io import atomic_write_text, disk_errors
+from ..io import atomic_write_json, atomic_write_text, disk_errors, tensor_bytes
 from ..method.adapter import ModelAdapter, cond_to
 from ..models import student as student_lib
 from ..models.student import LORA_DIR
@@ -35,6 +36,7 @@ from .state import TrainState
 from .step import optimizer_step
 
 Evaluator = Callable[[torch.nn.Module, int], dict]
+PREEMPTED = "preempted.json"  # in the run folder while a run stopped by a signal waits for its --resume
 
 
 def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter, shift: int,
@@ -43,14 +45,28 @@ def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter,
     scheduler it must be sampled with; for a LoRA student also lora/ with the adapters themselves
     (PEFT factors + LoraConfig metadata, and a kohya file), which `export --format lora` hands on exactly."""
     out = run_dir / "student"
-    student.save_pretrained(out / adapter.student_subfolder, safe_serialization=True)
-    faults.point("student-save")  # the UNet written, its scheduler not yet
-    adapter.student_scheduler(shift).save_pretrained(out / "scheduler")
-    if lora is not None:
-        factors, metadata = lora
-        (out / LORA_DIR).mkdir(exist_ok=True)
-        adapter.save_lora(out / LORA_DIR, factors, student.config, int(metadata["r"]), shift,
-                          float(metadata["lora_alpha"]), metadata)
+    for stale in run_dir.glob(".student.*"):  # left by a writer that was killed or ran out of space
+        shutil.rmtree(stale, ignore_errors=True)
+    staged = run_dir / f".student.tmp-{os.getpid()}"  # written whole, then renamed: a reader never sees half
+    try:
+        student.save_pretrained(staged / adapter.student_subfolder, safe_serialization=True)
+        faults.point("student-save")  # the UNet written, its scheduler not yet
+        adapter.student_scheduler(shift).save_pretrained(staged / "scheduler")
+        if lora is not None:
+            factors, metadata = lora
+            (staged / LORA_DIR).mkdir(exist_ok=True)
+            adapter.save_lora(staged / LORA_DIR, factors, student.config, int(metadata["r"]), shift,
+                              float(metadata["lora_alpha"]), metadata)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    if out.exists():  # a finished run saved again (--resume after the end): swap, then drop the old one
+        old = run_dir / f".student.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(staged, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, out)
     return out
 
 
@@ -63,6 +79,17 @@ def ensure_writable(run_dir: Path) -> None:
     except OSError as e:
         raise NitroFusionError(f"cannot write to the run folder {run_dir} ({e.strerror}); choose another --out "
                                "or fix its permissions") from None
+
+
+def stop_agreed(acc: Accelerator) -> bool:
+    """Whether to stop for preemption now. A stop signal that any rank received counts for all (one all-reduce),
+    so every rank checkpoints and leaves at the same step: SLURM signals every task, a launcher may not."""
+    wanted = preemption.requested() is not None
+    if acc.num_processes == 1:
+        return wanted
+    flag = torch.tensor([float(wanted)], device=acc.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def distill(cfg: DistillConfig, adapter: ModelAdapter,
@@ -103,6 +130,8 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
     state = TrainState(parts, loader, gen)
 
     bad_streak = 0
+    if acc.is_main_process:
+        (run_dir / PREEMPTED).unlink(missing_ok=True)  # this start is the requeue the marker asked for
     log_path = run_dir / "log.jsonl"
     found = ckpt.load_newest_readable(run_dir, log=print if acc.is_main_process else lambda _: None) \
         if resume else None
@@ -129,7 +158,7 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
         last_saved = state.step
         parts = state.state_dict()  # a collective: every rank takes part
         if parts is not None:
-            with disk_errors("a checkpoint", run_dir / "checkpoints"):
+            with disk_errors("a checkpoint", run_dir / "checkpoints", needed=tensor_bytes(parts)):
                 ckpt.save(run_dir, state.step, *parts, cfg.keep_checkpoints)
 
     def eval_student() -> torch.nn.Module:
@@ -200,6 +229,17 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
         if crossed(cfg.eval_every_images):
             evaluate()
             evaluated_at = state.step
+        if budget_left() and stop_agreed(acc):  # a safe point: the step is whole, nothing half-done
+            if last_saved != state.step:
+                save_checkpoint()
+            if acc.is_main_process:  # what a job script checks to requeue, whatever the launcher's exit status
+                atomic_write_json(run_dir / PREEMPTED, {"signal": preemption.requested(), "step": state.step,
+                                                        "images": state.images})
+            acc.wait_for_everyone()
+            bar.close()
+            raise preemption.Preempted(
+                f"stopped by {preemption.requested() or 'a signal to another process'} after step {state.step} "
+                f"({state.images} images) with a checkpoint in {run_dir / 'checkpoints'}")
     bar.close()
     if last_saved != state.step:  # decided from the step alone: every rank must agree (the save may be a collective)
         save_checkpoint()
@@ -211,7 +251,7 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
         if cfg.student.kind == "lora":
             lora = (student_lib.peft_factors(model, ema.shadow if ema is not None else None),
                     student_lib.lora_metadata(model))
-        with disk_errors("the student", run_dir / "student"):
+        with disk_errors("the student", run_dir / "student", needed=tensor_bytes(final.state_dict())):
             save_student(run_dir, final, adapter, cfg.adversarial.shift, lora)
         if cfg.eval_every_images and evaluated_at != state.step:
             evaluate()

@@ -41,14 +41,16 @@ def world_of_config(cfg: DistillConfig) -> World:
     return world_named(cfg.world)
 
 
-def world_of_model(model: str | Path) -> World:
+def world_of_model(model: str | Path, flag: str = "--model") -> World:
     """The world of a run folder (its config.yaml says), a student/UNet folder, an exported pipeline or a
-    weights file; 'teacher' is the mini world's shipped teacher. A path that is none of these is one line."""
+    weights file, or of a Hugging Face Hub id's snapshot of one (`flag` names the option in messages); 'teacher' is
+    the mini world's shipped teacher. A path that is none of these is one line."""
     if str(model) == "teacher":
         return world_named("mini")
+    from .pipelines.hub import local_model
     from .pipelines.pipeline import model_kind, run_config
 
-    path = Path(model)
+    path = local_model(model, flag)
     kind = model_kind(path)
     if kind == "run":
         return world_named(run_config(path).get("world", "mini"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from diffusers import DDPMScheduler
 
@@ -10,6 +12,8 @@ from ...sampling.scheduler import config_for
 from . import text
 from .data import class_prompts
 from .teacher import MiniTeacher
+
+MAX_PROMPTS_KEPT = 4096  # ~24 KB each: about 100 MB at most
 
 
 class MiniAdapter(ModelAdapter):
@@ -30,19 +34,30 @@ class MiniAdapter(ModelAdapter):
         self.num_train_timesteps = sched.config.num_train_timesteps
         self.prediction_type = sched.config.prediction_type
         self.resolution = teacher.model.resolution
-        # the ten class prompts are encoded once (one cache file); other prompts on demand
+        # the ten class prompts are encoded once (one cache file) and kept; other prompts on demand, the last
+        # MAX_PROMPTS_KEPT of them kept (the live app meets a new prompt at every keystroke)
         prompts = class_prompts()
-        self._cache: dict[str, torch.Tensor] = dict(zip(prompts, text.encode(prompts), strict=True))
+        self._classes: dict[str, torch.Tensor] = dict(zip(prompts, text.encode(prompts), strict=True))
+        self._recent: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def latent_shape(self) -> tuple[int, ...]:
         return (1, self.resolution, self.resolution)
 
     def encode_prompts(self, prompts: list[str]) -> Cond:
-        missing = sorted({p for p in prompts if p not in self._cache})
-        if missing:
-            for p, e in zip(missing, text.encode(missing), strict=True):
-                self._cache[p] = e
-        return {"states": torch.stack([self._cache[p] for p in prompts])}
+        missing = sorted({p for p in prompts if p not in self._classes and p not in self._recent})
+        found = dict(zip(missing, text.encode(missing), strict=True)) if missing else {}
+        states = []
+        for p in prompts:
+            if p in self._classes:
+                states.append(self._classes[p])
+                continue
+            e = found[p] if p in found else self._recent[p]
+            self._recent[p] = e
+            self._recent.move_to_end(p)
+            states.append(e)
+        while len(self._recent) > MAX_PROMPTS_KEPT:
+            self._recent.popitem(last=False)
+        return {"states": torch.stack(states)}
 
     def null_cond(self, cond: Cond) -> Cond:
         return {"states": torch.zeros_like(cond["states"])}

@@ -69,10 +69,11 @@ def render(r: dict) -> str:
              "recall | coverage | coverage per class (min / max) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        per = [c for c in row["class_coverage"] if c is not None]
+        per = [c for c in row["class_coverage"] if c is not None]  # None: too few samples of a class for k-NN
+        span = f"{min(per):.3f} / {max(per):.3f}" if per else "n/a (too few samples per class)"
         lines.append(f"| {row['model']} | {row['steps']} | {row['fid']:.2f} | {row['fid_to_teacher']:.2f} | "
                      f"{row['accuracy']:.3f} | {row['precision']:.3f} | {row['recall']:.3f} | {row['coverage']:.3f} | "
-                     f"{min(per):.3f} / {max(per):.3f} |")
+                     f"{span} |")
     lines += ["", "Precision / recall (Kynkaanniemi et al. 2019) and coverage (Naeem et al. 2020): k-NN manifolds, "
               "k=3, in the classifier's features, against as many real test images; per class: the real images of a "
               "class covered by the samples prompted with it.", "", "![samples](grid.png)", ""]

@@ -32,6 +32,7 @@ import torch
 from ...errors import NitroFusionError
 from ...models.weights import check_same_layout, read_weights_file
 from .family import SDXL, family_of_unet_config
+from .hub import local_model
 from .pipeline import (
     SHIFT_METADATA_KEY,
     ModelRef,
@@ -540,6 +541,7 @@ def save_lora_files(folder: Path, lora: dict[str, torch.Tensor], unet_config, ra
 def _read_unet_state(path: Path, role: str) -> tuple[dict[str, torch.Tensor], dict | None, Path | None]:
     """(state dict, UNet config or None, shifted-scheduler folder or None) of a run, student, pipeline or UNet
     folder, or a weights file (diffusers keys, or original layout: converted once a config is known)."""
+    path = local_model(path, f"--{role}")
     if not path.exists():
         raise NitroFusionError(f"--{role} not found: {path}")
     try:

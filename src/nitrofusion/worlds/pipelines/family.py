@@ -21,6 +21,7 @@ class Family:
     parts: tuple[str, ...]  # model_index.json entries a usable folder must have
     text_time: bool  # SDXL's micro-conditioning (addition_embed_type "text_time") in the UNet
     article: str = "a"
+    listed: tuple[str, ...] = ()  # optional parts, loaded whenever model_index.json lists them (SD3's T5)
 
     def pipeline_class(self):
         import diffusers
@@ -34,7 +35,7 @@ SD = Family("sd", "Stable Diffusion 1.x/2.x", "StableDiffusionPipeline",
             ("unet", "vae", "text_encoder", "tokenizer", "scheduler"), False)
 SD3 = Family("sd3", "SD3", "StableDiffusion3Pipeline",
              ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"), False,
-             "an")
+             "an", ("text_encoder_3", "tokenizer_3"))
 FAMILIES = {f.world: f for f in (SDXL, SD, SD3)}
 
 
@@ -76,8 +77,42 @@ def check_pipeline_folder(folder: Path, expect: Family | None = None, role: str 
     if family is None:
         raise NitroFusionError(f"{role} {folder} is {_describe(name)}; nitrofusion reads "
                                f"{' and '.join(f.pipeline for f in FAMILIES.values())} folders")
-    missing = [p for p in family.parts if not entries.get(p) or entries[p][0] is None or not (folder / p).is_dir()]
-    if missing:
+    unlisted = [p for p in family.parts if not _listed(entries, p)]
+    if unlisted:
         raise NitroFusionError(f"{role} {folder} is not a complete {family.label} pipeline: it lacks "
-                               f"{', '.join(missing)}")
+                               f"{', '.join(unlisted)} (its model_index.json lists no such part)")
+    loaded = [*family.parts, *(p for p in family.listed if _listed(entries, p))]
+    absent = [p for p in loaded if not (folder / p).is_dir()]
+    if absent:
+        raise NitroFusionError(f"{role} {folder} is not a complete {family.label} pipeline: it lacks "
+                               f"{', '.join(f'{p}/' for p in absent)}, which its model_index.json lists (an "
+                               "interrupted download? fetch those folders again)")
+    for part in loaded:
+        check_part_files(folder / part, *entries[part][:2])
     return family
+
+
+def _listed(entries: dict, part: str) -> bool:
+    entry = entries.get(part)
+    return isinstance(entry, list) and len(entry) >= 2 and entry[0] is not None
+
+
+NO_WEIGHTS = ("Tokenizer", "TokenizerFast", "Scheduler")  # parts of a pipeline that hold no weights
+
+
+def check_part_files(folder: Path, library: str, cls: str) -> None:
+    """A pipeline part's files as its loader will want them, from names and safetensors headers alone: a missing
+    config, weights file or shard, or a file cut short (an interrupted download) is one line naming the file."""
+    from ...models.weights import weights_problem
+
+    if str(cls).endswith("Scheduler"):
+        config = folder / "scheduler_config.json"
+        problem = None if config.is_file() else f"{config} is missing"
+    elif str(cls).endswith(NO_WEIGHTS):
+        return  # tokenizer files vary by class; their loader's error is wrapped where they load
+    else:
+        problem = weights_problem(folder, "model.safetensors" if library == "transformers" else
+                                  "diffusion_pytorch_model.safetensors")
+    if problem:
+        raise NitroFusionError(f"cannot load {folder} as {cls} ({problem}); the download was interrupted or the "
+                               "folder damaged: fetch that folder again")

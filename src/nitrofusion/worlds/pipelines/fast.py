@@ -31,8 +31,11 @@ REGIONAL_RECOMPILE_LIMIT = 64
 
 
 def load_vae(folder: str | Path, dtype: torch.dtype | None = None):
-    """A diffusers AutoencoderTiny or AutoencoderKL folder (config.json + weights); anything else is one line."""
-    folder = Path(folder)
+    """A diffusers AutoencoderTiny or AutoencoderKL folder (config.json + weights), or a Hugging Face Hub id of one
+    (hub.py); anything else is one line."""
+    from .hub import local_model
+
+    folder = local_model(folder, "--vae")
     config = folder / "config.json"
     try:
         name = json.loads(config.read_text()).get("_class_name")

@@ -30,6 +30,7 @@ from ...models.architectures import check_family, is_lora
 from ...models.weights import check_same_layout, read_weights_file
 from ...sampling.spec import MAX_SEED, check_generate_values, check_seed, check_steps  # noqa: F401 - check_seed re-exported
 from .family import Family, check_pipeline_folder, family_named, family_of_unet_config
+from .hub import local_model
 from .runtime import is_sdxl_pipeline, runtime_for, set_vae_dtype
 
 SHIFT_BY_NAME = {"realism": 250, "vibrant": 500}  # the released NitroSD-Realism / -Vibrant (docs/method.md §2.3)
@@ -109,9 +110,11 @@ def run_config(run: Path) -> dict:
 
 
 def resolve(model: str | Path, base: str | Path | None = None) -> ModelRef:
-    path = Path(model)
+    """Where the model's parts are; a Hugging Face Hub id as the model, the base or a run's teacher is its snapshot
+    (hub.py)."""
+    path = local_model(model, "--model")
     kind = model_kind(path)
-    ref = ModelRef(kind, path, Path(base) if base else None)
+    ref = ModelRef(kind, path, local_model(base, "--base") if base else None)
     if kind == "file" and not path.is_file():
         raise NitroFusionError(f"UNet weights file not found: {path}")
     if kind == "run":
@@ -124,7 +127,8 @@ def resolve(model: str | Path, base: str | Path | None = None) -> ModelRef:
         if ref.base is None:
             if not cfg.get("teacher"):
                 raise NitroFusionError(f"{path / 'config.yaml'} names no teacher folder; pass --base PIPELINE_FOLDER")
-            ref.base = Path(cfg["teacher"])
+            teacher = str(cfg["teacher"])
+            ref.base = local_model(teacher, "--base", f"the run's teacher {teacher} (from {path / 'config.yaml'})")
             if not ref.base.is_dir():
                 raise NitroFusionError(f"the run's teacher folder {ref.base} (from {path / 'config.yaml'}) is not "
                                        "there; pass --base PIPELINE_FOLDER")

@@ -14,9 +14,21 @@ from ...distill_config import DistillConfig
 from ...errors import NitroFusionError
 from ..base import GenerateOptions, LiveGenerator, ModelPlan, World, unet_plan
 from .family import Family, check_pipeline_folder
+from .hub import local_model
 
 if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
     from ...method.adapter import ModelAdapter
+
+
+def teacher_folder(cfg: DistillConfig) -> Path:
+    """The run's teacher folder: the path it names, or a Hugging Face Hub id's snapshot (hub.py)."""
+    return local_model(cfg.teacher, "--teacher")
+
+
+def teacher_text(cfg: DistillConfig, what: str) -> str:
+    """The dry run's line for the teacher: what it is, and where a Hub id's snapshot lies."""
+    folder = teacher_folder(cfg)
+    return f"{what}, {cfg.teacher}" + (f" ({folder})" if str(folder) != cfg.teacher else "")
 
 
 class PipelineWorld(World):
@@ -52,9 +64,8 @@ class UNetPipelineWorld(PipelineWorld):
     def plan_unet(self, cfg: DistillConfig, need_model: bool = False) -> tuple[ModelPlan, object]:
         """The plan (`check_teacher`, then what the run builds) and the meta-device UNet, if one was built."""
         self.check_teacher(cfg)
-        folder = Path(cfg.teacher)
-        return unet_plan(f"{self.family.article} {self.family.label} pipeline, {folder}", folder / "unet", cfg,
-                         need_model)
+        return unet_plan(teacher_text(cfg, f"{self.family.article} {self.family.label} pipeline"),
+                         teacher_folder(cfg) / "unet", cfg, need_model)
 
     def check_teacher(self, cfg: DistillConfig) -> None:
         """The teacher folder's family and parts, the section's weight files, the resolution against the VAE and
@@ -63,7 +74,7 @@ class UNetPipelineWorld(PipelineWorld):
         if not cfg.teacher:
             raise NitroFusionError(f"world '{self.name}' needs a teacher: --teacher DIR (a diffusers "
                                    f"{self.family.pipeline} folder)")
-        folder = Path(cfg.teacher)
+        folder = teacher_folder(cfg)
         check_pipeline_folder(folder, self.family)
         for key, what in (("teacher_unet", "UNet weights file"), ("teacher_lora", "teacher LoRA")):
             path = getattr(section, key)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ...distill_config import DistillConfig
 from ...errors import NitroFusionError
 from ..pipelines.family import SD
-from ..pipelines.world import UNetPipelineWorld
+from ..pipelines.world import UNetPipelineWorld, teacher_folder
 
 if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
     from ...method.adapter import ModelAdapter
@@ -30,7 +30,7 @@ class SDWorld(UNetPipelineWorld):
         if not cfg.teacher:
             raise NitroFusionError("world 'sd' needs a teacher: --teacher DIR (a diffusers StableDiffusionPipeline "
                                    "folder, SD 1.x or 2.x)")
-        return SDAdapter(cfg.teacher, cfg.sd)
+        return SDAdapter(teacher_folder(cfg), cfg.sd)
 
     def recognises(self, kind: str, path: Path) -> bool:
         if kind == "pipeline":

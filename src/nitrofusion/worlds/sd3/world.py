@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from ...distill_config import DistillConfig
 from ...errors import NitroFusionError
 from ..base import GenerateOptions, LiveGenerator, ModelPlan
-from ..pipelines.world import PipelineWorld
+from ..pipelines.world import PipelineWorld, teacher_folder, teacher_text
 
 if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
     from ...method.adapter import ModelAdapter
@@ -37,7 +37,7 @@ class SD3World(PipelineWorld):
         if not cfg.teacher:
             raise NitroFusionError("world 'sd3' needs a teacher: --teacher DIR (a diffusers StableDiffusion3Pipeline "
                                    "folder, SD3 or SD3.5)")
-        return SD3Adapter(cfg.teacher, cfg.sd3)
+        return SD3Adapter(teacher_folder(cfg), cfg.sd3)
 
     def check_teacher(self, cfg: DistillConfig) -> None:
         from ..pipelines.family import SD3, check_pipeline_folder
@@ -46,8 +46,8 @@ class SD3World(PipelineWorld):
         if not cfg.teacher:
             raise NitroFusionError("world 'sd3' needs a teacher: --teacher DIR (a diffusers StableDiffusion3Pipeline "
                                    "folder, SD3 or SD3.5)")
-        check_pipeline_folder(Path(cfg.teacher), SD3)
-        check_backbone(Path(cfg.teacher), cfg.sd3)
+        check_pipeline_folder(teacher_folder(cfg), SD3)
+        check_backbone(teacher_folder(cfg), cfg.sd3)
 
     def plan_model(self, cfg: DistillConfig) -> ModelPlan:
         import torch
@@ -55,11 +55,12 @@ class SD3World(PipelineWorld):
 
 
         self.check_teacher(cfg)
-        folder = Path(cfg.teacher)
+        folder = teacher_folder(cfg)
         with torch.device("meta"):
             model = SD3Transformer2DModel.from_config(json.loads((folder / "transformer" / "config.json").read_text()))
         parameters = sum(p.numel() for p in model.parameters())
-        return ModelPlan(f"an SD3 pipeline, {folder}", parameters, parameters, [model.inner_dim] * len(cfg.sd3.taps))
+        return ModelPlan(teacher_text(cfg, "an SD3 pipeline"), parameters, parameters,
+                         [model.inner_dim] * len(cfg.sd3.taps))
 
     def recognises(self, kind: str, path: Path) -> bool:
         if kind == "pipeline":

@@ -20,11 +20,11 @@ from ... import config as config_lib
 from ...data.pairs import PairLoader, generate_pairs, load_pairs
 from ...distill_config import DistillConfig
 from ...dtypes import mixed_precision_dtype
-from ...errors import NitroFusionError
 from ...method.step import student_one_step
 from ...training.build import single_process_parts
 from ...training.step import optimizer_step
 from .adapter import SDXLAdapter
+from .device import bench_device
 from .testing import build_sdxl_components
 
 
@@ -88,14 +88,6 @@ def sdxl_setup(size: str, device_: torch.device, overrides: list[str] | None, pr
     adapter = cls.from_components(parts["tokenizers"], parts["text_encoders"], parts["unet"], parts["vae"],
                                   dict(parts["scheduler"].config), cfg.sdxl)
     return cfg, adapter, mixed_precision_dtype(cfg.mixed_precision), text
-
-
-def bench_device(size: str, device: str | None) -> torch.device:
-    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if size == "full" and device_.type == "cpu" and device is None:
-        raise NitroFusionError("no GPU here: full-size SDXL takes many minutes per stage on a CPU; use --size tiny, "
-                               "or --device cpu if you mean it")
-    return device_
 
 
 def run_bench(size: str = "full", device: str | None = None, overrides: list[str] | None = None,

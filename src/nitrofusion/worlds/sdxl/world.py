@@ -14,7 +14,7 @@ from ...distill_config import DistillConfig
 from ...errors import NitroFusionError
 from ..base import ModelPlan
 from ..pipelines.family import SDXL
-from ..pipelines.world import UNetPipelineWorld
+from ..pipelines.world import UNetPipelineWorld, teacher_folder
 
 if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
     from ...method.adapter import ModelAdapter
@@ -33,7 +33,7 @@ class SDXLWorld(UNetPipelineWorld):
         from .memory import run_memory
 
         plan, unet = self.plan_unet(cfg, need_model=True)
-        folder = Path(cfg.teacher)
+        folder = teacher_folder(cfg)
         text = [header_numel(folder / name) for name in ("text_encoder", "text_encoder_2")]
         vae = header_numel(folder / "vae")
         if None not in (*text, vae):
@@ -47,7 +47,7 @@ class SDXLWorld(UNetPipelineWorld):
 
         if not cfg.teacher:
             raise NitroFusionError("world 'sdxl' needs a teacher: --teacher DIR (a diffusers SDXL pipeline folder)")
-        return SDXLAdapter(cfg.teacher, cfg.sdxl)
+        return SDXLAdapter(teacher_folder(cfg), cfg.sdxl)
 
     def recognises(self, kind: str, path: Path) -> bool:
         if kind == "file":  # a UNet file's family is its --base folder's, checked when it loads
@@ -74,11 +74,13 @@ class SDXLWorld(UNetPipelineWorld):
 
             result = memory_model(overrides=o.get("overrides"))
             return result, format_memory(result)
+        from .device import bench_device
+
+        device = bench_device(o["size"], o.get("device"))  # before the training stack loads: a refusal in seconds
         from ...training.profile import format_profile, profile_step
-        from .bench import bench_device, format_table, run_bench, sdxl_setup
+        from .bench import format_table, run_bench, sdxl_setup
 
         result = run_bench(o["size"], o.get("device"), o.get("overrides"), iters=o["iters"], warmup=o["warmup"])
-        device = bench_device(o["size"], o.get("device"))
         # one micro-batch per step: the SDXL recipe's 20 would make each profiled step a minute on a GPU
         cfg, adapter, amp, _ = sdxl_setup(o["size"], device, ["grad_accum=1", *(o.get("overrides") or [])], print)
         prompts = [f"a benchmark prompt number {i}" for i in range(8)]
