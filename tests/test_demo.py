@@ -15,7 +15,7 @@ def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
     out = tmp_path / "demo"
     # the demo's own preset (static pool), cut down, with pairs arriving while training: the first two pair
     # shards made by both processes, the third by the helper while the student trains on those
-    argv = ["demo", "--out", str(out), "--eval-samples", "300", "--minutes", "0", "--images", "960",
+    argv = ["demo", "--out", str(out), "--eval-samples", "300", "--minutes", "0", "--images", "640",
             "--set", "pairs.count=480", "--set", "pairs.shard_size=160", "--set", "pairs.start_shards=2",
             "--set", "eval_every_images=320",
             "--set", "eval_samples=200", "--set", "checkpoint_every_images=320"]
@@ -28,7 +28,7 @@ def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
             assert report["student"][steps][key] >= 0
     for row in (report["teacher"], report["teacher_one_step"], *report["student"].values()):
         assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and len(row["class_coverage"]) == 10
-    assert report["train"]["iterations"] == 30 and report["train"]["images"] == 960
+    assert report["train"]["iterations"] == 20 and report["train"]["images"] == 640
     assert report["config"]["micro_batch"] == 32 and not report["config"]["pool"]["dynamic"]
     assert report["config"]["adversarial"]["regression_weight"] == 10
     assert report["config"]["adversarial"]["regression_rows"] == "all"
@@ -45,10 +45,10 @@ def test_demo_reduced_budget_writes_the_report(tmp_path, capsys):
     assert len(load_pairs(index.parent)) == 480
     for name in ("report.md", "grid.png", "fid_curve.png", "run/student/unet/config.json"):
         assert (out / name).exists(), name
-    # 30 adversarial steps already improve 1-step quality over the initial weights (~40 -> ~27 here)
+    # 20 adversarial steps already improve 1-step quality over the initial weights (~42 -> ~9 here)
     curve = [json.loads(x)["eval"]["fid"] for x in (out / "run" / "log.jsonl").read_text().splitlines()
              if "eval" in x]
-    assert len(curve) == 4 and curve[-1] < 0.85 * curve[0]
+    assert len(curve) == 3 and curve[-1] < 0.85 * curve[0]
     markdown = (out / "report.md").read_text()
     assert "classifier-FID" in markdown
     assert "+ 10 x mean squared error to the teacher's sample from the same x_T (every step)" in markdown

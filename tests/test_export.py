@@ -358,3 +358,22 @@ def test_sdxl_generate_prints_only_its_result(run, tmp_path):
     assert done.returncode == 0, done.stderr
     noise = [ln for ln in done.stderr.splitlines() if "torchvision" in ln or "kernels" in ln]
     assert not noise and done.stdout.strip().splitlines() == [f"wrote 1 image and a grid to {tmp_path / 'out'}"]
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "single-file", "lora"])
+def test_a_full_disk_during_an_export_is_one_line_and_leaves_nothing(run, tmp_path, capsys, monkeypatch, fmt):
+    """The disk fills once every file is written, before the rename into place (faults.py): one line with the
+    space the export needs, no --out and no temporary left beside it; with space again the export works."""
+    from nitrofusion import faults
+
+    faults.reset()
+    monkeypatch.setenv("NITROFUSION_DISK_FULL_AT", "export-write")
+    out = tmp_path / ("student.safetensors" if fmt == "single-file" else fmt)
+    argv = ["export", str(run), "--format", fmt, "--out", str(out)] + (["--rank", "4"] if fmt == "lora" else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot write the export to {out} (No space left on device; it needs about" in err[0]
+    assert "free there); free space or fix permissions, then run the export again" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.delenv("NITROFUSION_DISK_FULL_AT")
+    assert main(argv) == 0 and out.exists()

@@ -49,7 +49,9 @@ def test_runtime_gives_the_pipelines_images_bit_for_bit(tiny_sdxl, dtype):
     VAE then decodes in fp32, as the stock pipeline's per-call upcast does)."""
     stock = load_pipeline(tiny_sdxl, shift=250, dtype=dtype)
     runtime = SDXLRuntime(load_pipeline(tiny_sdxl, shift=250, dtype=dtype))
-    for steps, px in ((1, 64), (2, 32), (3, 64), (4, 64)):
+    # fp16 is emulated on a CPU (slow): fewer cases there, still 1 and 4 steps at two sizes
+    cases = ((1, 64), (2, 32), (3, 64), (4, 64)) if dtype == torch.float32 else ((1, 32), (4, 64))
+    for steps, px in cases:
         a, b = _stock(stock, PROMPTS, steps, 7, px), _ours(runtime, PROMPTS, steps, 7, px)
         assert a.shape == (2, px, px, 3) and a.dtype == np.uint8 and np.array_equal(a, b), (steps, px)
 

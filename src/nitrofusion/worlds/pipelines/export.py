@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
+from ... import faults
 from ...errors import NitroFusionError
+from ...io import disk_errors, tensor_bytes
 from ...models.weights import check_same_layout, read_weights_file
 from .family import SDXL, family_of_unet_config
 from .hub import local_model
@@ -58,9 +60,10 @@ SD1_CLIP_PREFIX, SD2_CLIP_PREFIX = "cond_stage_model.transformer.", "cond_stage_
 
 
 @contextlib.contextmanager
-def staged_output(out: Path) -> Iterator[Path]:
+def staged_output(out: Path, needed: int | None = None) -> Iterator[Path]:
     """Yield a temporary path next to `out` to write into (a file or a folder); rename it to `out` only when the
-    block succeeds. An existing `out` is never overwritten."""
+    block succeeds. An existing `out` is never overwritten. A full disk is one line saying about how much space
+    the export (`needed` bytes) takes, and leaves nothing behind."""
     out = Path(out)
     if out.exists():
         raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
@@ -71,7 +74,9 @@ def staged_output(out: Path) -> Iterator[Path]:
         raise NitroFusionError(f"cannot write next to {out} ({e.strerror})") from None
     try:
         staged = holder / out.name
-        yield staged
+        with disk_errors("the export", out, fix="then run the export again", needed=needed):
+            yield staged
+            faults.point("export-write")  # everything written, not yet renamed into place
         if not staged.exists():
             raise NitroFusionError(f"nothing was written for {out}")
         os.replace(staged, out)
@@ -92,7 +97,8 @@ def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None
     if size and size != pipe.unet.config.sample_size * pipe.vae_scale_factor:
         # the stock pipeline's default image size comes from sample_size: make it the run's resolution
         pipe.unet.register_to_config(sample_size=size // pipe.vae_scale_factor)
-    with staged_output(out) as tmp, quiet_loading():
+    weights = sum(tensor_bytes(m.state_dict()) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+    with staged_output(out, weights) as tmp, quiet_loading():
         pipe.save_pretrained(tmp, safe_serialization=True)
         index = json.loads((tmp / "model_index.json").read_text())
         # save_pretrained records the defining module (nitrofusion.schedulers); name the package, whose lazy
@@ -344,7 +350,7 @@ def export_single_file(model: str | Path, out: str | Path, base: str | Path | No
     meta = {SHIFT_METADATA_KEY: str(shift_used), "modelspec.architecture": architecture(pipe),
             "nitrofusion.sampling": f"TimestepShiftLCMScheduler, shifted_timestep={shift_used}, "
                                     "original_inference_steps=4, 1-4 steps, guidance scale 0"}
-    with staged_output(out) as tmp:
+    with staged_output(out, tensor_bytes(sd)) as tmp:
         save_file(sd, str(tmp), metadata=meta)
     return {"path": str(out), "tensors": len(sd), "round_trip_checked": checked, "shift": shift_used,
             "architecture": meta["modelspec.architecture"]}
@@ -464,7 +470,7 @@ def export_trained_lora(ref, lora_dir: Path, out: Path, dtype: torch.dtype | Non
     report = {"source": "the run's trained LoRA adapters (exact)", "rank": rank, "alpha": alpha,
               "targets": meta.get("target_modules"), "lora_layers": len(factors) // 2,
               "lora_parameters": sum(v.numel() for v in factors.values())}
-    with staged_output(out) as tmp:
+    with staged_output(out, 2 * tensor_bytes(factors)) as tmp:  # PEFT and kohya files
         save_lora_files(tmp, factors, unet_config, rank, shift, alpha=alpha, metadata=meta)
         (tmp / "lora_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -505,7 +511,7 @@ def export_lora(model: str | Path, out: str | Path, rank: int | None = None, bas
     report["base"] = str(base_dir)
     # the run's shift rides along, so `generate --model kohya_lora.safetensors --base SDXL` needs no --shift
     shift = load_scheduler(ref).config.shifted_timestep if ref.scheduler_dir is not None else None
-    with staged_output(out) as tmp:
+    with staged_output(out, 2 * tensor_bytes(lora)) as tmp:  # PEFT and kohya files
         save_lora_files(tmp, lora, base_unet.config, rank, shift)
         (tmp / "lora_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -587,7 +593,7 @@ def transfer(student: str | Path, base: str | Path, custom: str | Path, out: str
         result[k] = value if dtype is None else value.to(dtype)
     sched_dir = read["student"][2]
     shift = json.loads((sched_dir / "scheduler_config.json").read_text())["shifted_timestep"] if sched_dir else None
-    with staged_output(out) as tmp:
+    with staged_output(out, tensor_bytes(result)) as tmp:
         if out.suffix == ".safetensors":
             meta = {SHIFT_METADATA_KEY: str(shift)} if shift is not None else None
             save_file({k: v.contiguous() for k, v in result.items()}, str(tmp), metadata=meta)

@@ -107,6 +107,7 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
 def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None = None, shift: int | None = None,
                      dtype: torch.dtype | None = None) -> Path:
     """A complete StableDiffusion3Pipeline folder that stock diffusers loads once nitrofusion is imported."""
+    from ...io import tensor_bytes
     from ..pipelines.export import staged_output
 
     out = Path(out)
@@ -116,7 +117,8 @@ def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None
     size = pipe.nitrofusion_resolution
     if size and size != pipe.transformer.config.sample_size * pipe.vae_scale_factor:
         pipe.transformer.register_to_config(sample_size=size // pipe.vae_scale_factor)  # the pipeline's default
-    with staged_output(out) as tmp, quiet_loading(errors_only=True):
+    weights = sum(tensor_bytes(m.state_dict()) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+    with staged_output(out, weights) as tmp, quiet_loading(errors_only=True):
         pipe.save_pretrained(tmp, safe_serialization=True)  # without T5 it logs that None "cannot be saved"
         index = json.loads((tmp / "model_index.json").read_text())
         index["scheduler"] = SCHEDULER_ENTRY
