@@ -112,4 +112,4 @@ def test_two_processes_keep_bitwise_identical_pools_and_a_stopped_sharded_run_re
 @pytest.mark.slow
 def test_two_processes_keep_bitwise_identical_lora_students(tmp_path):
     """DDP averages a LoRA student's adapter gradients only; pools and adapters stay identical on both ranks."""
-    _identical(*_launch(tmp_path, "student.kind=lora", "student.rank=4", "student_optim.lr=1e-3"))
+    _identical(*_launch(tmp_path, "student.kind=lora", "student.rank=4", "student_optim.lr=1e-3", "max_images=32"))

@@ -48,9 +48,12 @@ def _wait_for_checkpoints(proc, run, n: int) -> None:
     assert proc.poll() is None, "the run finished before it could be stopped"
 
 
-def _setup(tiny_teacher, tmp_path):
+@pytest.fixture(scope="module")
+def setup(tiny_teacher, tmp_path_factory):
     """A saved tiny teacher, the common arguments, and one uninterrupted run of 8 optimiser steps."""
     from nitrofusion.worlds.mini.teacher import TeacherTrainConfig, save_teacher
+
+    tmp_path = tmp_path_factory.mktemp("straight")
 
     save_teacher(tiny_teacher.unet, TeacherTrainConfig(model=tiny_teacher.model, sampler=tiny_teacher.sampler),
                  tmp_path / "teacher", {"note": "random tiny teacher for tests"})
@@ -71,8 +74,8 @@ def _assert_same(run, expected) -> None:
     assert (run / "student" / "scheduler" / "scheduler_config.json").is_file()
 
 
-def test_sigterm_then_kill_9_then_resume_matches_an_uninterrupted_run(tiny_teacher, tmp_path):
-    common, env, expected = _setup(tiny_teacher, tmp_path)
+def test_sigterm_then_kill_9_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
+    common, env, expected = setup  # the straight run's cache: its pairs and text encodings are reused
     victim = tmp_path / "victim"
 
     proc = _run([*common, "--out", str(victim)], env)  # SIGTERM: finish the step, checkpoint, one line, exit 75
@@ -99,11 +102,11 @@ def test_sigterm_then_kill_9_then_resume_matches_an_uninterrupted_run(tiny_teach
     _assert_same(victim, expected)
 
 
-def test_kill_9_at_each_write_then_resume_matches_an_uninterrupted_run(tiny_teacher, tmp_path):
+def test_kill_9_at_each_write_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
     """One run killed five times, each resume killed at the next kind of write (every point below is a real
     SIGKILL the process sends itself: faults.py): each recovery starts from what the last one left."""
-    common, env, expected = _setup(tiny_teacher, tmp_path)
-    env = {**env, "NITROFUSION_CACHE": str(tmp_path / "victim-cache")}  # the victim makes its own pairs
+    common, env, expected = setup
+    env = {**env, "NITROFUSION_CACHE": str(tmp_path / "cache")}  # the victim makes its own pairs
     run = tmp_path / "run"
     for point in ("pairs-shard:2", "checkpoint-write:3", "checkpoint-rename:3", "student-save:1"):
         args = [*common, "--out", str(run)] + (["--resume"] if run.exists() else [])
