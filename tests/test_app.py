@@ -175,8 +175,11 @@ def test_a_full_queue_refuses_in_one_line_and_the_server_goes_on(mini_run):
                     reason="needs chromium and chromium-driver (scripts/install.sh installs them)")
 def test_the_app_draws_as_a_visitor_types_in_two_browser_tabs(mini_run, tmp_path):
     """Headless Chromium types key by key, no click and no Enter: the live mode makes the image of the whole
-    prompt and shows its latency; two tabs typing at once are both served (one queue, each tab's latest). A pasted
-    over-long prompt gets a one-line error on the page, and the next prompt an image."""
+    prompt and shows its latency; two tabs typing at once are both served (one queue, each tab's latest) while 20
+    API clients load the same queue. A pasted over-long prompt gets a one-line error on the page, and the next
+    prompt an image."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from nitrofusion.app.browser import open_browser, paste_and_generate, screenshot, type_and_wait
 
     demo = _serve(mini_run)
@@ -190,10 +193,14 @@ def test_the_app_draws_as_a_visitor_types_in_two_browser_tabs(mini_run, tmp_path
             results[i] = type_and_wait(drivers[i], demo.local_url, prompts[i], keystroke_pause=0.02)
 
         threads = [threading.Thread(target=visit, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
+        start = threading.Barrier(20)
+        with ThreadPoolExecutor(20) as pool:  # the load: 20 API clients, each with a request in the queue
+            load = [pool.submit(_ask, demo.local_url, ("a photo of a shirt", 1, i), start) for i in range(20)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+            assert all(job.result()[0] for job in load)
         assert sorted(results) == [0, 1]
         for i, p in enumerate(prompts):
             assert f"“{p}”: 1 step(s), seed 0" in results[i]["latency_text"] and " ms" in results[i]["latency_text"]
