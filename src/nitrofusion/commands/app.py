@@ -20,6 +20,9 @@ def _check_values(args) -> None:
 
 def cmd_app(args) -> None:
     _check_values(args)
+    from ..worlds.pipelines.hub import local_model
+
+    local_model(args.model, "--model")  # a Hub id resolved (or refused offline) before gradio's seconds of import
     try:
         import gradio  # noqa: F401
     except ImportError:
