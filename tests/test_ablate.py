@@ -2,9 +2,9 @@
 table and plot; a rerun skips finished runs."""
 
 import json
-import signal
 
 import pytest
+from signals import signalled_on_call
 
 from nitrofusion import preemption
 from nitrofusion.errors import NitroFusionError
@@ -43,15 +43,8 @@ def test_ablate_runs_every_variant_and_skips_finished_runs(tmp_path, monkeypatch
 
     sets = ["pairs.count=64", "pairs.shard_size=32", "micro_batch=8", "pool.width=8", "pool.heads_per_slot=2"]
     messages = []
-    real_distill, runs = ablate.distill, []
-
-    def stopped_in_the_third_run(*a, **k):  # SIGTERM (a real signal to this process) as the third run starts
-        runs.append(1)
-        if len(runs) == 3:
-            signal.raise_signal(signal.SIGTERM)
-        return real_distill(*a, **k)
-
-    monkeypatch.setattr(ablate, "distill", stopped_in_the_third_run)
+    real_distill = ablate.distill
+    monkeypatch.setattr(ablate, "distill", signalled_on_call(real_distill, 3))  # SIGTERM as the third run starts
     with preemption.stop_on_signals(), pytest.raises(preemption.Preempted, match="after step 1 "):
         run_ablation(tmp_path, seeds=2, budget_images=16, eval_samples=20, overrides=sets, progress=False,
                      log=messages.append)

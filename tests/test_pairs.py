@@ -182,22 +182,15 @@ def test_mixed_precision_is_refused_where_it_cannot_train(tiny_cfg, monkeypatch)
 def test_a_stop_signal_ends_pair_making_after_the_shard_in_hand(mini_adapter, tmp_path, monkeypatch):
     """SIGTERM (a real signal to this process) while shard 2 of 4 is sampled: that shard is written and indexed,
     then the run stops; the rerun makes the rest and the set is bitwise the uninterrupted one."""
-    import signal
+    from signals import signalled_on_call
 
     from nitrofusion import preemption
     from nitrofusion.data import pairs as pairs_mod
 
     kw = dict(count=32, seed=0, shard_size=8, batch_size=8, progress=False)
     pairs_mod.generate_pairs(mini_adapter, ["a photo of a bag"], out_dir=tmp_path / "straight", **kw)
-    real, calls = pairs_mod._teacher_samples, []
-
-    def signalled_on_the_second_shard(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGTERM)
-        return real(*a, **k)
-
-    monkeypatch.setattr(pairs_mod, "_teacher_samples", signalled_on_the_second_shard)
+    real = pairs_mod._teacher_samples
+    monkeypatch.setattr(pairs_mod, "_teacher_samples", signalled_on_call(real, 2))  # while shard 2 is sampled
     with preemption.stop_on_signals(), pytest.raises(preemption.Preempted, match="SIGTERM with 2 of this process's 4"):
         pairs_mod.generate_pairs(mini_adapter, ["a photo of a bag"], out_dir=tmp_path / "cut", **kw)
     assert sorted(p.name for p in (tmp_path / "cut").glob("shard-*")) == ["shard-00000.safetensors",

@@ -316,21 +316,23 @@ def generate_pairs(adapter: ModelAdapter, prompts: Prompts, count: int, seed: in
                 make(s)
         return True
 
-    def stop_if_asked(done: int) -> None:  # a safe point: every shard so far is whole and indexed
+    done = 0
+
+    def claimed(s: int, wait: bool) -> bool:
+        """claim(), then a safe point: every shard done so far is whole and indexed."""
+        nonlocal done
+        if not claim(s, wait):
+            return False
+        done += 1
         if preemption.requested() and done < len(mine):
             bar.close()
             raise preemption.Preempted(f"stopped by {preemption.requested()} with {done} of this process's "
                                        f"{len(mine)} teacher-pair shards in {out}")
+        return True
 
     # first the shards no one else is making; then wait for the rest, each of which is then made or checked once
-    held_elsewhere = []
-    for s in mine:
-        if not claim(s, wait=False):
-            held_elsewhere.append(s)
-        stop_if_asked(mine.index(s) + 1 - len(held_elsewhere))
-    for i, s in enumerate(held_elsewhere):
-        claim(s, wait=True)
-        stop_if_asked(len(mine) - len(held_elsewhere) + i + 1)
+    for s in [s for s in mine if not claimed(s, wait=False)]:
+        claimed(s, wait=True)
     bar.close()
     if write_index:
         write_index_file(out, count, seed, shard_size, adapter, verified)
