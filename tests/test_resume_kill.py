@@ -1,6 +1,7 @@
 """Real `nitrofusion distill` processes stopped every way a cluster stops them, then --resume: the uninterrupted
-run's weights, bitwise. A stop signal (SIGTERM: checkpoint at the next step, exit 75), kill -9 from outside, and
-kill -9 at each kind of write (a pair shard, a checkpoint mid-write and after its rename, the student folder)."""
+run's weights, bitwise. A stop signal (SIGTERM: checkpoint at the next step, exit 75) and kill -9 from outside, to
+`python -m nitrofusion` processes; kill -9 at each kind of write (a pair shard, a checkpoint mid-write and after its
+rename, the student folder), in forks of the test process (tests/forked.py)."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import time
 
 import pytest
 import torch
+from forked import forked_cli
 from safetensors.torch import load_file
 
 from nitrofusion.preemption import REQUEUE_EXIT
@@ -62,8 +64,8 @@ def setup(tiny_teacher, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NITROFUSION_CACHE": str(tmp_path / "cache")}
     common = ["--preset", "tiny", "--teacher", str(tmp_path / "teacher"), "--set", "max_images=64", "--set",
               "threads=1"]
-    straight = _run([*common, "--out", str(tmp_path / "straight")], env)
-    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    err = tmp_path / "straight.err"
+    assert forked_cli(["distill", *common, "--out", str(tmp_path / "straight")], env, err) == 0, err.read_text()
     return common, env, _final(tmp_path / "straight")
 
 
@@ -103,16 +105,16 @@ def test_sigterm_then_kill_9_then_resume_matches_an_uninterrupted_run(setup, tmp
 
 
 def test_kill_9_at_each_write_then_resume_matches_an_uninterrupted_run(setup, tmp_path):
-    """One run killed five times, each resume killed at the next kind of write (every point below is a real
-    SIGKILL the process sends itself: faults.py): each recovery starts from what the last one left."""
+    """One run killed four times, each resume killed at the next kind of write (every point below is a real
+    SIGKILL the process sends itself: faults.py; the processes are forks of this one, tests/forked.py): each
+    recovery starts from what the last one left."""
     common, env, expected = setup
     env = {**env, "NITROFUSION_CACHE": str(tmp_path / "cache")}  # the victim makes its own pairs
-    run = tmp_path / "run"
+    run, err = tmp_path / "run", tmp_path / "stderr"
     for point in ("pairs-shard:2", "checkpoint-write:3", "checkpoint-rename:3", "student-save:1"):
-        args = [*common, "--out", str(run)] + (["--resume"] if run.exists() else [])
-        proc = _run(args, {**env, "NITROFUSION_KILL_AT": point})
-        assert proc.wait(timeout=300) == -signal.SIGKILL, (point, proc.stderr.read())
+        args = ["distill", *common, "--out", str(run)] + (["--resume"] if run.exists() else [])
+        assert forked_cli(args, {**env, "NITROFUSION_KILL_AT": point}, err) == -signal.SIGKILL, (point,
+                                                                                               err.read_text())
     assert _checkpoints(run)[-1] == FINAL  # killed while writing student/: resume must still write it
-    proc = _run([*common, "--out", str(run), "--resume"], env)
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert forked_cli(["distill", *common, "--out", str(run), "--resume"], env, err) == 0, err.read_text()
     _assert_same(run, expected)
