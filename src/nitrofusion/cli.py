@@ -213,7 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=1000, help="held-out prompts/x_T per score")
     p.add_argument("--variants", nargs="+", help="the paper's (default): full global-only no-refresh static "
                    "single-head; studies: hps1 hps2 hps8 refresh0.5 refresh2 one-step multistep multistep-p0.25 "
-                   "multistep-extra real-data real-mix real-data-r1 real-mix-r1")
+                   "multistep-extra real-data real-mix real-data-r1 real-mix-r1; the paper's own setting (with --set "
+                   "teacher=RUN, a few-step run): realism realism-static realism-singlehead realism-norefresh")
+    p.add_argument("--probe-every", type=int, default=0, metavar="IMAGES", help="every IMAGES training images, log "
+                   "the heads' real/fake accuracy on the training pairs and on held-out teacher samples, and the "
+                   "student's 1-step precision (the overfitting probe, method/probe.py); 0 = off")
     p.add_argument("--steps", nargs="+", type=int, default=[1], help="score each run at these step counts (1-4); "
                    "finished runs are re-scored for step counts they lack")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -85,3 +85,10 @@ def config_for(cls, scheduler_config: dict) -> dict:
     """The keys of another scheduler's config that `cls` understands (no 'ignored attribute' warnings)."""
     accepted = set(inspect.signature(cls.__init__).parameters)
     return {k: v for k, v in scheduler_config.items() if k in accepted}
+
+
+def shifted_scheduler(scheduler_config: dict, shift: int) -> TimestepShiftLCMScheduler:
+    """The student's 1-4 step sampler on a model's noise schedule, at shifted timestep `shift`."""
+    cfg = {**config_for(TimestepShiftLCMScheduler, scheduler_config), "shifted_timestep": shift,
+           "original_inference_steps": 4}
+    return TimestepShiftLCMScheduler.from_config(cfg)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from ..config import ranged
@@ -13,26 +13,40 @@ from ..errors import ConfigError, NitroFusionError
 class SamplerSpec:
     # ddim / dpmsolver++ / euler: a diffusers scheduler with the settings below; any diffusers scheduler
     # class name (e.g. "LCMScheduler"); x0-renoise: x0 at each of `timesteps`, re-noised with fresh noise
-    # to the next (DMD2's 4-step sampler, docs/method.md §1)
+    # to the next (DMD2's 4-step sampler, docs/method.md §1); student: a nitrofusion student's own 1-4 step
+    # shifted-LCM sampler (a few-step model as the teacher, as DMD2's UNet is in sdxl-realism; docs/method.md §1)
     name: str = "dpmsolver++"
     steps: int = ranged(8, ge=1, le=1000)
     guidance_scale: float = ranged(2.0, ge=0, le=100)
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     timesteps: list[int] = ranged(factory=list, ge=0, le=999)  # explicit grid (x0-renoise, or a scheduler taking one)
+    shift: int = ranged(1000, ge=1, le=1000)  # student: the shifted timestep it was trained with (docs/method.md §2.3)
+
+    def __repr__(self) -> str:
+        # the pair cache keys on this text (data/pairs.py cache_key): `shift` appears only where it matters, so
+        # every key made before it existed still finds its pairs
+        names = [f.name for f in fields(self) if f.name != "shift" or self.name == "student"]
+        return f"SamplerSpec({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
 
     def validate(self) -> None:
-        if self.name not in ALIASES and self.name != "x0-renoise" and not _is_scheduler_class(self.name):
-            raise ConfigError(f"unknown sampler '{self.name}': use one of {', '.join([*ALIASES, 'x0-renoise'])} "
+        if self.name not in (*ALIASES, *OWN) and not _is_scheduler_class(self.name):
+            raise ConfigError(f"unknown sampler '{self.name}': use one of {', '.join([*ALIASES, *OWN])} "
                               "or a diffusers scheduler class name such as 'DDIMScheduler'")
         if self.timesteps and len(self.timesteps) != self.steps:
             raise ConfigError("sampler.timesteps must have sampler.steps entries")
+        if self.name == "student" and (self.steps > 4 or self.guidance_scale > 1 or self.timesteps):
+            raise ConfigError("sampler student: 1-4 steps on the student's own grid (no sampler.timesteps) and no "
+                              "classifier-free guidance (sampler.guidance_scale 0): the student was distilled without")
 
     def describe(self) -> str:
         g = f", CFG {self.guidance_scale:g}" if self.guidance_scale > 1 else ""
+        if self.name == "student":
+            return f"student sampler {self.steps} steps (shift {self.shift})"
         return f"{self.name} {self.steps} steps{g}"
 
 
 ALIASES = ("ddim", "dpmsolver++", "euler")
+OWN = ("x0-renoise", "student")  # samplers of our own (sampling/teacher.py)
 
 
 def _is_scheduler_class(name: str) -> bool:

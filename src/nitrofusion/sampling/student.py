@@ -6,18 +6,12 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from .scheduler import TimestepShiftLCMScheduler, config_for
+from .scheduler import shifted_scheduler  # noqa: F401 - re-exported
 from .spec import check_step_counts, check_steps  # noqa: F401 - re-exported: torch-free, in spec.py
 from .teacher import SamplerSpec, sample
 
 if TYPE_CHECKING:  # the adapter interface calls this module; its types are for annotations only
     from ..method.adapter import Cond, ModelAdapter
-
-
-def shifted_scheduler(scheduler_config: dict, shift: int) -> TimestepShiftLCMScheduler:
-    cfg = {**config_for(TimestepShiftLCMScheduler, scheduler_config), "shifted_timestep": shift,
-           "original_inference_steps": 4}
-    return TimestepShiftLCMScheduler.from_config(cfg)
 
 
 @torch.no_grad()

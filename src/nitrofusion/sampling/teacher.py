@@ -1,8 +1,8 @@
 """Multi-step teacher samplers as pure functions: (predict, x_T, spec) -> x0.
 
 `predict(x, t)` returns the teacher's model output (guidance already applied by the adapter).
-A sampler spec names either a diffusers scheduler or an explicit timestep grid with x0 re-noising
-(DMD2's 4-step sampler, docs/method.md §1).
+A sampler spec names a diffusers scheduler, an explicit timestep grid with x0 re-noising (DMD2's 4-step
+sampler, docs/method.md §1), or a nitrofusion student's own 1-4 step sampler (a few-step model as the teacher).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from diffusers import (
 
 from ..errors import ConfigError
 from ..method.diffusion import NoiseProcess
-from .scheduler import config_for
+from .scheduler import config_for, shifted_scheduler
 from .spec import ALIASES, SamplerSpec, _is_scheduler_class  # noqa: F401 - re-exported
 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,6 +64,13 @@ def sample(predict: Predict, x_T: torch.Tensor, spec: SamplerSpec, scheduler_con
                 noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 x = process.add_noise(x0, noise, nxt)
         return x0
+    if spec.name == "student":  # a few-step student as the teacher: its own loop (sampling/student.py generate)
+        sched = shifted_scheduler(scheduler_config, spec.shift)
+        sched.set_timesteps(spec.steps, device=x_T.device)
+        x = x_T
+        for t in sched.timesteps:
+            x = sched.step(predict(x, t.expand(x.shape[0])).float(), t, x.float(), generator=generator).prev_sample
+        return x
     sched = _scheduler(spec, scheduler_config)
     if spec.timesteps:
         sched.set_timesteps(device=x_T.device, timesteps=list(spec.timesteps))

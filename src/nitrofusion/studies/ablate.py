@@ -24,6 +24,7 @@ from ..worlds.mini.evaluation import MiniEvaluation
 from ..worlds.mini.generate import load_mini_student
 from ..worlds.mini.metrics import MiniMetrics
 from ..worlds.mini.pairsets import held_out_pairs, training_pairs
+from ..worlds.mini.probe import OverfittingProbe
 from .variants import PAPER, VARIANTS, ablation_configs
 
 METRICS = ("fid", "fid_to_teacher", "accuracy", "precision", "recall", "coverage")
@@ -38,11 +39,12 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 def run_ablation(out: Path, seeds: int = 3, budget_images: int = 6400, eval_samples: int = 1000,
                  seed_start: int = 0,
                  variants: list[str] | None = None, overrides: list[str] | None = None,
-                 steps: list[int] | None = None, progress: bool = True, log=print) -> dict:
+                 steps: list[int] | None = None, progress: bool = True, log=print, probe_every: int = 0) -> dict:
     variants = variants or list(PAPER)
     steps = sorted(set(steps or [1]))
     seed_range = range(seed_start, seed_start + seeds)  # a slice of the seeds: split one study over processes
-    configs = ablation_configs(variants, seeds, seed_start, budget_images, eval_samples, overrides, steps)
+    configs = ablation_configs(variants, seeds, seed_start, budget_images, eval_samples, overrides, steps,
+                               probe_every)
     started = time.time()
     base = config_lib.build(DistillConfig, "distill", "mini", overrides)
     world = world_of_config(base)
@@ -56,6 +58,7 @@ def run_ablation(out: Path, seeds: int = 3, budget_images: int = 6400, eval_samp
 
     eval_pairs = held_out_pairs(adapter, eval_samples, base.pairs, progress=progress)
     metrics = MiniMetrics()
+    init = initial_scores(adapter, eval_pairs, metrics, steps)
     runs = []
     for variant in variants:
         for seed in seed_range:
@@ -68,10 +71,14 @@ def run_ablation(out: Path, seeds: int = 3, budget_images: int = 6400, eval_samp
                 resume = ckpt.latest(run_dir) is not None
                 log(f"{variant} seed {seed}: {'resuming' if resume else 'training'} ({budget_images} images)")
                 data = training_source(cfg, teacher_pairs, lambda cfg=cfg: world.real_pairs(cfg, adapter, progress))
-                result = distill(cfg, adapter, data, run_dir, resume=resume, progress=progress)
+                probe = OverfittingProbe(MiniEvaluation(adapter, eval_pairs, metrics, cfg.adversarial.shift),
+                                         teacher_pairs()) if probe_every else None
+                result = distill(cfg, adapter, data, run_dir, resume=resume, progress=progress, probe=probe)
                 student = result["student"]
                 entry = {"variant": variant, "seed": seed, "images": result["images"],
                          "train_seconds": result["seconds"]}
+                if probe_every:
+                    entry["probe"] = probe_curve(run_dir)
             by_steps = entry.setdefault("by_steps", {})
             missing = [s for s in steps if str(s) not in by_steps or "precision" not in by_steps[str(s)]]
             if not missing:
@@ -93,11 +100,53 @@ def run_ablation(out: Path, seeds: int = 3, budget_images: int = 6400, eval_samp
               "steps": steps, "metric": "classifier-FID (project Fashion-MNIST classifier, not Inception)",
               "variants": {v: VARIANTS[v][2] for v in variants}, "summary": summary, "runs": runs,
               "seconds": round(time.time() - started, 1)}
+    if init is not None:
+        report["init"] = init
+    if any("probe" in r for r in runs):
+        report["probe"] = summarise_probe(runs, variants)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "ablation.json", report)
     atomic_write_text(out / "ablation.md", render(report))
     plot(report, out / "ablation.png")
+    if "probe" in report:
+        plot_probe(report, out / "probe.png")
     return report
+
+
+def initial_scores(adapter, eval_pairs, metrics: MiniMetrics, steps: list[int]) -> dict | None:
+    """A few-step teacher is also every run's initial student: its own scores at each step count, the row a
+    fine-tuning must beat (None for a multi-step teacher, whose student starts as a network that cannot sample)."""
+    if adapter.sampler.name != "student":
+        return None
+    evaluation = MiniEvaluation(adapter, eval_pairs, metrics, adapter.sampler.shift, seed=0)
+    return {str(s): evaluation.score(evaluation.student_images(adapter.teacher_unet, s), to_teacher=True)
+            for s in steps}
+
+
+def probe_curve(run_dir: Path) -> list[dict]:
+    """The probe's entries of a run's log (images seen, then method/probe.py's numbers)."""
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [{"images": e["images"], **e["probe"]} for e in map(json.loads, lines) if "probe" in e]
+
+
+PROBE_METRICS = ("real_trained_on", "real_held_out", "overfit_gap", "fake", "outside_manifold")
+
+
+def summarise_probe(runs: list[dict], variants: list[str]) -> dict:
+    """Per variant and probe point (images seen): mean and std over seeds of each probe number."""
+    out: dict = {}
+    for v in variants:
+        curves = [r["probe"] for r in runs if r["variant"] == v and r.get("probe")]
+        if not curves:
+            continue
+        points = sorted(set.intersection(*[{p["images"] for p in c} for c in curves]))
+        out[v] = []
+        for images in points:
+            rows = [next(p for p in c if p["images"] == images) for c in curves]
+            out[v].append({"images": images, "n": len(rows), **{
+                m: dict(zip(("mean", "std"), _mean_std([row[m] for row in rows]), strict=True))
+                for m in PROBE_METRICS}})
+    return out
 
 
 def summarise(runs: list[dict], variants: list[str]) -> dict:
@@ -149,9 +198,34 @@ def render(r: dict) -> str:
                 d = x.get("delta_in_seed_std")
                 cells.append("-" if v == ref or d is None else f"{x['delta_vs_full']:+{fmt}} ({d:+.1f} sd)")
             lines.append(f"| {v}: {r['variants'][v]} | " + " | ".join(cells) + " |")
+        init = r.get("init", {}).get(steps)
+        if init:  # one network, no seeds: the few-step teacher every run starts from
+            cells = [c for m, _, fmt in COLUMNS for c in (f"{init[m]:{fmt}}" if m in init else "-", "-")]
+            lines.append("| initial student (the few-step teacher's UNet, before fine-tuning) | " + " | ".join(cells)
+                         + " |")
         lines.append("")
     lines += ["![ablation](ablation.png)", ""]
+    if r.get("probe"):
+        lines += render_probe(r["probe"])
     return "\n".join(lines)
+
+
+PROBE_TITLES = {"real_trained_on": "training pairs called real",
+                "real_held_out": "held-out teacher samples called real",
+                "overfit_gap": "gap (overfitting)", "fake": "student samples called fake",
+                "outside_manifold": "student outside the real manifold (1 - precision)"}
+
+
+def render_probe(probe: dict) -> list[str]:
+    lines = ["## The overfitting probe", "",
+             "The heads as a classifier (D > 0: real), over training: mean +- std over seeds (method/probe.py).", "",
+             "| variant | images | " + " | ".join(PROBE_TITLES.values()) + " |",
+             "|---|---|" + "---|" * len(PROBE_TITLES)]
+    for v, points in probe.items():
+        for p in points:
+            lines.append(f"| {v} | {p['images']:,} | " + " | ".join(
+                f"{p[m]['mean']:.3f} +- {p[m]['std']:.3f}" for m in PROBE_TITLES) + " |")
+    return [*lines, "", "![probe](probe.png)", ""]
 
 
 def plot(r: dict, path: Path) -> None:
@@ -183,6 +257,31 @@ def plot(r: dict, path: Path) -> None:
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"NitroFusion mini world, {r['seeds']} seeds x {r['budget_images']} images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_probe(r: dict, path: Path) -> None:
+    """The probe over training, one line per variant (mean, a band of +- std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = ("overfit_gap", "real_held_out", "fake", "outside_manifold")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.6))
+    for ax, m in zip(axes, panels, strict=True):
+        for v, points in r["probe"].items():
+            xs = [p["images"] for p in points]
+            mean = [p[m]["mean"] for p in points]
+            sd = [p[m]["std"] for p in points]
+            ax.plot(xs, mean, marker="o", ms=3, label=v)
+            ax.fill_between(xs, [a - b for a, b in zip(mean, sd, strict=True)],
+                            [a + b for a, b in zip(mean, sd, strict=True)], alpha=0.2)
+        ax.set_title(PROBE_TITLES[m], fontsize=9)
+        ax.set_xlabel("training images")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -40,6 +40,16 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
                      "real images, R1 weight 1 on the heads"),
     "real-mix-r1": ("mini", ("multistep.p=0", "real.source=mix", "real.share=0.5", "adversarial.r1_weight=1.0"),
                     "half real, half teacher, R1 weight 1 on the heads"),
+    # the paper's own setting: fine-tune a few-step model (--set teacher=RUN, a mini-fewstep run) that is also the
+    # teacher (docs/studies/fewstep.md)
+    "realism": ("mini-realism", (), "few-step teacher and init, adversarial only, dynamic pool (the paper's setting)"),
+    "realism-static": ("mini-realism", ("pool.dynamic=false", "pool.refresh_fraction=0.0"),
+                       "the same without the dynamic pool (one fixed head per slot, no refresh)"),
+    "realism-singlehead": ("mini-realism", ("pool.tasks=[global_cond]", "pool.levels=[-1]",
+                                            "pool.group_by_t_star=false", "pool.dynamic=false",
+                                            "pool.refresh_fraction=0.0"),
+                           "the same with one head on the mid block, shared by all t*"),
+    "realism-norefresh": ("mini-realism", ("pool.refresh_fraction=0.0",), "the same without pool refresh"),
 }
 # LoRA students (docs/method.md §7): adapters on the teacher's UNet instead of a full copy, at equal images
 for _rank in (4, 16, 64):
@@ -48,19 +58,33 @@ for _rank in (4, 16, 64):
             "mini-lora", (f"student.rank={_rank}", f"student.alpha={_rank}", f"student_optim.lr={_lr}"),
             f"LoRA student, rank {_rank}, adapter lr {_lr} ({_times}x the full student's)")
 PAPER = ("full", "global-only", "no-refresh", "static", "single-head")
+REALISM = ("realism", "realism-static", "realism-singlehead", "realism-norefresh")  # need a few-step teacher
 
 
 def ablation_configs(variants: list[str], seeds: int, seed_start: int, budget_images: int, eval_samples: int,
-                     overrides: list[str] | None, steps: list[int]) -> dict[tuple[str, int], DistillConfig]:
+                     overrides: list[str] | None, steps: list[int],
+                     probe_every: int = 0) -> dict[tuple[str, int], DistillConfig]:
     """Every (variant, seed) run's config, all checked before any model loads."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise NitroFusionError(f"unknown ablation variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    if seeds < 1 or budget_images < 1 or eval_samples < 10 or seed_start < 0:
-        raise NitroFusionError("--seeds >= 1, --seed-start >= 0, --budget >= 1 image and --eval-samples >= 10 are "
-                               "required")
+    if seeds < 1 or budget_images < 1 or eval_samples < 10 or seed_start < 0 or probe_every < 0:
+        raise NitroFusionError("--seeds >= 1, --seed-start >= 0, --budget >= 1 image, --eval-samples >= 10 and "
+                               "--probe-every >= 0 are required")
     check_step_counts(steps)
+    teacher = next((o.split("=", 1)[1] for o in overrides or [] if o.startswith("teacher=")), "")
+    needs = [v for v in variants if v in REALISM]
+    if needs and not teacher:
+        raise NitroFusionError(f"variant(s) {needs} fine-tune a few-step teacher: add --set teacher=RUN, a run of "
+                               "`nitrofusion distill --preset mini-fewstep`")
+    if teacher and not set(variants) <= set(REALISM):
+        raise NitroFusionError(f"--set teacher applies to the few-step variants {', '.join(REALISM)} only; run the "
+                               "others (against the shipped teacher) in a study of their own")
     seed_range = range(seed_start, seed_start + seeds)
-    return {(v, seed): config_lib.build(DistillConfig, "distill", VARIANTS[v][0], [
+    configs = {(v, seed): config_lib.build(DistillConfig, "distill", VARIANTS[v][0], [
         *(overrides or []), *VARIANTS[v][1], f"max_images={budget_images}", "max_minutes=0", f"seed={seed}",
-        f"pool.seed={seed}", "eval_every_images=0"]) for v in variants for seed in seed_range}
+        f"pool.seed={seed}", f"eval_every_images={probe_every}"]) for v in variants for seed in seed_range}
+    if probe_every and any(c.real.source != "teacher" for c in configs.values()):
+        raise NitroFusionError("--probe-every compares the heads on the teacher pairs they trained on with held-out "
+                               "ones: every variant must train on teacher pairs (real.source=teacher)")
+    return configs

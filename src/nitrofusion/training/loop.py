@@ -30,12 +30,13 @@ from ..method.adapter import ModelAdapter, cond_to
 from ..models import student as student_lib
 from ..models.student import LORA_DIR
 from . import checkpoint as ckpt
-from .build import build_parts
+from .build import TrainParts, build_parts
 from .optim import set_learning_rates
 from .state import TrainState
 from .step import optimizer_step
 
 Evaluator = Callable[[torch.nn.Module, int], dict]
+Probe = Callable[[TrainParts, torch.nn.Module], dict]  # (the loop's parts, the evaluated student) -> numbers
 PREEMPTED = "preempted.json"  # in the run folder while a run stopped by a signal waits for its --resume
 
 
@@ -95,19 +96,20 @@ def stop_agreed(acc: Accelerator) -> bool:
 def distill(cfg: DistillConfig, adapter: ModelAdapter,
             pairs: Pairs | ShardedPairs | GrowingPairs | OnlinePairs | MixedPairs,
             run_dir: str | Path,
-            resume: bool = False, evaluator: Evaluator | None = None, progress: bool = True) -> dict:
+            resume: bool = False, evaluator: Evaluator | None = None, progress: bool = True,
+            probe: Probe | None = None) -> dict:
     """Train a student; returns its summary with the final (EMA, merged) student. A LoRA student lives on the
     adapter's teacher UNet: its adapters are removed on the way out, so the adapter serves the next run as the
     plain teacher (ablate trains many runs on one adapter)."""
     try:
-        return _distill(cfg, adapter, pairs, Path(run_dir), resume, evaluator, progress)
+        return _distill(cfg, adapter, pairs, Path(run_dir), resume, evaluator, progress, probe)
     finally:
         if student_lib.has_lora(adapter.teacher_unet):
             student_lib.remove_lora(adapter.teacher_unet)
 
 
 def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, resume: bool,
-             evaluator: Evaluator | None, progress: bool) -> dict:
+             evaluator: Evaluator | None, progress: bool, probe: Probe | None) -> dict:
     if not resume and ckpt.latest(run_dir) is not None:
         raise NitroFusionError(f"{run_dir} already holds a run (checkpoints/); add --resume to continue it or "
                                "choose a new --out")
@@ -170,13 +172,16 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
             f.write(json.dumps(entry) + "\n")
 
     def evaluate() -> None:
-        if evaluator is None or not acc.is_main_process:
+        if (evaluator is None and probe is None) or not acc.is_main_process:
             return
         model = eval_student().eval()
-        result = evaluator(model, state.step)
+        entry = {"step": state.step, "images": state.images, "train_seconds": round(state.train_seconds, 2)}
+        if evaluator is not None:
+            entry["eval"] = evaluator(model, state.step)
+        if probe is not None:  # read-only, its own generator: the run's numbers are the same without it
+            entry["probe"] = probe(parts, model)
         model.train()
-        log({"step": state.step, "images": state.images, "train_seconds": round(state.train_seconds, 2),
-             "eval": result})
+        log(entry)
 
     def crossed(every: int) -> bool:
         """An interval of `every` images ended within the step just taken (intervals count images, like the

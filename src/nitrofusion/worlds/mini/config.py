@@ -12,6 +12,31 @@ from ...sampling.spec import SamplerSpec
 ASSET_TEACHER = Path(__file__).resolve().parent / "assets" / "teacher"  # the shipped teacher folder
 
 
+TEACHER_FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+                 "teacher.yaml")
+
+
+def few_step_folder(root: Path) -> Path | None:
+    """The student folder when `root` is a `distill` run (or its student/): a few-step model as the teacher, as
+    DMD2's 4-step UNet is in sdxl-realism (docs/method.md §1); None for a teacher folder."""
+    if (root / "teacher.yaml").is_file():
+        return None
+    for folder in (root / "student", root):
+        if (folder / "unet" / "config.json").is_file() and (folder / "scheduler" / "scheduler_config.json").is_file():
+            return folder
+    return None
+
+
+def missing_teacher_file(root: Path) -> Path | None:
+    """The first file a teacher folder lacks (None: complete); a run's student/ counts as a teacher."""
+    student = few_step_folder(root)
+    if student is not None:
+        need = [student / "unet" / "diffusion_pytorch_model.safetensors"]
+    else:
+        need = [root / name for name in TEACHER_FILES]
+    return next((p for p in need if not p.is_file()), None)
+
+
 @dataclass
 class MiniUNetConfig:
     resolution: int = ranged(16, ge=8, le=1024)

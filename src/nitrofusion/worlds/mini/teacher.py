@@ -20,7 +20,7 @@ from ...errors import NitroFusionError
 from ...io import atomic_write_text
 from ...sampling.teacher import SamplerSpec
 from . import data, text
-from .config import ASSET_TEACHER, TeacherTrainConfig  # noqa: F401 - re-exported
+from .config import ASSET_TEACHER, TeacherTrainConfig, few_step_folder, missing_teacher_file  # noqa: F401
 from .models import MiniUNetConfig, build_noise_scheduler, build_unet
 
 
@@ -44,24 +44,48 @@ def save_teacher(unet: UNet2DConditionModel, cfg: TeacherTrainConfig, out: Path,
     atomic_write_text(out / "teacher.yaml", yaml.safe_dump(meta, sort_keys=False))
 
 
+def _load_unet(folder: Path, fix: str) -> UNet2DConditionModel:
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).eval()
+    except Exception as e:  # diffusers raises many types for a broken folder
+        raise NitroFusionError(f"cannot load teacher UNet from {folder} ({type(e).__name__}); {fix}") from None
+    return unet.requires_grad_(False)
+
+
+def _few_step_teacher(folder: Path, fix: str) -> MiniTeacher:
+    """A trained student as the teacher: its UNet, and its own 4-step sampler at the shift it was trained with."""
+    import json
+
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    if "shifted_timestep" not in sched:
+        raise NitroFusionError(f"{folder / 'scheduler'} is not a student's TimestepShiftLCMScheduler; {fix}")
+    unet = _load_unet(folder / "unet", fix)
+    c = unet.config
+    model = MiniUNetConfig(resolution=c.sample_size, block_out_channels=list(c.block_out_channels),
+                           layers_per_block=c.layers_per_block, norm_num_groups=c.norm_num_groups)
+    return MiniTeacher(unet=unet, scheduler_config=sched, model=model,
+                       sampler=SamplerSpec(name="student", steps=4, guidance_scale=0.0,
+                                           shift=int(sched["shifted_timestep"])))
+
+
 def load_teacher(path: str | Path | None = None) -> MiniTeacher:
-    """Load a teacher folder (default: the shipped one). Missing or broken files stop with the fix."""
+    """Load a teacher folder (default: the shipped one), or a `distill` run as a few-step teacher. Missing or
+    broken files stop with the fix."""
     import json
 
     import yaml
 
     root = Path(path) if path else ASSET_TEACHER
     fix = ("reinstall nitrofusion, or re-create it with: nitrofusion teacher --replace-shipped"
-           if root == ASSET_TEACHER else f"re-create it with: nitrofusion teacher --out {root}")
-    for need in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-                 "scheduler/scheduler_config.json", "teacher.yaml"):
-        if not (root / need).is_file():
-            raise NitroFusionError(f"teacher file missing: {root / need}; {fix}")
-    try:
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True).eval()
-    except Exception as e:  # diffusers raises many types for a broken folder
-        raise NitroFusionError(f"cannot load teacher UNet from {root / 'unet'} ({type(e).__name__}); {fix}") from None
-    unet.requires_grad_(False)
+           if root == ASSET_TEACHER else f"re-create it with: nitrofusion teacher --out {root}, or give a "
+           "`nitrofusion distill` run")
+    missing = missing_teacher_file(root)
+    if missing is not None:
+        raise NitroFusionError(f"teacher file missing: {missing}; {fix}")
+    student = few_step_folder(root)
+    if student is not None:
+        return _few_step_teacher(student, fix)
+    unet = _load_unet(root / "unet", fix)
     meta = yaml.safe_load((root / "teacher.yaml").read_text())
     sched = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     return MiniTeacher(unet=unet, scheduler_config=sched,

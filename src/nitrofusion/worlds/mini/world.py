@@ -15,7 +15,7 @@ from ...data.pairs import Pairs, Prompts
 from ...distill_config import DistillConfig
 from ...errors import NitroFusionError
 from ..base import Evaluator, GenerateOptions, LiveGenerator, ModelPlan, World, unet_plan
-from .config import ASSET_TEACHER
+from .config import ASSET_TEACHER, few_step_folder, missing_teacher_file
 
 if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
     from ...method.adapter import ModelAdapter
@@ -41,18 +41,19 @@ class MiniWorld(World):
         return class_prompts()
 
     def check_teacher(self, cfg: DistillConfig) -> None:
-        root = Path(cfg.teacher) if cfg.teacher else ASSET_TEACHER
-        for need in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-                     "scheduler/scheduler_config.json", "teacher.yaml"):
-            if not (root / need).is_file():
-                raise NitroFusionError(f"teacher file missing: {root / need}; give a folder written by "
-                                       "`nitrofusion teacher --out DIR`, or leave teacher empty for the shipped one")
+        missing = missing_teacher_file(Path(cfg.teacher) if cfg.teacher else ASSET_TEACHER)
+        if missing is not None:
+            raise NitroFusionError(f"teacher file missing: {missing}; give a folder written by `nitrofusion teacher "
+                                   "--out DIR` or a `nitrofusion distill` run (a few-step teacher), or leave teacher "
+                                   "empty for the shipped one")
 
     def plan_model(self, cfg: DistillConfig) -> ModelPlan:
         self.check_teacher(cfg)
         root = Path(cfg.teacher) if cfg.teacher else ASSET_TEACHER
-        what = "the shipped mini teacher" if root == ASSET_TEACHER else f"mini teacher {root}"
-        return unet_plan(what, root / "unet", cfg)[0]
+        student = few_step_folder(root)
+        what = ("the shipped mini teacher" if root == ASSET_TEACHER else
+                f"mini teacher {root}" if student is None else f"few-step mini teacher {root}")
+        return unet_plan(what, (root if student is None else student) / "unet", cfg)[0]
 
     def real_pairs(self, cfg: DistillConfig, adapter: ModelAdapter, progress: bool = True) -> Pairs:
         from .data import mini_real_pairs
