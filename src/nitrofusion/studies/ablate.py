@@ -253,6 +253,9 @@ def plot(r: dict, path: Path) -> None:
                 ys = [run["by_steps"][steps][m] for run in r["runs"]
                       if run["variant"] == v and m in run["by_steps"].get(steps, {})]
                 ax.scatter([x] * len(ys), ys, color="k", s=6, zorder=3)
+            init = r.get("init", {}).get(steps, {})
+            if m in init:  # the few-step model every run started from: a dashed line in its step count's colour
+                ax.axhline(init[m], color=f"C{j}", ls="--", lw=0.9, label=f"initial, {steps} step(s)")
         ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
