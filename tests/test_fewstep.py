@@ -81,6 +81,9 @@ def test_sampler_specs_keep_their_cache_keys_and_the_student_sampler_is_checked(
             config_lib.from_dict(SamplerSpec, {"name": "student", "steps": 4, "guidance_scale": 0.0, **bad})
     with pytest.raises(NitroFusionError, match="shift must be"):
         config_lib.from_dict(SamplerSpec, {"name": "student", "shift": 0})
+    with pytest.raises(NitroFusionError, match="not implemented for a flow-matching teacher"):
+        config_lib.build(DistillConfig, "distill", "sd3-tiny", ["sd3.sampler.name=student", "sd3.sampler.steps=4",
+                                                                "sd3.sampler.guidance_scale=0"])
 
 
 class _MemoryPool:

@@ -41,3 +41,6 @@ def check_run(cfg) -> None:
     check_pipeline_run(cfg)
     if cfg.student.kind == "lora":
         raise ConfigError("student.kind lora is not implemented for world 'sd3' yet; use student.kind=full")
+    if cfg.sd3.sampler.name == "student":  # sampling/teacher.py's student loop is the shifted LCM one
+        raise ConfigError("sd3.sampler.name student (a few-step student as the teacher) is not implemented for a "
+                          "flow-matching teacher; use its own scheduler, e.g. FlowMatchEulerDiscreteScheduler")
