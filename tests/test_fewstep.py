@@ -104,8 +104,8 @@ class _MemoryPool:
 def _hand_built_step(dynamic: bool):
     adapter = types.SimpleNamespace(backbone_call=lambda backbone, x, t, cond, boxes: [x])
     step = types.SimpleNamespace(pool=_MemoryPool(dynamic), adapter=adapter, backbone=None,
-                                 _views=lambda task, real, fake, cond, gen: (real, fake, cond, None),
-                                 _noised=lambda x, t, gen: x)
+                                 views=lambda task, real, fake, cond, gen: (real, fake, cond, None),
+                                 noised=lambda x, t, gen: x)
     return step
 
 

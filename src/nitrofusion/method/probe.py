@@ -30,8 +30,8 @@ def judge(step: AdversarialStep, x0: torch.Tensor, cond: Cond, active: torch.Ten
     t_idx = t_idx.to(x0.device)
     total = x0.new_zeros(x0.shape[0])
     for i, task in enumerate(pool.tasks):
-        view, _, c, boxes = step._views(task, x0, x0, cond, gen)
-        feats = step.adapter.backbone_call(step.backbone, step._noised(view, t, gen), t, c, boxes)
+        view, _, c, boxes = step.views(task, x0, x0, cond, gen)
+        feats = step.adapter.backbone_call(step.backbone, step.noised(view, t, gen), t, c, boxes)
         total += pool.logits(i, active, feats, t_idx).sum(1).float()
     return total
 

@@ -61,7 +61,7 @@ class AdversarialStep:
         m = self.adapter.crop_multiple
         return (max(m, int(h * self.cfg.crop_fraction) // m * m), max(m, int(w * self.cfg.crop_fraction) // m * m))
 
-    def _views(self, task: str, real: torch.Tensor, fake: torch.Tensor, cond: Cond, gen: torch.Generator):
+    def views(self, task: str, real: torch.Tensor, fake: torch.Tensor, cond: Cond, gen: torch.Generator):
         """What E sees for one task: (real view, fake view, conditioning, crop boxes or None)."""
         if task == "global_cond":
             return real, fake, cond, None
@@ -71,7 +71,7 @@ class AdversarialStep:
         c = cond if task == "local_cond" else self.adapter.null_cond(cond)
         return crop(real, boxes, ch, cw), crop(fake, boxes, ch, cw), c, boxes
 
-    def _noised(self, x0: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
         return self.adapter.process.add_noise(x0, noise, t)
 
@@ -177,9 +177,9 @@ class AdversarialStep:
             name = " + ".join(self.pool.tasks[i] for i in group)
             real_x, fake_x, conds, boxes = [], [], [], []
             for i in group:  # random draws in task order: boxes, then the real view's noise, then the fake's
-                real_v, fake_v, c, b = self._views(self.pool.tasks[i], x0_real, fake_in, cond, gen)
-                real_x.append(self._noised(real_v, t, gen))
-                fake_x.append(self._noised(fake_v, t, gen))
+                real_v, fake_v, c, b = self.views(self.pool.tasks[i], x0_real, fake_in, cond, gen)
+                real_x.append(self.noised(real_v, t, gen))
+                fake_x.append(self.noised(fake_v, t, gen))
                 conds.append(c)
                 boxes.append(b)
             with torch.no_grad(), section(f"E forward, real ({name})"):

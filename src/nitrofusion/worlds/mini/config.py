@@ -16,15 +16,18 @@ TEACHER_FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors",
                  "teacher.yaml")
 
 
-def few_step_folder(root: Path) -> Path | None:
-    """The student folder when `root` is a `distill` run (or its student/): a few-step model as the teacher, as
-    DMD2's 4-step UNet is in sdxl-realism (docs/method.md §1); None for a teacher folder."""
-    if (root / "teacher.yaml").is_file():
-        return None
-    for folder in (root / "student", root):
+def find_student(root: Path) -> Path | None:
+    """`root` or `root`/student when it holds a student (unet/ and scheduler/, as `distill` writes it), else None."""
+    for folder in (root, root / "student"):
         if (folder / "unet" / "config.json").is_file() and (folder / "scheduler" / "scheduler_config.json").is_file():
             return folder
     return None
+
+
+def few_step_folder(root: Path) -> Path | None:
+    """The student folder when `root` is a `distill` run (or its student/): a few-step model as the teacher, as
+    DMD2's 4-step UNet is in sdxl-realism (docs/method.md §1); None for a teacher folder."""
+    return None if (root / "teacher.yaml").is_file() else find_student(root)
 
 
 def missing_teacher_file(root: Path) -> Path | None:

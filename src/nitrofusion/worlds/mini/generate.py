@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -13,30 +12,20 @@ from ...errors import NitroFusionError
 from ...sampling.student import generate
 from ...sampling.teacher import SamplerSpec
 from .adapter import MiniAdapter
-from .models import MiniUNetConfig
-from .teacher import MiniTeacher
+from .config import find_student
+from .teacher import MiniTeacher, read_student
 
 
 def student_folder(path: Path) -> Path:
-    for cand in (path, path / "student"):
-        if (cand / "unet" / "config.json").is_file() and (cand / "scheduler" / "scheduler_config.json").is_file():
-            return cand
+    found = find_student(path)
+    if found is not None:
+        return found
     raise NitroFusionError(f"no student in {path}: expected unet/ and scheduler/ there or under student/ "
                            "(a folder written by `nitrofusion distill` or `nitrofusion demo`)")
 
 
 def load_mini_student(path: Path) -> tuple[MiniAdapter, UNet2DConditionModel, int]:
-    folder = student_folder(path)
-    try:
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).eval()
-    except Exception as e:
-        raise NitroFusionError(f"cannot load the student UNet in {folder / 'unet'} ({type(e).__name__})") from None
-    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    if "shifted_timestep" not in sched:
-        raise NitroFusionError(f"{folder / 'scheduler'} is not a TimestepShiftLCMScheduler config")
-    cfg = unet.config
-    model = MiniUNetConfig(resolution=cfg.sample_size, block_out_channels=list(cfg.block_out_channels),
-                           layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups)
+    unet, sched, model = read_student(student_folder(path))
     adapter = MiniAdapter(MiniTeacher(unet=unet, scheduler_config=sched, sampler=SamplerSpec(), model=model))
     return adapter, unet, int(sched["shifted_timestep"])
 

@@ -13,8 +13,10 @@ from .evaluation import MiniEvaluation
 
 class OverfittingProbe:
     def __init__(self, evaluation: MiniEvaluation, trained_on: Pairs, samples: int = 500, draws: int = 4) -> None:
-        self.evaluation, self.trained_on, self.draws = evaluation, trained_on, draws
+        self.evaluation, self.draws = evaluation, draws
         self.n = min(samples, len(trained_on), len(evaluation.pairs))
+        # the teacher samples both sides are scored on, sliced and encoded once for every probe of the run
+        self.trained_on, self.held_out = self._encoded(trained_on), self._encoded(evaluation.pairs)
 
     def _encoded(self, pairs: Pairs) -> tuple[torch.Tensor, dict]:
         return pairs.x0[:self.n].float(), self.evaluation.adapter.encode_prompts(pairs.prompts[:self.n])
@@ -24,8 +26,7 @@ class OverfittingProbe:
         """`parts`: the loop's TrainParts (its step holds the pool and E); `student`: the weights evaluated."""
         ev = self.evaluation
         fake = ev.student_images(student, 1, self.n)
-        held_x0, held_cond = self._encoded(ev.pairs)
-        shares = head_accuracies(parts.step_fn, self._encoded(self.trained_on), (held_x0, held_cond),
-                                 (fake, held_cond), self.draws)
+        shares = head_accuracies(parts.step_fn, self.trained_on, self.held_out, (fake, self.held_out[1]),
+                                 self.draws)
         manifold = ev.metrics.manifold(fake, ev.labels[:self.n])
         return {**shares, "precision": manifold["precision"], "outside_manifold": round(1 - manifold["precision"], 4)}

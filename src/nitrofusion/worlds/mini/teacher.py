@@ -52,18 +52,29 @@ def _load_unet(folder: Path, fix: str) -> UNet2DConditionModel:
     return unet.requires_grad_(False)
 
 
-def _few_step_teacher(folder: Path, fix: str) -> MiniTeacher:
-    """A trained student as the teacher: its UNet, and its own 4-step sampler at the shift it was trained with."""
+def read_student(folder: Path, what: str = "the student", fix: str = "") -> tuple[UNet2DConditionModel, dict,
+                                                                                 MiniUNetConfig]:
+    """A student folder's UNet (eval mode), its TimestepShiftLCMScheduler config and the UNet's shape: what
+    `generate` samples, and what a few-step teacher is made of. `fix` ends the error lines."""
     import json
 
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).eval()
+    except Exception as e:  # diffusers raises many types for a broken folder
+        raise NitroFusionError(f"cannot load {what} UNet in {folder / 'unet'} ({type(e).__name__}){fix}") from None
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     if "shifted_timestep" not in sched:
-        raise NitroFusionError(f"{folder / 'scheduler'} is not a student's TimestepShiftLCMScheduler; {fix}")
-    unet = _load_unet(folder / "unet", fix)
+        raise NitroFusionError(f"{folder / 'scheduler'} is not a TimestepShiftLCMScheduler config{fix}")
     c = unet.config
     model = MiniUNetConfig(resolution=c.sample_size, block_out_channels=list(c.block_out_channels),
                            layers_per_block=c.layers_per_block, norm_num_groups=c.norm_num_groups)
-    return MiniTeacher(unet=unet, scheduler_config=sched, model=model,
+    return unet, sched, model
+
+
+def _few_step_teacher(folder: Path, fix: str) -> MiniTeacher:
+    """A trained student as the teacher: its UNet, and its own 4-step sampler at the shift it was trained with."""
+    unet, sched, model = read_student(folder, "the few-step teacher's", f"; {fix}")
+    return MiniTeacher(unet=unet.requires_grad_(False), scheduler_config=sched, model=model,
                        sampler=SamplerSpec(name="student", steps=4, guidance_scale=0.0,
                                            shift=int(sched["shifted_timestep"])))
 
