@@ -37,7 +37,7 @@ def test_epoch_growth_draws_epoch_e_from_the_first_start_plus_e_shards():
     seen = {}
     for _ in range(40):
         epoch = loader.epoch if loader.position + 4 <= len(loader._perm) else loader.epoch + 1
-        x_T, _, _ = loader.next()
+        x_T, _, _, _ = loader.next()
         seen.setdefault(epoch, set()).update(int(v) for v in x_T.flatten())
     assert max(seen[0]) < 20 and max(seen[1]) < 30 and max(seen[2]) < 40 and max(seen[3]) >= 40
     assert len(seen[0]) == 20  # the whole of epoch 0's shards, 5 batches of 4
@@ -65,8 +65,8 @@ def test_growing_pairs_give_the_loader_the_same_batches_as_the_whole_set():
     a, b = PairLoader(whole, 4, seed=1, growth=growth), PairLoader(growing, 4, seed=1, growth=growth)
     assert fetched == []
     for step in range(30):
-        xa, ya, pa = a.next()
-        xb, yb, pb = b.next()
+        xa, ya, pa, _ = a.next()
+        xb, yb, pb, _ = b.next()
         assert xa.equal(xb) and ya.equal(yb) and pa == pb, step
         if step == 4:  # epoch 0 is 5 batches of the first 20 rows
             assert fetched == []
@@ -156,7 +156,7 @@ def test_a_smoke_budget_makes_only_the_shards_its_rows_are_in(mini_adapter, tmp_
     whole = teacher_pairs(mini_adapter, prompts, p, 40, 0, tmp_path / "whole", progress=False)
     a, b = PairLoader(smoke, 2, cfg.seed), PairLoader(whole, 2, cfg.seed)
     for _ in range(4):
-        (xa, ya, pa), (xb, yb, pb) = a.next(), b.next()
+        (xa, ya, pa, _), (xb, yb, pb, _) = a.next(), b.next()
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and pa == pb
     grown = teacher_pairs(mini_adapter, prompts, p, 40, 0, tmp_path / "grown", progress=False)
     assert all(hashlib.sha256((tmp_path / "grown" / n).read_bytes()).hexdigest() == h for n, h in hashes.items())

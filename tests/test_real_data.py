@@ -33,7 +33,8 @@ def _rows(n, value, tag):
 def test_mix_loader_takes_its_share_and_resumes_exactly():
     data = MixedPairs(_rows(12, 0, "t"), _rows(9, 1, "r"), share=0.25)
     loader = MixLoader(data, batch_size=8, seed=0, rank=0, world=1)
-    x_T, x0, prompts = loader.next()
+    x_T, x0, prompts, w = loader.next()
+    assert w is None  # real rows carry no guidance scale
     assert x0.shape[0] == 8 and x0[:6].eq(0).all() and x0[6:].eq(1).all()
     assert [p[0] for p in prompts] == ["t"] * 6 + ["r"] * 2
     for _ in range(3):

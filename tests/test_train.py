@@ -111,9 +111,9 @@ def test_non_finite_losses_skip_steps_then_stop_with_a_checkpoint(mini_adapter, 
 
     logits = HeadPool.logits_many  # every head call goes through it (`logits` is its one-set case)
 
-    def poisoned(self, task, active, feat_sets, t_idx):  # NaN from the local-conditional heads at t* = 500 only
+    def poisoned(self, task, active, feat_sets, t_idx, w=None):  # NaN from the local-conditional heads at t* = 500
         return [torch.where((t_idx == 2)[:, None] & (task == 1), torch.nan, out)
-                for out in logits(self, task, active, feat_sets, t_idx)]
+                for out in logits(self, task, active, feat_sets, t_idx, w)]
 
     monkeypatch.setattr(HeadPool, "logits_many", poisoned)
     before = {k: v.clone() for k, v in mini_adapter.teacher_unet.state_dict().items()}

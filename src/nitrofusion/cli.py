@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="SDXL: images per UNet call (default 4)")
     p.add_argument("--device", default="cpu", help="SDXL: cpu or cuda (default cpu)")
     p.add_argument("--dtype", help="SDXL: fp32 (default), fp16 or bf16")
+    p.add_argument("--guidance", type=float, help="a guided student's guidance scale w (one trained with "
+                   "student.guidance; default: its own)")
     _fast_args(p)
     p.add_argument("--out", required=True, help="output folder for PNG files and grid.png")
     p.set_defaults(func=cmd_generate)
@@ -153,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "captions for SDXL (default 5000, the paper's COCO-5k)")
     p.add_argument("--seed", type=int, default=0, help="held-out set and re-noising seed")
     p.add_argument("--teacher", help="teacher folder the held-out set comes from (default: shipped)")
+    p.add_argument("--guidance", type=float, help="mini: the guidance scale w of the teacher's held-out samples and "
+                   "of a guided student (default: the teacher's own; a guided student's default)")
     p.add_argument("--out", required=True, help="folder for results.json, results.md, grid.png")
     g = p.add_argument_group("SDXL and SD models (run folder, exported folder, or UNet file with --base)")
     g.add_argument("--prompts", help="prompt file (.txt/.csv/.jsonl) to generate from")

@@ -81,10 +81,20 @@ class StudentConfig:
     alpha: float = ranged(0.0, ge=0)  # lora: scale = alpha / rank; 0 = rank (scale 1)
     dropout: float = ranged(0.0, ge=0, lt=1)  # lora: dropout on the adapters' input
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # lora: layer names (see above)
+    # [w_min, w_max]: the student takes the guidance scale w as conditioning (a latent-consistency UNet's
+    # time_cond_proj_dim; docs/method.md §10), trained on teacher pairs made at w drawn per pair from this range;
+    # empty = off (the student is frozen at the teacher sampler's one guidance scale)
+    guidance: list[float] = ranged(factory=list, gt=0, le=100)
 
     def validate(self) -> None:
         if self.kind == "lora" and not self.targets:
             raise ConfigError("student.targets is empty: name the layers to adapt, e.g. [to_q, to_k, to_v, to_out.0]")
+        if self.guidance and (len(self.guidance) != 2 or self.guidance[0] > self.guidance[1]):
+            raise ConfigError(f"student.guidance: give [w_min, w_max] with 0 < w_min <= w_max, e.g. [1, 5] (got "
+                              f"{self.guidance}), or [] for a student at the teacher's one guidance scale")
+        if self.guidance and self.kind == "lora":
+            raise ConfigError("student.guidance needs student.kind=full: the guidance input is a new layer of the "
+                              "student UNet, and a LoRA student shares its UNet with the teacher")
 
 
 @dataclass

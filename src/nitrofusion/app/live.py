@@ -95,22 +95,36 @@ def check_request(prompt: object, steps: object, seed: object) -> tuple[str, int
             whole_number(seed, "seed", 0, MAX_SEED, "0 to 2**63 - 2**32"))
 
 
+def check_scale(value: object, low: float, high: float) -> float:
+    """A guided student's w as sent (docs/method.md §10): a finite number inside the slider's range."""
+    number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or not low <= value <= high:
+        raise NitroFusionError(f"guidance must be a number from {low:g} to {high:g} (got {_short(value)})")
+    return float(value)
+
+
 def build_app(generate_fn: Generate, examples: list[str], title: str = "nitrofusion", max_queue: int = MAX_QUEUE):
+    """The page; a guided student's generator (`generate_fn.guidance` = (w_min, w_max, default)) gets a guidance
+    slider, sent to it as guidance=w."""
     import gradio as gr
 
-    def on_click(prompt: object, steps: object, seed: object):
+    scale = getattr(generate_fn, "guidance", None)
+
+    def on_click(prompt: object, steps: object, seed: object, *w: object):
         try:
             prompt, steps, seed = check_request(prompt, steps, seed)
+            extra = {"guidance": check_scale(w[0], scale[0], scale[1])} if scale else {}
             t0 = time.perf_counter()
-            image = generate_fn(prompt, steps, seed)
+            image = generate_fn(prompt, steps, seed, **extra)
         except (NitroFusionError, ValueError, OverflowError) as e:  # the visitor's input: say so on the page
             # print_exception=False: a refused request is not a server fault, so no traceback in the server's log
             raise gr.Error(str(e), print_exception=False) from None
-        return image, f"“{prompt}”: {steps} step(s), seed {seed}, {1000 * (time.perf_counter() - t0):.0f} ms"
+        at = f", guidance {extra['guidance']:g}" if extra else ""
+        return image, f"“{prompt}”: {steps} step(s){at}, seed {seed}, {1000 * (time.perf_counter() - t0):.0f} ms"
 
-    def on_type(prompt: object, steps: object, seed: object):
+    def on_type(prompt: object, steps: object, seed: object, *w: object):
         try:
-            return on_click(prompt, steps, seed)
+            return on_click(prompt, steps, seed, *w)
         except gr.Error:  # half-typed or a bad field: keep the last image; the button says why
             return gr.skip(), gr.skip()
 
@@ -120,6 +134,7 @@ def build_app(generate_fn: Generate, examples: list[str], title: str = "nitrofus
             with gr.Column():
                 prompt = gr.Textbox(label="prompt", value=examples[0] if examples else "", max_length=MAX_PROMPT_CHARS)
                 steps = gr.Slider(1, 4, value=1, step=1, label="steps")
+                knob = [gr.Slider(scale[0], scale[1], value=scale[2], step=0.1, label="guidance")] if scale else []
                 seed = gr.Number(value=0, precision=0, label="seed")
                 button = gr.Button("generate", variant="primary")
                 gr.Examples(examples, inputs=prompt)
@@ -128,7 +143,7 @@ def build_app(generate_fn: Generate, examples: list[str], title: str = "nitrofus
                 info = gr.Markdown()
         # preprocess=False: the values come to check_request as sent, so a bad one through the API (a string,
         # None, NaN) is our one-line error rather than a TypeError inside gradio's Slider / Number
-        inputs, outputs, raw = [prompt, steps, seed], [image, info], dict(preprocess=False)
+        inputs, outputs, raw = [prompt, steps, seed, *knob], [image, info], dict(preprocess=False)
         # one named endpoint (/generate) for the button, the Enter key and API clients
         button.click(on_click, inputs, outputs, api_name="generate", **raw)
         prompt.submit(on_click, inputs, outputs, api_name=False, **raw)
@@ -138,6 +153,8 @@ def build_app(generate_fn: Generate, examples: list[str], title: str = "nitrofus
         live = dict(trigger_mode="always_last", show_progress="hidden", api_name=False, **raw)
         prompt.input(on_type, inputs, outputs, **live)
         steps.change(on_type, inputs, outputs, **live)
+        for slider in knob:
+            slider.change(on_type, inputs, outputs, **live)
     demo.queue(default_concurrency_limit=WORKERS, max_size=max_queue)
     return demo
 

@@ -9,6 +9,9 @@ from .common import output_folder
 
 
 def cmd_evaluate(args) -> None:
+    from ..sampling.spec import check_guidance  # torch-free
+
+    check_guidance(args.guidance)
     output_folder(args.out)
     from ..worlds.pipelines.hub import is_hub_id  # torch-free: a wrong path answers before anything loads
 
@@ -18,6 +21,9 @@ def cmd_evaluate(args) -> None:
     from ..worlds import world_of_model
 
     world = world_of_model(args.model)
+    if args.guidance is not None and world.name != "mini":
+        raise NitroFusionError(f"--guidance applies to mini-world models (guided students, or the teacher); "
+                               f"{args.model} is a {world.name}-world model: drop it")
     for line in world.evaluate(args.model, args.steps, Path(args.out), vars(args)):
         print(line)
     print(f"results: {Path(args.out) / 'results.md'}")

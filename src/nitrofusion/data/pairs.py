@@ -32,22 +32,29 @@ from .. import faults, locks, preemption
 from ..dtypes import autocast
 from ..errors import NitroFusionError
 from ..io import atomic_save_safetensors, atomic_write_json, cache_dir, disk_errors, tensor_bytes
+from ..method.guidance import draw_scales, with_guidance
 from .prompts import PromptSource
 
 if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
     from ..method.adapter import ModelAdapter
 
 META = "pairs.json"
+GUIDANCE = "guidance"  # a shard's tensor of each pair's w, when the teacher sampled each at its own scale
 Prompts = list[str] | PromptSource
+
+
+Guidance = torch.Tensor | None  # each row's guidance scale w (a guided student's pairs: docs/method.md §10), or None
+PairBatch = tuple[torch.Tensor, torch.Tensor, list[str], Guidance]  # a loader's micro-batch: x_T, x0, prompts, w
 
 
 @dataclass
 class Pairs:
-    """A pair set held in memory."""
+    """A pair set held in memory; `guidance` holds each pair's w when the teacher sampled it at its own scale."""
 
     x_T: torch.Tensor
     x0: torch.Tensor
     prompts: list[str]
+    guidance: Guidance = None
 
     def __len__(self) -> int:
         return self.x_T.shape[0]
@@ -55,11 +62,16 @@ class Pairs:
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         return self.x_T[idx], self.x0[idx], [self.prompts[i] for i in idx.tolist()]
 
+    def scales(self, idx: torch.Tensor) -> Guidance:
+        """The rows' guidance scales w, or None for pairs made at the sampler's one scale."""
+        return None if self.guidance is None else self.guidance[idx]
+
     @staticmethod
     def cat(parts: list[Pairs]) -> Pairs:
         """Pair sets one after another (shards in order)."""
+        w = None if parts[0].guidance is None else torch.cat([p.guidance for p in parts])
         return Pairs(torch.cat([p.x_T for p in parts]), torch.cat([p.x0 for p in parts]),
-                     [t for p in parts for t in p.prompts])
+                     [t for p in parts for t in p.prompts], w)
 
 
 class ShardedPairs:
@@ -71,9 +83,15 @@ class ShardedPairs:
         sizes = torch.tensor([len(p) for p in self._prompts])
         self._starts = torch.cumsum(sizes, 0) - sizes
         self._len = int(sizes.sum())
+        # a few bytes per pair: read whole
+        self._guidance = (torch.cat([f.get_tensor(GUIDANCE) for f in self._files])
+                          if GUIDANCE in set(self._files[0].keys()) else None)
 
     def __len__(self) -> int:
         return self._len
+
+    def scales(self, idx: torch.Tensor) -> Guidance:
+        return None if self._guidance is None else self._guidance[idx]
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         shard = torch.searchsorted(self._starts, idx, right=True) - 1
@@ -114,6 +132,10 @@ class ShardSubset:
             prompts += p
         return torch.cat(x_T), torch.cat(x0), prompts
 
+    def scales(self, idx: torch.Tensor) -> Guidance:
+        ws = [self._shards[int(r) // self._size].scales(torch.tensor([int(r) % self._size])) for r in idx]
+        return None if not ws or ws[0] is None else torch.cat(ws)
+
 
 class GrowingPairs:
     """A pair set read shard by shard as training needs it, while later shards may still be being
@@ -146,6 +168,9 @@ class GrowingPairs:
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         return self._pairs.batch(idx)
+
+    def scales(self, idx: torch.Tensor) -> Guidance:
+        return self._pairs.scales(idx)
 
 
 @dataclass(frozen=True)
@@ -209,11 +234,14 @@ def shard_prompts(prompts: Prompts, shard: int, shard_size: int, n: int, gen: to
 
 
 def shard_inputs(adapter: ModelAdapter, prompts: Prompts, shard: int, n: int, seed: int, shard_size: int,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[str]]:
-    """Shard `shard`'s x_T and prompts: drawn from the shard's own seed, before and without the teacher."""
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[str], Guidance]:
+    """Shard `shard`'s x_T, prompts and (a sampler with a guidance range) each pair's w: drawn from the shard's own
+    seed, before and without the teacher; w last, so x_T and prompts are those of the same set without it."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + shard)
     x_T = torch.randn((n, *adapter.latent_shape()), generator=gen).to(dtype)
-    return x_T, shard_prompts(prompts, shard, shard_size, n, gen)
+    texts = shard_prompts(prompts, shard, shard_size, n, gen)
+    scale_range = adapter.sampler.guidance_range
+    return x_T, texts, draw_scales(n, scale_range, gen) if scale_range else None
 
 
 @dataclass
@@ -233,7 +261,7 @@ def pair_inputs(adapter: ModelAdapter, prompts: Prompts, count: int, seed: int, 
     """The inputs `generate_pairs` draws for the same arguments, identical row for row, in no time."""
     xs, texts = [], []
     for s in range((count + shard_size - 1) // shard_size):
-        x, t = shard_inputs(adapter, prompts, s, min(shard_size, count - s * shard_size), seed, shard_size, dtype)
+        x, t, _ = shard_inputs(adapter, prompts, s, min(shard_size, count - s * shard_size), seed, shard_size, dtype)
         xs.append(x)
         texts += t
     return PairInputs(torch.cat(xs), texts)
@@ -291,11 +319,11 @@ def generate_pairs(adapter: ModelAdapter, prompts: Prompts, count: int, seed: in
     bar = tqdm(total=sum(sizes.values()), desc="teacher pairs", unit="pair", disable=not progress, dynamic_ncols=True)
 
     def make(s: int) -> None:
-        x_T, texts = shard_inputs(adapter, prompts, s, sizes[s], seed, shard_size, dtype)
-        x0 = _teacher_samples(adapter, x_T, texts, seed * 1_000_003 + s + 7, batch_size, device, amp, bar)
+        x_T, texts, w = shard_inputs(adapter, prompts, s, sizes[s], seed, shard_size, dtype)
+        x0 = _teacher_samples(adapter, x_T, texts, w, seed * 1_000_003 + s + 7, batch_size, device, amp, bar)
         faults.point("pairs-shard")  # a shard sampled, not yet written
         name = _shard_name(s)
-        tensors = {"x_T": x_T, "x0": x0.to(dtype)}
+        tensors = {"x_T": x_T, "x0": x0.to(dtype)} | ({GUIDANCE: w} if w is not None else {})
         with disk_errors("teacher pairs", out, fix="then rerun the same command (finished shards are kept)",
                          needed=tensor_bytes(tensors)):
             atomic_save_safetensors(tensors, out / name, metadata={"prompts": json.dumps(texts)},
@@ -339,14 +367,15 @@ def generate_pairs(adapter: ModelAdapter, prompts: Prompts, count: int, seed: in
     return out
 
 
-def _teacher_samples(adapter: ModelAdapter, x_T: torch.Tensor, texts: list[str], noise_seed: int, batch_size: int,
-                     device: str | torch.device, amp: torch.dtype | None, bar: tqdm) -> torch.Tensor:
-    """The teacher's float32 samples from x_T, `batch_size` at a time (one noise generator for the shard)."""
+def _teacher_samples(adapter: ModelAdapter, x_T: torch.Tensor, texts: list[str], w: Guidance, noise_seed: int,
+                     batch_size: int, device: str | torch.device, amp: torch.dtype | None, bar: tqdm) -> torch.Tensor:
+    """The teacher's float32 samples from x_T, `batch_size` at a time (one noise generator for the shard), each
+    row guided at its own w when `w` is given."""
     noise_gen = torch.Generator(device=device).manual_seed(noise_seed)
     x0 = []
     for i in range(0, len(texts), batch_size):
         cond = adapter.encode_prompts(texts[i:i + batch_size])
-        cond = {k: v.to(device) for k, v in cond.items()}
+        cond = with_guidance({k: v.to(device) for k, v in cond.items()}, None if w is None else w[i:i + batch_size])
         with autocast(device, amp):
             sample = adapter.teacher_sample(x_T[i:i + batch_size].to(device).float(), cond, generator=noise_gen)
         x0.append(sample.float().cpu())
@@ -432,7 +461,8 @@ def load_shard(out_dir: str | Path, shard: int) -> Pairs:
 
 def _read_shard(path: Path) -> Pairs:
     with safe_open(str(path), framework="pt") as f:
-        return Pairs(f.get_tensor("x_T").float(), f.get_tensor("x0").float(), json.loads(f.metadata()["prompts"]))
+        w = f.get_tensor(GUIDANCE) if GUIDANCE in set(f.keys()) else None
+        return Pairs(f.get_tensor("x_T").float(), f.get_tensor("x0").float(), json.loads(f.metadata()["prompts"]), w)
 
 
 def load_pairs(out_dir: str | Path, verify: bool = True, in_memory: bool = True,
@@ -538,8 +568,9 @@ class PairLoader:
         self.position += step
         return idx
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        return self.pairs.batch(self.next_rows())
+    def next(self) -> PairBatch:
+        rows = self.next_rows()
+        return (*self.pairs.batch(rows), self.pairs.scales(rows))
 
 
 @dataclass(frozen=True)
@@ -591,18 +622,21 @@ class OnlinePairLoader:
         self.position = int(state["position"])
 
     @torch.no_grad()
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def next(self) -> PairBatch:
         k = self.position * self.world + self.rank
         gen = torch.Generator().manual_seed(self.data.seed * 1_000_003 + k)
         x_T = torch.randn((self.batch_size, *self.data.adapter.latent_shape()), generator=gen)
         texts = shard_prompts(self.data.prompts, k, self.batch_size, self.batch_size, gen)
+        scale_range = self.data.adapter.sampler.guidance_range
+        w = draw_scales(self.batch_size, scale_range, gen) if scale_range else None
         cond = {k_: v.to(self.device) for k_, v in self.data.adapter.encode_prompts(texts).items()}
+        cond = with_guidance(cond, w)
         noise_gen = torch.Generator(device=self.device).manual_seed(self.data.seed * 1_000_003 + k + 7)
         with autocast(self.device, self.data.amp):
             x0 = self.data.adapter.teacher_sample(x_T.to(self.device), cond, generator=noise_gen)
         x0 = x0.float()
         self.position += 1
-        return x_T, x0, texts
+        return x_T, x0, texts, w
 
 
 @dataclass
@@ -640,10 +674,10 @@ class MixLoader:
         self.teacher.load_state(state["teacher"])
         self.real.load_state(state["real"])
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        x_T, x0, prompts = self.teacher.next()
-        rx_T, rx0, rprompts = self.real.next()
-        return torch.cat([x_T, rx_T.to(x_T)]), torch.cat([x0, rx0.to(x0)]), prompts + rprompts
+    def next(self) -> PairBatch:
+        x_T, x0, prompts, _ = self.teacher.next()  # no w: a guided student refuses real rows (worlds/mini/config.py)
+        rx_T, rx0, rprompts, _ = self.real.next()
+        return torch.cat([x_T, rx_T.to(x_T)]), torch.cat([x0, rx0.to(x0)]), prompts + rprompts, None
 
 
 def make_loader(data: Pairs | ShardedPairs | GrowingPairs | OnlinePairs | MixedPairs, batch_size: int, seed: int,

@@ -13,6 +13,7 @@ import torch
 
 from ..models.student import base_only
 from ..sampling.teacher import Predict, SamplerSpec, sample
+from . import guidance
 from .diffusion import NoiseProcess, VariancePreserving
 
 Cond = dict[str, torch.Tensor]
@@ -97,15 +98,19 @@ class ModelAdapter(ABC):
         """Images in [0, 1], [B, C, H, W], for viewing and evaluation."""
 
     def guided_predict(self, unet: torch.nn.Module, cond: Cond, guidance_scale: float) -> Predict:
-        """Model output with classifier-free guidance (null = zero embeddings); no guidance if scale <= 1."""
-        if guidance_scale <= 1.0:
+        """Model output with classifier-free guidance (null = zero embeddings); no guidance if scale <= 1. Rows that
+        carry their own w (`cond["guidance"]`, a guided student's pairs: docs/method.md §10) are guided at it."""
+        rows_w = cond.get(guidance.KEY)
+        if rows_w is None and guidance_scale <= 1.0:
             return lambda x, t: self.unet_call(unet, x, t, cond)
-        both = cond_cat(self.null_cond(cond), cond)
+        prompt = guidance.prompt_only(cond)
+        both = cond_cat(self.null_cond(prompt), prompt)
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             out = self.unet_call(unet, torch.cat([x, x]), torch.cat([t, t]), both)
             uncond, cond_out = out.chunk(2)
-            return uncond + guidance_scale * (cond_out - uncond)
+            w = guidance_scale if rows_w is None else rows_w.to(out).view(-1, *[1] * (out.ndim - 1))
+            return uncond + w * (cond_out - uncond)
 
         return predict
 

@@ -14,11 +14,14 @@ from torch import nn
 
 from ..errors import ConfigError
 from .config import TASKS, PoolConfig  # noqa: F401 - re-exported: the pool's config lives with the others
+from .guidance import head_features
 from .heads import Head
+
+GUIDANCE_FEATURES = 16  # sines and cosines of w that a guided pool's heads project (method/guidance.py)
 
 
 class HeadPool(nn.Module):
-    def __init__(self, cfg: PoolConfig, level_channels: list[int]) -> None:
+    def __init__(self, cfg: PoolConfig, level_channels: list[int], guided: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.tasks = list(cfg.tasks)
@@ -30,8 +33,10 @@ class HeadPool(nn.Module):
         self.num_levels = len(self.levels)
         self.groups = len(self.t_star) if cfg.group_by_t_star else 1
         self.per_slot = cfg.heads_per_slot if cfg.dynamic else 1
+        # guided: every head also sees each row's guidance scale w (heads.py, docs/method.md §10)
+        self.guidance_dim = GUIDANCE_FEATURES if guided else 0
         self.heads = nn.ModuleList(
-            Head(level_channels[lvl], cfg.width, cfg.depth)
+            Head(level_channels[lvl], cfg.width, cfg.depth, self.guidance_dim)
             for _task in self.tasks for _t in range(self.groups) for lvl in self.levels
             for _k in range(self.per_slot)
         )
@@ -87,27 +92,32 @@ class HeadPool(nn.Module):
         return sorted(chosen)
 
     def logits(self, task: int, active: torch.Tensor, feats: list[torch.Tensor],
-               t_idx: torch.Tensor) -> torch.Tensor:
+               t_idx: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """Per-level logits [B, levels] of the active heads for `task`; sample i is judged by the heads
-        of its own t* (t_idx[i]), or by the shared ones when heads are not grouped by t*."""
-        return self.logits_many(task, active, [feats], t_idx)[0]
+        of its own t* (t_idx[i]), or by the shared ones when heads are not grouped by t*; `w`: the rows'
+        guidance scales (a guided pool's heads take them)."""
+        return self.logits_many(task, active, [feats], t_idx, w)[0]
 
     def logits_many(self, task: int, active: torch.Tensor, feat_sets: list[list[torch.Tensor]],
-                    t_idx: torch.Tensor) -> list[torch.Tensor]:
-        """`logits` of several feature sets at the same t* (the D step's real and fake views), each head
-        called once on all their rows: a head's output for a row depends on that row alone (its conv and
-        per-sample GroupNorm), so this equals one call per set, in a fraction of the calls."""
+                    t_idx: torch.Tensor, w: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """`logits` of several feature sets at the same t* (the D step's real and fake views, whose rows share
+        their w), each head called once on all their rows: a head's output for a row depends on that row alone
+        (its conv and per-sample GroupNorm), so this equals one call per set, in a fraction of the calls."""
+        if self.guidance_dim and w is None:
+            raise ValueError("a guided head pool judges each row at its guidance scale: pass w")
         b = feat_sets[0][0].shape[0]
         outs = [f[0].new_zeros(b, self.num_levels) for f in feat_sets]
         group = t_idx if self.groups > 1 else torch.zeros_like(t_idx)
+        w_feats = head_features(w, self.guidance_dim) if self.guidance_dim else None
         for t in range(self.groups):
             rows = (group == t).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
+            w_rows = w_feats.index_select(0, rows).repeat(len(feat_sets), 1) if w_feats is not None else None
             cols = []
             for j, lvl in enumerate(self.levels):
                 x = torch.cat([f[lvl].index_select(0, rows) for f in feat_sets])
-                cols.append(self.head(task, t, j, int(active[task, t, j]))(x))
+                cols.append(self.head(task, t, j, int(active[task, t, j]))(x, w_rows))
             per_set = torch.stack(cols, dim=1).split(rows.numel())
             outs = [o.index_copy(0, rows, v.to(o.dtype)) for o, v in zip(outs, per_set, strict=True)]
         return outs

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from . import guidance
 from .adapter import Cond
 from .step import AdversarialStep
 
@@ -29,10 +30,11 @@ def judge(step: AdversarialStep, x0: torch.Tensor, cond: Cond, active: torch.Ten
     t = torch.tensor(pool.t_star, dtype=torch.long)[t_idx].to(x0.device)
     t_idx = t_idx.to(x0.device)
     total = x0.new_zeros(x0.shape[0])
+    w, cond = cond.get(guidance.KEY), guidance.prompt_only(cond)
     for i, task in enumerate(pool.tasks):
         view, _, c, boxes = step.views(task, x0, x0, cond, gen)
         feats = step.adapter.backbone_call(step.backbone, step.noised(view, t, gen), t, c, boxes)
-        total += pool.logits(i, active, feats, t_idx).sum(1).float()
+        total += pool.logits(i, active, feats, t_idx, w).sum(1).float()
     return total
 
 

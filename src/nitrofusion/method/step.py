@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..stopwatch import section
+from . import guidance
 from .adapter import Cond, ModelAdapter, cond_cat, cond_index
 from .backbone import UNetBackbone
 from .config import AdversarialConfig, MultiStepConfig
@@ -92,10 +93,11 @@ class AdversarialStep:
         per_level = [f.split(x_ts[0].shape[0]) for f in feats]
         return [[level[k] for level in per_level] for k in range(len(x_ts))]
 
-    def r1(self, feats_real: list[list[torch.Tensor]], active: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
+    def r1(self, feats_real: list[list[torch.Tensor]], active: torch.Tensor, t_idx: torch.Tensor,
+           w: torch.Tensor | None = None) -> torch.Tensor:
         """1/2 E_i ||grad D(real_i)||^2 w.r.t. every task's real features: D sums the tasks, whose inputs are
         disjoint, so the squared norm is the sum of the per-task ones (losses.r1_penalty)."""
-        per_sample = sum(r1_penalty(lambda f, i=i: self.pool.logits(i, active, f, t_idx).sum(1), feats)
+        per_sample = sum(r1_penalty(lambda f, i=i: self.pool.logits(i, active, f, t_idx, w).sum(1), feats)
                          for i, feats in enumerate(feats_real))
         return 0.5 * per_sample.mean()
 
@@ -157,6 +159,7 @@ class AdversarialStep:
             with section("student forward"):
                 x0_fake, t_in = self.fake_x0(x_T, cond, refine_p, gen)
         x0_real = x0_real.float()
+        w, cond = cond.get(guidance.KEY), guidance.prompt_only(cond)  # the heads take w; E sees the prompt
         n_t = len(self.pool.t_star)
         # t* per sample, stratified: every t* group gets floor or ceil of B / len(t*) samples
         t_idx = torch.randperm(x_T.shape[0], generator=gen) % n_t
@@ -189,7 +192,7 @@ class AdversarialStep:
             if per_task:  # G step for these tasks: heads frozen, gradient through E into fake_in
                 self.pool.requires_grad_(False)
                 with section("heads forward (G)"):
-                    terms = [self._g_term(self.pool.logits(i, active, f, t_idx))
+                    terms = [self._g_term(self.pool.logits(i, active, f, t_idx, w))
                              for i, f in zip(group, fake, strict=True)]
                 with section(f"backward through E ({name})"):
                     (torch.stack(terms).sum() * loss_scale).backward()
@@ -209,7 +212,7 @@ class AdversarialStep:
             logs["loss_g"] = torch.stack(g_terms).sum().item()
         elif train_g:  # G step over all tasks at once (non-separable loss)
             self.pool.requires_grad_(False)
-            fake_logits = [self.pool.logits(i, active, f, t_idx) for i, f in enumerate(feats_fake)]
+            fake_logits = [self.pool.logits(i, active, f, t_idx, w) for i, f in enumerate(feats_fake)]
             loss_g = self._reduce(None, fake_logits, "g")
             total = loss_g if reg is None else loss_g + self.cfg.regression_weight * reg
             (total * loss_scale).backward()
@@ -217,13 +220,13 @@ class AdversarialStep:
             logs["loss_g"] = loss_g.item()
         # D step: everything detached; only the active heads enter the graph
         with section("heads forward (D)"):
-            both = [self.pool.logits_many(i, active, [r, [x.detach() for x in f]], t_idx)
+            both = [self.pool.logits_many(i, active, [r, [x.detach() for x in f]], t_idx, w)
                     for i, (r, f) in enumerate(zip(feats_real, feats_fake, strict=True))]
             real_logits, fake_logits = [r for r, _ in both], [f for _, f in both]
             loss_d = self._reduce(real_logits, fake_logits, "d")
         if self.cfg.r1_weight > 0 and train_d:
             with section("R1"):
-                r1 = self.r1(feats_real, active, t_idx)
+                r1 = self.r1(feats_real, active, t_idx, w)
             loss_d = loss_d + self.cfg.r1_weight * r1
             logs["r1"] = r1.item()
         if train_d:

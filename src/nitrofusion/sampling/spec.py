@@ -21,11 +21,15 @@ class SamplerSpec:
     timestep_spacing: Literal["leading", "trailing", "linspace"] = "trailing"
     timesteps: list[int] = ranged(factory=list, ge=0, le=999)  # explicit grid (x0-renoise, or a scheduler taking one)
     shift: int = ranged(1000, ge=1, le=1000)  # student: the shifted timestep it was trained with (docs/method.md §2.3)
+    # [w_min, w_max]: each pair's guidance scale is drawn from this range (stored with the pair) instead of
+    # guidance_scale; set from student.guidance by the run, not in a preset's sampler (docs/method.md §10)
+    guidance_range: list[float] = ranged(factory=list, gt=0, le=100)
 
     def __repr__(self) -> str:
-        # the pair cache keys on this text (data/pairs.py cache_key): `shift` appears only where it matters, so
-        # every key made before it existed still finds its pairs
-        names = [f.name for f in fields(self) if f.name != "shift" or self.name == "student"]
+        # the pair cache keys on this text (data/pairs.py cache_key): `shift` and `guidance_range` appear only
+        # where they matter, so every key made before they existed still finds its pairs
+        names = [f.name for f in fields(self) if (f.name != "shift" or self.name == "student")
+                 and (f.name != "guidance_range" or self.guidance_range)]
         return f"SamplerSpec({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
 
     def validate(self) -> None:
@@ -40,6 +44,8 @@ class SamplerSpec:
 
     def describe(self) -> str:
         g = f", CFG {self.guidance_scale:g}" if self.guidance_scale > 1 else ""
+        if self.guidance_range:
+            g = f", CFG w ~ U[{self.guidance_range[0]:g}, {self.guidance_range[1]:g}] per pair"
         if self.name == "student":
             return f"student sampler {self.steps} steps (shift {self.shift})"
         return f"{self.name} {self.steps} steps{g}"
@@ -74,6 +80,12 @@ MAX_SEED = 2**63 - 2**32  # torch generators take seeds < 2**64; image i of a ba
 def check_seed(seed: int, name: str = "seed") -> None:
     if not 0 <= seed <= MAX_SEED:
         raise NitroFusionError(f"{name} must be in [0, 2**63 - 2**32] (got {seed})")
+
+
+def check_guidance(w: float | None) -> None:
+    """`--guidance W`: a guidance scale in (0, 100], checked before any model loads."""
+    if w is not None and not 0 < w <= 100:  # NaN fails too
+        raise NitroFusionError(f"--guidance must be in (0, 100] (got {w:g}); 1 is no guidance, 2-8 the usual range")
 
 
 def check_generate_values(height: int | None, width: int | None, batch_size: int, num_per_prompt: int) -> None:

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from ..distill_config import DistillConfig
 from ..dtypes import mixed_precision_dtype
 from ..method.adapter import ModelAdapter
+from ..method.guidance import add_guidance_input
 from ..method.pool import HeadPool
 from ..method.step import AdversarialStep
 from ..models import student as student_lib
@@ -49,6 +50,8 @@ def build_student(cfg: DistillConfig, adapter: ModelAdapter, device: torch.devic
         student = copy.deepcopy(adapter.teacher_unet).float()
         if state is not None:
             load_checked(student, state, f"student_init {cfg.student_init}", "the teacher UNet")
+        if cfg.student.guidance:  # w as conditioning, its projection at zero: still the same function (§10)
+            student = add_guidance_input(student)
         student.requires_grad_(True)
         student.to(device)
         adapter.to(device, weight_dtype)
@@ -83,7 +86,7 @@ def build_parts(cfg: DistillConfig, adapter: ModelAdapter, acc: Accelerator,
     if on_student is not None:
         on_student()
     backbone = adapter.make_backbone(cfg.gradient_checkpointing)
-    pool = HeadPool(cfg.pool, backbone.channels).to(acc.device)
+    pool = HeadPool(cfg.pool, backbone.channels, guided=bool(cfg.student.guidance)).to(acc.device)
     zero = cfg.student_optim.zero and acc.num_processes > 1
     opt_g = adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim, sharded=zero)
     opt_d = adamw(pool.parameters(), cfg.heads_optim)

@@ -27,6 +27,7 @@ from ..dtypes import use_cpu
 from ..errors import NitroFusionError
 from ..io import atomic_write_json, atomic_write_text, disk_errors, tensor_bytes
 from ..method.adapter import ModelAdapter, cond_to
+from ..method.guidance import GUIDANCE_FILE, default_scale, with_guidance
 from ..models import student as student_lib
 from ..models.student import LORA_DIR
 from . import checkpoint as ckpt
@@ -53,6 +54,10 @@ def save_student(run_dir: Path, student: torch.nn.Module, adapter: ModelAdapter,
         student.save_pretrained(staged / adapter.student_subfolder, safe_serialization=True)
         faults.point("student-save")  # the UNet written, its scheduler not yet
         adapter.student_scheduler(shift).save_pretrained(staged / "scheduler")
+        scale_range = adapter.sampler.guidance_range
+        if scale_range:  # a guided student: the range it was trained on, and the w it samples at by default
+            atomic_write_json(staged / GUIDANCE_FILE, {"range": scale_range, "default": default_scale(
+                scale_range, adapter.sampler.guidance_scale)})
         if lora is not None:
             factors, metadata = lora
             (staged / LORA_DIR).mkdir(exist_ok=True)
@@ -189,8 +194,8 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
         return every > 0 and state.images // every > (state.images - images_per_step) // every
 
     def next_batch():
-        x_T, x0, prompts = loader.next()
-        return x_T.to(device), x0.to(device), cond_to(adapter.encode_prompts(prompts), device)
+        x_T, x0, prompts, w = loader.next()
+        return x_T.to(device), x0.to(device), cond_to(with_guidance(adapter.encode_prompts(prompts), w), device)
 
     total = cfg.max_images or None
     bar = tqdm(total=total, initial=min(state.images, total or state.images), unit="img", desc="distill",

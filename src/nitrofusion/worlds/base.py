@@ -19,7 +19,9 @@ from ..errors import NitroFusionError
 if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
     from ..method.adapter import ModelAdapter
 
-LiveGenerator = Callable[[str, int, int], Image.Image]  # (prompt, steps, seed) -> image, the model loaded once
+# (prompt, steps, seed) -> image, the model loaded once; a guided student's also takes guidance=w and carries
+# `.guidance` = (w_min, w_max, default w) for the app's slider
+LiveGenerator = Callable[[str, int, int], Image.Image]
 Evaluator = Callable[[torch.nn.Module, int], dict]  # (student, step) -> numbers for log.jsonl (training/loop.py)
 
 
@@ -38,6 +40,7 @@ class GenerateOptions:
     fast: bool = False
     vae: str | None = None
     vae_dtype: torch.dtype | None = None
+    guidance: float | None = None  # a guided student's guidance scale w (mini world; docs/method.md §10)
 
     def given(self) -> list[str]:
         """The options set away from their defaults, as CLI flags."""

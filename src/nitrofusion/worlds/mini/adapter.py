@@ -8,6 +8,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ...method.adapter import Cond, ModelAdapter
+from ...method.guidance import timestep_cond
 from ...sampling.scheduler import config_for
 from . import text
 from .data import class_prompts
@@ -63,7 +64,8 @@ class MiniAdapter(ModelAdapter):
         return {"states": torch.zeros_like(cond["states"])}
 
     def unet_call(self, unet, x, t, cond):
-        return unet(x, t, encoder_hidden_states=cond["states"].to(x.dtype)).sample
+        return unet(x, t, encoder_hidden_states=cond["states"].to(x.dtype),
+                    timestep_cond=timestep_cond(unet, cond, x.dtype)).sample
 
     def backbone_call(self, backbone, x, t, cond, boxes):
         return backbone(x, t, cond["states"].to(x.dtype))

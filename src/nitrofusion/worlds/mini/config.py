@@ -83,6 +83,12 @@ def check_run(cfg) -> None:
     if cfg.prompts.source or any(getattr(cfg, s).teacher_unet or getattr(cfg, s).teacher_lora for s in ("sdxl", "sd")):
         raise ConfigError("prompts.*, sdxl.* and sd.* apply to the pipeline worlds; the mini world's prompts are its "
                           "10 classes")
+    if cfg.student.guidance and cfg.real.source != "teacher":
+        raise ConfigError("student.guidance needs every row to be a teacher pair made at its own w (a real image "
+                          "has none): set real.source=teacher, or student.guidance=[]")
+    if cfg.student.guidance and cfg.teacher and few_step_folder(Path(cfg.teacher)) is not None:
+        raise ConfigError(f"student.guidance needs a teacher with classifier-free guidance; {cfg.teacher} is a "
+                          "few-step teacher (distilled without it): leave teacher empty or give a teacher folder")
     if cfg.real.source != "teacher" and cfg.real.data:
         raise ConfigError("real.data applies to the pipeline worlds (sdxl, sd, sd3); the mini world's real images are "
                           "Fashion-MNIST's train split (leave real.data empty)")

@@ -4,6 +4,7 @@ coverage, on the held-out teacher-pair set the demo scores on."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -16,27 +17,31 @@ from ...io import atomic_write_json, atomic_write_text
 from ...sampling.student import check_step_counts
 from .adapter import MiniAdapter
 from .evaluation import MiniEvaluation, labels_for, per_class
-from .generate import load_mini_student
+from .generate import load_mini_student, student_guidance
 from .metrics import MiniMetrics
 from .pairsets import held_out_pairs
 from .teacher import load_teacher
 
 
 def evaluate_mini(model: str, steps: list[int], out: Path, samples: int = 2000, seed: int = 0,
-                  teacher: str | None = None, progress: bool = True) -> dict:
+                  teacher: str | None = None, progress: bool = True, guidance: float | None = None) -> dict:
+    """`guidance`: the w both sides sample at: the teacher's CFG scale (its held-out samples are made at it) and a
+    guided student's conditioning (docs/method.md §10); None: the teacher's own scale, a guided student's default."""
     check_step_counts(steps)
     if samples < 10:
         raise NitroFusionError("--samples must be at least 10")
-    if model != "teacher":
-        from .generate import student_folder
-
-        student_folder(Path(model))  # a wrong path fails now, not after the held-out pairs are made
     started = time.time()
+    unet = shift = None
+    if model != "teacher":  # a wrong path, or --guidance for an unguided student, fails before the held-out pairs
+        _, unet, shift = load_mini_student(Path(model))
+        guidance = student_guidance(Path(model), unet, guidance)
     adapter = MiniAdapter(load_teacher(teacher))
+    if guidance is not None:
+        adapter.sampler = dataclasses.replace(adapter.sampler, guidance_scale=guidance)
     pairs = held_out_pairs(adapter, samples, PairsConfig(seed=seed), progress)
     metrics = MiniMetrics()
     results: dict = {"model": model, "samples": samples, "seed": seed, "metric": "classifier-FID (project "
-                     "Fashion-MNIST classifier features, not Inception)", "rows": []}
+                     "Fashion-MNIST classifier features, not Inception)", "guidance": guidance, "rows": []}
     rows, labels = [], []
     pick = per_class(labels_for(pairs.prompts))
     if model == "teacher":
@@ -47,8 +52,7 @@ def evaluate_mini(model: str, steps: list[int], out: Path, samples: int = 2000, 
         rows.append(adapter.decode(pairs.x0[pick]))
         labels.append(f"teacher {adapter.sampler.steps} st")
     else:
-        _, unet, shift = load_mini_student(Path(model))
-        evaluation = MiniEvaluation(adapter, pairs, metrics, shift=shift, seed=seed)
+        evaluation = MiniEvaluation(adapter, pairs, metrics, shift=shift, seed=seed, guidance=guidance)
         for s in tqdm(steps, desc="evaluate", unit="setting", disable=not progress):
             images = evaluation.student_images(unet, s)
             results["rows"].append({"model": "student", "steps": s, **evaluation.score(images, to_teacher=True)})
@@ -63,8 +67,9 @@ def evaluate_mini(model: str, steps: list[int], out: Path, samples: int = 2000, 
 
 
 def render(r: dict) -> str:
+    at = f"; sampled at guidance scale {r['guidance']:g}" if r.get("guidance") is not None else ""
     lines = [f"# Evaluation of {r['model']}", "",
-             f"{r['samples']} held-out prompts and x_T (seed {r['seed']}); {r['metric']}.", "",
+             f"{r['samples']} held-out prompts and x_T (seed {r['seed']}); {r['metric']}{at}.", "",
              "| model | steps | classifier-FID to real | classifier-FID to teacher | prompt accuracy | precision | "
              "recall | coverage | coverage per class (min / max) |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -8,6 +8,7 @@ import dataclasses
 import torch
 
 from ...data.pairs import PairInputs, Pairs
+from ...method.guidance import with_guidance
 from ...sampling.student import generate
 from .adapter import MiniAdapter
 from .data import class_prompts
@@ -26,9 +27,11 @@ def per_class(labels: torch.Tensor, n: int = 2) -> torch.Tensor:
 
 class MiniEvaluation:
     def __init__(self, adapter: MiniAdapter, eval_pairs: Pairs | PairInputs, metrics: MiniMetrics, shift: int,
-                 seed: int = 0, batch_size: int = 500) -> None:
+                 seed: int = 0, batch_size: int = 500, guidance: float | None = None) -> None:
+        """`guidance`: every model here samples at this w (a guided student takes it as conditioning, the teacher
+        as its CFG scale); None: each at its own."""
         self.adapter, self.pairs, self.metrics, self.shift = adapter, eval_pairs, metrics, shift
-        self.seed, self.batch_size = seed, batch_size
+        self.seed, self.batch_size, self.guidance = seed, batch_size, guidance
         self.labels = labels_for(eval_pairs.prompts)
 
     def score(self, images: torch.Tensor, n: int | None = None, to_teacher: bool = False,
@@ -64,6 +67,7 @@ class MiniEvaluation:
         for i in range(0, n, self.batch_size):
             j = min(n, i + self.batch_size)
             cond = {k: v.to(device) for k, v in self.adapter.encode_prompts(self.pairs.prompts[i:j]).items()}
+            cond = with_guidance(cond, self.guidance)
             out.append(fn(self.pairs.x_T[i:j].to(device), cond, gen).float().cpu())
         return torch.cat(out)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import torch
@@ -9,6 +11,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from ...errors import NitroFusionError
+from ...method.guidance import GUIDANCE_FILE, with_guidance
 from ...sampling.student import generate
 from ...sampling.teacher import SamplerSpec
 from .adapter import MiniAdapter
@@ -30,16 +33,41 @@ def load_mini_student(path: Path) -> tuple[MiniAdapter, UNet2DConditionModel, in
     return adapter, unet, int(sched["shifted_timestep"])
 
 
+def guidance_settings(path: Path) -> dict | None:
+    """A guided student's {"range": [w_min, w_max], "default": w} (docs/method.md §10); None for a student frozen at
+    its teacher's one guidance scale."""
+    file = student_folder(path) / GUIDANCE_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def student_guidance(path: Path, unet: UNet2DConditionModel, w: float | None) -> float | None:
+    """The w to sample `path`'s student at: `w`, or the student's default; None for an unguided student, which
+    refuses a `w` in one line. A w outside the trained range is extrapolation: allowed, with a warning."""
+    settings = guidance_settings(path)
+    if unet.config.time_cond_proj_dim is None or settings is None:
+        if w is not None:
+            raise NitroFusionError(f"--guidance {w:g}: {path} was trained without student.guidance, so its guidance "
+                                   "scale is fixed; drop --guidance, or distil with student.guidance=[w_min, w_max]")
+        return None
+    lo, hi = settings["range"]
+    if w is not None and not lo <= w <= hi:
+        print(f"nitrofusion: warning: --guidance {w:g} is outside the range [{lo:g}, {hi:g}] {path} was trained on; "
+              "its images there are extrapolation", file=sys.stderr)
+    return float(settings["default"]) if w is None else float(w)
+
+
 @torch.no_grad()
 def generate_images(model_path: Path, prompts: list[str], steps: int, seed: int,
-                    num_per_prompt: int = 1) -> torch.Tensor:
+                    num_per_prompt: int = 1, guidance: float | None = None) -> torch.Tensor:
     """Image i (prompts repeated num_per_prompt times) takes its x_T and its re-noising noise from a generator
-    seeded seed + i, as on the SDXL path: one image does not depend on the others in its batch."""
+    seeded seed + i, as on the SDXL path: one image does not depend on the others in its batch. `guidance`: a
+    guided student's w (default: its own)."""
     adapter, unet, shift = load_mini_student(model_path)
+    w = student_guidance(model_path, unet, guidance)
     prompts = [p for p in prompts for _ in range(num_per_prompt)]
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     x_T = torch.cat([torch.randn((1, *adapter.latent_shape()), generator=g) for g in gens])
-    x0 = generate(adapter, unet, x_T, adapter.encode_prompts(prompts), steps, shift, generator=gens)
+    x0 = generate(adapter, unet, x_T, with_guidance(adapter.encode_prompts(prompts), w), steps, shift, generator=gens)
     return adapter.decode(x0)
 
 
@@ -52,10 +80,10 @@ def unknown_prompts(prompts: list[str]) -> list[str]:
 
 
 def generate_to_folder(model_path: Path, prompts: list[str], steps: int, seed: int, out: Path,
-                       num_per_prompt: int = 1) -> list[Path]:
+                       num_per_prompt: int = 1, guidance: float | None = None) -> list[Path]:
     from ...evaluation.viz import save_images
 
-    images = generate_images(model_path, prompts, steps, seed, num_per_prompt)
+    images = generate_images(model_path, prompts, steps, seed, num_per_prompt, guidance)
     arrays = images.mul(255).round().byte().squeeze(1).numpy()
     repeated = [p for p in prompts for _ in range(num_per_prompt)]
     return save_images([Image.fromarray(a) for a in arrays], repeated, out, steps, seed, num_per_prompt)

@@ -3,6 +3,7 @@ classifier (docs/studies/demo.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -28,12 +29,16 @@ def _unet_config(kind: str, path: Path) -> dict | None:
 
 class MiniWorld(World):
     name = "mini"
+    supported_options = ("--guidance",)  # a guided student's w (docs/method.md §10)
 
     def adapter(self, cfg: DistillConfig) -> ModelAdapter:
         from .adapter import MiniAdapter
         from .teacher import load_teacher
 
-        return MiniAdapter(load_teacher(cfg.teacher or None))
+        adapter = MiniAdapter(load_teacher(cfg.teacher or None))
+        if cfg.student.guidance:  # each pair at its own w, drawn from the student's range (docs/method.md §10)
+            adapter.sampler = dataclasses.replace(adapter.sampler, guidance_range=list(cfg.student.guidance))
+        return adapter
 
     def prompts(self, cfg: DistillConfig, verbose: bool = True) -> Prompts:
         from .data import class_prompts
@@ -66,6 +71,7 @@ class MiniWorld(World):
         if not cfg.eval_every_images:
             return None
         from ...data.pairs import pair_inputs
+        from ...method.guidance import default_scale
         from .data import class_prompts
         from .evaluation import MiniEvaluation
         from .metrics import MiniMetrics
@@ -73,7 +79,8 @@ class MiniWorld(World):
 
         inputs = pair_inputs(adapter, class_prompts(), cfg.eval_samples, cfg.pairs.seed + EVAL_SEED_OFFSET,
                              cfg.pairs.shard_size)
-        evaluation = MiniEvaluation(adapter, inputs, MiniMetrics(), cfg.adversarial.shift, seed=cfg.seed)
+        w = default_scale(cfg.student.guidance, adapter.sampler.guidance_scale) if cfg.student.guidance else None
+        evaluation = MiniEvaluation(adapter, inputs, MiniMetrics(), cfg.adversarial.shift, seed=cfg.seed, guidance=w)
         return evaluation.curve(cfg.eval_samples)
 
     def recognises(self, kind: str, path: Path) -> bool:
@@ -92,33 +99,42 @@ class MiniWorld(World):
         if unknown:
             print(f"nitrofusion: warning: {len(unknown)} prompt(s) outside the mini world's 10 class prompts (e.g. "
                   f"{unknown[0]!r}); its models were trained on 'a photo of a CLASS' only", file=sys.stderr)
-        return generate_to_folder(model, prompts, steps, seed, out, num_per_prompt=options.num_per_prompt)
+        return generate_to_folder(model, prompts, steps, seed, out, num_per_prompt=options.num_per_prompt,
+                                  guidance=options.guidance)
 
     def live_generator(self, model: Path, options: GenerateOptions, size: int | None) -> tuple[LiveGenerator,
                                                                                                list[str]]:
+        from ...method.guidance import with_guidance
         from ...sampling.student import generate
         from .data import class_prompts
-        from .generate import load_mini_student
+        from .generate import guidance_settings, load_mini_student, student_guidance
 
         self.check_options(model, options)
         adapter, unet, shift = load_mini_student(model)
+        default_w = student_guidance(model, unet, options.guidance)
 
         @torch.no_grad()
-        def run(prompt: str, steps: int, seed: int) -> Image.Image:
+        def run(prompt: str, steps: int, seed: int, guidance: float | None = None) -> Image.Image:
             gen = torch.Generator().manual_seed(seed)
             x_T = torch.randn((1, *adapter.latent_shape()), generator=gen)
-            x0 = generate(adapter, unet, x_T, adapter.encode_prompts([prompt]), steps, shift, generator=gen)
+            w = None if default_w is None else (default_w if guidance is None else guidance)
+            x0 = generate(adapter, unet, x_T, with_guidance(adapter.encode_prompts([prompt]), w), steps, shift,
+                          generator=gen)
             arr = adapter.decode(x0)[0, 0].mul(255).round().byte().numpy()
             return Image.fromarray(arr).resize((256, 256), Image.NEAREST)  # 16x16 pixels, shown large
 
+        settings = guidance_settings(model) if default_w is not None else None
+        if settings is not None:  # the app's guidance slider: the trained range, starting at the default
+            run.guidance = (*settings["range"], default_w)
         return run, class_prompts()
 
     def evaluate(self, model: str, steps: list[int], out: Path, options: dict) -> list[str]:
         from .evaluate import evaluate_mini
 
         r = evaluate_mini(model, steps, out, samples=options.get("samples") or 2000, seed=options.get("seed", 0),
-                          teacher=options.get("teacher"))
-        return [f"{row['model']} {row['steps']} step(s): classifier-FID {row['fid']:.2f} (to teacher "
+                          teacher=options.get("teacher"), guidance=options.get("guidance"))
+        at = f" at guidance {r['guidance']:g}" if r.get("guidance") is not None else ""
+        return [f"{row['model']} {row['steps']} step(s){at}: classifier-FID {row['fid']:.2f} (to teacher "
                 f"{row['fid_to_teacher']:.2f}), accuracy {row['accuracy']:.3f}, precision {row['precision']:.3f}, "
                 f"recall {row['recall']:.3f}, coverage {row['coverage']:.3f}" for row in r["rows"]]
 

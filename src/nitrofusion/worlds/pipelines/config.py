@@ -34,6 +34,9 @@ def check_pipeline_run(cfg) -> None:
     if cfg.eval_every_images:
         raise ConfigError(f"eval_every_images applies to world 'mini' (its metric classifier); evaluate a "
                           f"{cfg.world} run's checkpoints with `nitrofusion evaluate`")
+    if cfg.student.guidance:
+        raise ConfigError(f"student.guidance (a guidance-scale input) is built for world 'mini' only; world "
+                          f"'{cfg.world}' cannot take it yet: set student.guidance=[] (docs/method.md §10)")
 
 
 def check_unet_pipeline_run(cfg, other: str) -> None:

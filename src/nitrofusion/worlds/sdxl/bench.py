@@ -114,7 +114,7 @@ def run_bench(size: str = "full", device: str | None = None, overrides: list[str
     loader = PairLoader(load_pairs(tmp.name, in_memory=False), b, seed=0)
 
     def from_cache():
-        x, x0, p = loader.next()
+        x, x0, p, _ = loader.next()
         return x.to(device_), x0.to(device_), adapter.encode_prompts(p)
 
     def student_fwd_bwd():
