@@ -84,6 +84,9 @@ def ablation_configs(variants: list[str], seeds: int, seed_start: int, budget_im
     configs = {(v, seed): config_lib.build(DistillConfig, "distill", VARIANTS[v][0], [
         *(overrides or []), *VARIANTS[v][1], f"max_images={budget_images}", "max_minutes=0", f"seed={seed}",
         f"pool.seed={seed}", f"eval_every_images={probe_every}"]) for v in variants for seed in seed_range}
+    if any(c.student.guidance for c in configs.values()):
+        raise NitroFusionError("--set student.guidance: ablate scores every run at one guidance scale; study a guided "
+                               "student with scripts/guidance_study.py (docs/studies/guidance.md)")
     if probe_every and any(c.real.source != "teacher" for c in configs.values()):
         raise NitroFusionError("--probe-every compares the heads on the teacher pairs they trained on with held-out "
                                "ones: every variant must train on teacher pairs (real.source=teacher)")

@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..distill_config import DistillConfig
 from ..method.adapter import ModelAdapter
+from ..method.guidance import draw_scales, with_guidance
 from ..stopwatch import Stopwatch
 from .build import single_process_parts
 from .step import optimizer_step
@@ -55,7 +56,8 @@ def profile_step(cfg: DistillConfig, adapter: ModelAdapter, device_: torch.devic
     def batch():
         x_T, x0 = torch.randn(shape, generator=gen).to(device_), torch.randn(shape, generator=gen).to(device_)
         names = [prompts[i % len(prompts)] for i in range(b)]
-        return x_T, x0, {k: v.to(device_) for k, v in adapter.encode_prompts(names).items()}
+        w = draw_scales(b, cfg.student.guidance, gen) if cfg.student.guidance else None  # a guided student's rows
+        return x_T, x0, with_guidance({k: v.to(device_) for k, v in adapter.encode_prompts(names).items()}, w)
 
     def one_step() -> None:  # the trainer's own optimiser step (training/step.py), its sections timed
         optimizer_step(parts, batch, gen, cfg.grad_accum, images=cfg.multistep.start_images)
