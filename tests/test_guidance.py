@@ -241,3 +241,21 @@ def test_evaluate_at_a_guidance_scale(guided_student, few_step_student, tmp_path
     assert "student 1 step(s) at guidance 3: classifier-FID" in capsys.readouterr().out
     assert main([*argv, "--model", str(few_step_student / "student"), "--out", str(tmp_path / "u")]) == 2
     assert "was trained without student.guidance" in capsys.readouterr().err
+
+
+def test_the_guidance_projection_trains_at_its_own_learning_rate(tiny_teacher, tiny_cfg):
+    from nitrofusion.training.build import student_param_groups
+    from nitrofusion.training.optim import adamw, set_learning_rates
+
+    cfg = tiny_cfg("student.guidance=[1,5]", "student.guidance_lr_scale=10", "student_optim.schedule=linear")
+    student = guidance.add_guidance_input(tiny_teacher.unet).requires_grad_(True)
+    groups = student_param_groups(student, cfg)
+    assert [len(g["params"]) for g in groups] == [len(list(student.parameters())) - 1, 1]
+    assert groups[1]["params"][0] is student.time_embedding.cond_proj.weight
+    opt = adamw(groups, cfg.student_optim)
+    lr = cfg.student_optim.lr
+    assert [g["lr"] for g in opt.param_groups] == [lr, 10 * lr]
+    set_learning_rates([(opt, cfg.student_optim)], cfg.max_images // 2, cfg.max_images)
+    assert [g["lr"] for g in opt.param_groups] == [lr / 2, 10 * lr / 2]
+    plain = tiny_cfg()
+    assert len(student_param_groups(tiny_teacher.unet, plain)) == 1  # an unguided run keeps its one group

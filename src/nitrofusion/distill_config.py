@@ -85,6 +85,7 @@ class StudentConfig:
     # time_cond_proj_dim; docs/method.md §10), trained on teacher pairs made at w drawn per pair from this range;
     # empty = off (the student is frozen at the teacher sampler's one guidance scale)
     guidance: list[float] = ranged(factory=list, gt=0, le=100)
+    guidance_lr_scale: float = ranged(1.0, gt=0, le=10_000)  # the guidance projection's lr / student_optim.lr
 
     def validate(self) -> None:
         if self.kind == "lora" and not self.targets:

@@ -21,6 +21,7 @@ from torch import nn
 Cond = dict[str, torch.Tensor]  # method/adapter.py's (that module imports this one)
 KEY = "guidance"  # the conditioning entry holding each row's guidance scale w
 EMBED_DIM = 256  # time_cond_proj_dim of a guided student (LCM-Dreamshaper's value)
+GUIDANCE_PROJECTION = "time_embedding.cond_proj.weight"  # the guidance input's one weight
 GUIDANCE_FILE = "guidance.json"  # in a guided student's folder: {"range": [w_min, w_max], "default": w}
 
 
@@ -77,7 +78,7 @@ def add_guidance_input(unet: nn.Module, dim: int = EMBED_DIM) -> nn.Module:
     config = {k: v for k, v in unet.config.items() if k != "_use_default_values"} | {"time_cond_proj_dim": dim}
     guided = nn.Module.to(type(unet).from_config(config), dtype=next(unet.parameters()).dtype)  # nn's: no warning
     missing, unexpected = guided.load_state_dict(unet.state_dict(), strict=False)
-    if unexpected or set(missing) != {"time_embedding.cond_proj.weight"}:
+    if unexpected or set(missing) != {GUIDANCE_PROJECTION}:
         raise RuntimeError(f"a guidance input changes only time_embedding.cond_proj; missing {missing}, "
                            f"unexpected {unexpected}")
     nn.init.zeros_(guided.time_embedding.cond_proj.weight)

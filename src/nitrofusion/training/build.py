@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from ..distill_config import DistillConfig
 from ..dtypes import mixed_precision_dtype
 from ..method.adapter import ModelAdapter
-from ..method.guidance import add_guidance_input
+from ..method.guidance import GUIDANCE_PROJECTION, add_guidance_input
 from ..method.pool import HeadPool
 from ..method.step import AdversarialStep
 from ..models import student as student_lib
@@ -61,6 +61,16 @@ def build_student(cfg: DistillConfig, adapter: ModelAdapter, device: torch.devic
     return student
 
 
+def student_param_groups(student: torch.nn.Module, cfg: DistillConfig) -> list[dict]:
+    """The student's trainable weights; a guided student's guidance projection as a group of its own, at
+    student.guidance_lr_scale x the lr (it starts at zero and is the only way w reaches the UNet, §10)."""
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    projection = [p for n, p in named if n.endswith(GUIDANCE_PROJECTION)] if cfg.student.guidance else []
+    rest = [p for _, p in named if not any(p is q for q in projection)]
+    return [{"params": rest}] + ([{"params": projection, "lr_scale": cfg.student.guidance_lr_scale}]
+                                 if projection else [])
+
+
 @dataclass
 class TrainParts:
     """Everything one optimiser step touches, built once (`build_parts`): the student (DDP-wrapped in a run of
@@ -88,7 +98,7 @@ def build_parts(cfg: DistillConfig, adapter: ModelAdapter, acc: Accelerator,
     backbone = adapter.make_backbone(cfg.gradient_checkpointing)
     pool = HeadPool(cfg.pool, backbone.channels, guided=bool(cfg.student.guidance)).to(acc.device)
     zero = cfg.student_optim.zero and acc.num_processes > 1
-    opt_g = adamw([p for p in student.parameters() if p.requires_grad], cfg.student_optim, sharded=zero)
+    opt_g = adamw(student_param_groups(student, cfg), cfg.student_optim, sharded=zero)
     opt_d = adamw(pool.parameters(), cfg.heads_optim)
     student = acc.prepare(student)
     if not zero:  # accelerate's optimiser wrapper reads state_dict() at once, which ZeRO only has after consolidating

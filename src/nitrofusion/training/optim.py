@@ -13,7 +13,8 @@ from ..models import student as student_lib
 
 def adamw(params, o, sharded: bool = False) -> torch.optim.Optimizer:
     """AdamW (or bitsandbytes' 8-bit AdamW); `sharded`: ZeRO stage 1, each rank keeps the optimiser state of
-    its share of the parameters (torch's ZeroRedundancyOptimizer) and broadcasts its updated share."""
+    its share of the parameters (torch's ZeroRedundancyOptimizer) and broadcasts its updated share. `params`:
+    tensors, or param groups whose "lr_scale" multiplies the config's lr (`set_learning_rates`)."""
     cls = torch.optim.AdamW
     if o.kind == "adamw8bit":
         try:
@@ -23,8 +24,11 @@ def adamw(params, o, sharded: bool = False) -> torch.optim.Optimizer:
                                    "(GPU), or set kind=adamw") from None
         cls = bnb.optim.AdamW8bit
     params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "lr": o.lr * g.get("lr_scale", 1.0)} for g in params if g["params"]]
+    tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
     kw = {"lr": o.lr, "betas": tuple(float(b) for b in o.betas), "weight_decay": o.weight_decay}
-    if o.kind == "adamw" and params and all(p.device.type in ("cpu", "cuda") for p in params):
+    if o.kind == "adamw" and tensors and all(p.device.type in ("cpu", "cuda") for p in tensors):
         kw["fused"] = True  # one kernel over all tensors, not a Python loop per tensor: 3x faster on the mini student
     if sharded:
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -40,7 +44,7 @@ def set_learning_rates(pairs: list[tuple[torch.optim.Optimizer, object]], images
     for opt, o in pairs:
         lr = o.lr * max(0.0, 1.0 - images / max_images) if o.schedule == "linear" else o.lr
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 class EMA:
