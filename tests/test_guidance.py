@@ -34,15 +34,6 @@ def _inputs(adapter, n=3, seed=0):
     return x_T, adapter.encode_prompts(PROMPTS[:n])
 
 
-def test_the_scale_embedding_is_the_one_diffusers_pipelines_compute():
-    from diffusers import StableDiffusionPipeline
-
-    w = torch.tensor([0.0, 0.5, 2.0, 7.0])
-    for dim in (256, 33):
-        ours = guidance.scale_embedding(w, dim)
-        assert torch.equal(ours, StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim))
-
-
 def test_w_reaches_the_unet_and_a_zero_projection_is_bitwise_the_unguided_student(tiny_teacher, mini_adapter):
     unet = tiny_teacher.unet
     guided = guidance.add_guidance_input(unet)
@@ -131,6 +122,10 @@ def test_a_stock_diffusers_pipeline_reproduces_generate_guidance(guided_student,
     from nitrofusion.worlds.mini.adapter import MiniAdapter
     from nitrofusion.worlds.mini.generate import generate_images, load_mini_student
 
+    w = torch.tensor([0.0, 0.5, 2.0, 7.0])  # our embedding of w is the one the pipelines compute
+    for dim in (guidance.EMBED_DIM, 33):
+        reference = StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+        assert torch.equal(guidance.scale_embedding(w, dim), reference)
     folder = guided_student / "student"
     assert json.loads((folder / guidance.GUIDANCE_FILE).read_text()) == {"range": [1.0, 5.0], "default": 2.0}
     # the student folder is the export: a stock pipeline with no text encoder or VAE, fed the prompt states
@@ -231,7 +226,7 @@ def test_bad_guidance_flags_exit_2_in_one_line(few_step_student, tmp_path, capsy
 
 
 def test_evaluate_at_a_guidance_scale(guided_student, few_step_student, tmp_path, capsys):
-    argv = ["evaluate", "--samples", "40", "--guidance", "3"]
+    argv = ["evaluate", "--samples", "20", "--guidance", "3"]
     assert main([*argv, "--model", "teacher", "--out", str(tmp_path / "t")]) == 0
     teacher = json.loads((tmp_path / "t" / "results.json").read_text())
     assert teacher["guidance"] == 3.0 and teacher["rows"][0]["sampler"] == "dpmsolver++ 8 steps, CFG 3"

@@ -12,7 +12,8 @@ one-line error, within these bounds:
 - control characters (NUL, ESC, CR, LF, ...) become spaces and runs of whitespace one space, as the encoders'
   tokenizers treat them; a prompt left empty is refused.
 - steps a whole number 1-4, seed a whole number in [0, 2**63 - 2**32]; anything else (a string, NaN, 1.5, 1e300)
-  is refused in one line naming the field.
+  is refused in one line naming the field; a guided student's guidance slider (docs/method.md §10) takes a finite
+  number inside the range it was trained on.
 - one image at a time (WORKERS) and at most MAX_QUEUE requests waiting in gradio's queue: the next one gets
   gradio's "queue is full" error instead of growing the queue.
 - gradio writes each image to its temp folder to serve it: every DELETE_CACHE[0] s, the files older than
