@@ -194,6 +194,13 @@ def test_a_tiny_guided_run_trains_the_guidance_input_and_the_heads_take_w(mini_a
     ckpt = sorted((out / "checkpoints").iterdir())[-1]
     heads = load_file(str(next(ckpt.glob("pool*.safetensors"))))
     assert any(k.endswith("guidance.weight") for k in heads)
+    # stopped half way and resumed: bitwise the straight run (the projection's optimiser group included)
+    half = tmp_path / "half"
+    distill(tiny_cfg("student.guidance=[1,3]", "max_images=8"), adapter, pairs, half, progress=False)
+    distill(tiny_cfg("student.guidance=[1,3]"), adapter, pairs, half, resume=True, progress=False)
+    name = "student/unet/diffusion_pytorch_model.safetensors"
+    straight, resumed = load_file(str(out / name)), load_file(str(half / name))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 @pytest.mark.parametrize("overrides, match", [
