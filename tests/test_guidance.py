@@ -1,7 +1,7 @@
 """The guidance knob at one step (docs/method.md §10): w reaches the student UNet as diffusers' `timestep_cond`, a zero
 projection leaves the student bitwise unguided at initialisation, pairs store and return each row's w (made by the
-teacher at that w), the heads take w, a stock diffusers pipeline reproduces `generate --guidance W`, and bad input
-is one line before any model loads."""
+teacher at that w), the heads take w, a guided run resumes bitwise, a stock diffusers pipeline reproduces
+`generate --guidance W`, and bad input is one line before any model loads."""
 
 from __future__ import annotations
 
