@@ -261,3 +261,10 @@ def test_the_guidance_projection_trains_at_its_own_learning_rate(tiny_teacher, t
     assert [g["lr"] for g in opt.param_groups] == [lr / 2, 10 * lr / 2]
     plain = tiny_cfg()
     assert len(student_param_groups(tiny_teacher.unet, plain)) == 1  # an unguided run keeps its one group
+
+
+def test_a_w_outside_the_trained_range_is_one_warning(guided_student, tmp_path, capsys):
+    assert main(["generate", "--model", str(guided_student / "student"), "--prompt", "a photo of a bag",
+                 "--guidance", "8", "--out", str(tmp_path / "o")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "nitrofusion" in line]
+    assert len(err) == 1 and "outside the range [1, 5]" in err[0]

@@ -32,9 +32,9 @@ def evaluate_mini(model: str, steps: list[int], out: Path, samples: int = 2000, 
         raise NitroFusionError("--samples must be at least 10")
     started = time.time()
     unet = shift = None
-    if model != "teacher":  # a wrong path, or --guidance for an unguided student, fails before the held-out pairs
+    if model != "teacher":  # a wrong path, or --guidance for an unguided student, fails before any model loads
+        guidance = student_guidance(Path(model), guidance)
         _, unet, shift = load_mini_student(Path(model))
-        guidance = student_guidance(Path(model), unet, guidance)
     adapter = MiniAdapter(load_teacher(teacher))
     if guidance is not None:
         adapter.sampler = dataclasses.replace(adapter.sampler, guidance_scale=guidance)

@@ -40,17 +40,19 @@ def guidance_settings(path: Path) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def student_guidance(path: Path, unet: UNet2DConditionModel, w: float | None) -> float | None:
+def student_guidance(path: Path, w: float | None, warn: bool = True) -> float | None:
     """The w to sample `path`'s student at: `w`, or the student's default; None for an unguided student, which
-    refuses a `w` in one line. A w outside the trained range is extrapolation: allowed, with a warning."""
+    refuses a `w` in one line. Read from the folder's JSON files, before any weight loads. A w outside the trained
+    range is extrapolation: allowed, with a warning."""
     settings = guidance_settings(path)
-    if unet.config.time_cond_proj_dim is None or settings is None:
+    config = json.loads((student_folder(path) / "unet" / "config.json").read_text())
+    if config.get("time_cond_proj_dim") is None or settings is None:
         if w is not None:
             raise NitroFusionError(f"--guidance {w:g}: {path} was trained without student.guidance, so its guidance "
                                    "scale is fixed; drop --guidance, or distil with student.guidance=[w_min, w_max]")
         return None
     lo, hi = settings["range"]
-    if w is not None and not lo <= w <= hi:
+    if warn and w is not None and not lo <= w <= hi:
         print(f"nitrofusion: warning: --guidance {w:g} is outside the range [{lo:g}, {hi:g}] {path} was trained on; "
               "its images there are extrapolation", file=sys.stderr)
     return float(settings["default"]) if w is None else float(w)
@@ -62,8 +64,8 @@ def generate_images(model_path: Path, prompts: list[str], steps: int, seed: int,
     """Image i (prompts repeated num_per_prompt times) takes its x_T and its re-noising noise from a generator
     seeded seed + i, as on the SDXL path: one image does not depend on the others in its batch. `guidance`: a
     guided student's w (default: its own)."""
+    w = student_guidance(model_path, guidance)
     adapter, unet, shift = load_mini_student(model_path)
-    w = student_guidance(model_path, unet, guidance)
     prompts = [p for p in prompts for _ in range(num_per_prompt)]
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     x_T = torch.cat([torch.randn((1, *adapter.latent_shape()), generator=g) for g in gens])

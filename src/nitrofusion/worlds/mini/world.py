@@ -91,10 +91,10 @@ class MiniWorld(World):
 
     def generate_to_folder(self, model: Path, prompts: list[str], steps: int, seed: int, out: Path,
                            options: GenerateOptions) -> list[Path]:
-        from .generate import generate_to_folder, student_folder, unknown_prompts
+        from .generate import generate_to_folder, student_guidance, unknown_prompts
 
         self.check_options(model, options)
-        student_folder(model)  # a wrong path is the one line, before any warning
+        student_guidance(model, options.guidance, warn=False)  # a wrong path, or --guidance without a knob: one line
         unknown = unknown_prompts(prompts)
         if unknown:
             print(f"nitrofusion: warning: {len(unknown)} prompt(s) outside the mini world's 10 class prompts (e.g. "
@@ -110,8 +110,8 @@ class MiniWorld(World):
         from .generate import guidance_settings, load_mini_student, student_guidance
 
         self.check_options(model, options)
+        default_w = student_guidance(model, options.guidance)
         adapter, unet, shift = load_mini_student(model)
-        default_w = student_guidance(model, unet, options.guidance)
 
         @torch.no_grad()
         def run(prompt: str, steps: int, seed: int, guidance: float | None = None) -> Image.Image:
