@@ -29,7 +29,8 @@ def scale_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype = torch.float3
     """[B, dim] sinusoidal embedding of w * 1000 (VDM's): diffusers pipelines' `get_guidance_scale_embedding`,
     which they call on guidance_scale - 1 (`timestep_cond`)."""
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=dtype) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=dtype) * -step).to(w.device)
     angles = (w * 1000.0).to(dtype)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
     return nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
@@ -41,8 +42,7 @@ def timestep_cond(unet: nn.Module, cond: Cond, dtype: torch.dtype) -> torch.Tens
     dim = getattr(getattr(unet, "config", None), "time_cond_proj_dim", None)
     if dim is None or KEY not in cond:
         return None
-    w = cond[KEY].float()
-    return scale_embedding(w.cpu() - 1, dim).to(device=w.device, dtype=dtype)
+    return scale_embedding(cond[KEY].float() - 1, dim).to(dtype)  # on w's device: no host sync per UNet call
 
 
 def prompt_only(cond: Cond) -> Cond:

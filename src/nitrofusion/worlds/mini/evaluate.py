@@ -31,7 +31,6 @@ def evaluate_mini(model: str, steps: list[int], out: Path, samples: int = 2000, 
     if samples < 10:
         raise NitroFusionError("--samples must be at least 10")
     started = time.time()
-    unet = shift = None
     if model != "teacher":  # a wrong path, or --guidance for an unguided student, fails before any model loads
         guidance = student_guidance(Path(model), guidance)
         _, unet, shift = load_mini_student(Path(model))

@@ -34,19 +34,19 @@ def load_mini_student(path: Path) -> tuple[MiniAdapter, UNet2DConditionModel, in
 
 
 def guidance_settings(path: Path) -> dict | None:
-    """A guided student's {"range": [w_min, w_max], "default": w} (docs/method.md §10); None for a student frozen at
-    its teacher's one guidance scale."""
-    file = student_folder(path) / GUIDANCE_FILE
-    return json.loads(file.read_text()) if file.is_file() else None
+    """A guided student's {"range": [w_min, w_max], "default": w} (docs/method.md §10), read from its folder's JSON
+    files before any weight loads; None for a student frozen at its teacher's one guidance scale."""
+    folder = student_folder(path)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    file = folder / GUIDANCE_FILE
+    return json.loads(file.read_text()) if file.is_file() and config.get("time_cond_proj_dim") else None
 
 
 def student_guidance(path: Path, w: float | None, warn: bool = True) -> float | None:
     """The w to sample `path`'s student at: `w`, or the student's default; None for an unguided student, which
-    refuses a `w` in one line. Read from the folder's JSON files, before any weight loads. A w outside the trained
-    range is extrapolation: allowed, with a warning."""
+    refuses a `w` in one line. A w outside the trained range is extrapolation: allowed, with a warning."""
     settings = guidance_settings(path)
-    config = json.loads((student_folder(path) / "unet" / "config.json").read_text())
-    if config.get("time_cond_proj_dim") is None or settings is None:
+    if settings is None:
         if w is not None:
             raise NitroFusionError(f"--guidance {w:g}: {path} was trained without student.guidance, so its guidance "
                                    "scale is fixed; drop --guidance, or distil with student.guidance=[w_min, w_max]")
