@@ -1,6 +1,8 @@
-"""Two CPU processes under `accelerate launch` (DDP over gloo): head sampling, pool refresh and the
-head updates must be identical on every rank, or the ranks train different discriminators; a stop signal to one
-rank stops both at the same step, and the run resumes exactly."""
+"""Two CPU processes of one DDP job over gloo: head sampling, pool refresh and the head updates must be identical on
+every rank, or the ranks train different discriminators; a stop signal to one rank stops both at the same step, and
+the run resumes exactly. The reference run is a real `accelerate launch`; the others are the same script in ranks
+forked from the test process (tests/forked.py: real processes, real collectives and signals, without 3 interpreter
+starts per run)."""
 
 import os
 import signal
@@ -11,6 +13,7 @@ import time
 
 import pytest
 import torch
+from forked import fork_ranks, wait_ranks
 from ports import free_port
 from safetensors.torch import load_file
 
@@ -51,20 +54,33 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _start(tmp_path, *sets) -> subprocess.Popen:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "train.py").write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(tmp_path / "train.py"), str(tmp_path), *sets]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _launch(tmp_path, *sets):
-    proc = _start(tmp_path, *sets)
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
+    """The script under a real `accelerate launch --multi_gpu` of 2 CPU processes."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "train.py").write_text(SCRIPT)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(tmp_path / "train.py"), str(tmp_path), *sets]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _results(tmp_path)
+
+
+def _fork(tmp_path, *sets) -> list[int]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return fork_ranks(SCRIPT, [str(tmp_path), *sets], ENV, free_port(), tmp_path)
+
+
+def _forked(tmp_path, *sets):
+    codes = wait_ranks(_fork(tmp_path, *sets))
+    assert codes == [0, 0], [(tmp_path / f"rank{i}.err").read_text()[-3000:] for i in (0, 1)]
+    return _results(tmp_path)
+
+
+def _results(tmp_path):
     return [load_file(str(tmp_path / f"rank{i}.safetensors")) for i in (0, 1)]
 
 
@@ -88,23 +104,24 @@ def test_two_processes_keep_bitwise_identical_pools_and_a_stopped_sharded_run_re
     assert len(log) == 2 and '"images": 32' in log[-1]
 
     zero = tmp_path / "zero"
-    proc = _start(zero, "student_optim.zero=true")
+    pids = _fork(zero, "student_optim.zero=true")
     deadline = time.time() + 300
-    while not (zero / "pid1").exists() and proc.poll() is None and time.time() < deadline:
+    while not (zero / "pid1").exists() and time.time() < deadline:
         time.sleep(0.05)
+    assert (zero / "pid1").exists(), (zero / "rank1.err").read_text()[-3000:]
     os.kill(int((zero / "pid1").read_text()), signal.SIGUSR1)  # before step 1 ends: the stop comes after it
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode != 0, "the launcher reports the ranks' requeue exit as a failure"
+    err = [(zero / f"rank{i}.err").read_text()[-3000:] for i in (0, 1)]
+    assert wait_ranks(pids) == [75, 75], err  # both ranks exit with the requeue status
     stopped = [(zero / f"stopped{i}").read_text() for i in (0, 1)]
-    assert "stopped by SIGUSR1 after step 1 (16 images)" in stopped[1], err[-3000:]
+    assert "stopped by SIGUSR1 after step 1 (16 images)" in stopped[1], err
     assert "stopped by a signal to another process after step 1 (16 images)" in stopped[0]
     assert [p.name for p in (zero / "run" / "checkpoints").iterdir()] == ["step-00000001"]
-    assert (zero / "run" / "preempted.json").is_file()  # the launcher's status says "failed"; this says why
+    assert (zero / "run" / "preempted.json").is_file()  # a launcher's status says "failed"; this says why
     optim = torch.load(zero / "run" / "checkpoints" / "step-00000001" / "optim.pt", weights_only=True)
     n_params = sum(1 for k in plain[0] if k.startswith("student."))
     assert len(optim["g"]["state"]) == n_params  # the checkpoint holds every rank's shard, consolidated
 
-    r0, r1 = _launch(zero, "student_optim.zero=true", "RESUME")
+    r0, r1 = _forked(zero, "student_optim.zero=true", "RESUME")
     for k in plain[0]:
         assert torch.equal(r0[k], plain[0][k]) and torch.equal(r1[k], plain[0][k]), k
 
@@ -112,4 +129,4 @@ def test_two_processes_keep_bitwise_identical_pools_and_a_stopped_sharded_run_re
 @pytest.mark.slow
 def test_two_processes_keep_bitwise_identical_lora_students(tmp_path):
     """DDP averages a LoRA student's adapter gradients only; pools and adapters stay identical on both ranks."""
-    _identical(*_launch(tmp_path, "student.kind=lora", "student.rank=4", "student_optim.lr=1e-3", "max_images=32"))
+    _identical(*_forked(tmp_path, "student.kind=lora", "student.rank=4", "student_optim.lr=1e-3", "max_images=32"))
