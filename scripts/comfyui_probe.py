@@ -44,7 +44,7 @@ def unet_call(base_model, inp, y):
     cast = {"dtype": dtype}
     with torch.autocast("cpu", enabled=False):
         return base_model.diffusion_model(inp["x"].to(**cast), inp["t249"], context=inp["context"].to(**cast),
-                                          y=y.to(**cast)).float()
+                                          y=None if y is None else y.to(**cast)).float()
 
 
 def main() -> None:
@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--inputs", required=True, help="safetensors written by check_comfyui.py")
     ap.add_argument("--lora", action="append", default=[], help="NAME=FILE, repeatable")
     ap.add_argument("--shift", type=int, required=True)
+    ap.add_argument("--family", default="sdxl", choices=["sdxl", "sd15", "sd2"])
     ap.add_argument("--out", required=True, help="safetensors of ComfyUI's outputs; a .json report beside it")
     args = ap.parse_args()
 
@@ -91,28 +92,31 @@ def main() -> None:
 
     inp = load_file(args.inputs)
     out: dict[str, torch.Tensor] = {}
+    xl = args.family == "sdxl"
     size = dict(width=int(inp["size"][1]), height=int(inp["size"][0]))
-    y = base_model.encode_adm(pooled_output=inp["pooled"], **size)
-    out["y"] = y
+    y = base_model.encode_adm(pooled_output=inp["pooled"], **size) if xl else None  # SD 1.x/2.x: no vector input
+    if y is not None:
+        out["y"] = y
+    dtype = base_model.get_dtype()
     with torch.no_grad():
         for name in ("t999", "t249"):
             t = inp[name]
-            out[f"unet_{name}"] = base_model.diffusion_model(inp["x"].to(base_model.get_dtype()), t,
-                                                             context=inp["context"].to(base_model.get_dtype()),
-                                                             y=y.to(base_model.get_dtype())).float()
+            out[f"unet_{name}"] = base_model.diffusion_model(inp["x"].to(dtype), t, context=inp["context"].to(dtype),
+                                                             y=None if y is None else y.to(dtype)).float()
 
         # one sampling step through the authors' node, as their workflow does (lcm sampler, cfg 1)
         spec = importlib.util.spec_from_file_location("timestep_shift_node", Path(args.node) / "node.py")
         node = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(node)
         shifted = node.TimestepShiftModel().shift_model_timestep(model.clone(), args.shift)[0]
-        cond = [[inp["context"], {"pooled_output": inp["pooled"], **size}]]
+        cond = [[inp["context"], {"pooled_output": inp["pooled"], **size} if xl else {}]]
         latent = torch.zeros_like(inp["noise"])
         sample = comfy.sample.sample(shifted, inp["noise"], 1, 1.0, "lcm", "sgm_uniform", cond, cond, latent,
                                      disable_pbar=True, seed=0)
         out["sample_1step"] = sample.float()  # ComfyUI's latent space: already divided by the scaling factor
         out["vae_decode"] = vae.decode(inp["vae_latent"]).float()  # [B, H, W, 3] in [0, 1]
-        for name in ("clip_l", "clip_g"):  # last hidden state for the same token ids (tokenizers differ)
+        names = {"sdxl": ("clip_l", "clip_g"), "sd15": ("clip_l",), "sd2": ("clip_h",)}[args.family]
+        for name in names:  # last hidden state for the same token ids (tokenizers differ)
             encoder = getattr(clip.cond_stage_model, name).transformer
             out[f"text_{name}"] = encoder(input_tokens=inp["token_ids"].long(), dtype=torch.float32)[0].float()
 
@@ -120,6 +124,10 @@ def main() -> None:
     # Reload the UNet alone with fp16 weights (computed in fp32 by ComfyUI's manual cast) and patch that.
     del model, shifted, clip, vae, base_model
     gc.collect()
+    if not args.lora:
+        save_file({k: v.contiguous() for k, v in out.items()}, args.out)
+        Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        return
     model = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=False,
                                                   model_options={"dtype": torch.float16})[0]
     recorder.take()

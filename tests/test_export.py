@@ -377,3 +377,46 @@ def test_a_full_disk_during_an_export_is_one_line_and_leaves_nothing(run, tmp_pa
     assert list(tmp_path.iterdir()) == []
     monkeypatch.delenv("NITROFUSION_DISK_FULL_AT")
     assert main(argv) == 0 and out.exists()
+
+
+def test_an_sd2_single_file_carries_vit_h_s_24th_block_as_an_exact_identity():
+    """Released SD 2.x files hold all 24 blocks of OpenCLIP ViT-H's text tower (ComfyUI and stable-diffusion.cpp
+    build 24); diffusers keeps 23. The export adds the 24th with zero weights: diffusers' converter skips it, and a
+    24-block encoder loaded from the file computes the 23-block encoder's last hidden state bit for bit."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from nitrofusion.worlds.pipelines.export import (
+        OPEN_CLIP_H_BLOCKS,
+        SD2_CLIP_PREFIX,
+        open_clip_from_hf,
+        with_identity_last_block,
+    )
+
+    def encoder(layers: int) -> CLIPTextModel:
+        return CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                                            num_hidden_layers=layers, vocab_size=64, max_position_embeddings=77,
+                                            hidden_act="gelu")).eval()
+
+    torch.manual_seed(0)
+    short = encoder(OPEN_CLIP_H_BLOCKS - 1)
+    tower = with_identity_last_block(open_clip_from_hf(short.state_dict()))
+    last = f"transformer.resblocks.{OPEN_CLIP_H_BLOCKS - 1}."
+    added = {k: v for k, v in tower.items() if k.startswith(last)}
+    assert len(added) == 12 and all(not v.any() for v in added.values())
+    # diffusers' own converter, under the SD 2 prefix, gives back exactly the 23 blocks
+    back = convert_open_clip_checkpoint(short, {SD2_CLIP_PREFIX + k: v for k, v in tower.items()})
+    own = short.state_dict()
+    back = {k if k in own else k.removeprefix("text_model."): v for k, v in back.items()}
+    assert all(torch.equal(back[k], v) for k, v in own.items() if not k.endswith("position_ids"))
+    # a 24-block encoder with the file's weights (another prefix keeps the 24th block) is the same function
+    full = encoder(OPEN_CLIP_H_BLOCKS)
+    weights = convert_open_clip_checkpoint(full, {"tower." + k: v for k, v in tower.items()}, prefix="tower.")
+    missing, unexpected = full.load_state_dict(
+        {k if k in full.state_dict() else k.removeprefix("text_model."): v for k, v in weights.items()}, strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing)
+    ids = torch.randint(0, 64, (2, 77))
+    with torch.no_grad():
+        assert torch.equal(full(ids).last_hidden_state, short(ids).last_hidden_state)
+    assert with_identity_last_block(open_clip_from_hf(encoder(2).state_dict())).keys() == \
+        open_clip_from_hf(encoder(2).state_dict()).keys()  # only ViT-H's 23-block tower is completed

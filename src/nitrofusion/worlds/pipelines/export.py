@@ -265,10 +265,29 @@ def pipeline_to_original(pipe) -> dict[str, torch.Tensor]:
         sd.update({CLIP_L_PREFIX + k: v for k, v in _with_text_model(text).items()})
         sd.update({CLIP_G_PREFIX + k: v for k, v in open_clip_from_hf(pipe.text_encoder_2.state_dict()).items()})
     elif layout == "sd2":
-        sd.update({SD2_CLIP_PREFIX + k: v for k, v in open_clip_from_hf(text).items()})
+        sd.update({SD2_CLIP_PREFIX + k: v for k, v in with_identity_last_block(open_clip_from_hf(text)).items()})
     else:
         sd.update({SD1_CLIP_PREFIX + k: v for k, v in _with_text_model(text).items()})
     return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+OPEN_CLIP_H_BLOCKS = 24  # OpenCLIP ViT-H's text tower, as the released SD 2.x files carry it
+
+
+def with_identity_last_block(tower: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD 2.x conditions on ViT-H's penultimate layer, so diffusers' folders keep 23 of its 24 blocks; ComfyUI and
+    stable-diffusion.cpp build all 24 (and read the penultimate output). The missing block is written with zero
+    weights: both LayerNorms then output 0, so the attention and MLP branches add exactly 0 and the block is the
+    identity. Every key loads, and a tool that did read the last layer would get diffusers' output bit for bit.
+    diffusers' converter skips this block (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE)."""
+    blocks = {int(k.split(".")[2]) for k in tower if k.startswith("transformer.resblocks.")}
+    if len(blocks) != OPEN_CLIP_H_BLOCKS - 1:  # a tiny test encoder, or a folder that already has all 24
+        return tower
+    last = max(blocks)
+    head = f"transformer.resblocks.{last}."
+    added = {f"transformer.resblocks.{last + 1}.{k[len(head):]}": torch.zeros_like(v)
+             for k, v in tower.items() if k.startswith(head)}
+    return {**tower, **added}
 
 
 def original_to_diffusers(sd: dict[str, torch.Tensor], pipe) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,0 +1,384 @@
+"""Does stable-diffusion.cpp load and sample what `nitrofusion export` writes? A manual check, not part of CI (the
+binding builds from source in about 10 minutes; a full-size model takes minutes per family on a CPU).
+
+    python -m venv sdcpp-venv && sdcpp-venv/bin/pip install stable-diffusion-cpp-python==0.4.7
+    python scripts/check_sdcpp.py --python sdcpp-venv/bin/python --work /tmp/sdcpp-check --family sdxl sd15
+
+Per family:
+1. builds a random-weight model of the real architecture (fp16 on disk) and exports it with
+   `export --format single-file --dtype float16`; for SDXL also random rank-4 LoRA factors written by the writer of
+   `export --format lora` (the kohya file; as scripts/check_comfyui.py);
+2. stable-diffusion.cpp (scripts/sdcpp_probe.py, run with the binding's Python) samples 256 x 256 from the single
+   file: `sample_method="lcm"`, CFG 1, the Philox ("cuda") generator, `timestep_shift=S`, and custom sigmas at our
+   1-4 step grid {999, 749, 499, 249} (sd.cpp's own `lcm` scheduler spaces 4 steps over 50, 999/759/499/259); 1 and
+   4 steps, with the weights as stored (f16) and converted to f32; the kohya LoRA at 1 step;
+3. our side loads the same single file as `nitrofusion generate` does, in fp32, and draws x_T and every re-noise
+   from a port of sd.cpp's Philox generator, so both sides sample from the same noise. Two references:
+   - "ours": our sampler as shipped (the authors' rule t' = floor(t S / 1000), x_T at unit variance);
+   - "ours, sd.cpp's conventions": t' = round(t S / 1000) and x_T scaled by sigma / sqrt(1 + sigma^2), the two
+     places where sd.cpp's sampler differs from the authors' scheduler by construction;
+4. compares the 8-bit images, writes WORK/report.json, prints a table, exits 1 if a required check fails.
+
+The prompt is empty: the random-weight encoders come with an offline tokenizer while sd.cpp tokenizes with CLIP's
+BPE, and "" is [BOS, EOS] in both, so both sides encode the same token ids (CLIP-L padded with EOS, OpenCLIP-G with
+0, as sd.cpp and diffusers' SDXL tokenizers pad). sd.cpp applies the timestep shift to SDXL only (it warns and
+samples unshifted otherwise), so an SD 1.5 file is compared unshifted, and the error of sampling a shift-250
+student that way is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SIZE = 256  # 32 x 32 latents: every block runs, minutes not hours on a CPU
+SEED = 42
+BOS, EOS = 49406, 49407  # CLIP's ids, which sd.cpp's tokenizer uses
+GRID = (999, 749, 499, 249)  # the student's 1-4 step grid (LCM's with original_inference_steps=4)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- sd.cpp's noise -----------------------------------------------------------------------------------------------
+
+def philox_randn(seed: int, offset: int, n: int) -> np.ndarray:
+    """The n normals sd.cpp's "cuda" generator returns for (seed, offset): Philox-4x32 with 10 rounds on the counter
+    (offset, 0, i, 0) and key (seed low, seed high) for element i, then one float32 Box-Muller sine of the first two
+    words. sd.cpp draws x_T at offset 0 and the sampler's k-th re-noise at offset k (one generator, seeded once)."""
+    m0, m1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    w0, w1 = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)
+    c0, c1 = np.full(n, offset, np.uint32), np.zeros(n, np.uint32)
+    c2, c3 = np.arange(n, dtype=np.uint32), np.zeros(n, np.uint32)
+    k0 = np.full(n, seed & 0xFFFFFFFF, np.uint32)
+    k1 = np.full(n, (seed >> 32) & 0xFFFFFFFF, np.uint32)
+    with np.errstate(over="ignore"):
+        for r in range(10):
+            p0, p2 = c0.astype(np.uint64) * m0, c2.astype(np.uint64) * m1
+            c0, c1, c2, c3 = ((p2 >> np.uint64(32)).astype(np.uint32) ^ c1 ^ k0, p2.astype(np.uint32),
+                              (p0 >> np.uint64(32)).astype(np.uint32) ^ c3 ^ k1, p0.astype(np.uint32))
+            if r < 9:
+                k0, k1 = k0 + w0, k1 + w1
+    step = np.float32(2.3283064e-10)
+    step_2pi = step * np.float32(6.2831855)
+    u = c0.astype(np.float32) * step + step / np.float32(2)
+    v = c1.astype(np.float32) * step_2pi + step_2pi / np.float32(2)
+    return np.sqrt(np.float32(-2.0) * np.log(u)) * np.sin(v)
+
+
+def sdcpp_noise(offset: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(philox_randn(SEED, offset, int(np.prod(shape))).reshape(shape).copy())
+
+
+# ---- the models ----------------------------------------------------------------------------------------------------
+
+def build(family: str, work: Path, shift: int, rank: int) -> dict[str, Path]:
+    from nitrofusion.worlds.pipelines.export import export
+
+    if family == "sdxl":
+        from check_comfyui import build_models  # the same random SDXL, single file and LoRA as the ComfyUI check
+
+        return build_models(work, shift, rank)
+    from nitrofusion.worlds.sd.testing import build_random_sd
+
+    paths = {"base": work / "base", "single": work / "model.safetensors"}
+    if not paths["base"].exists():
+        log("building a random full-size SD 1.5 (fp16 on disk)")
+        build_random_sd(paths["base"], "sd1", seed=0, size="full", dtype=torch.float16)
+    if not paths["single"].exists():
+        log("export --format single-file --dtype float16")
+        export(paths["base"], "single-file", paths["single"], shift=shift, dtype=torch.float16)
+    return paths
+
+
+def sigmas(alphas_cumprod: torch.Tensor, steps: int) -> str:
+    """sd.cpp's custom sigma list for our grid: sigma_t = sqrt((1 - abar_t) / abar_t), then 0."""
+    grid = GRID[:: 4 // steps] if steps in (1, 2, 4) else GRID[:steps]
+    a = alphas_cumprod[list(grid)].double()
+    return ",".join(f"{s:.9g}" for s in ((1 - a) / a).sqrt().tolist()) + ",0"
+
+
+# ---- our side ------------------------------------------------------------------------------------------------------
+
+def _ggml_table(fn):
+    """ggml's CPU GELU / quick-GELU: the input rounded to fp16, looked up in an fp16 table of the function (the
+    tanh form of GELU), beyond |x| >= 10 the limits."""
+    def act(x: torch.Tensor, *_, **__) -> torch.Tensor:
+        y = fn(x.half().float()).half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
+    return act
+
+
+@contextlib.contextmanager
+def ggml_activations():
+    """Our models with stable-diffusion.cpp's activations (ggml's table GELU in the UNet's GEGLU and OpenCLIP-G,
+    table quick-GELU in CLIP-L): what is left between the two sides is then summation order alone."""
+    import torch.nn.functional as F
+    from diffusers.models.activations import GEGLU
+    from transformers.activations import GELUActivation, QuickGELUActivation
+
+    gelu = _ggml_table(lambda x: F.gelu(x, approximate="tanh"))
+    quick = _ggml_table(lambda x: x * torch.sigmoid(1.702 * x))
+    saved = (GEGLU.gelu, GELUActivation.forward, QuickGELUActivation.forward)
+    GEGLU.gelu = lambda self, gate: gelu(gate)
+    GELUActivation.forward = lambda self, x: gelu(x)
+    QuickGELUActivation.forward = lambda self, x: quick(x)
+    try:
+        yield
+    finally:
+        GEGLU.gelu, GELUActivation.forward, QuickGELUActivation.forward = saved
+
+
+def encode_empty_prompt(pipe, family: str) -> dict:
+    """The UNet's text inputs for the empty prompt from the token ids sd.cpp builds ([BOS, EOS] then padding)."""
+    ids_l = torch.tensor([[BOS, EOS] + [EOS] * 75])
+    with torch.no_grad():
+        if family == "sd15":  # SD 1.x: CLIP-L's last layer after its final norm
+            return {"encoder_hidden_states": pipe.text_encoder(ids_l).last_hidden_state}
+        ids_g = torch.tensor([[BOS, EOS] + [0] * 75])
+        hidden_l = pipe.text_encoder(ids_l, output_hidden_states=True).hidden_states[-2]
+        out_g = pipe.text_encoder_2(ids_g, output_hidden_states=True)
+        pooled = pipe.text_encoder_2.text_projection(out_g.last_hidden_state[:, 1])  # at the EOS token
+        time_ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=torch.float32)
+        return {"encoder_hidden_states": torch.cat([hidden_l, out_g.hidden_states[-2]], dim=-1),
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+
+def sample(pipe, cond: dict, steps: int, shift: int, sdcpp_conventions: bool) -> torch.Tensor:
+    """Our 1-4 step sampler with sd.cpp's noise: x0 from the scheduler's own step, re-noised to the next unshifted
+    t with the k-th Philox draw (what LCMScheduler.step does with its generator's noise). Returns the latent."""
+    sch = pipe.scheduler
+    sch.set_timesteps(steps)
+    if sdcpp_conventions:
+        sch.timesteps = (sch.unshifted_timesteps.double() * shift / 1000).round().long().clamp(0, 999)
+    abar = sch.alphas_cumprod
+    shape = (1, 4, SIZE // 8, SIZE // 8)
+    x = sdcpp_noise(0, shape)
+    if sdcpp_conventions:  # sd.cpp starts from sigma_max * noise and feeds c_in(sigma) * x to the UNet
+        x = x * (1 - abar[sch.unshifted_timesteps[0]]).sqrt()
+    with torch.no_grad():
+        for i, t in enumerate(sch.timesteps):
+            eps = pipe.unet(x, t, **cond).sample
+            x = sch.step(eps, t, x).denoised
+            if i + 1 < len(sch.timesteps):
+                a = abar[sch.unshifted_timesteps[i + 1]]
+                x = a.sqrt() * x + (1 - a).sqrt() * sdcpp_noise(i + 1, shape)
+    return x
+
+
+def to_image(pipe, latent: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        image = pipe.vae.decode(latent / pipe.vae.config.scaling_factor).sample
+    return (pipe.image_processor.postprocess(image, output_type="np")[0] * 255).round().astype(np.uint8)
+
+
+def references(family: str, paths: dict[str, Path], shift: int, work: Path) -> None:
+    """Our images for every case, saved as WORK/ours/*.png (run in a child process: its fp32 model is gone
+    before sd.cpp loads its own)."""
+    from PIL import Image
+
+    from nitrofusion.worlds.pipelines.pipeline import load_pipeline
+
+    out = work / "ours"
+    out.mkdir(exist_ok=True)
+    log("our side: the single file loaded as `generate` loads it (fp32)")
+    pipe = load_pipeline(paths["single"], base=paths["base"], shift=shift, dtype=torch.float32, log=log)
+    cond = encode_empty_prompt(pipe, family)
+    abar = pipe.scheduler.alphas_cumprod
+    (work / "sigmas.json").write_text(json.dumps({n: sigmas(abar, n) for n in (1, 4)}))
+    with torch.no_grad():  # the check's own loop at 1 step IS the shipped pipeline at 1 step
+        call = {"prompt_embeds": cond["encoder_hidden_states"], "num_inference_steps": 1, "height": SIZE,
+                "width": SIZE, "output_type": "latent", "latents": sdcpp_noise(0, (1, 4, SIZE // 8, SIZE // 8))}
+        if family == "sdxl":
+            call.update(pooled_prompt_embeds=cond["added_cond_kwargs"]["text_embeds"], guidance_scale=1.0)
+        else:
+            call.update(guidance_scale=1.0)
+        shipped = pipe(**call).images
+    loop = sample(pipe, cond, 1, shift, False)
+    gap = float((loop - shipped).abs().max())
+    if gap > 1e-5:
+        raise SystemExit(f"the check's sampler differs from the shipped pipeline at 1 step (max {gap:.2e})")
+
+    def save(name: str, c: dict, steps: int, s: int, conventions: bool) -> None:
+        if not (out / f"{name}.png").exists():  # a rerun computes only what is missing
+            Image.fromarray(to_image(pipe, sample(pipe, c, steps, s, conventions))).save(out / f"{name}.png")
+
+    for steps in (1, 4):
+        save(f"ours-{steps}", cond, steps, shift, False)
+        save(f"conv-{steps}", cond, steps, shift, True)
+    with ggml_activations():
+        ggml_cond = encode_empty_prompt(pipe, family)
+        for steps in (1, 4):
+            save(f"ggml-{steps}", ggml_cond, steps, shift, True)
+    if family == "sd15":  # what sd.cpp does with any SD 1.x file: no shift (t' = t)
+        pipe.scheduler.register_to_config(shifted_timestep=1000)
+        for steps in (1, 4):
+            save(f"noshift-{steps}", cond, steps, 1000, True)
+        with ggml_activations():
+            for steps in (1, 4):
+                save(f"ggml-noshift-{steps}", ggml_cond, steps, 1000, True)
+    if "lora" in paths:
+        from safetensors.torch import load_file, save_file
+
+        pipe.load_lora_weights(str(paths["lora"]), weight_name="kohya_lora.safetensors", adapter_name="kohya")
+        save("conv-lora-1", cond, 1, shift, True)
+        with ggml_activations():
+            save("ggml-lora-1", ggml_cond, 1, shift, True)
+        pipe.delete_adapters("kohya")
+        # sd.cpp 0.4.7 names kohya keys by splitting at "_", so it cannot place time_embed / label_emb: the same
+        # LoRA without those 4 layers is what it can apply
+        kept = {k: v for k, v in load_file(str(paths["lora"] / "kohya_lora.safetensors")).items()
+                if "_time_embed_" not in k and "_label_emb_" not in k}
+        save_file(kept, str(out / "kohya_lora_no_embeddings.safetensors"))
+        pipe.load_lora_weights(str(out), weight_name="kohya_lora_no_embeddings.safetensors", adapter_name="part")
+        with ggml_activations():
+            save("ggml-lora-noemb-1", ggml_cond, 1, shift, True)
+    (out / "done.json").write_text(json.dumps({"loop_vs_pipeline_max_abs": gap}))
+    log(f"our side done (the check's loop equals the shipped pipeline at 1 step: max |diff| {gap:.1e})")
+
+
+# ---- sd.cpp's side and the comparison -----------------------------------------------------------------------------
+
+def probe_plan(family: str, paths: dict[str, Path], shift: int, work: Path, threads: int) -> dict:
+    sig = json.loads((work / "sigmas.json").read_text())
+    sdcpp_shift = shift if family == "sdxl" else 0  # sd.cpp ignores (and warns about) a shift on SD 1.x
+
+    def case(name: str, steps: int, prompt: str = "") -> dict:
+        return {"name": name, "prompt": prompt, "width": SIZE, "height": SIZE, "seed": SEED, "cfg_scale": 1.0,
+                "sample_method": "lcm", "steps": steps, "sigmas": sig[str(steps)], "timestep_shift": sdcpp_shift}
+
+    models = []
+    for wtype in ("f32", "default"):
+        cases = [case(f"{wtype}-1", 1), case(f"{wtype}-4", 4)]
+        if "lora" in paths:
+            cases.append(case(f"{wtype}-lora-1", 1, "<lora:kohya_lora:1>"))
+        model = {"name": wtype, "checkpoint": str(paths["single"]), "wtype": wtype, "cases": cases}
+        if "lora" in paths:
+            model["lora_dir"] = str(paths["lora"])
+        models.append(model)
+    return {"threads": threads, "models": models}
+
+
+def load_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+def image_error(a: np.ndarray, b: np.ndarray) -> dict:
+    d = np.abs(a - b)
+    mse = float((d.astype(np.float64) ** 2).mean())
+    return {"mean_abs": round(float(d.mean()), 3), "max_abs": int(d.max()),
+            "over_2_levels": round(float((d > 2).mean()), 4),
+            "psnr_db": round(10 * np.log10(255**2 / mse), 1) if mse > 0 else float("inf")}
+
+
+def compare(family: str, work: Path, shift: int) -> list[dict]:
+    """Required: sd.cpp in f32 against our sampler with sd.cpp's conventions and its activations (ggml's table
+    GELUs): then only summation order differs, so the mean error must stay under half an 8-bit level and no pixel
+    may move more than 8. Informational: with our own activations, our sampler as shipped (the rounding and x_T
+    scale), and sd.cpp's f16 weights (f16 activations inside its matmuls)."""
+    ours, got = work / "ours", work / "sdcpp"
+    rows = []
+
+    def row(check: str, mine: str, theirs: str, required: bool) -> None:
+        a, b = load_png(ours / f"{mine}.png"), load_png(got / f"{theirs}.png")
+        err = image_error(a, b)
+        ok = err["mean_abs"] < 0.5 and err["max_abs"] <= 8
+        rows.append({"check": check, "ok": ok, "required": required, "pixel_std": round(float(b.std()), 1), **err})
+
+    unshifted = "" if family == "sdxl" else "noshift-"
+    for steps in (1, 4):
+        row(f"{steps} step, sd.cpp f32 vs ours with sd.cpp's conventions and activations",
+            f"ggml-{unshifted}{steps}", f"f32-{steps}", True)
+        row(f"{steps} step, sd.cpp f32 vs ours with sd.cpp's conventions", f"conv-{steps}" if not unshifted
+            else f"noshift-{steps}", f"f32-{steps}", False)
+        shipped = "ours as shipped" + ("" if family == "sdxl" else f" (shift {shift}; sd.cpp samples unshifted)")
+        row(f"{steps} step, sd.cpp f32 vs {shipped}", f"ours-{steps}", f"f32-{steps}", False)
+        row(f"{steps} step, sd.cpp f16 (as stored) vs ours with sd.cpp's conventions and activations",
+            f"ggml-{unshifted}{steps}", f"default-{steps}", False)
+    if (ours / "ggml-lora-1.png").exists():
+        base_a = load_png(ours / "ggml-1.png")
+        for mine, what, required in (("ggml-lora-noemb-1", "without the 4 embedding layers sd.cpp cannot place",
+                                      True), ("ggml-lora-1", "whole", False)):
+            for wtype in ("f32", "default"):
+                a, b = load_png(ours / f"{mine}.png"), load_png(got / f"{wtype}-lora-1.png")
+                effect = (a - base_a).astype(np.float64)
+                diff = (b - load_png(got / f"{wtype}-1.png")) - effect
+                rel = float(np.linalg.norm(diff) / max(np.linalg.norm(effect), 1e-12))
+                rows.append({"check": f"kohya LoRA at 1 step, sd.cpp {wtype}, vs ours {what}: error of the LoRA's "
+                             "effect", "ok": rel < 0.05, "required": required and wtype == "f32",
+                             "rel_l2_err": round(rel, 4), "effect_mean_abs": round(float(np.abs(effect).mean()), 2),
+                             **image_error(a, b)})
+    return rows
+
+
+def run_family(family: str, args) -> dict:
+    work = args.work / family
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "ours" / "done.json").exists():  # building and our references in a child: this process stays
+        subprocess.run([sys.executable, __file__, "--python", args.python, "--work", str(args.work), "--shift",
+                        str(args.shift), "--rank", str(args.rank), "--family", family, "--references-only"],
+                       check=True)  # small while sd.cpp holds its own copy of the model
+    paths = build(family, work, args.shift, args.rank)
+    plan = probe_plan(family, paths, args.shift, work, args.threads)
+    (work / "plan.json").write_text(json.dumps(plan, indent=2))
+    log(f"stable-diffusion.cpp side ({family})")
+    if not (work / "sdcpp" / "probe.json").exists():  # a rerun keeps sd.cpp's images
+        with open(work / "sdcpp.log", "w") as err:
+            subprocess.run([args.python, str(Path(__file__).with_name("sdcpp_probe.py")), "--plan",
+                            str(work / "plan.json"), "--out", str(work / "sdcpp")], check=True, stderr=err)
+    probe = json.loads((work / "sdcpp" / "probe.json").read_text())
+    text = (work / "sdcpp.log").read_text(errors="replace")
+    notable = sorted({line.strip()[:200] for line in text.splitlines()
+                      if any(k in line for k in ("[WARN", "[ERROR", "Version:", "version", "unknown tensor",
+                                                 "lora", "shift"))})
+    return {"binding": probe["binding"], "load_and_sample_s": probe["models"], "log": notable[:40],
+            "our_loop_vs_shipped_pipeline_1_step": json.loads((work / "ours" / "done.json").read_text()),
+            "checks": compare(family, work, args.shift)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="check that stable-diffusion.cpp loads nitrofusion's exports")
+    ap.add_argument("--python", required=True, help="a Python with stable-diffusion-cpp-python installed")
+    ap.add_argument("--work", required=True, type=Path)
+    ap.add_argument("--family", nargs="+", default=["sdxl", "sd15"], choices=["sdxl", "sd15"])
+    ap.add_argument("--shift", type=int, default=250)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=-1, help="sd.cpp's threads (default: its own choice)")
+    ap.add_argument("--references-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if not 0 <= args.shift <= 1000:
+        ap.error(f"--shift {args.shift} is outside [0, 1000]: NitroSD-Realism uses 250, -Vibrant 500")
+    if args.references_only:
+        family = args.family[0]
+        references(family, build(family, args.work / family, args.shift, args.rank), args.shift,
+                   args.work / family)
+        return 0
+    report = {"shift": args.shift, "size": SIZE, "seed": SEED, "families": {}}
+    for family in args.family:
+        report["families"][family] = run_family(family, args)
+    (args.work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    ok = True
+    for family, result in report["families"].items():
+        print(f"\n{family}: stable-diffusion-cpp-python {result['binding']}")
+        print("| check | ok | mean abs (8-bit levels) | max abs | PSNR dB | detail |\n|---|---|---|---|---|---|")
+        for r in result["checks"]:
+            detail = f"LoRA effect error {r['rel_l2_err']:.3f}" if "rel_l2_err" in r else ""
+            print(f"| {r['check']}{'' if r['required'] else ' (informational)'} | {'yes' if r['ok'] else 'NO'} | "
+                  f"{r['mean_abs']} | {r['max_abs']} | {r['psnr_db']} | {detail} |")
+            ok &= r["ok"] or not r["required"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
