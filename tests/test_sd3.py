@@ -220,9 +220,168 @@ def test_bad_input_is_one_line_and_writes_no_student(sd3, tiny_sdxl, tmp_path, c
 
 def test_other_export_formats_are_refused_in_one_line(sd3, tmp_path, capsys):
     _, _, run = sd3
-    assert main(["export", str(run), "--format", "single-file", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert main(["export", str(run), "--format", "lora", "--out", str(tmp_path / "x"), "--rank", "4"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "not implemented for SD3 models; use --format diffusers" in err and len(err.splitlines()) == 1
+    assert "not implemented for SD3 models; use --format diffusers" in err and "--format single-file" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def sd3_file(sd3, tmp_path_factory):
+    """(the run's single-file export, what `export` printed)."""
+    import contextlib
+    import io
+
+    _, _, run = sd3
+    path = tmp_path_factory.mktemp("sd3-file") / "nitro-sd3.safetensors"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["export", str(run), "--format", "single-file", "--out", str(path)]) == 0
+    return path, out.getvalue()
+
+
+def test_single_file_export_has_the_original_layout_and_converts_back_bitwise(sd3, sd3_file):
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from safetensors import safe_open
+
+    from nitrofusion.worlds import world_of_model
+    from nitrofusion.worlds.pipelines.pipeline import SHIFT_METADATA_KEY
+
+    folder, _, run = sd3
+    path, printed = sd3_file
+    sd = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    prefixes = {"model.diffusion_model.", "first_stage_model.", "text_encoders.clip_l.transformer.",
+                "text_encoders.clip_g.transformer."}  # no T5: the tiny pipeline has none
+    assert all(k.startswith(tuple(prefixes)) for k in sd) and all(any(k.startswith(p) for k in sd) for p in prefixes)
+    mmdit = {k.removeprefix("model.diffusion_model.") for k in sd if k.startswith("model.diffusion_model.")}
+    assert {"pos_embed", "x_embedder.proj.weight", "t_embedder.mlp.2.bias", "y_embedder.mlp.0.weight",
+            "context_embedder.weight", "joint_blocks.0.x_block.attn.qkv.weight",
+            "joint_blocks.0.x_block.attn.proj.bias", "joint_blocks.0.context_block.adaLN_modulation.1.weight",
+            "joint_blocks.3.x_block.mlp.fc2.weight", "final_layer.linear.weight",
+            "final_layer.adaLN_modulation.1.bias"} <= mmdit
+    assert not any(k.startswith("joint_blocks.3.context_block.mlp") for k in mmdit)  # the last text stream ends early
+    assert sd["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"].shape == (96, 32)  # q, k, v packed
+    assert meta[SHIFT_METADATA_KEY] == "250" and meta["modelspec.architecture"] == "stable-diffusion-v3-medium"
+    assert meta["nitrofusion.sampling"].startswith("TimestepShiftFlowScheduler, shifted_timestep=250")
+    assert "exact for all 369 tensors" in printed and "CLIP-L's text_projection is not the identity" in printed
+    assert world_of_model(path).name == "sd3"
+    # diffusers' converter and its from_single_file (offline, local configs) give back the run's transformer bitwise
+    student = load_file(str(run / "student" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(sd))
+    assert back.keys() == student.keys() and all(torch.equal(back[k], student[k]) for k in student)
+    loaded = SD3Transformer2DModel.from_single_file(str(path), config=str(run / "student"), subfolder="transformer",
+                                                    local_files_only=True).state_dict()
+    assert loaded.keys() == student.keys() and all(torch.equal(loaded[k], student[k]) for k in student)
+    vae = AutoencoderKL.from_single_file(str(path), config=str(folder), subfolder="vae", local_files_only=True)
+    teacher_vae = load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in teacher_vae.items())
+
+
+def test_generate_from_the_single_file_is_the_runs_bitwise(sd3, sd3_file, tmp_path):
+    folder, _, run = sd3
+    # one image per call: batch-1 products are where a weight's alignment in memory changes the rounding
+    ours = generate(run, tmp_path / "run", "--batch-size", "1", steps=1)
+    from_file = generate(sd3_file[0], tmp_path / "file", "--base", str(folder), "--height", "64", "--width", "64",
+                         "--batch-size", "1", steps=1)
+    assert all(np.array_equal(a, b) for a, b in zip(from_file, ours, strict=True))
+
+
+def test_single_file_refusals_and_failures_are_one_line_and_leave_nothing(sd3, sd3_file, tmp_path, capsys,
+                                                                         monkeypatch):
+    from nitrofusion import faults
+
+    _, _, run = sd3
+    for out, needle in ((tmp_path / "x.ckpt", "writes a .safetensors file; --out"),
+                        (sd3_file[0], "already exists; remove it or choose another --out")):
+        before = out.stat().st_mtime_ns if out.exists() else None
+        assert main(["export", str(run), "--format", "single-file", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+        assert (out.stat().st_mtime_ns if out.exists() else None) == before
+    faults.reset()  # the disk fills once the file is written, before its rename into place
+    monkeypatch.setenv("NITROFUSION_DISK_FULL_AT", "export-write")
+    out = tmp_path / "full.safetensors"
+    assert main(["export", str(run), "--format", "single-file", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot write the export to {out} (No space left on device" in err and len(err.splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_single_file_with_a_base_of_the_other_family_is_one_line(sd3, sd3_file, tiny_sdxl, tmp_path, capsys):
+    folder, _, _ = sd3
+    sdxl_file = tmp_path / "sdxl.safetensors"
+    assert main(["export", str(tiny_sdxl), "--format", "single-file", "--shift", "250", "--out", str(sdxl_file)]) == 0
+    capsys.readouterr()
+    cases = [(sd3_file[0], tiny_sdxl, "is an SD3 transformer but --base {} is an SDXL pipeline "
+                                      "(StableDiffusionXLPipeline)"),
+             (sdxl_file, folder, "is a UNet with cross-attention width 64 but --base {} is an SD3 pipeline "
+                                 "(StableDiffusion3Pipeline)")]
+    for model, base, needle in cases:
+        out = tmp_path / f"out-{model.stem}"
+        assert main(["generate", "--model", str(model), "--base", str(base), "--prompt", "a", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{model} {needle.format(base)}" in err and len(err.splitlines()) == 1, err
+        assert not list(out.glob("*.png"))
+
+
+def test_the_transformer_map_holds_sd3_and_both_sd35_layouts():
+    """SD3 (no q/k norm), SD3.5 Large (RMS q/k norms) and SD3.5 Medium (MMDiT-X: dual attention in the image
+    stream) in miniature: the original names, and diffusers' converter gives every tensor back bitwise."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from nitrofusion.worlds.sd3.export import architecture, transformer_to_original
+    from nitrofusion.worlds.sd3.testing import sd3_transformer_config
+
+    variants = [({}, "stable-diffusion-v3-medium", set()),
+                ({"qk_norm": "rms_norm"}, "stable-diffusion-v3.5-large",
+                 {"joint_blocks.1.context_block.attn.ln_k.weight"}),
+                ({"qk_norm": "rms_norm", "dual_attention_layers": (0,)}, "stable-diffusion-v3.5-medium",
+                 {"joint_blocks.0.x_block.attn2.qkv.weight", "joint_blocks.0.x_block.attn2.ln_q.weight",
+                  "joint_blocks.0.x_block.attn2.proj.bias"})]
+    for extra, arch, keys in variants:
+        torch.manual_seed(0)
+        model = SD3Transformer2DModel(**(sd3_transformer_config(2) | extra))
+        state = model.state_dict()
+        original = transformer_to_original(state, model.config)
+        assert architecture(model.config) == arch and keys <= original.keys()
+        assert not any("attn2" in k for k in original if k.startswith("joint_blocks.1."))
+        back = convert_sd3_transformer_checkpoint_to_diffusers({"model.diffusion_model." + k: v
+                                                                for k, v in original.items()})
+        assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state), arch
+
+
+def test_t5_goes_in_under_its_own_prefix_and_diffusers_loads_it_back(tmp_path):
+    """A pipeline with T5 (the tiny test pipeline has none): text_encoders.t5xxl.transformer.*, its tied embedding
+    under both names (diffusers' T5 loader needs both), checked by the export's own round trip."""
+    from types import SimpleNamespace
+
+    from diffusers.loaders.single_file_utils import create_diffusers_t5_model_from_checkpoint
+    from transformers import T5Config, T5EncoderModel
+
+    from nitrofusion.worlds.sd3.export import pipeline_to_original, verify_round_trip
+    from nitrofusion.worlds.sd3.pipeline import load_pipeline
+    from nitrofusion.worlds.sd3.testing import build_random_sd3
+
+    folder = build_random_sd3(tmp_path / "sd3", layers=2)
+    pipe = load_pipeline(folder, shift=250)
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=2)).eval()
+    t5.save_pretrained(tmp_path / "config" / "text_encoder_3")
+    parts = {n: getattr(pipe, n) for n in ("transformer", "vae", "text_encoder", "text_encoder_2")}
+    with_t5 = SimpleNamespace(**parts, text_encoder_3=t5)
+    sd = pipeline_to_original(with_t5)
+    t5_keys = {k.removeprefix("text_encoders.t5xxl.transformer.") for k in sd if k.startswith("text_encoders.t5xxl.")}
+    assert t5_keys == set(t5.state_dict()) and {"shared.weight", "encoder.embed_tokens.weight"} <= t5_keys
+    assert verify_round_trip(sd, with_t5) == verify_round_trip(pipeline_to_original(pipe), pipe) + len(t5_keys)
+    loaded = create_diffusers_t5_model_from_checkpoint(T5EncoderModel, sd, config=str(tmp_path / "config"),
+                                                       subfolder="text_encoder_3", local_files_only=True).eval()
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).last_hidden_state, t5(ids).last_hidden_state)
 
 
 def test_a_transformer_weights_file_generates_through_base(sd3, tmp_path):

@@ -122,14 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for PNG files and grid.png")
     p.set_defaults(func=cmd_generate)
 
-    p = command(sub, "export", "export an SDXL, SD or SD3 student as a diffusers folder, or (SDXL, SD) an "
-                       "original-layout single file (A1111/ComfyUI) or a LoRA of student - base")
+    p = command(sub, "export", "export an SDXL, SD or SD3 student as a diffusers folder or an original-layout "
+                       "single file (A1111/ComfyUI), or (SDXL, SD) a LoRA of student - base")
     p.add_argument("model", help="SDXL, SD or SD3 run folder (or student folder / exported folder / UNet file with "
                    "--base)")
     p.add_argument("--format", required=True, help="diffusers, single-file or lora")
     p.add_argument("--out", required=True, help="folder (diffusers, lora) or .safetensors file (single-file); "
                    "must not exist")
-    p.add_argument("--base", help="base SDXL or SD pipeline folder (default: the run's teacher folder)")
+    p.add_argument("--base", help="base SDXL, SD or SD3 pipeline folder (default: the run's teacher folder)")
     p.add_argument("--shift", type=int, help="timestep shift for a UNet file without one")
     p.add_argument("--rank", type=int, help="LoRA rank of the SVD extraction from a full student (e.g. 64); a LoRA "
                    "run exports its trained adapters and takes no --rank")

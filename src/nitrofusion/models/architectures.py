@@ -64,19 +64,52 @@ def check_family(state: dict[str, torch.Tensor], unet_config: dict, what: str, b
                                "give a base of the same family (or a file made for this base)")
 
 
-def is_dit_weights(path: Path) -> bool:
-    """Whether a .safetensors file holds an SD3 transformer (diffusers keys, `transformer.`-prefixed or not): its
-    header names a context embedder, which no UNet has. Reads the header only."""
+ORIGINAL_MMDIT_KEY = "model.diffusion_model.joint_blocks."  # the original (Stability AI / ComfyUI) SD3 layout
+
+
+def _header(path: Path) -> dict[str, list[int]] | None:
+    """A .safetensors file's tensor names and shapes, from its header alone (whole even when the file was cut
+    short after it); None if it is no safetensors file."""
     if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    from safetensors import safe_open
+        return None
+    from .weights import safetensors_header
 
     try:
-        with safe_open(str(path), "pt") as f:
-            keys = f.keys()  # a safe_open handle is not iterable
-            return any(k.removeprefix("transformer.") == "context_embedder.weight" for k in keys)
-    except Exception:  # noqa: BLE001 - not a readable safetensors file: not ours to claim
-        return False
+        header, _ = safetensors_header(path)
+    except NitroFusionError:  # not a safetensors file: not ours to claim
+        return None
+    return {k: v.get("shape", []) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+
+
+def is_dit_weights(path: Path) -> bool:
+    """Whether a .safetensors file holds an SD3 transformer: diffusers keys (`transformer.`-prefixed or not), whose
+    context embedder no UNet has, or the original layout's joint blocks (a single file, text encoders and VAE
+    included). Reads the header only."""
+    return _is_dit(_header(path) or {})
+
+
+def _is_dit(keys) -> bool:
+    return any(k.removeprefix("transformer.") == "context_embedder.weight" or k.startswith(ORIGINAL_MMDIT_KEY)
+               for k in keys)
+
+
+def check_file_base(path: Path, base: Path, family) -> None:
+    """A weights file given with --base must be of the base's family (`family`: worlds/pipelines/family.py's): an
+    SD3 transformer with an SD3 pipeline, a UNet with an SDXL or SD one. One line naming both, from the file's
+    header, before any weights load."""
+    shapes = _header(path)
+    if shapes is None:
+        return  # a torch file or an unreadable one: its loader says what it is
+    dit = _is_dit(shapes)
+    if dit == (family.world == "sd3"):
+        return
+    base_text = f"--base {base} is {family.article} {family.label} pipeline ({family.pipeline})"
+    if dit:
+        raise NitroFusionError(f"{path} is an SD3 transformer but {base_text}: give the SD3 pipeline it belongs to")
+    width = next((s[1] for k, s in shapes.items() if k.endswith(_CROSS_ATTENTION_KEYS) and len(s) >= 2), None)
+    what = (f"a UNet checkpoint of {FAMILIES[width]} (cross-attention width {width})" if width in FAMILIES else
+            family_name(width) if width is not None else "not an SD3 transformer")
+    raise NitroFusionError(f"{path} is {what} but {base_text}: give the SDXL or SD pipeline it belongs to")
 
 
 def unet_level_channels(config: dict) -> list[int]:

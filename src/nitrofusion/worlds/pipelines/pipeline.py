@@ -26,7 +26,7 @@ import torch
 
 from ...dtypes import safetensors_dtype
 from ...errors import NitroFusionError, describe
-from ...models.architectures import check_family, is_lora
+from ...models.architectures import check_family, check_file_base, is_lora
 from ...models.weights import check_same_layout, read_weights_file
 from ...sampling.spec import MAX_SEED, check_generate_values, check_seed, check_steps  # noqa: F401 - check_seed re-exported
 from .family import Family, check_pipeline_folder, family_named, family_of_unet_config
@@ -136,6 +136,8 @@ def resolve(model: str | Path, base: str | Path | None = None) -> ModelRef:
         if not ref.base.is_dir():
             raise NitroFusionError(f"base pipeline folder not found: {ref.base}")
         ref.family = check_pipeline_folder(ref.base, ref.family, "base folder")
+        if kind == "file":  # an SD3 transformer needs an SD3 base, a UNet an SDXL or SD one
+            check_file_base(path, ref.base, ref.family)
     elif kind == "pipeline":
         ref.family = check_pipeline_folder(path, None, "pipeline folder")
     return ref

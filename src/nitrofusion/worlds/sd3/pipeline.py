@@ -2,7 +2,8 @@
 `StableDiffusion3Pipeline` with the student transformer and `TimestepShiftFlowScheduler`, and its export as a
 diffusers folder. A model is a run folder (the text encoders and VAE come from its teacher folder unless `base`),
 a student folder (transformer/ + scheduler/) with `base`, an exported pipeline folder, or a transformer weights
-file with `base`. Generation is the UNet families' `generate_images` (worlds/sdxl/pipeline.py).
+file with `base` (diffusers keys, or the original layout that `export --format single-file` writes: export.py).
+Generation is the UNet families' `generate_images` (worlds/sdxl/pipeline.py).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from pathlib import Path
 import torch
 
 from ...errors import NitroFusionError, describe
+from ..pipelines.family import SD3
 from ..pipelines.pipeline import SHIFT_METADATA_KEY, ModelRef, generate_images, need_base, quiet_loading, resolve
 from ..pipelines.pipeline import load_scheduler as base_load_scheduler
 
 SCHEDULER_ENTRY = ["nitrofusion", "TimestepShiftFlowScheduler"]
 __all__ = ["export_diffusers", "generate_images", "load_pipeline"]  # generate_images: the shared one
 OPTIONAL_TEXT = ("text_encoder_3", "tokenizer_3")  # T5: SD3's pipeline runs without it (zeros in its place)
+MMDIT_PREFIX = "model.diffusion_model."  # the MMDiT's part of an original-layout single file (export.py)
 
 
 def absent_text_parts(folder: Path) -> dict:
@@ -27,16 +30,58 @@ def absent_text_parts(folder: Path) -> dict:
     return {name: None for name in OPTIONAL_TEXT if not (index.get(name) or [None])[0]}
 
 
+def read_transformer_state(path: Path) -> dict[str, torch.Tensor]:
+    """An SD3 transformer's diffusers state dict from a weights file: diffusers keys (`transformer.`-prefixed or
+    not), or the original layout (a bare MMDiT, or a single file whose model.diffusion_model.* part alone is read:
+    its VAE and text encoders stay on disk), converted by diffusers' own converter."""
+    from ...models.architectures import ORIGINAL_MMDIT_KEY
+    from ...models.weights import read_weights
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        check_whole(path)
+
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+            if any(k.startswith(ORIGINAL_MMDIT_KEY) for k in keys):
+                state = {k: f.get_tensor(k) for k in keys if k.startswith(MMDIT_PREFIX)}
+                return _from_original(state, path)
+    state = read_weights(path)
+    if any(k.startswith("joint_blocks.") for k in state):  # a bare original-layout MMDiT
+        return _from_original(state, path)
+    return {k.removeprefix("transformer."): v for k, v in state.items()}
+
+
+def _from_original(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    try:
+        return convert_sd3_transformer_checkpoint_to_diffusers(state)
+    except (KeyError, IndexError, ValueError, RuntimeError) as e:  # the converter indexes the keys it expects
+        raise NitroFusionError(f"{path} is not a complete original-layout SD3 transformer ({describe(e)})") from None
+
+
+def check_whole(path: Path) -> None:
+    """A cut-short .safetensors file (an interrupted download) is one line, not the reader's error."""
+    from ...models.weights import safetensors_problem
+
+    problem = safetensors_problem(path)
+    if problem:
+        raise NitroFusionError(f"cannot read transformer weights: {problem}; fetch or write the file again")
+
+
 def transformer_from_file(ref: ModelRef, dtype: torch.dtype):
-    """An SD3 transformer weights file (diffusers keys) in the architecture of the base folder's transformer."""
+    """An SD3 transformer weights file (diffusers keys or the original layout) in the architecture of the base
+    folder's transformer."""
     from accelerate import init_empty_weights
     from diffusers import SD3Transformer2DModel
 
-    from ...models.weights import check_same_layout, read_weights
+    from ...models.weights import check_same_layout
 
     base = need_base(ref, "an SD3 transformer weights file")
     config = SD3Transformer2DModel.load_config(base / "transformer")
-    state = {k.removeprefix("transformer."): v for k, v in read_weights(ref.path).items()}
+    state = read_transformer_state(ref.path)
     with init_empty_weights():
         model = SD3Transformer2DModel.from_config(config)
     check_same_layout(model.state_dict(), state, f"transformer weights {ref.path}", "the base's SD3 transformer")
@@ -45,9 +90,14 @@ def transformer_from_file(ref: ModelRef, dtype: torch.dtype):
 
 
 def file_shift(ref: ModelRef) -> int | None:
-    from ...models.weights import read_weights_file
+    """The shift in a .safetensors file's metadata (its header alone: a single file is gigabytes)."""
+    if ref.kind != "file" or ref.path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
 
-    meta = read_weights_file(ref.path)[1] if ref.kind == "file" else {}
+    check_whole(ref.path)
+    with safe_open(str(ref.path), "pt") as f:
+        meta = f.metadata() or {}
     return int(meta[SHIFT_METADATA_KEY]) if SHIFT_METADATA_KEY in meta else None
 
 
@@ -76,10 +126,14 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
     guidance_scale=0 (no classifier-free guidance, docs/method.md §5), or use `generate_images`."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    ref = resolve(model, base)
+    ref = resolve(model, base)  # a weights file of another family than its --base is refused there
     if ref.kind == "pipeline" and ref.base is not None:
         raise NitroFusionError(f"{ref.path} is a complete pipeline folder; --base applies to run and student "
                                "folders only")
+    if ref.base is not None and ref.family is not SD3:  # a file of another family is refused in resolve
+        f = ref.family
+        raise NitroFusionError(f"{ref.path} holds an SD3 transformer but --base {ref.base} is {f.article} {f.label} "
+                               f"pipeline ({f.pipeline}): give the SD3 pipeline it belongs to")
     dtype = dtype or torch.float32
     parts = {"scheduler": load_scheduler(ref, shift)}
     folder = ref.path
@@ -101,7 +155,19 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
         raise NitroFusionError(f"cannot load the SD3 pipeline in {folder} ({describe(e)})") from None
     pipe.set_progress_bar_config(disable=True)
     pipe.nitrofusion_resolution = ref.resolution
+    if torch.device(device).type == "cpu":  # moving to a GPU allocates afresh anyway
+        own_memory(pipe)
     return pipe.to(device)
+
+
+def own_memory(pipe) -> None:
+    """Every weight in its own fresh allocation instead of wherever its file put it: MKL's batch-1 matrix-vector
+    product rounds differently for a weight that is not 16-byte aligned, so the same transformer read from a run
+    folder and from a single file would give images that differ in the last bit."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            for t in (*module.parameters(), *module.buffers()):  # tied weights are one Parameter: copied once
+                t.data = t.data.clone()
 
 
 def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None = None, shift: int | None = None,

@@ -27,7 +27,7 @@ class SD3World(PipelineWorld):
     bench yet."""
 
     name = "sd3"
-    export_formats = ("diffusers",)
+    export_formats = ("diffusers", "single-file")
     supported_options = ("--base", "--shift", "--height", "--width", "--dtype")
     examples = EXAMPLES
 
@@ -108,14 +108,27 @@ class SD3World(PipelineWorld):
 
     def export(self, model: str, fmt: str, out: str, options: dict) -> list[str]:
         from ...dtypes import parse_dtype
-        from .pipeline import export_diffusers
 
         if fmt not in self.export_formats:
             raise NitroFusionError(f"export --format {fmt} is not implemented for SD3 models; use --format diffusers "
-                                   "(a StableDiffusion3Pipeline folder)")
-        export_diffusers(model, out, base=options.get("base"), shift=options.get("shift"),
-                         dtype=parse_dtype(options.get("dtype")))
-        return [f"exported to {out}"]
+                                   "(a StableDiffusion3Pipeline folder) or --format single-file (the original SD3 "
+                                   "layout)")
+        base, shift, dtype = options.get("base"), options.get("shift"), parse_dtype(options.get("dtype"))
+        if fmt == "diffusers":
+            from .pipeline import export_diffusers
+
+            export_diffusers(model, out, base=base, shift=shift, dtype=dtype)
+            return [f"exported to {out}"]
+        from .export import export_single_file
+
+        r = export_single_file(model, out, base=base, shift=shift, dtype=dtype)
+        lines = [f"{r['tensors']} tensors in the original {r['architecture']} layout"
+                 f"{'' if r['t5'] else ' (no T5: the pipeline has none)'}; round trip through diffusers' converters "
+                 f"exact for all {r['round_trip_checked']} tensors; sample with shift {r['shift']}, 1-4 steps, no CFG"]
+        if not r["clip_l_projection_identity"]:
+            lines.append("note: CLIP-L's text_projection is not the identity; loaders of this layout (diffusers' "
+                         "from_single_file, ComfyUI) pool CLIP-L without it, so their prompt embedding differs")
+        return lines + [f"exported to {out}"]
 
     def transfer(self, student: str, base: str, custom: str, out: str, options: dict) -> list[str]:
         raise NitroFusionError("transfer applies to UNet families (SDXL, SD); SD3 is not supported yet")
