@@ -328,7 +328,12 @@ def verify_round_trip(sd: dict[str, torch.Tensor], pipe) -> int:
     for marker in TEXT_MARKERS[text_layout(pipe)]:
         if CHECKPOINT_KEY_NAMES[marker] not in sd:
             raise NitroFusionError(f"single-file export lacks '{CHECKPOINT_KEY_NAMES[marker]}'")
-    back = original_to_diffusers(sd, pipe)
+    return components_match(original_to_diffusers(sd, pipe), pipe)
+
+
+def components_match(back: dict[str, dict[str, torch.Tensor]], pipe) -> int:
+    """Every component diffusers' converters gave back must be the pipeline's own, key for key, dtype and bits
+    (any family). Returns the number of tensors checked."""
     checked = 0
     for name, converted in back.items():
         own = {k: v for k, v in getattr(pipe, name).state_dict().items() if not k.endswith("position_ids")}
