@@ -206,8 +206,9 @@ def test_the_app_generator(sd3):
      "sd3.taps [5] out of range: a tapped block must be below sd3.backbone_blocks (3)"),
     (["--preset", "sd3-tiny", "--teacher", "SD3", "--set", "sd3.backbone_blocks=9", "--set", "sd3.taps=[8]"],
      "sd3.backbone_blocks 9 is more than the teacher's 4 transformer blocks"),
-    (["--preset", "sd3-tiny", "--teacher", "SD3", "--set", "student.kind=lora"],
-     "student.kind lora is not implemented for world 'sd3' yet"),
+    (["--preset", "sd3-tiny", "--teacher", "SD3", "--set", "student.kind=lora", "--set",
+      "student.targets=[to_q,conv1]"],
+     "student.targets: 'conv1' matches no layer of the transformer; valid names include"),
 ])
 def test_bad_input_is_one_line_and_writes_no_student(sd3, tiny_sdxl, tmp_path, capsys, argv, needle):
     folder, prompts, _ = sd3
@@ -218,12 +219,15 @@ def test_bad_input_is_one_line_and_writes_no_student(sd3, tiny_sdxl, tmp_path, c
     assert not (tmp_path / "run" / "student").exists()
 
 
-def test_other_export_formats_are_refused_in_one_line(sd3, tmp_path, capsys):
+def test_a_full_students_lora_export_is_refused_in_one_line(sd3, tmp_path, capsys):
+    from nitrofusion.worlds import world_named
+
     _, _, run = sd3
     assert main(["export", str(run), "--format", "lora", "--out", str(tmp_path / "x"), "--rank", "4"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "not implemented for SD3 models; use --format diffusers" in err and "--format single-file" in err
+    assert f"{run} is not an SD3 LoRA run" in err and "is implemented for the UNet families (SDXL, SD) only" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "x").exists()
+    assert world_named("sd3").export_formats_for(run) == ("diffusers", "single-file")
 
 
 @pytest.fixture(scope="module")
@@ -406,3 +410,217 @@ def test_options_of_the_unet_families_are_refused_in_one_line(sd3, tmp_path, cap
     assert main(["generate", "--model", str(run), "--prompt", "a", "--fast", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "--fast does not apply to" in err and "sd3-world model; drop it" in err and len(err.splitlines()) == 1
+
+
+# ---- LoRA students: adapters on the teacher's own transformer -------------------------------------------------
+
+LORA = ("student.kind=lora", "student.rank=4", "student.alpha=8", "student_optim.lr=1e-2")
+# world sd3's default targets, as module paths inside a joint block
+ADAPTED = {"attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+           "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+           "ff_context.net.2"}
+
+
+def _lora_cfg(folder, prompts, *sets):
+    from nitrofusion import config
+    from nitrofusion.distill_config import DistillConfig
+
+    return config.build(DistillConfig, "distill", "sd3-tiny", [f"teacher={folder}", f"prompts.source={prompts}",
+                                                                 *LORA, *sets])
+
+
+@pytest.fixture(scope="module")
+def sd3_lora(sd3, tmp_path_factory):
+    """(the adapter the LoRA runs share, their teacher pairs, a LoRA run): trained in this process, as the CLI
+    trains, so the teacher module itself can be looked at after the run."""
+    from nitrofusion.data.pair_cache import training_data
+    from nitrofusion.training import distill
+    from nitrofusion.worlds import world_named
+    from nitrofusion.worlds.sd3.adapter import SD3Adapter
+
+    folder, prompts, _ = sd3
+    cfg = _lora_cfg(folder, prompts)
+    adapter = SD3Adapter(folder, cfg.sd3)
+    data = training_data(cfg, adapter, world_named("sd3").prompts(cfg, verbose=False))
+    run = tmp_path_factory.mktemp("sd3-lora") / "run"
+    distill(cfg, adapter, data, run, progress=False)
+    return adapter, data, run
+
+
+def _last_checkpoint(run, part="student"):
+    return load_file(str(sorted((run / "checkpoints").iterdir())[-1] / f"{part}.safetensors"))
+
+
+def test_a_lora_student_is_the_teachers_transformer_and_only_its_adapters_train(sd3, sd3_lora):
+    from nitrofusion import config
+    from nitrofusion.distill_config import DistillConfig
+    from nitrofusion.models.student import has_lora, remove_lora, trainable_state
+    from nitrofusion.training import build_student
+    from nitrofusion.worlds.sd3.config import SD3_LORA_TARGETS
+
+    folder, _, _ = sd3
+    adapter, _, run = sd3_lora
+    # after the run the adapter's transformer is the plain teacher again: bitwise the teacher folder's file
+    teacher = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    now = adapter.teacher_unet.state_dict()
+    assert not has_lora(adapter.teacher_unet) and now.keys() == teacher.keys()
+    assert all(torch.equal(now[k], teacher[k]) for k in teacher)
+    # the student IS that module with fp32 adapters on the world's default targets; only the adapters need grads
+    cfg = config.load(DistillConfig, run / "config.yaml")
+    assert cfg.student.targets == SD3_LORA_TARGETS
+    storage = {p.data_ptr() for p in adapter.teacher_unet.parameters()}
+    student = build_student(cfg, adapter)
+    try:
+        assert student is adapter.teacher_unet
+        lora = trainable_state(student)
+        assert {n for n, p in student.named_parameters() if p.requires_grad} == set(lora)
+        assert all(p.dtype == torch.float32 for p in lora.values())
+        assert {p.data_ptr() for n, p in student.named_parameters() if n not in lora} == storage
+        assert {n.split(".lora_")[0].split(".", 2)[2] for n in lora} == ADAPTED
+        names = set(lora)
+    finally:
+        remove_lora(student)
+    # what the run trained and saved: the adapters alone. B starts at zero and moved wherever a gradient reaches:
+    # everywhere but the last block's text-query projection, whose text outputs that (context_pre_only) block drops
+    saved = _last_checkpoint(run)
+    assert saved.keys() == names
+    idle = {k for k, v in saved.items() if ".lora_B." in k and not torch.count_nonzero(v)}
+    assert idle == {"transformer_blocks.3.attn.add_q_proj.lora_B.nitrofusion.weight"}
+    # the run's student/transformer (adapters merged) differs from the teacher in the adapted layers' weights only
+    merged = load_file(str(run / "student" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    moved = {k for k in teacher if not torch.equal(merged[k], teacher[k])}
+    assert {k.removesuffix(".weight").split(".", 2)[2] for k in moved} == ADAPTED
+    assert all(k.endswith(".weight") for k in moved)
+
+
+def test_a_resumed_lora_run_reaches_the_uninterrupted_runs_adapters(sd3, sd3_lora, tmp_path):
+    from nitrofusion.training import distill
+
+    folder, prompts, _ = sd3
+    adapter, data, run = sd3_lora
+    distill(_lora_cfg(folder, prompts, "max_images=4"), adapter, data, tmp_path, progress=False)
+    distill(_lora_cfg(folder, prompts), adapter, data, tmp_path, resume=True, progress=False)
+    a, b = _last_checkpoint(run), _last_checkpoint(tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (load_file(str(r / "student" / "lora" / "pytorch_lora_weights.safetensors")) for r in (run, tmp_path))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_stock_pipeline_with_the_runs_lora_is_generate_and_the_training_time_student(sd3, sd3_lora, tmp_path):
+    """Stock StableDiffusion3Pipeline of the teacher folder + load_lora_weights(run/student/lora) + the run's
+    scheduler gives generate's PNGs bit for bit; its transformer gives the training-time student's output bitwise."""
+    from nitrofusion import config
+    from nitrofusion.distill_config import DistillConfig
+    from nitrofusion.models.student import base_only, load_trainable_state, remove_lora
+    from nitrofusion.sampling.flow_scheduler import TimestepShiftFlowScheduler
+    from nitrofusion.training import build_student
+    from nitrofusion.worlds.pipelines.pipeline import image_generators
+
+    folder, _, _ = sd3
+    adapter, _, run = sd3_lora
+    ours = generate(run, tmp_path / "gen", steps=1)
+    pipe = _stock(folder)
+    pipe.load_lora_weights(str(run / "student" / "lora"))
+    pipe.scheduler = TimestepShiftFlowScheduler.from_pretrained(run / "student" / "scheduler")
+    pipe.scheduler.generator = image_generators(3, 0, 3)  # as generate seeds image i: seed 3 + i
+    with torch.no_grad():
+        stock = pipe(PROMPTS, num_inference_steps=1, guidance_scale=0.0, height=64, width=64,
+                     generator=pipe.scheduler.generator).images
+    assert all(np.array_equal(np.asarray(s), o) for s, o in zip(stock, ours, strict=True))
+    # the training-time student: the teacher module with our adapters, the last checkpoint's factors loaded
+    student = build_student(config.load(DistillConfig, run / "config.yaml"), adapter).eval()
+    try:
+        load_trainable_state(student, _last_checkpoint(run))
+        x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+        cond, t = adapter.encode_prompts(PROMPTS[:2]), torch.tensor([249, 249])
+        with torch.no_grad():
+            want = adapter.unet_call(student, x, t, cond)
+            with base_only(student):
+                plain = adapter.unet_call(student, x, t, cond)
+            got = adapter.unet_call(pipe.transformer, x, t, cond)
+    finally:
+        remove_lora(student)
+    assert torch.equal(got, want) and not torch.equal(got, plain)
+
+
+def test_export_lora_hands_on_the_runs_adapters_in_diffusers_sd3_format(sd3, sd3_lora, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from nitrofusion.worlds import world_named, world_of_model
+    from nitrofusion.worlds.pipelines.pipeline import SHIFT_METADATA_KEY
+    from nitrofusion.worlds.sd3.config import SD3_LORA_TARGETS
+
+    folder, _, _ = sd3
+    _, _, run = sd3_lora
+    assert world_named("sd3").export_formats_for(run) == ("diffusers", "single-file", "lora")
+    out = tmp_path / "lora"
+    assert main(["export", str(run), "--format", "lora", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "LoRA rank 4 (alpha 8) on" in printed
+    path = out / "pytorch_lora_weights.safetensors"
+    trained = run / "student" / "lora" / "pytorch_lora_weights.safetensors"
+    factors, given = load_file(str(path)), load_file(str(trained))  # the same tensors and header (its order aside)
+    assert factors.keys() == given.keys() and all(torch.equal(factors[k], given[k]) for k in factors)
+    with safe_open(str(path), "pt") as f, safe_open(str(trained), "pt") as g:
+        assert f.metadata() == g.metadata()
+    assert all(k.startswith("transformer.transformer_blocks.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+               for k in factors)
+    assert "transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight" in factors
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    adapter_meta = json.loads(meta["lora_adapter_metadata"])  # diffusers' own, read back by load_lora_weights
+    assert adapter_meta["transformer.r"] == 4 and adapter_meta["transformer.lora_alpha"] == 8
+    assert set(adapter_meta["transformer.target_modules"]) == set(SD3_LORA_TARGETS)
+    assert meta[SHIFT_METADATA_KEY] == "250"
+    report = json.loads((out / "lora_report.json").read_text())
+    assert report["rank"] == 4 and report["alpha"] == 8 and "exact" in report["source"]
+    assert report["lora_layers"] == len(factors) // 2 and f"on {len(factors) // 2} layers" in printed
+    # the file alone, with the teacher as --base (its shift from the metadata), generates the run's images
+    assert world_of_model(path).name == "sd3"
+    ours = generate(run, tmp_path / "run", steps=1)
+    from_file = generate(path, tmp_path / "file", "--base", str(folder), "--height", "64", "--width", "64", steps=1)
+    assert all(np.array_equal(a, b) for a, b in zip(from_file, ours, strict=True))
+    assert main(["export", str(run), "--format", "lora", "--rank", "4", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained LoRA adapters, which export hands on exactly; drop --rank" in err and len(err.splitlines()) == 1
+
+
+def test_a_lora_of_the_other_family_is_one_line_before_weights_load(sd3, sd3_lora, tiny_sdxl, tmp_path, capsys,
+                                                                    monkeypatch):
+    import diffusers
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    folder, prompts, _ = sd3
+    _, _, run = sd3_lora
+    sd3_file = run / "student" / "lora" / "pytorch_lora_weights.safetensors"
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "sdxl", unet_lora_layers=get_peft_model_state_dict(unet))
+    sdxl_file = tmp_path / "sdxl" / "pytorch_lora_weights.safetensors"
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the refusal")
+
+    for cls in (diffusers.ModelMixin, diffusers.DiffusionPipeline):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(no_loading))
+    cases = [(["generate", "--model", str(sd3_file), "--base", str(tiny_sdxl), "--prompt", "a"],
+              f"{sd3_file} is a LoRA of an SD3 transformer but --base {tiny_sdxl} is an SDXL pipeline "
+              "(StableDiffusionXLPipeline)"),
+             (["generate", "--model", str(sdxl_file), "--base", str(folder), "--prompt", "a"],
+              f"{sdxl_file} is a UNet LoRA with cross-attention width 64 but --base {folder} is an SD3 pipeline "
+              "(StableDiffusion3Pipeline)"),
+             (["distill", "--preset", "sd3-tiny", "--teacher", str(folder), "--set", "student.kind=lora",
+               "--set", f"student_init={sdxl_file}"],
+              f"student_init {sdxl_file} holds a LoRA of a UNet, but world 'sd3' trains an SD3 transformer"),
+             (["distill", "--preset", "sdxl-tiny", "--teacher", str(tiny_sdxl), "--set", "student.kind=lora",
+               "--set", f"student_init={sd3_file}"],
+              f"student_init {sd3_file} holds a LoRA of an SD3 transformer, but world 'sdxl' trains a UNet")]
+    for i, (argv, needle) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        extra = ["--prompts", str(prompts)] if argv[0] == "distill" else []
+        assert main([*argv, *extra, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+        assert not list(out.glob("*.png")) and not (out / "checkpoints").exists()

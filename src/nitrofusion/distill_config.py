@@ -11,7 +11,7 @@ from .errors import ConfigError
 from .method.config import AdversarialConfig, MultiStepConfig, PoolConfig
 from .worlds.config import check_config
 from .worlds.sd.config import SDConfig
-from .worlds.sd3.config import SD3Config
+from .worlds.sd3.config import SD3_LORA_TARGETS, SD3Config
 from .worlds.sdxl.config import SDXLConfig
 
 PIPELINE_SECTIONS = ("sdxl", "sd", "sd3")  # the config sections of the pipeline worlds, named as their world
@@ -70,7 +70,8 @@ class RealConfig:
 
 
 # LoRA targets by default: attention (self and cross: q, k, v, out), feed-forward (GEGLU in, out) and the
-# resnets' two 3x3 convolutions; PEFT matches a name or its ending after a dot
+# resnets' two 3x3 convolutions; PEFT matches a name or its ending after a dot. World sd3 has its own default
+# (worlds/sd3/config.py), put in place of this one by DistillConfig.validate
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 
 
@@ -168,6 +169,9 @@ class DistillConfig:
         return getattr(self, self.world) if self.world in PIPELINE_SECTIONS else None
 
     def validate(self) -> None:
+        if self.world == "sd3" and self.student.targets == LORA_TARGETS:
+            # the default names UNet layers (conv1, conv2) that an MMDiT lacks: an SD3 run's default is its own
+            self.student.targets = list(SD3_LORA_TARGETS)
         if self.mixed_precision == "fp16":
             raise ConfigError("mixed_precision fp16 cannot train: the adversarial step's backward passes are not "
                               "loss-scaled, so fp16 gradients would underflow; use mixed_precision=bf16 (CPUs, CUDA "

@@ -82,15 +82,17 @@ def _header(path: Path) -> dict[str, list[int]] | None:
 
 
 def is_dit_weights(path: Path) -> bool:
-    """Whether a .safetensors file holds an SD3 transformer: diffusers keys (`transformer.`-prefixed or not), whose
-    context embedder no UNet has, or the original layout's joint blocks (a single file, text encoders and VAE
-    included). Reads the header only."""
-    return _is_dit(_header(path) or {})
+    """Whether a .safetensors file holds an SD3 transformer or a LoRA of one: diffusers keys (`transformer.`-prefixed
+    or not), whose context embedder or top-level joint blocks no UNet has, or the original layout's joint blocks (a
+    single file, text encoders and VAE included). Reads the header only."""
+    return is_dit_keys(_header(path) or {})
 
 
-def _is_dit(keys) -> bool:
-    return any(k.removeprefix("transformer.") == "context_embedder.weight" or k.startswith(ORIGINAL_MMDIT_KEY)
-               for k in keys)
+def is_dit_keys(keys) -> bool:
+    # a UNet's transformer_blocks sit inside its attentions (down_blocks.N.attentions.M.transformer_blocks...),
+    # an MMDiT's at the top: that alone tells an SD3 LoRA, which has no context embedder, from a UNet LoRA
+    return any(k.removeprefix("transformer.").startswith(("context_embedder.", "transformer_blocks."))
+               or k.startswith(ORIGINAL_MMDIT_KEY) for k in keys)
 
 
 def check_file_base(path: Path, base: Path, family) -> None:
@@ -100,15 +102,22 @@ def check_file_base(path: Path, base: Path, family) -> None:
     shapes = _header(path)
     if shapes is None:
         return  # a torch file or an unreadable one: its loader says what it is
-    dit = _is_dit(shapes)
+    dit = is_dit_keys(shapes)
     if dit == (family.world == "sd3"):
         return
     base_text = f"--base {base} is {family.article} {family.label} pipeline ({family.pipeline})"
+    lora = is_lora(shapes)
     if dit:
-        raise NitroFusionError(f"{path} is an SD3 transformer but {base_text}: give the SD3 pipeline it belongs to")
+        raise NitroFusionError(f"{path} is {'a LoRA of ' if lora else ''}an SD3 transformer but {base_text}: give "
+                               "the SD3 pipeline it belongs to")
     width = next((s[1] for k, s in shapes.items() if k.endswith(_CROSS_ATTENTION_KEYS) and len(s) >= 2), None)
-    what = (f"a UNet checkpoint of {FAMILIES[width]} (cross-attention width {width})" if width in FAMILIES else
-            family_name(width) if width is not None else "not an SD3 transformer")
+    kind = "a UNet LoRA" if lora else "a UNet checkpoint"
+    if width in FAMILIES:
+        what = f"{kind} of {FAMILIES[width]} (cross-attention width {width})"
+    elif width is not None:
+        what = f"a UNet LoRA with cross-attention width {width}" if lora else family_name(width)
+    else:
+        what = "not an SD3 transformer"
     raise NitroFusionError(f"{path} is {what} but {base_text}: give the SDXL or SD pipeline it belongs to")
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import NitroFusionError, describe
-from .architectures import is_lora
+from .architectures import is_dit_keys, is_lora
 
 ADAPTER = "nitrofusion"  # the PEFT adapter name of a LoRA student
 LORA_DIR = "lora"  # run_dir/student/lora: a LoRA student's trained adapters
@@ -74,11 +74,12 @@ def check_targets(unet: nn.Module, targets: list[str]) -> None:
     """Every target names at least one layer (PEFT's rule: the full name, or its ending after a dot); PEFT
     itself only fails when NONE matches, so a typo beside a valid name would otherwise be silently dropped."""
     names = layer_names(unet)
+    network = "transformer" if hasattr(unet, "transformer_blocks") else "UNet"  # an MMDiT (world sd3) or a UNet
     for t in targets:
         if not any(n == t or n.endswith("." + t) for n in names):
             endings = sorted({n.split(".")[-1] if not n.endswith(".0") else ".".join(n.split(".")[-2:])
                               for n in names})
-            raise NitroFusionError(f"student.targets: '{t}' matches no layer of the UNet; valid names include "
+            raise NitroFusionError(f"student.targets: '{t}' matches no layer of the {network}; valid names include "
                                    f"{', '.join(endings[:12])}")
 
 
@@ -175,11 +176,20 @@ def read_init_keys(path: Path) -> list[str]:
                                "UNet .safetensors or 'teacher'") from None
 
 
-def check_init_kind(path: Path, kind: str) -> None:
-    """A full student starts from a UNet file, a LoRA student from LoRA factors: refuse the other in one line."""
-    lora_file = is_lora(dict.fromkeys(read_init_keys(path)))
+def check_init_kind(path: Path, kind: str, world: str) -> None:
+    """A full student starts from a model file, a LoRA student from LoRA factors, each of its world's network (an
+    SD3 transformer in world sd3, a UNet elsewhere): refuse the other in one line naming both."""
+    keys = dict.fromkeys(read_init_keys(path))
+    lora_file = is_lora(keys)
+    dit, wants_dit = is_dit_keys(keys), world == "sd3"
+    if dit != wants_dit:
+        held = ("a LoRA of " if lora_file else "") + ("an SD3 transformer" if dit else "a UNet")
+        raise NitroFusionError(f"student_init {path} holds {held}, but world '{world}' trains "
+                               f"{'an SD3 transformer' if wants_dit else 'a UNet'}: give a file made from this "
+                               "world's teacher, or 'teacher'")
     if kind == "lora" and not lora_file:
-        raise NitroFusionError(f"student_init {path} is a full UNet, but student.kind is lora: give a LoRA file "
+        network = "SD3 transformer" if dit else "UNet"
+        raise NitroFusionError(f"student_init {path} is a full {network}, but student.kind is lora: give a LoRA file "
                                "(export --format lora of a LoRA run) or 'teacher', or set student.kind=full")
     if kind == "full" and lora_file:
         raise NitroFusionError(f"student_init {path} holds LoRA factors, but student.kind is full: set "
@@ -187,10 +197,10 @@ def check_init_kind(path: Path, kind: str) -> None:
 
 
 def load_init_factors(model: nn.Module, factors: dict[str, torch.Tensor], path: Path) -> None:
-    """Start a LoRA student from saved PEFT factors (diffusers keys, `unet.` prefix optional)."""
+    """Start a LoRA student from saved PEFT factors (diffusers keys, `unet.` or `transformer.` prefix optional)."""
     own = trainable_state(model)
     wanted = {k.replace(f".{ADAPTER}.", "."): k for k in own}
-    given = {k.removeprefix("unet."): v for k, v in factors.items()}
+    given = {k.removeprefix("unet.").removeprefix("transformer."): v for k, v in factors.items()}
     missing = [k for k in wanted if k not in given]
     extra = [k for k in given if k not in wanted]
     shapes = [k for k in wanted if k in given and given[k].shape != own[wanted[k]].shape]
@@ -228,7 +238,7 @@ def read_student_init(cfg, header_only: bool = False) -> dict[str, torch.Tensor]
     path = Path(cfg.student_init)
     if not path.is_file():
         raise NitroFusionError(f"student_init file not found: {path}; give a .safetensors UNet or 'teacher'")
-    check_init_kind(path, cfg.student.kind)
+    check_init_kind(path, cfg.student.kind, cfg.world)
     if header_only:
         return None
     try:

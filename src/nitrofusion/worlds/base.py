@@ -147,6 +147,10 @@ class World(ABC):
     def evaluate(self, model: str, steps: list[int], out: Path, options: dict) -> list[str]:
         """The world's default evaluation of `model` at each step count, written to `out`; the lines to print."""
 
+    def export_formats_for(self, model: str | Path) -> tuple[str, ...]:
+        """What `export --format` writes for this one model (a world may offer a format to some of its models)."""
+        return self.export_formats
+
     def export(self, model: str, fmt: str, out: str, options: dict) -> list[str]:
         """Write `model` as a diffusers folder, a single file or a LoRA; the lines to print."""
         raise NitroFusionError(f"export writes diffusers, single-file and LoRA formats of SDXL-family models; {model} "

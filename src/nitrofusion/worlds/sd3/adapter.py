@@ -81,6 +81,13 @@ class SD3Adapter(PipelineParts, ModelAdapter):
     def make_backbone(self, gradient_checkpointing: bool = False) -> torch.nn.Module:
         return DiTBackbone(self.teacher_unet, self.cfg.backbone_blocks, self.cfg.taps, gradient_checkpointing)
 
+    def save_lora(self, folder: Path, factors: dict[str, torch.Tensor], unet_config, rank: int, shift: int,
+                  alpha: float, metadata: dict) -> None:
+        """diffusers' SD3 LoRA file (rank, alpha and targets are in `metadata`, diffusers' adapter metadata)."""
+        from .lora import save_lora_files
+
+        save_lora_files(folder, factors, shift, metadata)
+
     def student_scheduler(self, shift: int):
         from ...sampling.flow_scheduler import flow_student_scheduler
 

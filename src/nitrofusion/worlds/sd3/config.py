@@ -9,6 +9,12 @@ from ...errors import ConfigError
 from ...sampling.spec import SamplerSpec
 from ..pipelines.config import check_pipeline_run
 
+# A LoRA student's default targets on an MMDiT (DistillConfig puts them in place of the UNet list, whose conv1/conv2
+# no transformer has): both streams' attention projections (image: to_q/k/v, to_out.0; text: add_q/k/v_proj,
+# to_add_out) and both streams' feed-forwards; PEFT matches a name or its ending after a dot
+SD3_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+
 
 @dataclass
 class SD3Config:
@@ -39,8 +45,6 @@ class SD3Config:
 
 def check_run(cfg) -> None:
     check_pipeline_run(cfg)
-    if cfg.student.kind == "lora":
-        raise ConfigError("student.kind lora is not implemented for world 'sd3' yet; use student.kind=full")
     if cfg.sd3.sampler.name == "student":  # sampling/teacher.py's student loop is the shifted LCM one
         raise ConfigError("sd3.sampler.name student (a few-step student as the teacher) is not implemented for a "
                           "flow-matching teacher; use its own scheduler, e.g. FlowMatchEulerDiscreteScheduler")

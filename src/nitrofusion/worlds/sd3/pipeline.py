@@ -120,10 +120,25 @@ def load_scheduler(ref: ModelRef, shift: int | None):
     return base_load_scheduler(ref, shift, TimestepShiftFlowScheduler, flow_student_scheduler, file_or_given_shift)
 
 
+def lora_of(ref: ModelRef) -> Path | None:
+    """The LoRA file a model puts on its base's transformer: a LoRA run's (or its student folder's) trained adapters,
+    or a LoRA weights file; None for any other model."""
+    from ..pipelines.export import PEFT_LORA_FILE, trained_lora_dir
+    from .lora import lora_file_keys
+
+    if ref.kind == "file":
+        return ref.path if lora_file_keys(ref.path) is not None else None
+    folder = trained_lora_dir(ref)
+    return folder / PEFT_LORA_FILE if folder is not None else None
+
+
 def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int | None = None,
-                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None, merge_lora: bool = False):
     """A stock StableDiffusion3Pipeline with the student transformer and its 1-4 step scheduler; call it with
-    guidance_scale=0 (no classifier-free guidance, docs/method.md §5), or use `generate_images`."""
+    guidance_scale=0 (no classifier-free guidance, docs/method.md §5), or use `generate_images`. A LoRA run (or a
+    LoRA file) is the base's transformer with the adapters on, as diffusers' `load_lora_weights` puts them: the
+    training-time student exactly. `merge_lora`: a plain transformer instead (a run's student/transformer, merged by
+    the trainer; a LoRA file fused here), what the exports write."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     ref = resolve(model, base)  # a weights file of another family than its --base is refused there
@@ -137,8 +152,12 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
     dtype = dtype or torch.float32
     parts = {"scheduler": load_scheduler(ref, shift)}
     folder = ref.path
+    lora = lora_of(ref)
+    if lora is not None and merge_lora and ref.kind != "file":
+        lora = None  # the run's student/transformer holds the adapters merged
     if ref.kind != "pipeline":
         folder = need_base(ref, "a pipeline")
+    if ref.kind != "pipeline" and lora is None:  # with a LoRA the base's own transformer loads, adapters go on after
         try:
             parts["transformer"] = (transformer_from_file(ref, dtype) if ref.kind == "file" else
                                     SD3Transformer2DModel.from_pretrained(transformer_folder(ref), dtype=dtype))
@@ -157,6 +176,10 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
     pipe.nitrofusion_resolution = ref.resolution
     if torch.device(device).type == "cpu":  # moving to a GPU allocates afresh anyway
         own_memory(pipe)
+    if lora is not None:
+        from .lora import apply_lora
+
+        apply_lora(pipe, lora, folder, fuse=merge_lora)
     return pipe.to(device)
 
 
@@ -179,7 +202,7 @@ def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None
     out = Path(out)
     if out.exists():
         raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
-    pipe = load_pipeline(model, base=base, shift=shift, dtype=dtype)
+    pipe = load_pipeline(model, base=base, shift=shift, dtype=dtype, merge_lora=True)
     size = pipe.nitrofusion_resolution
     if size and size != pipe.transformer.config.sample_size * pipe.vae_scale_factor:
         pipe.transformer.register_to_config(sample_size=size // pipe.vae_scale_factor)  # the pipeline's default

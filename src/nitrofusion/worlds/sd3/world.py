@@ -27,7 +27,7 @@ class SD3World(PipelineWorld):
     bench yet."""
 
     name = "sd3"
-    export_formats = ("diffusers", "single-file")
+    export_formats = ("diffusers", "single-file")  # and "lora" for a LoRA run: export_formats_for
     supported_options = ("--base", "--shift", "--height", "--width", "--dtype")
     examples = EXAMPLES
 
@@ -59,7 +59,13 @@ class SD3World(PipelineWorld):
         with torch.device("meta"):
             model = SD3Transformer2DModel.from_config(json.loads((folder / "transformer" / "config.json").read_text()))
         parameters = sum(p.numel() for p in model.parameters())
-        return ModelPlan(teacher_text(cfg, "an SD3 pipeline"), parameters, parameters,
+        if cfg.student.kind == "lora":  # the adapters alone train
+            from ...models.student import lora_parameter_count
+
+            trainable = lora_parameter_count(model, cfg.student)
+        else:
+            trainable = parameters
+        return ModelPlan(teacher_text(cfg, "an SD3 pipeline"), parameters, trainable,
                          [model.inner_dim] * len(cfg.sd3.taps))
 
     def recognises(self, kind: str, path: Path) -> bool:
@@ -106,14 +112,26 @@ class SD3World(PipelineWorld):
         raise NitroFusionError(f"evaluate scores SDXL, SD and mini-world models; {model} is an SD3 model (its "
                                "real-model evaluation is not wired yet: generate images and score them yourself)")
 
+    def export_formats_for(self, model: str | Path) -> tuple[str, ...]:
+        from .lora import is_lora_run
+
+        return self.export_formats + (("lora",) if is_lora_run(model) else ())
+
     def export(self, model: str, fmt: str, out: str, options: dict) -> list[str]:
         from ...dtypes import parse_dtype
 
+        base, shift, dtype = options.get("base"), options.get("shift"), parse_dtype(options.get("dtype"))
+        if fmt == "lora":  # a LoRA run's trained adapters; a full student is refused there (no SVD extraction)
+            from .lora import export_lora
+
+            r = export_lora(model, out, base=base, rank=options.get("rank"), dtype=dtype)
+            return [f"LoRA rank {r['rank']} (alpha {r['alpha']:g}) on {r['lora_layers']} layers "
+                    f"({r['lora_parameters']:,} parameters): {r['source']}, diffusers' SD3 LoRA format",
+                    f"exported to {out}"]
         if fmt not in self.export_formats:
             raise NitroFusionError(f"export --format {fmt} is not implemented for SD3 models; use --format diffusers "
                                    "(a StableDiffusion3Pipeline folder) or --format single-file (the original SD3 "
                                    "layout)")
-        base, shift, dtype = options.get("base"), options.get("shift"), parse_dtype(options.get("dtype"))
         if fmt == "diffusers":
             from .pipeline import export_diffusers
 

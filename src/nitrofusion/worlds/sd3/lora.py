@@ -1,0 +1,129 @@
+"""An SD3 LoRA student's adapters in diffusers' SD3 LoRA format: `pytorch_lora_weights.safetensors` as
+`StableDiffusion3Pipeline.save_lora_weights` writes it (keys `transformer.<module>.lora_A.weight` / `.lora_B.weight`,
+the adapter's LoraConfig in the header under `lora_adapter_metadata`, so `load_lora_weights` rebuilds the same rank,
+alpha and targets), plus the run's shift (`nitrofusion.shifted_timestep`) so the file samples without --shift.
+
+The trainer writes it into run/student/lora; `export --format lora` hands it on; `generate` puts it on the base's
+transformer as adapters, which is the training-time student exactly (the run's student/transformer, the adapters
+merged in fp32, is what the diffusers and single-file exports write)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ...errors import NitroFusionError, describe
+from ..pipelines.export import LORA_METADATA_KEY, PEFT_LORA_FILE, staged_output, trained_lora_dir
+from ..pipelines.pipeline import SHIFT_METADATA_KEY, ModelRef, model_kind, quiet_loading, resolve
+
+PREFIX = "transformer."  # diffusers' prefix of a pipeline's transformer factors and metadata
+
+
+def save_lora_files(folder: Path, factors: dict[str, torch.Tensor], shift: int | None, metadata: dict) -> None:
+    """`factors` (PEFT keys, `{module}.lora_A.weight`) and their LoraConfig, written by diffusers' own SD3 saver;
+    the shift is added to the header that diffusers wrote (its saver takes no extra metadata)."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=factors, safe_serialization=True,
+                                               transformer_lora_adapter_metadata=dict(metadata))
+    if shift is None:
+        return
+    path = Path(folder) / PEFT_LORA_FILE
+    with safe_open(str(path), "pt") as f:
+        header = dict(f.metadata() or {})
+    header[SHIFT_METADATA_KEY] = str(shift)
+    save_file(load_file(str(path)), str(path), metadata=header)
+
+
+def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict, int | None]:
+    """(factors under PEFT keys without the prefix, the LoraConfig as saved, the shift or None)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata() or {}
+    packed = json.loads(header.get(LORA_METADATA_KEY, "{}"))  # flat: "transformer.r", "transformer.lora_alpha"
+    meta = {k.removeprefix(PREFIX): v for k, v in packed.items() if k.startswith(PREFIX)}
+    shift = int(header[SHIFT_METADATA_KEY]) if SHIFT_METADATA_KEY in header else None
+    return {k.removeprefix(PREFIX): v for k, v in load_file(str(path)).items()}, meta, shift
+
+
+def is_lora_run(model: str | Path) -> bool:
+    """Whether `model` is an SD3 LoRA run (or its student folder): it has trained adapters to export."""
+    from ..pipelines.hub import local_model
+
+    path = local_model(model, "--model")
+    return path.is_dir() and trained_lora_dir(ModelRef(model_kind(path), path)) is not None
+
+
+def export_lora(model: str | Path, out: str | Path, base: str | Path | None = None, rank: int | None = None,
+                dtype: torch.dtype | None = None) -> dict:
+    """A LoRA run's trained adapters, unchanged (written again so --dtype applies), and lora_report.json. A full SD3
+    student has none: its LoRA would be an SVD of student - base, which only the UNet families implement."""
+    from ...io import tensor_bytes
+
+    out = Path(out)
+    if out.exists():
+        raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
+    ref = resolve(model, base)
+    lora_dir = trained_lora_dir(ref)
+    if lora_dir is None:
+        raise NitroFusionError(f"{model} is not an SD3 LoRA run: export --format lora writes the trained adapters of a "
+                               "run with student.kind=lora; extracting a LoRA from a full student by SVD (--rank) is "
+                               "implemented for the UNet families (SDXL, SD) only: use a LoRA run")
+    if rank is not None:
+        raise NitroFusionError(f"{model} trained LoRA adapters, which export hands on exactly; drop --rank")
+    path = lora_dir / PEFT_LORA_FILE
+    factors, meta, shift = read_lora(path)
+    if not meta.get("r"):
+        raise NitroFusionError(f"{path} lacks its adapter settings (rank, alpha); re-run the training's last step")
+    if ref.scheduler_dir is not None:  # the run's own scheduler is where its shift lives
+        shift = json.loads((ref.scheduler_dir / "scheduler_config.json").read_text())["shifted_timestep"]
+    if dtype is not None:
+        factors = {k: v.to(dtype) for k, v in factors.items()}
+    report = {"source": "the run's trained LoRA adapters (exact)", "format": "diffusers SD3 LoRA (PEFT keys)",
+              "rank": int(meta["r"]), "alpha": float(meta.get("lora_alpha") or meta["r"]),
+              "targets": meta.get("target_modules"), "lora_layers": len(factors) // 2,
+              "lora_parameters": sum(v.numel() for v in factors.values()), "shift": shift}
+    with staged_output(out, tensor_bytes(factors)) as tmp:
+        save_lora_files(tmp, factors, shift, meta)
+        (tmp / "lora_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def lora_file_keys(path: Path) -> list[str] | None:
+    """The tensor names of a .safetensors LoRA file (from its header), or None if it holds no LoRA."""
+    from ...models.architectures import is_lora
+    from ...models.weights import safetensors_header
+
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    header, _ = safetensors_header(path)
+    keys = [k for k in header if k != "__metadata__"]
+    return keys if is_lora(dict.fromkeys(keys)) else None
+
+
+def apply_lora(pipe, path: Path, base: Path, fuse: bool = False) -> None:
+    """The LoRA file's adapters on the pipeline's transformer through diffusers' own loader (rank, alpha and
+    targets from the file's metadata); every transformer factor must find its layer. `fuse`: merged into the
+    weights and unloaded, a plain transformer (what an exported folder or single file holds)."""
+    from ...models.student import ADAPTER
+
+    keys = lora_file_keys(path) or []
+    wanted = sum(k.endswith(".lora_A.weight") for k in keys if not k.startswith("text_encoder"))
+    try:
+        with quiet_loading(errors_only=True):
+            pipe.load_lora_weights(str(path), adapter_name=ADAPTER)
+    except Exception as e:  # noqa: BLE001 - diffusers and peft raise many types for a LoRA that does not fit
+        raise NitroFusionError(f"cannot apply LoRA {path} to the SD3 transformer of {base} ({describe(e)})") from None
+    applied = sum(1 for m in pipe.transformer.modules() if ADAPTER in getattr(m, "lora_A", {}))
+    if applied != wanted:
+        raise NitroFusionError(f"LoRA {path} does not fit the SD3 transformer of {base}: {wanted - applied} of its "
+                               f"{wanted} layers have no place in it (a LoRA for another SD3 model?)")
+    if fuse:
+        pipe.transformer.fuse_lora(lora_scale=1.0, adapter_names=[ADAPTER])
+        pipe.transformer.unload_lora()
