@@ -94,6 +94,10 @@ def test_a_hub_id_offline_is_refused_before_any_model_library_loads(tmp_path):
 @pytest.mark.parametrize("argv, needle", [
     (["app", "--model", "no-such-run"], "--model no-such-run does not exist"),
     (["demo", "--images", "-1", "--out", "demo"], "max_images must be >= 0 (got -1)"),
+    (["generate", "--model", "no-such-run", "--shift", "0", "--prompt", "a", "--out", "o"],
+     "--shift must be in 1..1000 (got 0)"),  # before the missing model: a value needs no file to be wrong
+    (["export", "no-such-run", "--format", "single-file", "--shift", "1001", "--out", "o.safetensors"],
+     "--shift must be in 1..1000 (got 1001)"),
 ])
 def test_bad_values_are_refused_before_torch_loads(argv, needle, tmp_path):
     imported = refused(tmp_path, *argv, needle=needle, imports=True)

@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("NITROFUSION_DEBUG", "") not in ("", "0")
     stoppable = args.command in RESUMABLE  # SIGTERM / SIGUSR1: checkpoint at the next safe point, exit 75
     try:
+        from .sampling.spec import check_shift
+
+        check_shift(getattr(args, "shift", None))  # every command that takes it, before any path or model is read
         with preemption.stop_on_signals() if stoppable else contextlib.nullcontext():
             args.func(args)
     except preemption.Preempted as e:

@@ -97,3 +97,10 @@ def check_generate_values(height: int | None, width: int | None, batch_size: int
         raise NitroFusionError(f"--batch-size must be >= 1 (got {batch_size})")
     if num_per_prompt < 1:
         raise NitroFusionError(f"--num-per-prompt must be >= 1 (got {num_per_prompt})")
+
+
+def check_shift(shift: int | None) -> None:
+    """--shift, the student's timestep shift (docs/method.md §5): t' = floor(t S / 1000) needs S in 1..1000."""
+    if shift is not None and not 1 <= shift <= 1000:
+        raise NitroFusionError(f"--shift must be in 1..1000 (got {shift}): NitroSD-Realism uses 250, -Vibrant 500, "
+                               "a run of ours the adversarial.shift it was distilled with")
