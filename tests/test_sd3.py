@@ -624,3 +624,37 @@ def test_a_lora_of_the_other_family_is_one_line_before_weights_load(sd3, sd3_lor
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
         assert not list(out.glob("*.png")) and not (out / "checkpoints").exists()
+
+
+def test_transfer_is_exact_arithmetic_and_its_outputs_sample_on_the_custom_base(sd3, tiny_sdxl, tmp_path, capsys):
+    """theta_custom + (theta_student - theta_base) over the transformer in fp32, key by key (docs/method.md §6);
+    the folder and the file it writes give the same images on the custom base; a UNet family's folder among the
+    three is one line."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder, _, run = sd3
+    custom = tmp_path / "custom"
+    shutil.copytree(folder, custom)
+    weights = custom / "transformer" / "diffusion_pytorch_model.safetensors"
+    base = load_file(str(weights))
+    gen = torch.Generator().manual_seed(3)
+    fine_tuned = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    save_file(fine_tuned, str(weights))
+    common = ["transfer", "--student", str(run), "--base", str(folder), "--custom", str(custom)]
+    assert main([*common, "--out", str(tmp_path / "moved")]) == 0
+    assert main([*common, "--out", str(tmp_path / "moved.safetensors")]) == 0
+    student = load_file(str(run / "student" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    moved = load_file(str(tmp_path / "moved" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert moved.keys() == student.keys()
+    assert all(torch.equal(moved[k], fine_tuned[k].float() + (student[k].float() - base[k].float())) for k in student)
+    assert all(torch.equal(moved[k], v) for k, v in load_file(str(tmp_path / "moved.safetensors")).items())
+    size = ["--base", str(custom), "--height", "64", "--width", "64", "--batch-size", "1"]
+    from_folder = generate(tmp_path / "moved", tmp_path / "a", *size, steps=1)
+    from_file = generate(tmp_path / "moved.safetensors", tmp_path / "b", *size, steps=1)  # the shift from its header
+    assert all(np.array_equal(a, b) for a, b in zip(from_folder, from_file, strict=True))
+    capsys.readouterr()
+    assert main([*common[:-1], str(tiny_sdxl), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no SD3 transformer" in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -138,13 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = command(sub, "transfer", "theta_custom + (theta_student - theta_base): a student's speed-up moved "
-                       "onto a fine-tuned SDXL (docs/method.md §6)")
-    for role, what in (("student", "the NitroFusion student"), ("base", "the SDXL it was distilled from"),
-                       ("custom", "the fine-tuned SDXL to receive the delta")):
-        p.add_argument(f"--{role}", required=True, help=f"{what}: run, student, pipeline or UNet folder, or UNet "
-                       "weights file (diffusers or original layout)")
-    p.add_argument("--out", required=True, help="student folder (unet/ + scheduler/) or a .safetensors UNet file; "
-                   "must not exist")
+                       "onto a fine-tuned SDXL, SD or SD3 (docs/method.md §6)")
+    for role, what in (("student", "the NitroFusion student"), ("base", "the model it was distilled from"),
+                       ("custom", "the fine-tuned model to receive the delta")):
+        p.add_argument(f"--{role}", required=True, help=f"{what}: run, student, pipeline or UNet/transformer "
+                       "folder, or weights file (diffusers or original layout)")
+    p.add_argument("--out", required=True, help="student folder (unet/ or transformer/ + scheduler/) or a "
+                   ".safetensors weights file; must not exist")
     p.add_argument("--dtype", help="output dtype: fp32 (default), fp16 or bf16")
     p.set_defaults(func=cmd_transfer)
 

@@ -568,16 +568,44 @@ def save_lora_files(folder: Path, lora: dict[str, torch.Tensor], unet_config, ra
 # ---- transfer: theta_C + (theta_S - theta_B) ------------------------------------------------------------------
 
 
-def _read_unet_state(path: Path, role: str) -> tuple[dict[str, torch.Tensor], dict | None, Path | None]:
-    """(state dict, UNet config or None, shifted-scheduler folder or None) of a run, student, pipeline or UNet
-    folder, or a weights file (diffusers keys, or original layout: converted once a config is known)."""
+def role_model(path: str | Path, role: str) -> ModelRef:
+    """One of transfer's --student / --base / --custom, resolved (a Hub id from the local cache) and classified."""
     path = local_model(path, f"--{role}")
     if not path.exists():
         raise NitroFusionError(f"--{role} not found: {path}")
     try:
-        ref = ModelRef(model_kind(path), path)
+        return ModelRef(model_kind(path), path)
     except NitroFusionError as e:
         raise NitroFusionError(f"--{role}: {e}") from None
+
+
+def delta_sum(states: dict[str, dict[str, torch.Tensor]], roles: dict[str, Path],
+              dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """custom + (student - base) in fp32 key by key, in this order (docs/method.md §6), once all three have the
+    same keys and shapes. The inputs are emptied as it goes, so the peak stays near three models, not four."""
+    s, b, c = states["student"], states["base"], states["custom"]
+    check_same_layout(s, b, f"--base {roles['base']}", f"--student {roles['student']}")
+    check_same_layout(s, c, f"--custom {roles['custom']}", f"--student {roles['student']}")
+    result = {}
+    for k in list(s):
+        value = c.pop(k).float() + (s.pop(k).float() - b.pop(k).float())
+        result[k] = value if dtype is None else value.to(dtype)
+    return result
+
+
+def save_weights_file(path: Path, state: dict[str, torch.Tensor], shift: int | None) -> None:
+    """A transfer result as one .safetensors file, the student's shift in its metadata (what generate reads)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path),
+              metadata={SHIFT_METADATA_KEY: str(shift)} if shift is not None else None)
+
+
+def _read_unet_state(path: Path, role: str) -> tuple[dict[str, torch.Tensor], dict | None, Path | None]:
+    """(state dict, UNet config or None, shifted-scheduler folder or None) of a run, student, pipeline or UNet
+    folder, or a weights file (diffusers keys, or original layout: converted once a config is known)."""
+    ref = role_model(path, role)
+    path = ref.path
     if ref.kind == "file":
         state, _ = read_weights_file(path)
         return state, None, None
@@ -589,7 +617,6 @@ def transfer(student: str | Path, base: str | Path, custom: str | Path, out: str
              dtype: torch.dtype | None = None) -> dict:
     """theta_custom + (theta_student - theta_base), computed in fp32 key by key (docs/method.md §6). `out` is a
     student folder (unet/ + the student's scheduler/ when it has one), or a diffusers-key .safetensors file."""
-    from safetensors.torch import save_file
 
     out = Path(out)
     if out.exists():
@@ -607,20 +634,12 @@ def transfer(student: str | Path, base: str | Path, custom: str | Path, out: str
         else:
             state = {k.removeprefix("unet."): v for k, v in state.items()}
         states[role] = state
-    check_same_layout(states["student"], states["base"], f"--base {roles['base']}", f"--student {roles['student']}")
-    check_same_layout(states["student"], states["custom"], f"--custom {roles['custom']}",
-                      f"--student {roles['student']}")
-    s, b, c = states["student"], states["base"], states["custom"]
-    result = {}
-    for k in list(s):  # popping as we go keeps the peak near three UNets, not four
-        value = c.pop(k).float() + (s.pop(k).float() - b.pop(k).float())  # fp32, in this order (docs/method.md §6)
-        result[k] = value if dtype is None else value.to(dtype)
+    result = delta_sum(states, roles, dtype)
     sched_dir = read["student"][2]
     shift = json.loads((sched_dir / "scheduler_config.json").read_text())["shifted_timestep"] if sched_dir else None
     with staged_output(out, tensor_bytes(result)) as tmp:
         if out.suffix == ".safetensors":
-            meta = {SHIFT_METADATA_KEY: str(shift)} if shift is not None else None
-            save_file({k: v.contiguous() for k, v in result.items()}, str(tmp), metadata=meta)
+            save_weights_file(tmp, result, shift)
         else:
             if config is None:
                 raise NitroFusionError("no UNet config among --student/--base/--custom (all are weights files): "

@@ -23,7 +23,7 @@ def _class_of(config: Path) -> str | None:
 
 
 class SD3World(PipelineWorld):
-    """Prompts and real images as every pipeline family's; its own adapter and inference; no evaluate, transfer or
+    """Prompts and real images as every pipeline family's; its own adapter and inference; no evaluate or
     bench yet."""
 
     name = "sd3"
@@ -149,7 +149,12 @@ class SD3World(PipelineWorld):
         return lines + [f"exported to {out}"]
 
     def transfer(self, student: str, base: str, custom: str, out: str, options: dict) -> list[str]:
-        raise NitroFusionError("transfer applies to UNet families (SDXL, SD); SD3 is not supported yet")
+        from ...dtypes import parse_dtype
+        from .transfer import transfer
+
+        r = transfer(student, base, custom, out, dtype=parse_dtype(options.get("dtype")))
+        return [f"custom + (student - base) over {r['tensors']} transformer tensors written to {r['path']}"
+                + (f" (sample with shift {r['shift']})" if r["shift"] is not None else "")]
 
     def bench(self, options: dict) -> tuple[dict, str]:
         raise NitroFusionError("bench measures SDXL (--size full or tiny) and the mini world (--size mini); an SD3 "
