@@ -21,8 +21,9 @@ from ..pipelines.pipeline import quiet_loading
 from .pipeline import file_shift, read_transformer_state, transformer_folder
 
 
-def _read(path: Path, role: str) -> tuple[dict[str, torch.Tensor], dict | None, int | None]:
-    """(diffusers-key state dict, transformer config or None, shift or None) of one input."""
+def _read(path: Path, role: str) -> tuple[dict[str, torch.Tensor], dict | None, int | None, Path | None]:
+    """(diffusers-key state dict, transformer config or None, shift or None, its scheduler folder or None) of one
+    input."""
     from diffusers import SD3Transformer2DModel
 
     ref = role_model(path, role)
@@ -31,7 +32,7 @@ def _read(path: Path, role: str) -> tuple[dict[str, torch.Tensor], dict | None, 
         if not is_dit_weights(path):
             raise NitroFusionError(f"--{role} {path} is not an SD3 transformer (nor an SD3 single file): transfer "
                                    "needs the three models of one family")
-        return read_transformer_state(path), None, file_shift(ref)
+        return read_transformer_state(path), None, file_shift(ref), None
     folder = transformer_folder(ref) or path / "transformer"
     if not (folder / "config.json").is_file():
         raise NitroFusionError(f"--{role} {path} has no SD3 transformer ({folder} is missing)")
@@ -43,7 +44,7 @@ def _read(path: Path, role: str) -> tuple[dict[str, torch.Tensor], dict | None, 
         model = SD3Transformer2DModel.from_pretrained(folder)
     scheduler = ref.scheduler_dir
     shift = json.loads((scheduler / "scheduler_config.json").read_text())["shifted_timestep"] if scheduler else None
-    return model.state_dict(), dict(config), shift
+    return model.state_dict(), dict(config), shift, scheduler
 
 
 def transfer(student: str | Path, base: str | Path, custom: str | Path, out: str | Path,
@@ -57,22 +58,21 @@ def transfer(student: str | Path, base: str | Path, custom: str | Path, out: str
         raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
     roles = {"student": Path(student), "base": Path(base), "custom": Path(custom)}
     read = {role: _read(path, role) for role, path in roles.items()}
-    result = delta_sum({role: r[0] for role, r in read.items()}, roles, dtype)
-    shift = read["student"][2]
     config = next((read[r][1] for r in ("custom", "student", "base") if read[r][1] is not None), None)
-    student_ref = role_model(roles["student"], "student")
+    if config is None and out.suffix != ".safetensors":  # before the sum: nothing to compute for a refusal
+        raise NitroFusionError("no transformer config among --student/--base/--custom (all are weights files): "
+                               "give one of them as a folder, or --out FILE.safetensors")
+    _, _, shift, scheduler = read["student"]
+    result = delta_sum({role: r[0] for role, r in read.items()}, roles, dtype)
     with staged_output(out, tensor_bytes(result)) as tmp:
         if out.suffix == ".safetensors":
             save_weights_file(tmp, result, shift)
         else:
-            if config is None:
-                raise NitroFusionError("no transformer config among --student/--base/--custom (all are weights "
-                                       "files): give one of them as a folder, or --out FILE.safetensors")
             with torch.device("meta"):
                 model = SD3Transformer2DModel.from_config(config)
             model.load_state_dict(result, assign=True)
             with quiet_loading():
                 model.save_pretrained(tmp / "transformer", safe_serialization=True)
-            if student_ref.kind != "file" and student_ref.scheduler_dir is not None:
-                shutil.copytree(student_ref.scheduler_dir, tmp / "scheduler")
+            if scheduler is not None:
+                shutil.copytree(scheduler, tmp / "scheduler")
     return {"path": str(out), "tensors": len(result), "shift": shift}
