@@ -12,6 +12,14 @@ fetch ComfyUI); the node's arithmetic itself is tested in CI (tests/test_comfyui
    (comfyui/ComfyUI-NitroFusion), SamplerCustom's path with the `lcm` sampler and CFG 1;
 4. compares (relative L2 error < 1e-5: the same fp32 arithmetic up to summation order), prints a table, writes
    WORK/report.json, exits 1 if a check fails.
+
+The LoRA leg (report key "lora"): random non-zero rank-4 factors (alpha = rank) on every SD3_LORA_TARGETS layer of
+that SD3, put on as the trainer puts them (`add_lora`) and saved by `save_lora_files` (what `export --format lora`
+writes). Ours: `generate`'s path (`load_pipeline(FILE, base=FOLDER)`: diffusers' `load_lora_weights`). ComfyUI's:
+the single file loaded without LoRA, then its `LoraLoaderModelOnly` node at strength 1.0, then our nodes. The same
+velocity and samples, the file's modules that ComfyUI maps and patches, and every "lora key not loaded" it logs
+(there must be none). Informational: the same factors saved with alpha = 2 x rank, to show whether ComfyUI reads
+the alpha, which diffusers' format keeps only in the header's LoraConfig.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from safetensors.torch import load_file, save_file
 
 LATENT = (1, 16, 16, 16)
 SEED = 7
+LORA_RANK = 4
+LORA_SEED = 11
 
 
 def build(work: Path, shift: int) -> tuple[Path, Path]:
@@ -47,14 +57,46 @@ def build(work: Path, shift: int) -> tuple[Path, Path]:
     return base, single
 
 
-def references(base: Path, single: Path, shift: int) -> tuple[dict, dict]:
+def build_lora(base: Path, folder: Path, shift: int, alpha: float) -> Path:
+    """Random non-zero factors on every SD3_LORA_TARGETS layer (both streams; the last block has no context-side
+    output projection or feed-forward, context_pre_only), the same draws for every alpha, saved as the trainer
+    and `export --format lora` save them."""
+    from diffusers import SD3Transformer2DModel
+
+    from nitrofusion.models.student import add_lora, lora_metadata, peft_factors
+    from nitrofusion.worlds.sd3.config import SD3_LORA_TARGETS
+    from nitrofusion.worlds.sd3.lora import save_lora_files
+
+    path = folder / "pytorch_lora_weights.safetensors"
+    if path.exists():
+        return path
+    net = SD3Transformer2DModel.from_pretrained(base / "transformer")
+    add_lora(net, LORA_RANK, alpha, 0.0, SD3_LORA_TARGETS)
+    gen = torch.Generator().manual_seed(LORA_SEED)
+    with torch.no_grad():  # A ~ N(0, 1/in), B ~ N(0, 1): a large delta, so the LoRA's effect is plain to see
+        for name, p in sorted(net.named_parameters()):
+            if ".lora_A." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+            elif ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_lora_files(folder, peft_factors(net), shift, lora_metadata(net))
+    return path
+
+
+def inputs() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return {"x": torch.randn(LATENT, generator=gen), "noise": torch.randn(LATENT, generator=gen),
+            "context": torch.randn(1, 77, 32, generator=gen), "pooled": torch.randn(1, 64, generator=gen),
+            "t249": torch.tensor([249.0]), "seed": torch.tensor([SEED])}
+
+
+def references(model: Path, base: Path, inp: dict, shift: int | None) -> dict:
+    """Our pipeline's velocity and samples: `model` is the single file, or a LoRA file on `base` (its shift read
+    from the file, as `generate --model FILE --base FOLDER` reads it)."""
     from nitrofusion.worlds.sd3.pipeline import load_pipeline
 
-    gen = torch.Generator().manual_seed(0)
-    inp = {"x": torch.randn(LATENT, generator=gen), "noise": torch.randn(LATENT, generator=gen),
-           "context": torch.randn(1, 77, 32, generator=gen), "pooled": torch.randn(1, 64, generator=gen),
-           "t249": torch.tensor([249.0]), "seed": torch.tensor([SEED])}
-    pipe = load_pipeline(single, base=base, shift=shift, dtype=torch.float32)
+    pipe = load_pipeline(model, base=base, shift=shift, dtype=torch.float32)
     net = pipe.transformer
     ref = {}
     with torch.no_grad():
@@ -70,7 +112,24 @@ def references(base: Path, single: Path, shift: int) -> tuple[dict, dict]:
                         pooled_projections=inp["pooled"]).sample
                 x = sch.step(v, t, x, generator=noises).prev_sample
             ref[f"sample_{steps}step"] = x
-    return inp, ref
+    return ref
+
+
+def compare(ref: dict, got: dict, prefix: str = "", base_ref: dict | None = None) -> list[dict]:
+    """Relative L2 errors of ComfyUI's tensors against ours; with `base_ref` (the model without LoRA) also the
+    LoRA's effect on ours and the error relative to that effect."""
+    rows = []
+    for key, want in ref.items():
+        have = got[prefix + key]
+        rel = float((have - want).norm() / want.norm())
+        row = {"check": prefix + key, "ok": rel < 1e-5, "rel_l2_err": rel,
+               "max_abs_err": float((have - want).abs().max())}
+        if base_ref is not None:
+            effect = want - base_ref[key]
+            row["lora_effect_rel"] = float(effect.norm() / base_ref[key].norm())
+            row["rel_err_of_effect"] = float((have - want).norm() / effect.norm())
+        rows.append(row)
+    return rows
 
 
 def main() -> int:
@@ -84,31 +143,60 @@ def main() -> int:
         ap.error(f"--shift {args.shift} is outside [1, 1000]")
     args.work.mkdir(parents=True, exist_ok=True)
     base, single = build(args.work, args.shift)
-    inp, ref = references(base, single, args.shift)
+    loras = {"lora": build_lora(base, args.work / "lora", args.shift, float(LORA_RANK)),  # alpha = rank
+             "lora_alpha2r": build_lora(base, args.work / "lora_alpha2r", args.shift, 2.0 * LORA_RANK)}
+    inp = inputs()
+    ref = references(single, base, inp, args.shift)
+    lora_refs = {name: references(path, base, inp, None) for name, path in loras.items()}
     save_file({k: v.contiguous() for k, v in inp.items()}, str(args.work / "inputs.safetensors"))
     nodes = Path(__file__).resolve().parents[1] / "comfyui" / "ComfyUI-NitroFusion"
     subprocess.run([args.python, str(Path(__file__).with_name("comfyui_sd3_probe.py")), "--comfyui",
                     str(args.comfyui), "--nodes", str(nodes), "--checkpoint", str(single), "--inputs",
                     str(args.work / "inputs.safetensors"), "--shift", str(args.shift), "--out",
-                    str(args.work / "comfy.safetensors")], check=True)
+                    str(args.work / "comfy.safetensors"),
+                    *[a for name, path in loras.items() for a in ("--lora", f"{name}={path}")]], check=True)
     got = load_file(str(args.work / "comfy.safetensors"))
     probe = json.loads((args.work / "comfy.json").read_text())
+    lora_probe = {name: probe.pop(name) for name in loras}
     rows = [{"check": "detected as SD3 (FLOW)", "ok": probe["detected"] == "SD3" and probe["model_type"] == "FLOW",
-             "note": f"{probe['detected']} {probe['model_type']}"}]
-    for key, want in ref.items():
-        have = got[key]
-        rel = float((have - want).norm() / want.norm())
-        err = float((have - want).abs().max())
-        rows.append({"check": key, "ok": rel < 1e-5, "rel_l2_err": rel, "max_abs_err": err})
+             "note": f"{probe['detected']} {probe['model_type']}"}] + compare(ref, got)
+
+    keys = lora_probe["lora"]
+    lora_rows = [{"check": "every LoRA key applied", "note": (
+        f"{keys['modules_patched']} of {keys['modules']} modules ({keys['tensors']} tensors) patched by "
+        f"LoraLoaderModelOnly, {len(keys['not_loaded'])} keys not loaded"),
+        "ok": keys["modules_mapped"] == keys["modules_patched"] == keys["modules"] and not keys["not_loaded"]}]
+    lora_rows += compare(lora_refs["lora"], got, "lora_", ref)
+    # alpha = 2 x rank: diffusers scales by alpha / rank = 2; ComfyUI reads an alpha only from `<module>.alpha`
+    # tensors, so it applies the factors at scale 1, i.e. as the alpha = rank file (informational, never fails)
+    info = compare(lora_refs["lora"], got, "lora_alpha2r_")[0]
+    want2 = lora_refs["lora_alpha2r"]["velocity_t249"]
+    have2 = got["lora_alpha2r_velocity_t249"]
+    alpha_note = {
+        "file": "the same factors, alpha = 2 x rank (header LoraConfig only)",
+        "comfy_vs_ours_same_file_rel_err_of_effect": float(
+            (have2 - want2).norm() / (want2 - ref["velocity_t249"]).norm()),
+        "comfy_vs_ours_alpha_eq_rank_rel_l2": info["rel_l2_err"],
+        "keys": lora_probe["lora_alpha2r"]}
     commit = subprocess.run(["git", "-C", str(args.comfyui), "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
+    lora_report = {"rank": LORA_RANK, "alpha": float(LORA_RANK), "seed": LORA_SEED, "shift": args.shift,
+                   "applied_with": "nodes.LoraLoaderModelOnly (comfy.sd.load_lora_for_models), strength 1.0",
+                   "ours": "load_pipeline(FILE, base=FOLDER): diffusers load_lora_weights, adapters unfused",
+                   "keys": keys, "checks": lora_rows, "alpha_2x_rank": alpha_note}
     (args.work / "report.json").write_text(json.dumps({"comfyui_commit": commit, "shift": args.shift,
-                                                       "probe": probe, "checks": rows}, indent=2) + "\n")
+                                                       "probe": probe, "checks": rows, "lora": lora_report},
+                                                      indent=2) + "\n")
     print(f"ComfyUI {commit}\n| check | ok | detail |\n|---|---|---|")
-    for r in rows:
+    for r in rows + lora_rows:
         detail = r.get("note") or f"relative L2 {r['rel_l2_err']:.2e}, max abs {r['max_abs_err']:.2e}"
+        if "rel_err_of_effect" in r:
+            detail += f"; LoRA effect {r['lora_effect_rel']:.1%}, error {r['rel_err_of_effect']:.2e} of the effect"
         print(f"| {r['check']} | {'yes' if r['ok'] else 'NO'} | {detail} |")
-    return 0 if all(r["ok"] for r in rows) else 1
+    print(f"alpha = 2 x rank (informational): ComfyUI vs ours, same file: error "
+          f"{alpha_note['comfy_vs_ours_same_file_rel_err_of_effect']:.2f} of the LoRA's effect; ComfyUI vs the alpha = "
+          f"rank file: relative L2 {alpha_note['comfy_vs_ours_alpha_eq_rank_rel_l2']:.2e}")
+    return 0 if all(r["ok"] for r in rows + lora_rows) else 1
 
 
 if __name__ == "__main__":

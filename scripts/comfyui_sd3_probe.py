@@ -1,16 +1,55 @@
 """ComfyUI's side of scripts/check_comfyui_sd3.py: run with ComfyUI's Python. Loads the MMDiT of our SD3 single
 file with ComfyUI's checkpoint loader, installs our node pack (comfyui/ComfyUI-NitroFusion) as ComfyUI would, and
 writes what ComfyUI computes: the network's velocity on fixed inputs and the 1- and 4-step samples through the
-nodes (SamplerCustom's path: the `lcm` sampler, CFG 1, the nodes' sigmas), in the model's latent space. Imports
-nothing from nitrofusion."""
+nodes (SamplerCustom's path: the `lcm` sampler, CFG 1, the nodes' sigmas), in the model's latent space. With
+--lora NAME=FILE: the same after ComfyUI's `LoraLoaderModelOnly` node (strength 1.0) on the loaded model, and what
+ComfyUI made of the file's keys (mapped, patched, "lora key not loaded"). Imports nothing from nitrofusion."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import logging
 import sys
 from pathlib import Path
+
+
+class Recorder(logging.Handler):
+    """ComfyUI's log: its only report of LoRA keys it could not place ("lora key not loaded: KEY")."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def take(self) -> list[str]:
+        out, self.messages = self.messages, []
+        return out
+
+
+def outputs(model, inp, pack, shift, fmt, prefix=""):
+    """The velocity at t = 249 (the patcher's weights loaded as sampling loads them) and 1-/4-step samples."""
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    import torch
+
+    out = {}
+    comfy.model_management.load_models_gpu([model])  # applies the patcher's weight patches (a LoRA's), if any
+    out[prefix + "velocity_t249"] = model.model.diffusion_model(inp["x"], inp["t249"], context=inp["context"],
+                                                                 y=inp["pooled"]).float()
+    shifted = pack.NODE_CLASS_MAPPINGS["NitroFusionFlowTimestepShift"]().patch(model, shift)[0]
+    cond = [[inp["context"], {"pooled_output": inp["pooled"]}]]
+    for steps in (1, 4):
+        sigmas = pack.NODE_CLASS_MAPPINGS["NitroFusionStudentSigmas"]().sigmas(steps)[0]
+        samples = comfy.sample.sample_custom(shifted, inp["noise"], 1.0, comfy.samplers.sampler_object("lcm"),
+                                             sigmas, cond, cond, torch.zeros_like(inp["noise"]), disable_pbar=True,
+                                             seed=int(inp["seed"].item()))
+        out[f"{prefix}sample_{steps}step"] = fmt.process_in(samples.float())  # back to the model's latent space
+    return out
 
 
 def main() -> None:
@@ -21,6 +60,7 @@ def main() -> None:
     ap.add_argument("--inputs", required=True)
     ap.add_argument("--shift", type=int, required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--lora", action="append", default=[], help="NAME=FILE, repeatable")
     args = ap.parse_args()
 
     sys.path.insert(0, args.comfyui)
@@ -33,6 +73,12 @@ def main() -> None:
     import comfy.sd
     import torch
     from safetensors.torch import load_file, save_file
+
+    recorder = Recorder()
+    for handler in logging.getLogger().handlers:  # the console: warnings only, as ComfyUI shows them
+        handler.setLevel(logging.WARNING)
+    logging.getLogger().addHandler(recorder)
+    logging.getLogger().setLevel(logging.DEBUG)
 
     spec = importlib.util.spec_from_file_location("ComfyUI_NitroFusion", Path(args.nodes) / "__init__.py",
                                                   submodule_search_locations=[args.nodes])
@@ -47,18 +93,34 @@ def main() -> None:
               "nodes": sorted(pack.NODE_CLASS_MAPPINGS)}
     inp = load_file(args.inputs)
     fmt = comfy.latent_formats.SD3()
-    out = {}
     with torch.no_grad():
-        out["velocity_t249"] = base.diffusion_model(inp["x"], inp["t249"], context=inp["context"],
-                                                    y=inp["pooled"]).float()
-        shifted = pack.NODE_CLASS_MAPPINGS["NitroFusionFlowTimestepShift"]().patch(model, args.shift)[0]
-        cond = [[inp["context"], {"pooled_output": inp["pooled"]}]]
-        for steps in (1, 4):
-            sigmas = pack.NODE_CLASS_MAPPINGS["NitroFusionStudentSigmas"]().sigmas(steps)[0]
-            samples = comfy.sample.sample_custom(shifted, inp["noise"], 1.0, comfy.samplers.sampler_object("lcm"),
-                                                 sigmas, cond, cond, torch.zeros_like(inp["noise"]),
-                                                 disable_pbar=True, seed=int(inp["seed"].item()))
-            out[f"sample_{steps}step"] = fmt.process_in(samples.float())  # back to the model's latent space
+        out = outputs(model, inp, pack, args.shift, fmt)
+        if args.lora:
+            import comfy.lora
+            import comfy.utils
+            import folder_paths
+            import nodes  # ComfyUI's built-in nodes, LoraLoaderModelOnly among them
+
+            key_map = comfy.lora.model_lora_keys_unet(base, {})
+        for item in args.lora:
+            name, path = item.split("=", 1)
+            path = Path(path).resolve()
+            folder_paths.add_model_folder_path("loras", str(path.parent.parent))  # as if in models/loras/NAME/
+            tensors = comfy.utils.load_torch_file(str(path), safe_load=True)
+            modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
+            recorder.take()
+            patched = nodes.LoraLoaderModelOnly().load_lora_model_only(model, f"{path.parent.name}/{path.name}",
+                                                                       1.0)[0]
+            log = recorder.take()
+            patches = {k: len(v) - len(model.patches.get(k, [])) for k, v in patched.patches.items()}
+            patches = {k: n for k, n in patches.items() if n}  # the weights this LoRA patches: module count each
+            report[name] = {
+                "tensors": len(tensors), "modules": len(modules),
+                "modules_mapped": sum(m in key_map for m in modules),
+                "modules_patched": sum(patches.values()), "weights_patched": len(patches),
+                "not_loaded": [m for m in log if m.startswith(("lora key not loaded", "NOT LOADED"))],
+                "unmapped": [m for m in modules if m not in key_map]}
+            out.update(outputs(patched, inp, pack, args.shift, fmt, prefix=f"{name}_"))
     save_file({k: v.contiguous() for k, v in out.items()}, args.out)
     Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
 

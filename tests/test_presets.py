@@ -120,7 +120,7 @@ def test_preset_runs_as_users_run_it(name, tiny_pipelines, tmp_path, monkeypatch
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # continued from step 2, not restarted
 
-    formats = world_named(world).export_formats_for(run)  # SD3 writes a LoRA for a LoRA run only
+    formats = world_named(world).export_formats_for(run)
     assert "diffusers" in formats
     for fmt in formats:
         dest = tmp_path / ("student.safetensors" if fmt == "single-file" else fmt)

@@ -259,13 +259,15 @@ def test_coco_captions_protocol(tmp_path):
         rm.read_caption_pairs(tmp_path / "bad.tsv")
 
 
-@pytest.mark.parametrize("world", ["sdxl", "sd"])
+@pytest.mark.parametrize("world", ["sdxl", "sd", "sd3"])
 def test_evaluate_cli_scores_a_run_on_a_caption_set(tiny_sdxl, prompt_file, tiny_clip, tmp_path, capsys, world):
     from nitrofusion.cli import main
     from nitrofusion.worlds.sd.testing import build_random_sd
+    from nitrofusion.worlds.sd3.testing import build_random_sd3
 
     run = tmp_path / "run"
-    teacher = tiny_sdxl if world == "sdxl" else build_random_sd(tmp_path / "sd2", "sd2")
+    teacher = {"sdxl": lambda: tiny_sdxl, "sd": lambda: build_random_sd(tmp_path / "sd2", "sd2"),
+               "sd3": lambda: build_random_sd3(tmp_path / "sd3")}[world]()
     assert main(["distill", "--preset", f"{world}-tiny", "--teacher", str(teacher), "--prompts", str(prompt_file),
                  "--out", str(run)]) == 0
     names = _write_pngs(tmp_path / "ref", _images(6, 5, (48, 48)))

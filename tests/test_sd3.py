@@ -219,17 +219,6 @@ def test_bad_input_is_one_line_and_writes_no_student(sd3, tiny_sdxl, tmp_path, c
     assert not (tmp_path / "run" / "student").exists()
 
 
-def test_a_full_students_lora_export_is_refused_in_one_line(sd3, tmp_path, capsys):
-    from nitrofusion.worlds import world_named
-
-    _, _, run = sd3
-    assert main(["export", str(run), "--format", "lora", "--out", str(tmp_path / "x"), "--rank", "4"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert f"{run} is not an SD3 LoRA run" in err and "is implemented for the UNet families (SDXL, SD) only" in err
-    assert len(err.splitlines()) == 1 and not (tmp_path / "x").exists()
-    assert world_named("sd3").export_formats_for(run) == ("diffusers", "single-file")
-
-
 @pytest.fixture(scope="module")
 def sd3_file(sd3, tmp_path_factory):
     """(the run's single-file export, what `export` printed)."""

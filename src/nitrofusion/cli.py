@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = command(sub, "export", "export an SDXL, SD or SD3 student as a diffusers folder or an original-layout "
-                       "single file (A1111/ComfyUI), or (SDXL, SD) a LoRA of student - base")
+                       "single file (A1111/ComfyUI), or a LoRA (a LoRA run's adapters, or an SVD of student - base)")
     p.add_argument("model", help="SDXL, SD or SD3 run folder (or student folder / exported folder / UNet file with "
                    "--base)")
     p.add_argument("--format", required=True, help="diffusers, single-file or lora")

@@ -33,6 +33,11 @@ def cmd_distill(args) -> None:
     check_student(cfg, adapter)  # LoRA targets against the real UNet, still before any teacher pair
     data = training_source(cfg, lambda: training_data(cfg, adapter, prompts, state),
                            lambda: world.real_pairs(cfg, adapter, progress=state.is_main_process))
+    if cfg.real.source == "teacher" and not cfg.pairs.online:  # every prompt the run encodes is a cached pair's
+        freed = adapter.release_cached_encoders()
+        if freed and state.is_main_process:
+            print(f"text encoder released: {freed / 2**20:,.0f} MiB of weights no longer resident (its states come "
+                  "from the teacher-pair cache)")
     evaluator = world.training_evaluator(cfg, adapter) if state.is_main_process else None
     result = distill(cfg, adapter, data, Path(args.out), resume=args.resume, evaluator=evaluator)
     if state.is_main_process:

@@ -25,9 +25,12 @@ from .pairs import (
     generate_pairs,
     load_pairs,
     pair_dir,
+    read_index,
+    shard_name,
     shards_read,
     write_index_file,
 )
+from .text_cache import TextCache
 
 
 def process_state() -> PartialState:
@@ -88,4 +91,10 @@ def teacher_pairs(adapter: ModelAdapter, prompts: Prompts, p: PairsConfig, count
     if state.is_main_process:
         write_index_file(out, count, seed, p.shard_size, adapter, verified)
     state.wait_for_everyone()
-    return load_pairs(out, in_memory=p.in_memory, shards=shards, verified=verified) if load else out
+    if not load:
+        return out
+    pairs = load_pairs(out, in_memory=p.in_memory, shards=shards, verified=verified)
+    if adapter.cached_text_names():  # the prompts' cached states, read instead of the encoder once it is released
+        indexed = sorted(read_index(out)["shards"]) if shards is None else [shard_name(s) for s in shards]
+        adapter.text_cache = TextCache([out / name for name in indexed], list(adapter.cached_text_names()))
+    return pairs

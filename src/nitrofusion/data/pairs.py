@@ -34,6 +34,7 @@ from ..errors import NitroFusionError
 from ..io import atomic_save_safetensors, atomic_write_json, cache_dir, disk_errors, tensor_bytes
 from ..method.guidance import draw_scales, with_guidance
 from .prompts import PromptSource
+from .text_cache import PREFIX as TEXT_PREFIX
 
 if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
     from ..method.adapter import ModelAdapter
@@ -210,6 +211,8 @@ def cache_key(adapter: ModelAdapter, prompts: Prompts, count: int, seed: int, sh
         h.update(f":storage={storage}".encode())
     if amp is not None:
         h.update(f":autocast={amp}".encode())
+    if adapter.text_cache_tag():  # shards with cached prompt states are another cache than shards without
+        h.update(f":text={adapter.text_cache_tag()}".encode())
     if isinstance(prompts, PromptSource):
         h.update(prompts.identity().encode())
     else:
@@ -275,7 +278,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _shard_name(i: int) -> str:
+def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
@@ -322,8 +325,9 @@ def generate_pairs(adapter: ModelAdapter, prompts: Prompts, count: int, seed: in
         x_T, texts, w = shard_inputs(adapter, prompts, s, sizes[s], seed, shard_size, dtype)
         x0 = _teacher_samples(adapter, x_T, texts, w, seed * 1_000_003 + s + 7, batch_size, device, amp, bar)
         faults.point("pairs-shard")  # a shard sampled, not yet written
-        name = _shard_name(s)
+        name = shard_name(s)
         tensors = {"x_T": x_T, "x0": x0.to(dtype)} | ({GUIDANCE: w} if w is not None else {})
+        tensors |= _cacheable_text(adapter, texts, batch_size, device)
         with disk_errors("teacher pairs", out, fix="then rerun the same command (finished shards are kept)",
                          needed=tensor_bytes(tensors)):
             atomic_save_safetensors(tensors, out / name, metadata={"prompts": json.dumps(texts)},
@@ -333,7 +337,7 @@ def generate_pairs(adapter: ModelAdapter, prompts: Prompts, count: int, seed: in
 
     def claim(s: int, wait: bool) -> bool:
         """Check shard s, and make it unless intact, holding its lock; False when another process holds it."""
-        name = _shard_name(s)
+        name = shard_name(s)
         with locks.locked(_lock(out, name), wait=wait) as held:
             if not held:
                 return False
@@ -383,8 +387,19 @@ def _teacher_samples(adapter: ModelAdapter, x_T: torch.Tensor, texts: list[str],
     return torch.cat(x0)
 
 
+@torch.no_grad()
+def _cacheable_text(adapter: ModelAdapter, texts: list[str], batch_size: int,
+                    device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The prompts' states a large text encoder gives (data/text_cache.py), stored with the shard: `text.<name>`."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(texts), batch_size):
+        for name, states in adapter.cacheable_text(texts[i:i + batch_size]).items():
+            parts.setdefault(name, []).append(states.cpu())
+    return {TEXT_PREFIX + name: torch.cat(states).contiguous() for name, states in parts.items()}
+
+
 def _check_shard_size(out: Path, shard_size: int) -> None:
-    meta = _read_meta(out) if (out / META).exists() else {}
+    meta = read_index(out) if (out / META).exists() else {}
     if meta.get("shard_size", shard_size) != shard_size:
         raise NitroFusionError(f"the teacher pairs in {out} were written with pairs.shard_size={meta['shard_size']}, "
                                f"this run asks for {shard_size}; set pairs.shard_size={meta['shard_size']} or "
@@ -393,7 +408,7 @@ def _check_shard_size(out: Path, shard_size: int) -> None:
 
 def _indexed(out: Path, name: str) -> str | None:
     """The digest pairs.json holds for `name` now (it may have changed since this run read it)."""
-    return _read_meta(out).get("shards", {}).get(name) if (out / META).exists() else None
+    return read_index(out).get("shards", {}).get(name) if (out / META).exists() else None
 
 
 def _intact(out: Path, name: str, verified: dict[str, str]) -> bool:
@@ -427,7 +442,7 @@ def _write_meta(out: Path, meta: dict) -> None:
 def _record(out: Path, name: str, digest: str, count: int, seed: int, shard_size: int, adapter: ModelAdapter) -> None:
     """Add one shard's digest to pairs.json, under the index's lock (another process may be adding its own)."""
     with locks.locked(_lock(out, META)):
-        shards = _read_meta(out).get("shards", {}) if (out / META).exists() else {}
+        shards = read_index(out).get("shards", {}) if (out / META).exists() else {}
         _write_meta(out, _meta(count, seed, shard_size, adapter, {**shards, name: digest}))
 
 
@@ -440,13 +455,13 @@ def write_index_file(out: Path, count: int, seed: int, shard_size: int, adapter:
     with locks.locked(_lock(out, META)):
         shards = {}
         for s in range(n_shards):
-            p = out / _shard_name(s)
+            p = out / shard_name(s)
             if p.exists():
                 shards[p.name] = verified.get(p.name) or _sha256(p)
         _write_meta(out, _meta(count, seed, shard_size, adapter, shards))
 
 
-def _read_meta(out: Path) -> dict:
+def read_index(out: Path) -> dict:
     try:
         return json.loads((out / META).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -456,7 +471,7 @@ def _read_meta(out: Path) -> dict:
 
 def load_shard(out_dir: str | Path, shard: int) -> Pairs:
     """One shard, read into memory (a shard a trainer waited for, before the index lists it)."""
-    return _read_shard(Path(out_dir) / _shard_name(shard))
+    return _read_shard(Path(out_dir) / shard_name(shard))
 
 
 def _read_shard(path: Path) -> Pairs:
@@ -473,8 +488,8 @@ def load_pairs(out_dir: str | Path, verify: bool = True, in_memory: bool = True,
     may be all the cache holds yet, read as a `ShardSubset` of the whole set. `verified`: digests this run
     computed from the very files moments ago (`generate_pairs`), checked against the index without hashing again."""
     out = Path(out_dir)
-    meta = _read_meta(out)
-    names = sorted(meta["shards"]) if shards is None else [_shard_name(s) for s in shards]
+    meta = read_index(out)
+    names = sorted(meta["shards"]) if shards is None else [shard_name(s) for s in shards]
     paths = []
     for name in names:
         path = out / name
@@ -506,7 +521,7 @@ def drop_corrupt_shards(out: Path) -> dict[str, str]:
     verified: dict[str, str] = {}
     if not (out / META).exists():
         return verified
-    for name, digest in _read_meta(out).get("shards", {}).items():
+    for name, digest in read_index(out).get("shards", {}).items():
         p = out / name
         with locks.locked(_lock(out, name), wait=False) as held:
             if not held or not p.exists():

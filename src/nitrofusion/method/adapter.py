@@ -54,6 +54,27 @@ class ModelAdapter(ABC):
         student/lora, which `export --format lora` hands on exactly)."""
         raise NotImplementedError(f"{type(self).__name__} trains no LoRA students")
 
+    # Prompt states stored with the teacher pairs (data/text_cache.py), so that a large text encoder need not stay
+    # resident while training: a family that has one names its states; none by default
+    text_cache = None  # the pair set's TextCache, set when its pairs are loaded (data/pair_cache.py)
+
+    def cached_text_names(self) -> tuple[str, ...]:
+        """The names of the states `cacheable_text` gives; () when the family caches none."""
+        return ()
+
+    def cacheable_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """{name: [B, ...]} states of the prompts' cacheable encoding, in the encoder's own dtype; {} if none."""
+        return {}
+
+    def text_cache_tag(self) -> str:
+        """What the cached states depend on besides the prompts (part of the pair cache's key); '' if none."""
+        return ""
+
+    def release_cached_encoders(self) -> int:
+        """Read the cacheable states from `text_cache` from now on and free the encoder that makes them; every
+        prompt encoded afterwards must be in the cache. Returns the bytes of weights freed (0: nothing)."""
+        return 0
+
     def student_scheduler(self, shift: int):
         """The scheduler a student of this family is sampled with in 1-4 steps (docs/method.md §5)."""
         from ..sampling.student import shifted_scheduler

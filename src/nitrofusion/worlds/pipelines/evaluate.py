@@ -1,9 +1,11 @@
-"""An SDXL model's evaluation (`nitrofusion evaluate`): the paper's real-model metrics (CLIP score, FID,
-FD-CLIP, aesthetic, ImageReward: real_metrics.py) on a prompt file or the COCO-5k captions."""
+"""A pipeline family's evaluation (`nitrofusion evaluate` of an SDXL, SD 1.x/2.x or SD3 model): the paper's
+real-model metrics (CLIP score, FID, FD-CLIP, aesthetic, ImageReward: real_metrics.py) on a prompt file or the
+COCO-5k captions."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -14,11 +16,13 @@ from ...io import atomic_write_json, atomic_write_text
 from ...sampling.student import check_step_counts
 
 
-def evaluate_sdxl(model: str, steps: list[int], out: Path, prompts: str = "", coco: str = "", samples: int = 5000,
-                  seed: int = 0, metrics_cfg=None, base: str | None = None, shift: int | None = None,
-                  batch_size: int = 4, device: str = "cpu", dtype: str | None = None, progress: bool = True) -> dict:
-    """Real-model metrics (real_metrics.py) of an SDXL student at each step count, on a prompt file or the
-    COCO-5k captions (docs/method.md §6); one image per prompt, image i seeded seed + i, no CFG."""
+def evaluate_pipeline(load_pipeline: Callable, model: str, steps: list[int], out: Path, prompts: str = "",
+                      coco: str = "", samples: int = 5000, seed: int = 0, metrics_cfg=None, base: str | None = None,
+                      shift: int | None = None, batch_size: int = 4, device: str = "cpu", dtype: str | None = None,
+                      progress: bool = True) -> dict:
+    """Real-model metrics (real_metrics.py) of a student at each step count, on a prompt file or the COCO-5k
+    captions (docs/method.md §6); one image per prompt, image i seeded seed + i, no CFG. `load_pipeline`: the
+    family's (generate's), called as load_pipeline(model, base=, shift=, device=, dtype=)."""
     from ...data.prompts import open_prompts
     from ...evaluation.real_metrics import (
         RealMetrics,
@@ -28,11 +32,11 @@ def evaluate_sdxl(model: str, steps: list[int], out: Path, prompts: str = "", co
         write_caption_pairs,
     )
     from ...io import disk_errors
-    from .pipeline import generate_images, load_pipeline
+    from .pipeline import generate_images
 
     check_step_counts(steps)
     if bool(prompts) == bool(coco):
-        raise NitroFusionError("give exactly one of --prompts FILE or --coco ANNOTATIONS for an SDXL model")
+        raise NitroFusionError("give exactly one of --prompts FILE or --coco ANNOTATIONS to evaluate a model")
     started = time.time()
     cfg = metrics_cfg or RealMetricsConfig()
     if coco:

@@ -383,16 +383,22 @@ def export_single_file(model: str | Path, out: str | Path, base: str | Path | No
 # ---- LoRA: truncated SVD of student - base --------------------------------------------------------------------
 
 
-def lora_from_delta(student: torch.nn.Module, base: torch.nn.Module, rank: int,
-                    device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+UNET_LORA_COVERAGE = ("every Linear and Conv2d of the UNet (attention q/k/v/out, feed-forward, proj_in/out, resnet "
+                      "convs and time projections, down/upsamplers, conv_in/out, time/add embeddings)")
+
+
+def lora_from_delta(student: torch.nn.Module, base: torch.nn.Module, rank: int, device: str | torch.device = "cpu",
+                    what: str = "UNet", coverage: str = UNET_LORA_COVERAGE) -> tuple[dict[str, torch.Tensor], dict]:
     """PEFT LoRA factors (`{module}.lora_A.weight`, `.lora_B.weight`, scale alpha/r = 1) approximating
     student - base on every Linear and Conv2d, by truncated SVD in float64 (Eckart-Young: the best rank-r
     approximation per layer). Layers narrower than `rank` are zero-padded to it, so one rank (and alpha) holds for
-    every layer and any LoRA loader reads it the same way. Returns the factors and the error report."""
+    every layer and any LoRA loader reads it the same way; an unchanged layer gets none. Returns the factors and the
+    error report. `what` names the two models in a layout mismatch ("the student UNet does not match the base
+    UNet"); `coverage` is the report's description of the layers covered (the UNet's by default)."""
     if rank < 1:
         raise NitroFusionError(f"--rank must be >= 1 (got {rank})")
     s_sd, b_sd = student.state_dict(), base.state_dict()
-    check_same_layout(b_sd, s_sd, "the student UNet", "the base UNet")
+    check_same_layout(b_sd, s_sd, f"the student {what}", f"the base {what}")
     layers = {n: m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)}
     lora: dict[str, torch.Tensor] = {}
     covered_keys: set[str] = set()
@@ -429,8 +435,7 @@ def lora_from_delta(student: torch.nn.Module, base: torch.nn.Module, rank: int,
         "rank": rank,
         "lora_layers": len(lora) // 2,
         "lora_parameters": sum(v.numel() for v in lora.values()),
-        "covered_modules": "every Linear and Conv2d of the UNet (attention q/k/v/out, feed-forward, proj_in/out, "
-                           "resnet convs and time projections, down/upsamplers, conv_in/out, time/add embeddings)",
+        "covered_modules": coverage,
         "relative_error_covered": (energy["covered_residual"] / energy["covered"]) ** 0.5 if energy["covered"] else 0.0,
         "relative_error_total": ((energy["covered_residual"] + energy["uncovered"]) / all_energy) ** 0.5
         if all_energy else 0.0,

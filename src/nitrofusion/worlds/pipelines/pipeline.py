@@ -182,10 +182,11 @@ def unet_from_state(config: dict, state: dict[str, torch.Tensor], source: str, d
     return unet.eval()
 
 
-def unet_folder(ref: ModelRef) -> Path | None:
-    """The diffusers UNet folder of a folder model (None for a weights file)."""
-    return {"run": ref.path / "student" / "unet", "student": ref.path / "unet", "pipeline": ref.path / "unet",
-            "unet": ref.path}.get(ref.kind)
+def unet_folder(ref: ModelRef, subfolder: str = "unet") -> Path | None:
+    """The diffusers denoiser folder (`subfolder`: unet, or an SD3 pipeline's transformer) of a folder model (None
+    for a weights file)."""
+    return {"run": ref.path / "student" / subfolder, "student": ref.path / subfolder,
+            "pipeline": ref.path / subfolder, "unet": ref.path}.get(ref.kind)
 
 
 def stored_dtype(folder: Path | None) -> torch.dtype:

@@ -9,12 +9,12 @@ import string
 from pathlib import Path
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+CHARS = string.ascii_lowercase + string.digits + string.punctuation  # the tokenizers' alphabet
 
 
 def write_tokenizer(folder: Path) -> dict[str, int]:
     """A character-level CLIP BPE tokenizer (no merges); returns its vocabulary."""
-    chars = string.ascii_lowercase + string.digits + string.punctuation
-    vocab = {tok: i for i, tok in enumerate([*chars, *(c + "</w>" for c in chars), BOS, EOS])}
+    vocab = {tok: i for i, tok in enumerate([*CHARS, *(c + "</w>" for c in CHARS), BOS, EOS])}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")

@@ -52,6 +52,31 @@ class PipelineWorld(World):
         return folder_real_pairs(adapter, cfg.real.data, getattr(cfg, self.name).resolution, cfg.real.count,
                                  cfg.real.seed, progress=progress)
 
+    def load_pipeline(self, model: str | Path, **options):
+        """The stock pipeline `generate` samples `model` with."""
+        raise NotImplementedError
+
+    def evaluate(self, model: str, steps: list[int], out: Path, options: dict) -> list[str]:
+        """The paper's real-model metrics of `model` at each step count (worlds/pipelines/evaluate.py)."""
+        from ...evaluation.real_metrics import RealMetricsConfig
+        from .evaluate import evaluate_pipeline
+
+        o = {k: v for k, v in options.items() if v is not None}
+        cfg = RealMetricsConfig(clip=o.get("clip", ""), inception=o.get("inception", ""),
+                                aesthetic=o.get("aesthetic", ""), aesthetic_clip=o.get("aesthetic_clip", ""),
+                                image_reward=o.get("image_reward", ""), reference=o.get("reference", ""),
+                                device=o.get("device", ""))
+        r = evaluate_pipeline(self.load_pipeline, model, steps, out, prompts=o.get("prompts", ""),
+                              coco=o.get("coco", ""), samples=o.get("samples") or 5000, seed=o.get("seed", 0),
+                              metrics_cfg=cfg, base=o.get("base"), shift=o.get("shift"),
+                              batch_size=o.get("batch_size", 4), device=o.get("device") or "cpu", dtype=o.get("dtype"))
+        lines = []
+        for row in r["rows"]:
+            parts = [f"{m} {v['value']:.4g}" if "value" in v else f"{m} skipped ({v['skipped']})"
+                     for m, v in row.items() if isinstance(v, dict)]
+            lines.append(f"{row['steps']} step(s): " + "; ".join(parts))
+        return lines
+
 
 class UNetPipelineWorld(PipelineWorld):
     """SDXL and SD 1.x/2.x: UNet pipelines, one inference machinery (worlds/pipelines/)."""
@@ -124,25 +149,11 @@ class UNetPipelineWorld(PipelineWorld):
 
         return run, self.examples
 
-    def evaluate(self, model: str, steps: list[int], out: Path, options: dict) -> list[str]:
-        from ...evaluation.real_metrics import RealMetricsConfig
-        from .evaluate import evaluate_sdxl
+    def load_pipeline(self, model: str | Path, **options):
+        """The stock pipeline `generate` samples `model` with (worlds/pipelines/pipeline.py)."""
+        from .pipeline import load_pipeline
 
-        o = {k: v for k, v in options.items() if v is not None}
-        cfg = RealMetricsConfig(clip=o.get("clip", ""), inception=o.get("inception", ""),
-                                aesthetic=o.get("aesthetic", ""), aesthetic_clip=o.get("aesthetic_clip", ""),
-                                image_reward=o.get("image_reward", ""), reference=o.get("reference", ""),
-                                device=o.get("device", ""))
-        r = evaluate_sdxl(model, steps, out, prompts=o.get("prompts", ""), coco=o.get("coco", ""),
-                          samples=o.get("samples") or 5000, seed=o.get("seed", 0), metrics_cfg=cfg,
-                          base=o.get("base"), shift=o.get("shift"), batch_size=o.get("batch_size", 4),
-                          device=o.get("device") or "cpu", dtype=o.get("dtype"))
-        lines = []
-        for row in r["rows"]:
-            parts = [f"{m} {v['value']:.4g}" if "value" in v else f"{m} skipped ({v['skipped']})"
-                     for m, v in row.items() if isinstance(v, dict)]
-            lines.append(f"{row['steps']} step(s): " + "; ".join(parts))
-        return lines
+        return load_pipeline(model, **options)
 
     def export(self, model: str, fmt: str, out: str, options: dict) -> list[str]:
         from ...dtypes import parse_dtype

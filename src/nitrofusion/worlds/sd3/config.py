@@ -28,6 +28,9 @@ class SD3Config:
     backbone_blocks: int = ranged(12, ge=1, le=1000)
     taps: list[int] = ranged(factory=lambda: [2, 5, 8, 11], ge=0, le=999)
     max_sequence_length: int = ranged(256, ge=1, le=512)  # T5 tokens (SD3's pipeline default)
+    # T5's states of every pair's prompt are stored with the teacher pairs, and a run whose prompts all come from
+    # them trains without T5 resident (T5-XXL: 4.8B parameters, 8.9 GiB in bf16); off: T5 stays and encodes live
+    t5_cache: bool = True
 
     def validate(self) -> None:
         if self.resolution % 16:

@@ -1,11 +1,16 @@
-"""An SD3 LoRA student's adapters in diffusers' SD3 LoRA format: `pytorch_lora_weights.safetensors` as
+"""SD3 LoRAs in diffusers' SD3 LoRA format: `pytorch_lora_weights.safetensors` as
 `StableDiffusion3Pipeline.save_lora_weights` writes it (keys `transformer.<module>.lora_A.weight` / `.lora_B.weight`,
 the adapter's LoraConfig in the header under `lora_adapter_metadata`, so `load_lora_weights` rebuilds the same rank,
 alpha and targets), plus the run's shift (`nitrofusion.shifted_timestep`) so the file samples without --shift.
 
-The trainer writes it into run/student/lora; `export --format lora` hands it on; `generate` puts it on the base's
-transformer as adapters, which is the training-time student exactly (the run's student/transformer, the adapters
-merged in fp32, is what the diffusers and single-file exports write)."""
+Two sources, both written by `export --format lora`:
+- a LoRA run: the trainer writes its adapters into run/student/lora and export hands them on unchanged. `generate`
+  puts them on the base's transformer as adapters, which is the training-time student exactly (the run's
+  student/transformer, the adapters merged in fp32, is what the diffusers and single-file exports write).
+- a full student (a run, a student folder, an exported pipeline folder or a transformer folder, with its base: the
+  run's teacher folder or --base): a truncated SVD of student - base at `--rank`, per Linear and Conv2d of the
+  MMDiT (the UNet families' `lora_from_delta`, worlds/pipelines/export.py), with lora_report.json stating the
+  error; what a LoRA cannot hold (biases, norm weights) is counted there as uncovered."""
 
 from __future__ import annotations
 
@@ -23,11 +28,20 @@ PREFIX = "transformer."  # diffusers' prefix of a pipeline's transformer factors
 
 def save_lora_files(folder: Path, factors: dict[str, torch.Tensor], shift: int | None, metadata: dict) -> None:
     """`factors` (PEFT keys, `{module}.lora_A.weight`) and their LoraConfig, written by diffusers' own SD3 saver;
-    the shift is added to the header that diffusers wrote (its saver takes no extra metadata)."""
+    the shift is added to the header that diffusers wrote (its saver takes no extra metadata). An alpha other than
+    the rank is folded into lora_B (alpha := rank): ComfyUI reads alpha only from `.alpha` tensors, which this format
+    has none of, so it would apply the factors at scale 1 (scripts/check_comfyui_sd3.py); folded, every loader
+    applies the same product (exact when alpha/rank is a power of two, else one rounding per entry)."""
     from diffusers import StableDiffusion3Pipeline
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    rank, alpha = metadata.get("r"), metadata.get("lora_alpha")
+    if rank and alpha and float(alpha) != float(rank):
+        scale = float(alpha) / float(rank)
+        factors = {k: (v.float() * scale).to(v.dtype) if k.endswith(".lora_B.weight") else v
+                   for k, v in factors.items()}
+        metadata = {**metadata, "lora_alpha": rank}
     StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=factors, safe_serialization=True,
                                                transformer_lora_adapter_metadata=dict(metadata))
     if shift is None:
@@ -60,23 +74,41 @@ def is_lora_run(model: str | Path) -> bool:
     return path.is_dir() and trained_lora_dir(ModelRef(model_kind(path), path)) is not None
 
 
-def export_lora(model: str | Path, out: str | Path, base: str | Path | None = None, rank: int | None = None,
-                dtype: torch.dtype | None = None) -> dict:
-    """A LoRA run's trained adapters, unchanged (written again so --dtype applies), and lora_report.json. A full SD3
-    student has none: its LoRA would be an SVD of student - base, which only the UNet families implement."""
-    from ...io import tensor_bytes
+MMDIT_LORA_COVERAGE = ("every Linear and Conv2d of the MMDiT transformer (attention q/k/v/out of the image and "
+                       "text streams, feed-forward, adaLN modulations, timestep/pooled-text/caption embedders, the "
+                       "patch-embedding conv, the final projection)")
 
+
+def export_lora(model: str | Path, out: str | Path, base: str | Path | None = None, rank: int | None = None,
+                dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict:
+    """out/pytorch_lora_weights.safetensors (`load_lora_weights` into a pipeline of the base SD3 folder, the run's
+    teacher folder unless --base) and out/lora_report.json. A LoRA run hands on its trained adapters (no --rank);
+    a full student needs `rank`: its LoRA is a truncated SVD of student - base."""
     out = Path(out)
+    if rank is not None and rank < 1:
+        raise NitroFusionError(f"--rank must be >= 1 (got {rank})")
     if out.exists():
         raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
     ref = resolve(model, base)
     lora_dir = trained_lora_dir(ref)
-    if lora_dir is None:
-        raise NitroFusionError(f"{model} is not an SD3 LoRA run: export --format lora writes the trained adapters of a "
-                               "run with student.kind=lora; extracting a LoRA from a full student by SVD (--rank) is "
-                               "implemented for the UNet families (SDXL, SD) only: use a LoRA run")
-    if rank is not None:
-        raise NitroFusionError(f"{model} trained LoRA adapters, which export hands on exactly; drop --rank")
+    if lora_dir is not None:
+        if rank is not None:
+            raise NitroFusionError(f"{model} trained LoRA adapters, which export hands on exactly; drop --rank")
+        return export_trained_lora(ref, lora_dir, out, dtype)
+    if ref.kind == "file":
+        raise NitroFusionError(f"{model} is a weights file: export --format lora takes a run, a student folder or an "
+                               "exported pipeline folder (a LoRA file is one already; a full transformer file: "
+                               "extract from the folder it came from)")
+    if rank is None:
+        raise NitroFusionError(f"{model} is a full student: its LoRA is a truncated SVD of student - base; give "
+                               "--rank N (e.g. 64; the report states the error)")
+    return extract_lora(ref, out, rank, dtype, device)
+
+
+def export_trained_lora(ref: ModelRef, lora_dir: Path, out: Path, dtype: torch.dtype | None) -> dict:
+    """A LoRA run's trained adapters, unchanged (written again so --dtype applies), and lora_report.json."""
+    from ...io import tensor_bytes
+
     path = lora_dir / PEFT_LORA_FILE
     factors, meta, shift = read_lora(path)
     if not meta.get("r"):
@@ -91,6 +123,54 @@ def export_lora(model: str | Path, out: str | Path, base: str | Path | None = No
               "lora_parameters": sum(v.numel() for v in factors.values()), "shift": shift}
     with staged_output(out, tensor_bytes(factors)) as tmp:
         save_lora_files(tmp, factors, shift, meta)
+        (tmp / "lora_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def extract_lora(ref: ModelRef, out: Path, rank: int, dtype: torch.dtype | None,
+                 device: str | torch.device = "cpu") -> dict:
+    """A full student's LoRA: per-layer truncated SVD of student - base at `rank` (alpha = rank: scale 1), the
+    layers that changed as the adapter's targets, and the error report (lora_from_delta's, plus the base and the
+    shift)."""
+    from diffusers import SD3Transformer2DModel
+
+    from ...io import tensor_bytes
+    from ..pipelines.export import lora_from_delta
+    from ..pipelines.family import SD3
+    from ..pipelines.pipeline import stored_dtype, unet_folder
+
+    if ref.base is None:
+        what = {"student": "student folder", "pipeline": "pipeline folder"}.get(ref.kind, "transformer folder")
+        raise NitroFusionError(f"{ref.path} is {'an' if ref.kind == 'pipeline' else 'a'} {what}: a LoRA of student - "
+                               "base needs --base PIPELINE_FOLDER (the SD3 pipeline the student was distilled from)")
+    if ref.family is not SD3:
+        f = ref.family
+        raise NitroFusionError(f"{ref.path} holds an SD3 transformer but --base {ref.base} is {f.article} {f.label} "
+                               f"pipeline ({f.pipeline}): give the SD3 pipeline it was distilled from")
+    folders = {"student": unet_folder(ref, "transformer"), "base": ref.base / "transformer"}
+    models = {}
+    for role, folder in folders.items():
+        try:  # each in the dtype it is stored in: the delta is taken per layer in float64, so nothing is lost
+            with quiet_loading(errors_only=True):
+                models[role] = SD3Transformer2DModel.from_pretrained(folder, dtype=stored_dtype(folder))
+        except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken folder
+            raise NitroFusionError(f"cannot load the {role} transformer in {folder} ({describe(e)})") from None
+    lora, report = lora_from_delta(models["student"], models["base"], rank, device, what="transformer",
+                                   coverage=MMDIT_LORA_COVERAGE)
+    del models
+    if not lora:
+        raise NitroFusionError(f"{ref.path}'s transformer equals the base's ({ref.base}) in every Linear and Conv2d: "
+                               "there is no delta for a LoRA to hold")
+    if dtype is not None:
+        lora = {k: v.to(dtype) for k, v in lora.items()}
+    targets = [k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")]
+    meta = {"r": rank, "lora_alpha": rank, "target_modules": targets}  # full module paths: exactly these layers
+    shift = (json.loads((ref.scheduler_dir / "scheduler_config.json").read_text())["shifted_timestep"]
+             if ref.scheduler_dir is not None else None)
+    report.update(source="truncated SVD of student - base (see the errors)", format="diffusers SD3 LoRA (PEFT keys)",
+                  alpha=float(rank), base=str(ref.base), shift=shift)
+    with staged_output(out, tensor_bytes(lora)) as tmp:
+        save_lora_files(tmp, lora, shift, meta)
         (tmp / "lora_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

@@ -27,7 +27,7 @@ class SD3World(PipelineWorld):
     bench yet."""
 
     name = "sd3"
-    export_formats = ("diffusers", "single-file")  # and "lora" for a LoRA run: export_formats_for
+    export_formats = ("diffusers", "single-file", "lora")
     supported_options = ("--base", "--shift", "--height", "--width", "--dtype")
     examples = EXAMPLES
 
@@ -108,26 +108,30 @@ class SD3World(PipelineWorld):
 
         return run, self.examples
 
-    def evaluate(self, model: str, steps: list[int], out: Path, options: dict) -> list[str]:
-        raise NitroFusionError(f"evaluate scores SDXL, SD and mini-world models; {model} is an SD3 model (its "
-                               "real-model evaluation is not wired yet: generate images and score them yourself)")
+    def load_pipeline(self, model: str | Path, **options):
+        from .pipeline import load_pipeline
 
-    def export_formats_for(self, model: str | Path) -> tuple[str, ...]:
-        from .lora import is_lora_run
-
-        return self.export_formats + (("lora",) if is_lora_run(model) else ())
+        return load_pipeline(model, **options)
 
     def export(self, model: str, fmt: str, out: str, options: dict) -> list[str]:
         from ...dtypes import parse_dtype
 
         base, shift, dtype = options.get("base"), options.get("shift"), parse_dtype(options.get("dtype"))
-        if fmt == "lora":  # a LoRA run's trained adapters; a full student is refused there (no SVD extraction)
+        if fmt == "lora":  # a LoRA run's trained adapters, or a full student's truncated SVD of student - base
             from .lora import export_lora
 
-            r = export_lora(model, out, base=base, rank=options.get("rank"), dtype=dtype)
-            return [f"LoRA rank {r['rank']} (alpha {r['alpha']:g}) on {r['lora_layers']} layers "
-                    f"({r['lora_parameters']:,} parameters): {r['source']}, diffusers' SD3 LoRA format",
-                    f"exported to {out}"]
+            r = export_lora(model, out, base=base, rank=options.get("rank"), dtype=dtype,
+                            device=options.get("device") or "cpu")
+            if "relative_error_total" in r:  # extracted: the error figures, as the UNet families print them
+                line = (f"LoRA rank {r['rank']} on {r['lora_layers']} Linear/Conv2d layers ({r['lora_parameters']:,} "
+                        f"parameters), diffusers' SD3 LoRA format: relative error of the delta "
+                        f"{r['relative_error_total']:.4f} overall, {r['relative_error_covered']:.4f} on those layers; "
+                        f"{100 * r['uncovered_fraction']:.2f}% of the delta (squared norm) is in biases/norms that "
+                        "LoRA cannot hold")
+            else:
+                line = (f"LoRA rank {r['rank']} (alpha {r['alpha']:g}) on {r['lora_layers']} layers "
+                        f"({r['lora_parameters']:,} parameters): {r['source']}, diffusers' SD3 LoRA format")
+            return [line, f"exported to {out}"]
         if fmt not in self.export_formats:
             raise NitroFusionError(f"export --format {fmt} is not implemented for SD3 models; use --format diffusers "
                                    "(a StableDiffusion3Pipeline folder) or --format single-file (the original SD3 "
