@@ -24,6 +24,13 @@ BPE, and "" is [BOS, EOS] in both, so both sides encode the same token ids (CLIP
 0, as sd.cpp and diffusers' SDXL tokenizers pad). sd.cpp applies the timestep shift to SDXL only (it warns and
 samples unshifted otherwise), so an SD 1.5 file is compared unshifted, and the error of sampling a shift-250
 student that way is reported.
+
+`--family sd3` (`--threads 1` keeps it under ~11 GB peak, about 10 minutes): sd.cpp builds SD3's MMDiT at depth
+max(24, blocks in the file) and width 64 x depth, with full-size CLIP-L / CLIP-G / VAE, so the model is random
+weights of SD3 Medium's shape (no T5: sd.cpp then uses 77 zero tokens, and so does our side), exported with
+`--shift 1000` and sampled unshifted on both sides: sd.cpp's flow denoiser feeds t = 1000 sigma, its `lcm`
+re-noises to (1 - sigma) x0 + sigma n, custom sigmas t / 1000. sd.cpp runs with the weights as stored (f16 only:
+f32 would be 8 GB for the MMDiT); our side loads the file in fp16 and computes in fp32 (fp32_on_the_fly).
 """
 
 from __future__ import annotations
@@ -84,6 +91,8 @@ def sdcpp_noise(offset: int, shape: tuple[int, ...]) -> torch.Tensor:
 def build(family: str, work: Path, shift: int, rank: int) -> dict[str, Path]:
     from nitrofusion.worlds.pipelines.export import export
 
+    if family == "sd3":
+        return build_sd3(work)
     if family == "sdxl":
         from check_comfyui import build_models  # the same random SDXL, single file and LoRA as the ComfyUI check
 
@@ -123,19 +132,20 @@ def ggml_activations():
     """Our models with stable-diffusion.cpp's activations (ggml's table GELU in the UNet's GEGLU and OpenCLIP-G,
     table quick-GELU in CLIP-L): what is left between the two sides is then summation order alone."""
     import torch.nn.functional as F
-    from diffusers.models.activations import GEGLU
+    from diffusers.models.activations import GEGLU, GELU
     from transformers.activations import GELUActivation, QuickGELUActivation
 
     gelu = _ggml_table(lambda x: F.gelu(x, approximate="tanh"))
     quick = _ggml_table(lambda x: x * torch.sigmoid(1.702 * x))
-    saved = (GEGLU.gelu, GELUActivation.forward, QuickGELUActivation.forward)
+    saved = (GEGLU.gelu, GELU.gelu, GELUActivation.forward, QuickGELUActivation.forward)
     GEGLU.gelu = lambda self, gate: gelu(gate)
+    GELU.gelu = lambda self, gate: gelu(gate)  # the MMDiT's MLPs (SD3; the UNets use GEGLU)
     GELUActivation.forward = lambda self, x: gelu(x)
     QuickGELUActivation.forward = lambda self, x: quick(x)
     try:
         yield
     finally:
-        GEGLU.gelu, GELUActivation.forward, QuickGELUActivation.forward = saved
+        GEGLU.gelu, GELU.gelu, GELUActivation.forward, QuickGELUActivation.forward = saved
 
 
 def encode_empty_prompt(pipe, family: str, transposed_projection: bool = False) -> dict:
@@ -249,11 +259,217 @@ def references(family: str, paths: dict[str, Path], shift: int, work: Path) -> N
     log(f"our side done (the check's loop equals the shipped pipeline at 1 step: max |diff| {gap:.1e})")
 
 
+# ---- SD3 ------------------------------------------------------------------------------------------------------------
+# sd.cpp's MMDiT (mmdit.hpp, MMDiT::MMDiT) reads only the depth from the file: depth = max(24, blocks found),
+# hidden size 64 x depth, heads = depth, context 4096 wide, pooled 2048, pos_embed 192 x 192 (384 with MMDiT-X
+# blocks); its CLIP-L / CLIP-G (clip.hpp, CLIPTextModel) are full size and its VAE (auto_encoder_kl.hpp) has
+# ch_mult 1,2,4,4 with 2 res blocks. The smallest SD3 it loads is therefore SD3 Medium's shape: 24 joint blocks of
+# width 1536 (2.0 B parameters, 4.1 GB in fp16), full-size CLIP-L and CLIP-G, the full-size 16-channel VAE. T5 may
+# be absent (sd.cpp then uses 77 zero tokens in its place, SD3CLIPEmbedder::get_learned_condition_common).
+
+SD3_SHIFT = 1000  # sd.cpp samples SD3 unshifted (its timestep_shift is SDXL-only): both sides sample unshifted
+SD3_TRANSFORMER = dict(sample_size=SIZE // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                       attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                       caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)
+
+
+def build_sd3(work: Path) -> dict[str, Path]:
+    """A random-weight SD3 of SD3 Medium's shape (fp16 on disk, built in fp16: an fp32 copy of the MMDiT alone is
+    8 GB) without T5, and its single file from `export --format single-file --dtype fp16`."""
+    paths = {"base": work / "base", "single": work / "model.safetensors"}
+    if not (paths["base"] / "model_index.json").exists():
+        import tempfile
+
+        from diffusers import (
+            AutoencoderKL,
+            FlowMatchEulerDiscreteScheduler,
+            SD3Transformer2DModel,
+            StableDiffusion3Pipeline,
+        )
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+        from nitrofusion.worlds.pipelines.testing import write_tokenizer
+
+        log("building a random SD3 of SD3 Medium's shape (24 blocks x 1536, full CLIP-L / CLIP-G / VAE, no T5)")
+        base = paths["base"]
+        with tempfile.TemporaryDirectory() as tmp:
+            write_tokenizer(Path(tmp))  # never used: both sides start from the token ids sd.cpp builds for ""
+            tokenizers = [CLIPTokenizer.from_pretrained(tmp) for _ in range(2)]
+        ids = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=BOS, eos_token_id=EOS,
+                   pad_token_id=EOS)
+        encoders = []
+        for i, (width, layers, heads, act) in enumerate(((768, 12, 12, "quick_gelu"), (1280, 32, 20, "gelu"))):
+            torch.manual_seed(10 + i)
+            enc = CLIPTextModelWithProjection(CLIPTextConfig(
+                hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
+                projection_dim=width, hidden_act=act, **ids))
+            if i == 0:  # SD3's CLIP-L projection is the identity (the original layout has none: sd.cpp's neither)
+                enc.text_projection.weight.data = torch.eye(width)
+            encoders.append(enc.half())
+        torch.manual_seed(12)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+                            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=SIZE, scaling_factor=1.5305,
+                            shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False).half()
+        pipe = StableDiffusion3Pipeline(transformer=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                        vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0],
+                                        text_encoder_2=encoders[1], tokenizer_2=tokenizers[1],
+                                        text_encoder_3=None, tokenizer_3=None)
+        pipe.save_pretrained(base, max_shard_size="1GB")
+        del pipe, encoders, vae
+        torch.manual_seed(13)
+        torch.set_default_dtype(torch.float16)
+        try:
+            transformer = SD3Transformer2DModel(**SD3_TRANSFORMER)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        transformer.save_pretrained(base / "transformer", max_shard_size="1GB")  # fp16 (pos_embed fp32)
+        del transformer
+        index = json.loads((base / "model_index.json").read_text())
+        index.update(transformer=["diffusers", "SD3Transformer2DModel"], text_encoder_3=[None, None],
+                     tokenizer_3=[None, None])
+        (base / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if not paths["single"].exists():
+        from nitrofusion.cli import main as cli
+
+        log("export --format single-file --dtype fp16 --shift 1000")
+        assert cli(["export", str(paths["base"]), "--format", "single-file", "--shift", str(SD3_SHIFT), "--dtype",
+                    "fp16", "--out", str(paths["single"])]) == 0
+    return paths
+
+
+def sd3_grid(steps: int) -> list[int]:
+    return list(GRID[:: 4 // steps] if steps in (1, 2, 4) else GRID[:steps])
+
+
+def sd3_sigmas(steps: int) -> str:
+    """sd.cpp's flow denoiser feeds the MMDiT t = 1000 sigma and reads x0 = x - sigma v: sigma = t / 1000."""
+    return ",".join(f"{t / 1000:g}" for t in sd3_grid(steps)) + ",0"
+
+
+def encode_empty_prompt_sd3(clip_l, clip_g) -> dict:
+    """SD3's inputs for "" from sd.cpp's token ids: CLIP-L and CLIP-G penultimate layers side by side, zero-padded
+    to 4096, then 77 zero tokens where T5 would be (sd.cpp's count; diffusers' pipeline would use 256); pooled:
+    both projected EOS outputs (CLIP-L's projection is the identity)."""
+    ids_l = torch.tensor([[BOS, EOS] + [EOS] * 75])
+    ids_g = torch.tensor([[BOS, EOS] + [0] * 75])
+    with torch.no_grad():
+        out_l = clip_l(ids_l, output_hidden_states=True)
+        out_g = clip_g(ids_g, output_hidden_states=True)
+    clip = torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, 4096 - clip.shape[-1]))
+    return {"encoder_hidden_states": torch.cat([clip, torch.zeros(1, 77, 4096)], dim=1),
+            "pooled_projections": torch.cat([out_l.text_embeds, out_g.text_embeds], dim=-1)}
+
+
+def fp32_on_the_fly(transformer) -> None:
+    """The fp16-loaded MMDiT computing in fp32: its small outer layers in fp32 for good, each joint block converted
+    to fp32 for its own forward and back (fp16 -> fp32 -> fp16 is exact). Weights from the fp16 file are the fp32
+    model's weights, so this is the fp32 model's arithmetic in 4 GB instead of 8."""
+    for name, child in transformer.named_children():
+        if name != "transformer_blocks":
+            child.float()
+    for block in transformer.transformer_blocks:
+        block.register_forward_pre_hook(lambda m, args: m.float() and None)
+        block.register_forward_hook(lambda m, args, out: m.half() and None)
+
+
+def sample_sd3(pipe, cond: dict, steps: int, sdcpp_conventions: bool) -> torch.Tensor:
+    """Our scheduler's 1-4 step loop (shift 1000: the network at t, x0 = x - (t/1000) v, re-noised to the next t)
+    with sd.cpp's Philox noise. sd.cpp's conventions: x_T = sigma_max x noise (0.999) and the timestep computed in
+    float32 as 1000 x float32(t / 1000), as its DiscreteFlowDenoiser::sigma_to_t does."""
+    from nitrofusion.method.diffusion import RectifiedFlow
+
+    sch = pipe.scheduler
+    sch.set_timesteps(steps)
+    flow = RectifiedFlow(1000)
+    shape = (1, 16, SIZE // 8, SIZE // 8)
+    x = sdcpp_noise(0, shape)
+    if sdcpp_conventions:
+        x = x * np.float32(sch.unshifted_timesteps[0] / 1000)
+    with torch.no_grad():
+        for i, t in enumerate(sch.timesteps):
+            fed = t.reshape(1)
+            if sdcpp_conventions:
+                fed = torch.tensor([np.float32(np.float32(float(t) / 1000) * np.float32(1000))])
+            v = pipe.transformer(hidden_states=x, timestep=fed, **cond).sample
+            x = flow.x0(v.float(), x.float(), t.long().reshape(1))
+            if i + 1 < len(sch.timesteps):
+                x = flow.add_noise(x, sdcpp_noise(i + 1, shape), torch.tensor([sch.unshifted_timesteps[i + 1]]))
+    return x
+
+
+def to_image_sd3(pipe, latent: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        cfg = pipe.vae.config
+        image = pipe.vae.decode(latent / cfg.scaling_factor + cfg.shift_factor).sample
+    return (pipe.image_processor.postprocess(image, output_type="np")[0] * 255).round().astype(np.uint8)
+
+
+def references_sd3(paths: dict[str, Path], work: Path) -> None:
+    """Our images for every case (WORK/ours/*.png): the text inputs from the base's CLIP-L / CLIP-G in fp32 (what
+    `generate --model FILE --base BASE` uses: an SD3 file's MMDiT part comes from the file, the rest from the base),
+    then the pipeline loaded as `generate` loads the file, its MMDiT computing in fp32 (fp32_on_the_fly)."""
+    import gc
+
+    from PIL import Image
+    from transformers import CLIPTextModelWithProjection
+
+    from nitrofusion.worlds.sd3.pipeline import load_pipeline
+
+    out = work / "ours"
+    out.mkdir(exist_ok=True)
+    log("our side: CLIP-L and CLIP-G in fp32 for the empty prompt")
+    clip_l = CLIPTextModelWithProjection.from_pretrained(paths["base"] / "text_encoder", dtype=torch.float32)
+    clip_g = CLIPTextModelWithProjection.from_pretrained(paths["base"] / "text_encoder_2", dtype=torch.float32)
+    cond = encode_empty_prompt_sd3(clip_l, clip_g)
+    with ggml_activations():
+        ggml_cond = encode_empty_prompt_sd3(clip_l, clip_g)
+    del clip_l, clip_g
+    gc.collect()
+    log("our side: the single file loaded as `generate` loads it (shift 1000), the MMDiT computing in fp32")
+    pipe = load_pipeline(paths["single"], base=paths["base"], shift=SD3_SHIFT, dtype=torch.float16)
+    pipe.text_encoder = pipe.text_encoder_2 = None  # the inputs above stand in for them
+    gc.collect()
+    pipe.vae.float()
+    fp32_on_the_fly(pipe.transformer)
+    (work / "sigmas.json").write_text(json.dumps({n: sd3_sigmas(n) for n in (1, 4)}))
+    shape = (1, 16, SIZE // 8, SIZE // 8)
+    with torch.no_grad():  # the check's loop at 1 step IS the shipped pipeline at 1 step
+        shipped = pipe(prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
+                       guidance_scale=1.0, num_inference_steps=1, height=SIZE, width=SIZE, output_type="latent",
+                       latents=sdcpp_noise(0, shape)).images
+    loop = sample_sd3(pipe, cond, 1, False)
+    gap = float((loop - shipped).abs().max())
+    log(f"1 step: |x0| std {float(loop.std()):.3f}; loop vs shipped pipeline max |diff| {gap:.1e}")
+    if gap > 1e-5:
+        raise SystemExit(f"the check's sampler differs from the shipped pipeline at 1 step (max {gap:.2e})")
+
+    def save(name: str, c: dict, steps: int, conventions: bool) -> None:
+        if not (out / f"{name}.png").exists():
+            log(f"our side: {name}")
+            Image.fromarray(to_image_sd3(pipe, sample_sd3(pipe, c, steps, conventions))).save(out / f"{name}.png")
+
+    for steps in (1, 4):
+        save(f"conv-{steps}", cond, steps, True)
+        with ggml_activations():
+            save(f"ggml-{steps}", ggml_cond, steps, True)
+        save(f"ours-{steps}", cond, steps, False)
+    (out / "done.json").write_text(json.dumps({"loop_vs_pipeline_max_abs": gap}))
+    log(f"our side done (the check's loop equals the shipped pipeline at 1 step: max |diff| {gap:.1e})")
+
+
 # ---- sd.cpp's side and the comparison -----------------------------------------------------------------------------
 
 def probe_plan(family: str, paths: dict[str, Path], shift: int, work: Path, threads: int) -> dict:
     sig = json.loads((work / "sigmas.json").read_text())
-    sdcpp_shift = shift if family == "sdxl" else 0  # sd.cpp ignores (and warns about) a shift on SD 1.x
+    sdcpp_shift = shift if family == "sdxl" else 0  # sd.cpp ignores (and warns about) a shift on SD 1.x and SD3
+    if family == "sd3":  # weights as stored only: in f32 sd.cpp's MMDiT alone would take 8 GB
+        cases = [{"name": f"default-{n}", "prompt": "", "width": SIZE, "height": SIZE, "seed": SEED,
+                  "cfg_scale": 1.0, "sample_method": "lcm", "steps": n, "sigmas": sig[str(n)], "timestep_shift": 0}
+                 for n in (1, 4)]
+        return {"threads": threads, "models": [{"name": "default", "checkpoint": str(paths["single"]),
+                                                "wtype": "default", "cases": cases}]}
 
     def case(name: str, steps: int, prompt: str = "") -> dict:
         return {"name": name, "prompt": prompt, "width": SIZE, "height": SIZE, "seed": SEED, "cfg_scale": 1.0,
@@ -293,6 +509,8 @@ def compare(family: str, work: Path, shift: int) -> list[dict]:
     and x_T scale), and sd.cpp's f16 weights (f16 activations inside its matmuls)."""
     ours, got = work / "ours", work / "sdcpp"
     rows = []
+    if family == "sd3":
+        return compare_sd3(ours, got)
 
     def row(check: str, mine: str, theirs: str, required: bool) -> None:
         a, b = load_png(ours / f"{mine}.png"), load_png(got / f"{theirs}.png")
@@ -328,6 +546,23 @@ def compare(family: str, work: Path, shift: int) -> list[dict]:
     return rows
 
 
+def compare_sd3(ours: Path, got: Path) -> list[dict]:
+    """Required: sd.cpp (weights as stored, f16) against our sampler with sd.cpp's conventions and activations,
+    both unshifted. Informational: with our own activations, and our sampler as shipped at shift 1000 (x_T at unit
+    variance)."""
+    rows = []
+    for steps in (1, 4):
+        for mine, what, required in ((f"ggml-{steps}", "ours with sd.cpp's conventions and arithmetic", True),
+                                     (f"conv-{steps}", "ours with sd.cpp's conventions", False),
+                                     (f"ours-{steps}", "ours as shipped (shift 1000)", False)):
+            a, b = load_png(ours / f"{mine}.png"), load_png(got / f"default-{steps}.png")
+            err = image_error(a, b)
+            rows.append({"check": f"{steps} step, unshifted, sd.cpp f16 (as stored) vs {what}", "required": required,
+                         "ok": err["mean_abs"] < 0.5 and err["max_abs"] <= 8, "pixel_std": round(float(b.std()), 1),
+                         **err})
+    return rows
+
+
 def run_family(family: str, args) -> dict:
     work = args.work / family
     work.mkdir(parents=True, exist_ok=True)
@@ -347,8 +582,10 @@ def run_family(family: str, args) -> dict:
     text = (work / "sdcpp.log").read_text(errors="replace")
     notable = sorted({line.strip()[:200] for line in text.splitlines()
                       if any(k in line for k in ("[WARN", "[ERROR", "Version:", "version", "unknown tensor",
-                                                 "lora", "shift"))})
-    return {"binding": probe["binding"], "load_and_sample_s": probe["models"], "log": notable[:40],
+                                                 "lora", "shift", "MMDiT"))})
+    extra = {"shift_both_sides": SD3_SHIFT, "sigmas": json.loads((work / "sigmas.json").read_text())} \
+        if family == "sd3" else {}
+    return {**extra, "binding": probe["binding"], "load_and_sample_s": probe["models"], "log": notable[:40],
             "our_loop_vs_shipped_pipeline_1_step": json.loads((work / "ours" / "done.json").read_text()),
             "checks": compare(family, work, args.shift)}
 
@@ -357,7 +594,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="check that stable-diffusion.cpp loads nitrofusion's exports")
     ap.add_argument("--python", required=True, help="a Python with stable-diffusion-cpp-python installed")
     ap.add_argument("--work", required=True, type=Path)
-    ap.add_argument("--family", nargs="+", default=["sdxl", "sd15"], choices=["sdxl", "sd15"])
+    ap.add_argument("--family", nargs="+", default=["sdxl", "sd15"], choices=["sdxl", "sd15", "sd3"])
     ap.add_argument("--shift", type=int, default=250)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--threads", type=int, default=-1, help="sd.cpp's threads (default: its own choice)")
@@ -367,6 +604,9 @@ def main() -> int:
         ap.error(f"--shift {args.shift} is outside [0, 1000]: NitroSD-Realism uses 250, -Vibrant 500")
     if args.references_only:
         family = args.family[0]
+        if family == "sd3":
+            references_sd3(build(family, args.work / family, args.shift, args.rank), args.work / family)
+            return 0
         references(family, build(family, args.work / family, args.shift, args.rank), args.shift,
                    args.work / family)
         return 0

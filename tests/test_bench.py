@@ -4,7 +4,8 @@ are measurements, so the test checks their presence and sanity, never a time lim
 import json
 
 from nitrofusion.cli import main
-from nitrofusion.worlds.sdxl.bench import format_table, run_bench
+from nitrofusion.training.bench import format_table
+from nitrofusion.worlds.sdxl.bench import run_bench
 
 
 def test_bench_measures_every_stage_of_an_sdxl_iteration():
@@ -40,7 +41,7 @@ def test_lora_parameter_count_of_the_memory_model_is_peft_s(tiny_cfg):
 def test_saved_bytes_counts_what_autograd_keeps_once_and_not_the_weights():
     import torch
 
-    from nitrofusion.worlds.sdxl.memory import CheckpointCounter, SavedBytes
+    from nitrofusion.training.memory import CheckpointCounter, SavedBytes
 
     lin1, lin2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
     exclude = {p.untyped_storage()._cdata for p in (*lin1.parameters(), *lin2.parameters())}
@@ -69,6 +70,34 @@ def test_memory_model_cli_prints_every_sdxl_preset(tmp_path, capsys):
     assert full["trainable_parameters"] == result["unet_parameters"] > 10 * lora["trainable_parameters"]
     assert full["total"] > lora["total"]
     per_image = result["activations_per_image"]
+    assert per_image["1024px, checkpointing on"]["student"] < per_image["1024px, checkpointing off"]["student"]
+    assert per_image["512px, checkpointing off"]["student"] < per_image["1024px, checkpointing off"]["student"]
+
+
+def test_the_sd3_bench_measures_its_iteration_with_t5_released_as_distill_does(tmp_path, capsys):
+    assert main(["bench", "--family", "sd3", "--size", "tiny", "--iters", "1", "--warmup", "0",
+                 "--out", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "SD3.5 medium tiny random weights" in out and "T5 released" in out
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert r["preset"] == "sd3-tiny" and len(r["rows"]) == 6 and r["released_text_encoder_bytes"] > 0
+    assert all(row["seconds"] > 0 and row["images_per_second"] > 0 for row in r["rows"])
+    assert main(["bench", "--family", "sd3", "--inference"]) == 2
+    assert "SD3 has no fast path" in capsys.readouterr().err
+
+
+def test_the_sd3_memory_model_counts_sd35_medium_and_what_the_t5_cache_saves(tmp_path, capsys):
+    assert main(["bench", "--memory", "--family", "sd3", "--out", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    for run in ("sd35-medium (full)", "sd35-medium-lora (lora)", "sd35-medium-lora, T5 resident (lora)"):
+        assert run in out
+    r = json.loads((tmp_path / "m.json").read_text())
+    assert 2.2e9 < r["transformer_parameters"] < 2.3e9 and 4.7e9 < r["frozen_parameters"]["t5"] < 4.8e9
+    full, lora, resident = r["rows"]
+    assert full["trainable_parameters"] == r["transformer_parameters"] > 10 * lora["trainable_parameters"]
+    assert resident["total"] - lora["total"] == resident["parts"]["T5-XXL"] == 2 * r["frozen_parameters"]["t5"]
+    assert full["total"] > resident["total"] > lora["total"] and lora["parts"]["T5-XXL"] == 0
+    per_image = r["activations_per_image"]
     assert per_image["1024px, checkpointing on"]["student"] < per_image["1024px, checkpointing off"]["student"]
     assert per_image["512px, checkpointing off"]["student"] < per_image["1024px, checkpointing off"]["student"]
 

@@ -545,7 +545,7 @@ def test_export_lora_hands_on_the_runs_adapters_in_diffusers_sd3_format(sd3, sd3
     out = tmp_path / "lora"
     assert main(["export", str(run), "--format", "lora", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "LoRA rank 4 (alpha 8) on" in printed
+    assert "LoRA rank 4 (alpha 4) on" in printed  # trained at alpha 8: alpha/rank = 2 folded into lora_B
     path = out / "pytorch_lora_weights.safetensors"
     trained = run / "student" / "lora" / "pytorch_lora_weights.safetensors"
     factors, given = load_file(str(path)), load_file(str(trained))  # the same tensors and header (its order aside)
@@ -558,11 +558,11 @@ def test_export_lora_hands_on_the_runs_adapters_in_diffusers_sd3_format(sd3, sd3
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     adapter_meta = json.loads(meta["lora_adapter_metadata"])  # diffusers' own, read back by load_lora_weights
-    assert adapter_meta["transformer.r"] == 4 and adapter_meta["transformer.lora_alpha"] == 8
+    assert adapter_meta["transformer.r"] == 4 and adapter_meta["transformer.lora_alpha"] == 4
     assert set(adapter_meta["transformer.target_modules"]) == set(SD3_LORA_TARGETS)
     assert meta[SHIFT_METADATA_KEY] == "250"
     report = json.loads((out / "lora_report.json").read_text())
-    assert report["rank"] == 4 and report["alpha"] == 8 and "exact" in report["source"]
+    assert report["rank"] == 4 and report["alpha"] == 4 and "exact" in report["source"]
     assert report["lora_layers"] == len(factors) // 2 and f"on {len(factors) // 2} layers" in printed
     # the file alone, with the teacher as --base (its shift from the metadata), generates the run's images
     assert world_of_model(path).name == "sd3"

@@ -189,20 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=6, help="passes over the Fashion-MNIST train split (default 6)")
     p.set_defaults(func=cmd_classifier)
 
-    p = command(sub, "bench", "time one SDXL-size training iteration and 1-step generation (random "
+    p = command(sub, "bench", "time one training iteration and 1-step generation at SDXL or SD3.5 size (random "
                        "weights): s, images/s, peak memory, TFLOP/s")
-    p.add_argument("--size", choices=["full", "tiny", "mini"], default="full", help="full: SDXL architecture (GPU); "
-                   "tiny: seconds on a CPU, for tests; mini: the mini world's training step, part by part")
+    p.add_argument("--family", choices=["sdxl", "sd3"], default="sdxl", help="sdxl (default: the sdxl-realism "
+                   "preset) or sd3 (sd35-medium on SD3.5 medium's architectures, T5-XXL included)")
+    p.add_argument("--size", choices=["full", "tiny", "mini"], default="full", help="full: the family's real "
+                   "architecture (GPU); tiny: seconds on a CPU, for tests; mini: the mini world's training step, part "
+                   "by part")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--iters", type=int, default=3, help="timed repetitions per stage (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions per stage first (default 1)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the sdxl-realism preset, e.g. --set micro_batch=4")
+                   help="override the family's preset, e.g. --set micro_batch=4")
     p.add_argument("--inference", action="store_true", help="instead: 1-step SDXL generation, stock diffusers eager "
                    "vs the fast path (generate --fast), at 1024 and 512 px: UNet, VAE, 1 and 4 steps, batch 8")
     p.add_argument("--dtype", help="--inference: fp16 (default on cuda), bf16 or fp32 (default on cpu)")
-    p.add_argument("--memory", action="store_true", help="instead: the memory model of every SDXL preset (full and "
-                   "LoRA students; weights, gradients, optimiser state, pool, activations), counted on the meta "
+    p.add_argument("--memory", action="store_true", help="instead: the memory model of the family's presets (full "
+                   "and LoRA students; weights, gradients, optimiser state, pool, activations), counted on the meta "
                    "device: seconds, on a CPU")
     p.add_argument("--out", help="also write the results as JSON here")
     p.set_defaults(func=cmd_bench)

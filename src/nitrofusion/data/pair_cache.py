@@ -94,7 +94,13 @@ def teacher_pairs(adapter: ModelAdapter, prompts: Prompts, p: PairsConfig, count
     if not load:
         return out
     pairs = load_pairs(out, in_memory=p.in_memory, shards=shards, verified=verified)
-    if adapter.cached_text_names():  # the prompts' cached states, read instead of the encoder once it is released
+    attach_text_cache(adapter, out, shards)
+    return pairs
+
+
+def attach_text_cache(adapter: ModelAdapter, out: Path, shards: list[int] | None) -> None:
+    """The pair set's cached prompt states (data/text_cache.py) as the adapter's `text_cache`, if it stores any:
+    read instead of their encoder once it is released (`ModelAdapter.release_cached_encoders`)."""
+    if adapter.cached_text_names():
         indexed = sorted(read_index(out)["shards"]) if shards is None else [shard_name(s) for s in shards]
         adapter.text_cache = TextCache([out / name for name in indexed], list(adapter.cached_text_names()))
-    return pairs

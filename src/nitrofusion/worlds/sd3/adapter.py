@@ -63,17 +63,28 @@ class SD3Adapter(PipelineParts, ModelAdapter):
         from .pipeline import absent_text_parts
 
         folder = Path(folder)
-        self.cfg = cfg = cfg or SD3Config()
+        cfg = cfg or SD3Config()
         check_pipeline_folder(folder, SD3)
         check_backbone(folder, cfg)
         try:
             with quiet_loading():
-                self.pipe = StableDiffusion3Pipeline.from_pretrained(folder, **absent_text_parts(folder))
+                pipe = StableDiffusion3Pipeline.from_pretrained(folder, **absent_text_parts(folder))
         except Exception as e:  # noqa: BLE001 - a truncated download surfaces as many types
             raise NitroFusionError(f"cannot load the SD3 pipeline in {folder} ({type(e).__name__}: "
                                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); the download may be "
                                    "incomplete") from None
-        self.folder = folder
+        self._setup(pipe, folder, cfg, device, dtype)
+
+    @classmethod
+    def from_pipeline(cls, pipe, cfg: SD3Config | None = None, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None) -> SD3Adapter:
+        """From a pipeline already in memory (e.g. worlds/sd3/testing.py's random full-size SD3.5 for `bench`)."""
+        adapter = cls.__new__(cls)
+        adapter._setup(pipe, None, cfg or SD3Config(), device, dtype)
+        return adapter
+
+    def _setup(self, pipe, folder: Path | None, cfg: SD3Config, device, dtype) -> None:
+        self.cfg, self.pipe, self.folder = cfg, pipe, folder
         self.pipe.set_progress_bar_config(disable=True)
         self.teacher_unet = self.pipe.transformer  # the role's name in the method core: the frozen teacher
         self.vae = self.pipe.vae

@@ -23,8 +23,8 @@ def _class_of(config: Path) -> str | None:
 
 
 class SD3World(PipelineWorld):
-    """Prompts and real images as every pipeline family's; its own adapter and inference; no evaluate or
-    bench yet."""
+    """Prompts and real images as every pipeline family's; its own adapter, inference, exports, bench and memory
+    model."""
 
     name = "sd3"
     export_formats = ("diffusers", "single-file", "lora")
@@ -161,5 +161,21 @@ class SD3World(PipelineWorld):
                 + (f" (sample with shift {r['shift']})" if r["shift"] is not None else "")]
 
     def bench(self, options: dict) -> tuple[dict, str]:
-        raise NitroFusionError("bench measures SDXL (--size full or tiny) and the mini world (--size mini); an SD3 "
-                               "bench is not written yet")
+        """The sd35-medium training iteration on random-weight SD3.5 medium architectures (worlds/sd3/bench.py), or
+        `memory` (the memory model of sd35-medium and -lora: worlds/sd3/memory.py)."""
+        o = options
+        if o.get("inference"):
+            raise NitroFusionError("bench --inference compares SDXL's stock and fast generation paths; SD3 has no fast "
+                                   "path: drop --inference (or --family sd3)")
+        if o.get("memory"):
+            from .memory import format_memory, memory_model
+
+            result = memory_model(overrides=o.get("overrides"))
+            return result, format_memory(result)
+        from ...training.bench import bench_device, format_table
+
+        bench_device(o["size"], o.get("device"), "SD3.5")  # before the training stack loads: a refusal in seconds
+        from .bench import run_bench
+
+        result = run_bench(o["size"], o.get("device"), o.get("overrides"), iters=o["iters"], warmup=o["warmup"])
+        return result, format_table(result)

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from ...sampling.student import shifted_scheduler
+from ...training.bench import sync
 from ..pipelines.fast import compile_problem, fast_decoder, make_fast
 from ..pipelines.runtime import SDXLRuntime, needs_upcast
-from .bench import _sync
 from .testing import build_sdxl_components
 
 RESOLUTIONS = {"full": (1024, 512), "tiny": (64, 32)}
@@ -38,10 +38,10 @@ RESOLUTIONS = {"full": (1024, 512), "tiny": (64, 32)}
 def _median_seconds(fn: Callable[[], object], device: torch.device, iters: int) -> float:
     times = []
     for _ in range(iters):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
@@ -196,10 +196,10 @@ def _networks(path: Path, px: int, device: torch.device, dtype: torch.dtype) -> 
 @torch.no_grad()
 def _measure_latency(path: Path, px: int, device: torch.device, dtype: torch.dtype, iters: int, warmup: int) -> dict:
     unet, decode = _networks(path, px, device, dtype)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     path.generate(px, 1)  # compiles UNet and decoder at this shape and records graphs; eager: first-call overhead
-    _sync(device)
+    sync(device)
     out = {"first_call_s": time.perf_counter() - t0}
     for key, fn in (("unet_ms", unet), ("vae_decode_ms", decode), ("1_step_ms", lambda: path.generate(px, 1)),
                     ("4_step_ms", lambda: path.generate(px, 4))):

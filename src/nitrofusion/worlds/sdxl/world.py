@@ -74,11 +74,12 @@ class SDXLWorld(UNetPipelineWorld):
 
             result = memory_model(overrides=o.get("overrides"))
             return result, format_memory(result)
-        from .device import bench_device
+        from ...training.bench import bench_device
 
         device = bench_device(o["size"], o.get("device"))  # before the training stack loads: a refusal in seconds
+        from ...training.bench import format_table
         from ...training.profile import format_profile, profile_step
-        from .bench import format_table, run_bench, sdxl_setup
+        from .bench import run_bench, sdxl_setup
 
         result = run_bench(o["size"], o.get("device"), o.get("overrides"), iters=o["iters"], warmup=o["warmup"])
         # one micro-batch per step: the SDXL recipe's 20 would make each profiled step a minute on a GPU
