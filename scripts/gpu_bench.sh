@@ -12,7 +12,8 @@
 # ran out twice, building the models twice: the iteration table, then the step profile). Measured on H100s on
 # 2026-11-27 (docs/guide/bench.md), so not repeated: the sdxl-realism iteration with AdamW at micro-batch 2 and with 8-bit
 # AdamW at micro-batch 5 (`bench --set student_optim.kind=adamw8bit`); the memory model runs on the meta device
-# (`bench --memory`).
+# (`bench --memory`). `bash scripts/gpu_bench.sh sd3` runs the SD3.5 medium LoRA iteration instead, beside its
+# memory model (not yet run on a GPU).
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
@@ -24,6 +25,13 @@ python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffuser
 # diffusers warns at every .to(dtype) of a model built in fp32 ("modules ... kept in float32: []"): noise here
 quiet() { grep --line-buffered -v "should be kept in float32"; }
 section() { printf '\n## %s\n\n' "$1" | tee -a "$LOG"; }
+if [ "${1:-}" = sd3 ]; then  # `bash scripts/gpu_bench.sh sd3`: only the SD3.5 medium iteration (never run yet)
+  section "training iteration: sd35-medium-lora on SD3.5 medium's architectures, T5 released (micro-batch 2)"
+  timeout 400 python3 -m nitrofusion bench --family sd3 --set student.kind=lora --set student.rank=64 \
+    --set student.alpha=64 --set micro_batch=2 --out "$OUT/bench-sd3-lora.json" 2>&1 | quiet | tee -a "$LOG"
+  python3 -m nitrofusion bench --family sd3 --memory 2>&1 | quiet | tee -a "$LOG"
+  exit 0
+fi
 section "end to end: sdxl-realism-lora as shipped, killed and resumed, exported, generated (scripts/gpu_e2e.py)"
 timeout 400 python3 scripts/gpu_e2e.py --out /tmp/e2e 2>&1 | quiet | tee -a "$LOG"
 cp /tmp/e2e/e2e.json "$OUT/e2e.json" 2>/dev/null

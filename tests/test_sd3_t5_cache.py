@@ -80,3 +80,20 @@ def test_a_run_without_t5_resident_trains_the_same_student(sd3_t5, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the check of the shards' progress bar
     assert "holds no cached prompt states" in err and "sd3.t5_cache=false" in err
     assert not (tmp_path / "mixed" / "student").exists()
+
+
+def test_the_dry_run_predicts_the_peak_without_t5_and_with_it(sd3_t5, tmp_path, capsys):
+    """The memory model (worlds/sd3/memory.py) on this teacher, from its config and weight headers: keeping T5
+    resident costs exactly its weights."""
+    from nitrofusion.worlds import world_named
+
+    folder, prompts = sd3_t5
+    cached, resident = (world_named("sd3").plan_model(_cfg(folder, prompts, tmp_path, f"sd3.t5_cache={c}"))
+                        for c in ("true", "false"))
+    from transformers import T5EncoderModel
+
+    t5 = sum(p.numel() for p in T5EncoderModel.from_pretrained(folder / "text_encoder_3").parameters())
+    assert cached.peak_bytes > 0 and resident.peak_bytes - cached.peak_bytes == 4 * t5  # fp32: sd3-tiny's precision
+    assert main(["distill", "--preset", "sd3-tiny", "--teacher", str(folder), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "run"), "--dry-run"]) == 0
+    assert "predicted peak" in capsys.readouterr().out and not (tmp_path / "run").exists()

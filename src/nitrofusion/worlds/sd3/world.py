@@ -65,8 +65,18 @@ class SD3World(PipelineWorld):
             trainable = lora_parameter_count(model, cfg.student)
         else:
             trainable = parameters
-        return ModelPlan(teacher_text(cfg, "an SD3 pipeline"), parameters, trainable,
+        plan = ModelPlan(teacher_text(cfg, "an SD3 pipeline"), parameters, trainable,
                          [model.inner_dim] * len(cfg.sd3.taps))
+        from ...models.weights import header_numel
+        from .memory import run_memory  # the memory model's peak for this teacher (worlds/sd3/memory.py)
+
+        clip = [header_numel(folder / name) for name in ("text_encoder", "text_encoder_2")]
+        t5 = header_numel(folder / "text_encoder_3") if (folder / "text_encoder_3").is_dir() else 0
+        vae = header_numel(folder / "vae")
+        if None not in (*clip, t5, vae):
+            frozen = {"clip": sum(clip), "t5": t5, "vae": vae}
+            plan.peak_bytes = run_memory(cfg, torch.nn.Module.to(model, torch.bfloat16), frozen)["total"]
+        return plan
 
     def recognises(self, kind: str, path: Path) -> bool:
         if kind == "pipeline":

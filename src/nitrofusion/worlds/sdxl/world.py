@@ -30,9 +30,10 @@ class SDXLWorld(UNetPipelineWorld):
     def plan_model(self, cfg: DistillConfig) -> ModelPlan:
         """With the memory model's peak (worlds/sdxl/memory.py) for this teacher's UNet, text encoders and VAE."""
         from ...models.weights import header_numel
+
+        plan, unet = self.plan_unet(cfg, need_model=True)  # the teacher checked before the training stack loads
         from .memory import run_memory
 
-        plan, unet = self.plan_unet(cfg, need_model=True)
         folder = teacher_folder(cfg)
         text = [header_numel(folder / name) for name in ("text_encoder", "text_encoder_2")]
         vae = header_numel(folder / "vae")
