@@ -59,12 +59,19 @@ def test_saved_bytes_counts_what_autograd_keeps_once_and_not_the_weights():
 
 
 def test_memory_model_cli_prints_every_sdxl_preset(tmp_path, capsys):
-    assert main(["bench", "--memory", "--out", str(tmp_path / "m.json")]) == 0
+    assert main(["bench", "--memory", "--fsdp", "2", "4", "--out", str(tmp_path / "m.json")]) == 0
     out = capsys.readouterr().out
     for preset in ("sdxl-realism (full)", "sdxl-realism-lora (lora)", "sdxl-vibrant (full)",
-                   "sdxl-vibrant-lora (lora)"):
+                   "sdxl-vibrant-lora (lora)", "sdxl-realism, FSDP x2 (full)", "sdxl-realism, FSDP x4 (full)"):
         assert preset in out
     result = json.loads((tmp_path / "m.json").read_text())
+    # FSDP over N GPUs: each keeps 1/N of the student's weights, gradients and AdamW state, gathers one unit at a time
+    plain, x2, x4 = (next(r for r in result["rows"] if r["preset"] == name)
+                     for name in ("sdxl-realism", "sdxl-realism, FSDP x2", "sdxl-realism, FSDP x4"))
+    for part in ("student weights (fp32)", "student gradients", "student optimiser state"):
+        assert x2["parts"][part] == plain["parts"][part] // 2 and x4["parts"][part] == plain["parts"][part] // 4
+    gathered = x2["parts"]["FSDP: gathered blocks (this one and the next)"]
+    assert 0 < gathered < plain["parts"]["student weights (fp32)"] / 20 and plain["total"] > x2["total"] > x4["total"]
     assert 2.5e9 < result["unet_parameters"] < 2.7e9  # SDXL's UNet, counted on the meta device
     full, lora = result["rows"][0], result["rows"][1]
     assert full["trainable_parameters"] == result["unet_parameters"] > 10 * lora["trainable_parameters"]

@@ -48,7 +48,7 @@ LAYERS = [
     ("applications", ["studies", "app"]),
     ("entry points", ["commands", "cli", "__main__", ""]),
 ]
-WORLDS = ("mini", "sdxl", "sd", "sd3")
+WORLDS = ("mini", "sdxl", "sd", "sd3", "flux")
 
 
 def _layer(module: str) -> int:

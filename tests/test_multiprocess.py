@@ -4,6 +4,7 @@ the run resumes exactly. The reference run is a real `accelerate launch`; the ot
 forked from the test process (tests/forked.py: real processes, real collectives and signals, without 3 interpreter
 starts per run)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -130,3 +131,56 @@ def test_two_processes_keep_bitwise_identical_pools_and_a_stopped_sharded_run_re
 def test_two_processes_keep_bitwise_identical_lora_students(tmp_path):
     """DDP averages a LoRA student's adapter gradients only; pools and adapters stay identical on both ranks."""
     _identical(*_forked(tmp_path, "student.kind=lora", "student.rank=4", "student_optim.lr=1e-3", "max_images=32"))
+
+
+@pytest.mark.slow
+def test_fsdp_shards_a_full_student_with_ddp_s_arithmetic_and_resumes_bitwise(tmp_path):
+    """FSDP2 (training/fsdp.py) on 2 CPU processes with gloo: the gathered student and the pool are identical on both
+    ranks and equal a DDP run's of the same global batch within float rounding (FSDP changes where the weights,
+    gradients and AdamW state live and the reduction's order, not the arithmetic); a run stopped by a signal after
+    step 1 and resumed reaches the uninterrupted FSDP run's weights bit for bit (the checkpoint holds the gathered
+    student and optimiser state; every rank re-shards it)."""
+    small = ("micro_batch=2", "grad_accum=2", "max_images=16")
+    ddp = _forked(tmp_path / "ddp", *small)
+    sharded = _forked(tmp_path / "fsdp", *small, "fsdp=true")
+    _identical(*sharded)
+    assert sharded[0].keys() == ddp[0].keys()
+    worst = max((sharded[0][k].double() - ddp[0][k].double()).abs().max().item() for k in ddp[0]
+                if ddp[0][k].is_floating_point())
+    assert worst < 1e-6, worst
+    log = [json.loads(line) for line in (tmp_path / "fsdp" / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and log[-1]["images"] == 16
+
+    stopped = tmp_path / "stopped"
+    pids = _fork(stopped, *small, "fsdp=true")
+    deadline = time.time() + 300
+    while not (stopped / "pid1").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (stopped / "pid1").exists(), (stopped / "rank1.err").read_text()[-3000:]
+    os.kill(int((stopped / "pid1").read_text()), signal.SIGUSR1)
+    err = [(stopped / f"rank{i}.err").read_text()[-3000:] for i in (0, 1)]
+    assert wait_ranks(pids) == [75, 75], err
+    r0, r1 = _forked(stopped, *small, "fsdp=true", "RESUME")
+    for k in sharded[0]:
+        assert torch.equal(r0[k], sharded[0][k]) and torch.equal(r1[k], sharded[0][k]), k
+
+
+def test_fsdp_needs_processes_and_a_full_student_one_line_before_weights_load(tmp_path, capsys):
+    from nitrofusion.cli import main
+    from nitrofusion.training.fsdp import largest_unit, units
+
+    for sets, needle in ((["fsdp=true"], "fsdp=true shards the student over processes, and this run has one"),
+                         (["fsdp=true", "student.kind=lora"], "fsdp shards a full student"),
+                         (["fsdp=true", "student_optim.zero=true"], "set student_optim.zero=false")):
+        argv = ["distill", "--preset", "tiny", "--out", str(tmp_path / "run")]
+        assert main(argv + [a for kv in sets for a in ("--set", kv)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+        assert not (tmp_path / "run").exists()
+    # the units FSDP shards, innermost first: every parameter belongs to exactly one, the largest is one block
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ModuleList([torch.nn.Linear(4, 8),
+                                                                            torch.nn.Linear(8, 2)]))
+    model = torch.nn.Module()
+    model.head, model.blocks = torch.nn.Linear(2, 2), torch.nn.ModuleList([block, torch.nn.Linear(2, 3)])
+    assert units(model) == [block[1][0], block[1][1], block, model.blocks[1], model]
+    assert largest_unit(model) == 8 * 4 + 8  # block[1][0]; `block` itself holds only its first Linear (20)

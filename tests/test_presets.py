@@ -23,10 +23,12 @@ def _real_presets() -> list[str]:
             if config_lib.load_preset("distill", name).get("world", "mini") != "mini" and not name.endswith("tiny")]
 
 
-# Sizes only: a tiny pipeline's resolution (SD: 16x16 latents, as bf16 attention on a CPU is slow) and SD3's depth;
+# Sizes only: a tiny pipeline's resolution (SD: 16x16 latents, as bf16 attention on a CPU is slow), SD3's and FLUX's
+# depth, FLUX's T5 length;
 # nothing about precision, sampler, pool or optimisers.
 SIZES = {"sdxl": ["sdxl.resolution=64"], "sd": ["sd.resolution=32"],
-         "sd3": ["sd3.resolution=64", "sd3.backbone_blocks=4", "sd3.taps=[1,3]"]}
+         "sd3": ["sd3.resolution=64", "sd3.backbone_blocks=4", "sd3.taps=[1,3]"],
+         "flux": ["flux.resolution=64", "flux.backbone_blocks=2", "flux.taps=[0,1]", "flux.max_sequence_length=16"]}
 # Budgets: 2 optimiser steps of 2 images, a checkpoint after each, teacher pairs in shards of 4 (the 4 rows the
 # first 2 steps draw from the preset's 100,000 may fall in up to 4 shards: the test checks the count it sees).
 BUDGET = ["max_images=4", "micro_batch=2", "grad_accum=1", "pairs.shard_size=4", "checkpoint_every_images=2"]
@@ -58,10 +60,14 @@ def tiny_pipelines(tmp_path_factory):
                 from nitrofusion.worlds.sd.testing import build_random_sd
 
                 built[key] = build_random_sd(folder, "sd2" if v_prediction else "sd1")
-            else:
+            elif world == "sd3":
                 from nitrofusion.worlds.sd3.testing import build_random_sd3
 
                 built[key] = build_random_sd3(folder)
+            else:
+                from nitrofusion.worlds.flux.testing import build_random_flux
+
+                built[key] = build_random_flux(folder)
         return built[key]
 
     return get
@@ -77,7 +83,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def test_real_presets_are_listed():
     names = _real_presets()
     assert {"sdxl-realism", "sdxl-vibrant", "sdxl-realism-lora", "sdxl-vibrant-lora", "sd15", "sd21",
-            "sd35-medium", "sd35-medium-lora"} <= set(names)
+            "sd35-medium", "sd35-medium-lora", "flux-dev-lora"} <= set(names)
     assert not any(n.endswith("tiny") or n.startswith("mini") for n in names)
 
 

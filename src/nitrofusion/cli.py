@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="instead: the memory model of the family's presets (full "
                    "and LoRA students; weights, gradients, optimiser state, pool, activations), counted on the meta "
                    "device: seconds, on a CPU")
+    p.add_argument("--fsdp", type=int, nargs="+", metavar="N", help="--memory: also each full preset under FSDP "
+                   "over N GPUs (fsdp=true), per GPU, e.g. --fsdp 2 4 8")
     p.add_argument("--out", help="also write the results as JSON here")
     p.set_defaults(func=cmd_bench)
 

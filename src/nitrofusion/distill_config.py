@@ -10,11 +10,12 @@ from .config import ranged
 from .errors import ConfigError
 from .method.config import AdversarialConfig, MultiStepConfig, PoolConfig
 from .worlds.config import check_config
+from .worlds.flux.config import FLUX_LORA_TARGETS, FluxConfig
 from .worlds.sd.config import SDConfig
 from .worlds.sd3.config import SD3_LORA_TARGETS, SD3Config
 from .worlds.sdxl.config import SDXLConfig
 
-PIPELINE_SECTIONS = ("sdxl", "sd", "sd3")  # the config sections of the pipeline worlds, named as their world
+PIPELINE_SECTIONS = ("sdxl", "sd", "sd3", "flux")  # the config sections of the pipeline worlds, named as their world
 
 
 @dataclass
@@ -70,8 +71,8 @@ class RealConfig:
 
 
 # LoRA targets by default: attention (self and cross: q, k, v, out), feed-forward (GEGLU in, out) and the
-# resnets' two 3x3 convolutions; PEFT matches a name or its ending after a dot. World sd3 has its own default
-# (worlds/sd3/config.py), put in place of this one by DistillConfig.validate
+# resnets' two 3x3 convolutions; PEFT matches a name or its ending after a dot. Worlds sd3 and flux have their own
+# defaults (worlds/sd3/config.py, worlds/flux/config.py), put in place of this one by DistillConfig.validate
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 
 
@@ -101,11 +102,12 @@ class StudentConfig:
 
 @dataclass
 class DistillConfig:
-    world: Literal["mini", "sdxl", "sd", "sd3"] = "mini"
+    world: Literal["mini", "sdxl", "sd", "sd3", "flux"] = "mini"
     teacher: str = ""  # teacher folder: a diffusers SDXL (sdxl) or SD 1.x/2.x (sd) pipeline; empty = mini's shipped one
     sdxl: SDXLConfig = field(default_factory=SDXLConfig)
     sd: SDConfig = field(default_factory=SDConfig)  # Stable Diffusion 1.x / 2.x: the same keys as sdxl
     sd3: SD3Config = field(default_factory=SD3Config)  # Stable Diffusion 3 / 3.5 (a DiT trained as a flow)
+    flux: FluxConfig = field(default_factory=FluxConfig)  # FLUX.1-dev (a guidance-distilled DiT trained as a flow)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)  # sdxl, sd; the mini world uses its 10 classes
     student_init: str = "teacher"  # "teacher", or a .safetensors UNet (student.kind full) / LoRA (kind lora)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -125,6 +127,9 @@ class DistillConfig:
     # fp16 is refused by validate(): our backward passes are not loss-scaled
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    # FSDP2 (training/fsdp.py): a full student's weights, gradients and optimiser state sharded over the processes
+    # (2 or more: accelerate launch or torchrun), for students whose training state exceeds one GPU
+    fsdp: bool = False
     max_grad_norm: float = ranged(0.0, ge=0)  # 0 = no clipping
     # intervals in training images, like the budget (an event fires on the step whose images cross a multiple)
     checkpoint_every_images: int = ranged(6400, ge=1)
@@ -151,6 +156,16 @@ class DistillConfig:
                 out[f"{name}_every_images"] = int(out.pop(f"{name}_every")) * per_step
         return out
 
+    def _check_fsdp(self) -> None:
+        if self.student.kind != "full":
+            raise ConfigError("fsdp shards a full student; a LoRA student's adapters are small and live on the "
+                              "shared teacher: train it with fsdp=false (DDP)")
+        if self.student_optim.zero:
+            raise ConfigError("fsdp already shards the student's optimiser state; set student_optim.zero=false")
+        if self.student_optim.kind != "adamw":
+            raise ConfigError(f"fsdp takes student_optim.kind adamw (its state is sharded anyway); "
+                              f"{self.student_optim.kind} on sharded parameters is not supported")
+
     def _check_start_shards(self) -> None:
         p = self.pairs
         if p.online or self.real.source == "data":
@@ -164,14 +179,16 @@ class DistillConfig:
                               f"less than micro_batch {self.micro_batch}; raise pairs.start_shards")
 
     @property
-    def pipeline_config(self) -> SDXLConfig | SD3Config | None:
-        """The active diffusers family's section (`sdxl`, `sd` or `sd3`); None in the mini world."""
+    def pipeline_config(self) -> SDXLConfig | SD3Config | FluxConfig | None:
+        """The active diffusers family's section (`sdxl`, `sd`, `sd3` or `flux`); None in the mini world."""
         return getattr(self, self.world) if self.world in PIPELINE_SECTIONS else None
 
     def validate(self) -> None:
         if self.world == "sd3" and self.student.targets == LORA_TARGETS:
             # the default names UNet layers (conv1, conv2) that an MMDiT lacks: an SD3 run's default is its own
             self.student.targets = list(SD3_LORA_TARGETS)
+        if self.world == "flux" and self.student.targets == LORA_TARGETS:  # likewise: FLUX's own default
+            self.student.targets = list(FLUX_LORA_TARGETS)
         if self.mixed_precision == "fp16":
             raise ConfigError("mixed_precision fp16 cannot train: the adversarial step's backward passes are not "
                               "loss-scaled, so fp16 gradients would underflow; use mixed_precision=bf16 (CPUs, CUDA "
@@ -191,6 +208,8 @@ class DistillConfig:
                 raise ConfigError(f"{name}.schedule linear decays to 0 at max_images; set max_images, or "
                                   f"{name}.schedule=constant with a max_minutes budget")
         check_config(self)  # the world's own checks (worlds/config.py)
+        if self.fsdp:
+            self._check_fsdp()
         if self.adversarial.regression_weight and self.real.source != "teacher":
             raise ConfigError(f"adversarial.regression_weight needs teacher pairs (a real image has no paired x_T); "
                               f"set it to 0 with real.source={self.real.source}, or use real.source=teacher")

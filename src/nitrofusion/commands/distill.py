@@ -25,6 +25,10 @@ def cmd_distill(args) -> None:
     from ..training import check_student, distill, ensure_writable, read_student_init
 
     state = process_state()
+    if cfg.fsdp:  # before any weights load
+        from ..training.fsdp import check_processes
+
+        check_processes(state.num_processes)
     check_mixed_precision(cfg.mixed_precision, state.device)
     read_student_init(cfg, header_only=True)
     ensure_writable(Path(args.out))  # before minutes of teacher sampling, not after

@@ -30,15 +30,20 @@ def student_x0(adapter: ModelAdapter, student: torch.nn.Module, x_t: torch.Tenso
 
 @torch.no_grad()
 def backward_simulate(adapter: ModelAdapter, student: torch.nn.Module, x_T: torch.Tensor, cond: Cond,
-                      k: torch.Tensor, grid: list[int], shift: int,
-                      gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                      k: torch.Tensor, grid: list[int], shift: int, gen: torch.Generator,
+                      depth: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs of the step each sample trains: sample i runs k[i] student steps from x_T along
-    [N-1, *grid] (no gradient) and returns (x at grid[k[i]-1], that timestep); k[i] = 0 keeps (x_T, N-1)."""
+    [N-1, *grid] (no gradient) and returns (x at grid[k[i]-1], that timestep); k[i] = 0 keeps (x_T, N-1).
+    `depth` (>= max k, an FSDP run's deepest over all ranks): the student is called that many times, on one row
+    whose result is dropped when no sample of this rank goes that deep; the samples and `gen` are unchanged."""
     n = adapter.num_train_timesteps
     x = x_T.clone()
     t = torch.full((x_T.shape[0],), n - 1, dtype=torch.long, device=x_T.device)
     process = adapter.process
-    for j in range(1, int(k.max()) + 1 if k.numel() else 1):
+    deepest = int(k.max()) if k.numel() else 0
+    for _ in range(deepest + 1, (depth or 0) + 1):  # calls that only keep the ranks' collectives in step
+        student_x0(adapter, student, x[:1], t[:1], cond_index(cond, slice(0, 1)), shift)
+    for j in range(1, deepest + 1):
         rows = (k >= j).nonzero(as_tuple=True)[0]
         x0 = student_x0(adapter, student, x[rows], t[rows], cond_index(cond, rows), shift)
         noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)  # fresh, as at inference

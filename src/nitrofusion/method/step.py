@@ -9,6 +9,8 @@ active heads get gradients. Both losses are backpropagated here; the trainer ste
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..stopwatch import section
@@ -45,6 +47,9 @@ class AdversarialStep:
         self.adapter, self.student, self.backbone, self.pool, self.cfg = adapter, student, backbone, pool, cfg
         self.multistep = multistep or MultiStepConfig()
         self.nonfinite: list[tuple[str, int]] = []
+        # where the student's forward is a collective (FSDP: training/fsdp.py), every rank must call it as often:
+        # this maps this rank's backward-simulation depth to the deepest of all ranks' (None: its own)
+        self.agree_depth: Callable[[int], int] | None = None
 
     def fake_x0(self, x_T: torch.Tensor, cond: Cond, refine_p: float, gen: torch.Generator):
         """The student's x0 that the heads judge, and the input timestep of each sample's trained step:
@@ -54,7 +59,8 @@ class AdversarialStep:
             return student_one_step(self.adapter, self.student, x_T, cond, self.cfg.shift), None
         grid = self.multistep.timesteps
         k = draw_refinement(x_T.shape[0], refine_p, len(grid), gen).to(x_T.device)
-        x_in, t_in = backward_simulate(self.adapter, self.student, x_T, cond, k, grid, self.cfg.shift, gen)
+        depth = self.agree_depth(int(k.max())) if self.agree_depth is not None else None
+        x_in, t_in = backward_simulate(self.adapter, self.student, x_T, cond, k, grid, self.cfg.shift, gen, depth)
         x0 = student_x0(self.adapter, self.student, x_in, t_in, cond, self.cfg.shift)
         return x0, torch.where(k > 0, t_in, torch.full_like(t_in, n - 1))
 

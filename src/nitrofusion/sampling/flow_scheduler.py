@@ -5,7 +5,8 @@ The grid is the LCM grid with original_inference_steps=4 ({999, 749, 499, 249}; 
 points as the UNet families). At grid point t the network is called at the shifted t' = floor(t * s / 1000),
 x0 is read at sigma' = t' / 1000 (x0 = x - sigma' v), and x0 is re-noised with fresh noise to the next
 UNSHIFTED t: x = (1 - t/1000) x0 + (t/1000) n. It subclasses diffusers' FlowMatchEulerDiscreteScheduler, so
-a stock StableDiffusion3Pipeline drives it (`set_timesteps`, `timesteps`, `step`, `order`).
+a stock StableDiffusion3Pipeline drives it (`set_timesteps`, `timesteps`, `step`, `order`), and so does a stock
+FluxPipeline, which calls `set_timesteps(sigmas=..., mu=...)` without the step count.
 
 Stock pipelines call `step` without a generator, so the re-noising draws from torch's global generator;
 `scheduler.generator` (a generator or one per image) makes it reproducible, as `generate` does.
@@ -55,6 +56,10 @@ class TimestepShiftFlowScheduler(FlowMatchEulerDiscreteScheduler):
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       sigmas=None, mu: float | None = None, timesteps=None) -> None:
         n = self.config.num_train_timesteps
+        if num_inference_steps is None and sigmas is not None:
+            # FluxPipeline passes its sigma grid (linspace(1, 1/n, n)) and dynamic shift mu instead of the step count:
+            # only the grid's length is read here (this sampler's points and shift are its own, mu is the teacher's)
+            num_inference_steps = len(sigmas)
         self.unshifted_timesteps = lcm_grid(int(num_inference_steps or GRID_POINTS), n)
         shifted = [t * self.config.shifted_timestep // n for t in self.unshifted_timesteps]
         self.timesteps = torch.tensor(shifted, dtype=torch.float32, device=device)  # what the network is fed

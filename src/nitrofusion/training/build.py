@@ -85,6 +85,7 @@ class TrainParts:
     ema: EMA | None
     step_fn: AdversarialStep
     zero: bool  # the student's optimiser state is sharded over the processes (ZeRO-1)
+    fsdp: bool = False  # the student itself is sharded over the processes (FSDP2: training/fsdp.py)
 
 
 def build_parts(cfg: DistillConfig, adapter: ModelAdapter, acc: Accelerator,
@@ -98,14 +99,24 @@ def build_parts(cfg: DistillConfig, adapter: ModelAdapter, acc: Accelerator,
     backbone = adapter.make_backbone(cfg.gradient_checkpointing)
     pool = HeadPool(cfg.pool, backbone.channels, guided=bool(cfg.student.guidance)).to(acc.device)
     zero = cfg.student_optim.zero and acc.num_processes > 1
+    if cfg.fsdp:  # sharded in place before its optimiser is built on the sharded parameters (training/fsdp.py)
+        from .fsdp import check_processes, shard_student
+
+        check_processes(acc.num_processes)
+        shard_student(student, cfg.mixed_precision)
     opt_g = adamw(student_param_groups(student, cfg), cfg.student_optim, sharded=zero)
     opt_d = adamw(pool.parameters(), cfg.heads_optim)
-    student = acc.prepare(student)
-    if not zero:  # accelerate's optimiser wrapper reads state_dict() at once, which ZeRO only has after consolidating
-        opt_g = acc.prepare(opt_g)
+    if not cfg.fsdp:
+        student = acc.prepare(student)
+        if not zero:  # accelerate's optimiser wrapper reads state_dict() at once, which ZeRO has after consolidating
+            opt_g = acc.prepare(opt_g)
     ema = EMA(acc.unwrap_model(student), cfg.ema_decay) if cfg.ema_decay > 0 else None
     step_fn = AdversarialStep(adapter, student, backbone, pool, cfg.adversarial, cfg.multistep)
-    return TrainParts(acc, student, backbone, pool, opt_g, opt_d, ema, step_fn, zero)
+    if cfg.fsdp:
+        from .fsdp import deepest_of_all_ranks
+
+        step_fn.agree_depth = deepest_of_all_ranks
+    return TrainParts(acc, student, backbone, pool, opt_g, opt_d, ema, step_fn, zero, cfg.fsdp)
 
 
 def single_process_parts(cfg: DistillConfig, adapter: ModelAdapter, device: torch.device) -> TrainParts:

@@ -31,6 +31,7 @@ from ..method.guidance import GUIDANCE_FILE, default_scale, with_guidance
 from ..models import student as student_lib
 from ..models.student import LORA_DIR
 from . import checkpoint as ckpt
+from . import fsdp
 from .build import TrainParts, build_parts
 from .optim import set_learning_rates
 from .state import TrainState
@@ -169,7 +170,10 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
                 ckpt.save(run_dir, state.step, *parts, cfg.keep_checkpoints)
 
     def eval_student() -> torch.nn.Module:
-        """A plain UNet for evaluation and saving: the EMA weights when kept, a LoRA student merged."""
+        """A plain UNet for evaluation and saving: the EMA weights when kept, a LoRA student merged; an FSDP student
+        gathered (a collective: every rank calls it)."""
+        if parts.fsdp:
+            return fsdp.plain_copy(student, {k: fsdp.full(v).cpu() for k, v in ema.shadow.items()} if ema else None)
         return student_lib.merged(acc.unwrap_model(student), ema.shadow if ema is not None else None)
 
     def log(entry: dict) -> None:
@@ -177,9 +181,14 @@ def _distill(cfg: DistillConfig, adapter: ModelAdapter, pairs, run_dir: Path, re
             f.write(json.dumps(entry) + "\n")
 
     def evaluate() -> None:
-        if (evaluator is None and probe is None) or not acc.is_main_process:
+        if evaluator is None and probe is None:
             return
-        model = eval_student().eval()
+        if parts.fsdp:  # the gather is a collective; the evaluation is the main process's
+            model = eval_student().eval()
+        if not acc.is_main_process:
+            return
+        if not parts.fsdp:
+            model = eval_student().eval()
         entry = {"step": state.step, "images": state.images, "train_seconds": round(state.train_seconds, 2)}
         if evaluator is not None:
             entry["eval"] = evaluator(model, state.step)

@@ -125,26 +125,38 @@ def pool_parameters(cfg: DistillConfig, channels: list[int]) -> int:
         return numel(HeadPool(cfg.pool, channels))
 
 
+def largest_block(model: nn.Module) -> int:
+    """Parameters of the largest unit FSDP gathers at once (training/fsdp.py `units`)."""
+    from .fsdp import largest_unit
+
+    return largest_unit(model)
+
+
 def training_parts(cfg: DistillConfig, denoiser: tuple[str, int], frozen: dict[str, int], trainable: int,
-                   heads: int) -> dict[str, int]:
-    """Bytes per part of a run besides activations: the frozen denoiser (teacher = E, `denoiser` = its name and
-    parameter count) in the run's precision, the other frozen parts (`frozen`, bytes), the student's fp32 weights,
-    gradients and optimiser state, the head pool, the EMA and autocast's half-precision copies."""
+                   heads: int, shards: int = 1, block: int = 0) -> dict[str, int]:
+    """Bytes per part of a run besides activations, on one GPU: the frozen denoiser (teacher = E, `denoiser` = its
+    name and parameter count) in the run's precision, the other frozen parts (`frozen`, bytes), the student's fp32
+    weights, gradients and optimiser state, the head pool, the EMA and autocast's half-precision copies. `shards`
+    > 1: FSDP over that many GPUs (training/fsdp.py): each keeps 1/shards of the student's weights, gradients,
+    optimiser state and EMA, and gathers one block (`block` parameters) at a time, prefetching the next."""
     weight_bytes = 2 if cfg.mixed_precision in ("bf16", "fp16") else 4
     name, params = denoiser
+    share = trainable // shards
     parts = {
         f"frozen {name} (teacher = E)": weight_bytes * params,
         **frozen,
-        "student weights (fp32)": 4 * trainable,
-        "student gradients": 4 * trainable,
-        "student optimiser state": OPTIM_BYTES[cfg.student_optim.kind] * trainable,
+        "student weights (fp32)": 4 * share,
+        "student gradients": 4 * share,
+        "student optimiser state": OPTIM_BYTES[cfg.student_optim.kind] * share,
         # every head keeps weights and (once trained) AdamW state; only the active share has gradients
         "head pool (weights, AdamW, active grads)": (4 + OPTIM_BYTES[cfg.heads_optim.kind]) * heads
         + 4 * heads // (cfg.pool.heads_per_slot if cfg.pool.dynamic else 1),
     }
     if cfg.ema_decay > 0:
-        parts["student EMA (fp32)"] = 4 * trainable
-    if weight_bytes == 2:
+        parts["student EMA (fp32)"] = 4 * share
+    if shards > 1:  # the gathered block and the prefetched next one, in the gather dtype; no autocast copy kept
+        parts["FSDP: gathered blocks (this one and the next)"] = 2 * weight_bytes * block
+    elif weight_bytes == 2:
         # autocast casts each fp32 weight to half precision once per forward and keeps the copy until the
         # autocast region ends (found on an H100: the measured peak at micro-batch 2 was ~5 GiB above the
         # model without this term, the size of the student's bf16 copy)

@@ -14,6 +14,7 @@ from ..method.adapter import Cond
 from ..method.schedules import refine_probability, regression_on_refinements
 from ..stopwatch import section
 from .build import TrainParts
+from .fsdp import full, local
 from .optim import average_active_head_grads
 
 Batch = tuple[torch.Tensor, torch.Tensor, Cond]  # x_T, the teacher's x0 (or a real image), conditioning
@@ -42,7 +43,8 @@ def optimizer_step(parts: TrainParts, next_batch: Callable[[], Batch], gen: torc
         with section("data + prompt encoding"):
             x_T, x0, cond = next_batch()
         sync = micro == grad_accum - 1  # DDP all-reduces the student's gradients on the last micro-batch only
-        ctx = acc.no_sync(student) if not sync else _nullcontext()
+        # FSDP reduce-scatters after every micro-batch instead: skipping it would hold the whole unsharded gradient
+        ctx = acc.no_sync(student) if not (sync or parts.fsdp) else _nullcontext()
         with ctx, acc.autocast():
             out = step_fn(x_T, x0, cond, active, gen, loss_scale=1.0 / grad_accum, refine_p=refine_p,
                           refine_regression=refine_regression)
@@ -51,14 +53,17 @@ def optimizer_step(parts: TrainParts, next_batch: Callable[[], Batch], gen: torc
         nonfinite.update(step_fn.nonfinite)
     finite = all(math.isfinite(v) for v in logs.values())
     if finite and max_grad_norm == 0:  # a non-finite gradient with finite losses also skips the step
-        grads = [p.grad for p in student.parameters() if p.grad is not None]
+        grads = [local(p.grad) for p in student.parameters() if p.grad is not None]  # FSDP: this rank's shard
         finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
     if acc.num_processes > 1:  # every rank must agree to skip, or the replicas drift apart
         flag = torch.tensor([0.0 if finite else 1.0], device=acc.device)
         finite = bool(acc.reduce(flag, reduction="sum").item() == 0)
         average_active_head_grads(acc, pool, active)
     if finite and max_grad_norm:
-        norm = acc.clip_grad_norm_(student.parameters(), max_grad_norm)
+        if parts.fsdp:  # torch's own clip takes sharded gradients: the norm is over the whole student
+            norm = full(torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm))
+        else:
+            norm = acc.clip_grad_norm_(student.parameters(), max_grad_norm)
         finite = bool(torch.isfinite(torch.as_tensor(norm)))
     with section("optimisers"):
         if finite:

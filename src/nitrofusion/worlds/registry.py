@@ -18,6 +18,7 @@ def register(world: World) -> World:
 
 def registered() -> dict[str, World]:
     if not _WORLDS:  # the built-in worlds, imported on first use (each imports its own model code lazily)
+        from .flux.world import FluxWorld
         from .mini.world import MiniWorld
         from .sd.world import SDWorld
         from .sd3.world import SD3World
@@ -27,6 +28,7 @@ def registered() -> dict[str, World]:
         register(SDXLWorld())
         register(SDWorld())
         register(SD3World())
+        register(FluxWorld())
     return _WORLDS
 
 

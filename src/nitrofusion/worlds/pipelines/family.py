@@ -1,7 +1,7 @@
 """The diffusers pipeline families: SDXL and Stable Diffusion 1.x / 2.x (worlds/sd/), which share this folder's
-inference machinery (pipeline, export, fast path, evaluation), and SD3 / 3.5 (worlds/sd3/). A folder's family
-comes from what diffusers wrote in it (model_index.json's class, the UNet's config), never from a name, so a
-run, an export or a base folder of another family is refused in one line that names both.
+inference machinery (pipeline, export, fast path, evaluation), SD3 / 3.5 (worlds/sd3/) and FLUX.1 (worlds/flux/). A
+folder's family comes from what diffusers wrote in it (model_index.json's class, the UNet's config), never from a
+name, so a run, an export or a base folder of another family is refused in one line that names both.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ SD = Family("sd", "Stable Diffusion 1.x/2.x", "StableDiffusionPipeline",
 SD3 = Family("sd3", "SD3", "StableDiffusion3Pipeline",
              ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"), False,
              "an", ("text_encoder_3", "tokenizer_3"))
-FAMILIES = {f.world: f for f in (SDXL, SD, SD3)}
+FLUX = Family("flux", "FLUX.1", "FluxPipeline",
+              ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"), False)
+FAMILIES = {f.world: f for f in (SDXL, SD, SD3, FLUX)}
 
 
 def family_named(world: str) -> Family:

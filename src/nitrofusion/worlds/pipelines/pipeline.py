@@ -360,6 +360,8 @@ def default_size(pipe) -> int:
 
 def size_multiple(pipe) -> int:
     """Image sides must be multiples of this: the VAE's scale times the UNet's downsampling or the DiT's patch."""
+    if getattr(pipe, "nitrofusion_size_multiple", None):  # set by the family's loader (FLUX: 2x2 latent packing)
+        return pipe.nitrofusion_size_multiple
     config = denoiser(pipe).config
     return pipe.vae_scale_factor * (config.patch_size if "patch_size" in config else
                                     2 ** (len(config.block_out_channels) - 1))
@@ -399,7 +401,10 @@ def generate_images(pipe, prompts: list[str], steps: int, seed: int = 0, height:
         if own:
             pipe.scheduler.generator = generators
         try:
-            out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=0.0, height=height, width=width,
+            # no classifier-free guidance; a guidance-distilled family's embedded guidance (FLUX: worlds/flux/) is the
+            # value its student was trained at, which its loader sets as `nitrofusion_guidance`
+            guidance = getattr(pipe, "nitrofusion_guidance", 0.0)
+            out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
                        generator=generators, output_type="pil")
         finally:
             if own:

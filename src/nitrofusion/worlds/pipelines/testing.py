@@ -23,3 +23,23 @@ def write_tokenizer(folder: Path) -> dict[str, int]:
     tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
     tok.save_pretrained(folder)
     return vocab
+
+
+def tiny_t5(seed: int, width: int):
+    """(T5 tokenizer, T5 encoder): a character-level Unigram tokenizer (T5's special ids: pad 0, eos 1, unk 2) and
+    a 2-layer encoder `width` wide, the joint attention width its states feed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in CHARS] + [("\u2581", -1.0)]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                extra_ids=0)
+    import torch
+
+    torch.manual_seed(seed)
+    encoder = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=width, d_kv=8, d_ff=37, num_layers=2,
+                                      num_heads=4, decoder_start_token_id=0))
+    return tokenizer, encoder

@@ -22,6 +22,7 @@ from ...training.memory import (
     SavedBytes,
     flash_attention,
     format_parts,
+    largest_block,
     numel,
     per_image_peaks,
     pool_parameters,
@@ -102,9 +103,10 @@ def frozen_parts_params() -> dict[str, int]:
 
 
 def run_memory(cfg: DistillConfig, transformer: nn.Module, frozen: dict[str, int], acts: dict | None = None,
-               name: str = "") -> dict:
+               name: str = "", shards: int = 1) -> dict:
     """Bytes per part of one run `cfg` on `transformer` (meta-device) with frozen parts of `frozen` parameters, and
-    its predicted peak at the run's micro-batch, resolution and checkpointing."""
+    its predicted peak per GPU at the run's micro-batch, resolution and checkpointing (`shards` > 1: a full student
+    under FSDP over that many GPUs)."""
     s = cfg.sd3
     params = numel(transformer)
     trainable = lora_parameter_count(transformer, cfg.student) if cfg.student.kind == "lora" else params
@@ -113,21 +115,24 @@ def run_memory(cfg: DistillConfig, transformer: nn.Module, frozen: dict[str, int
     others = {"CLIP-L + CLIP-G + VAE (fp32)": weight * frozen["clip"] + 4 * frozen["vae"],
               "T5-XXL": 0 if s.t5_cache else weight * frozen["t5"]}
     frozen_params = params + sum(b.numel() for b in transformer.buffers())  # with its 2-D position table
-    parts = training_parts(cfg, ("MMDiT", frozen_params), others, trainable, heads)
+    parts = training_parts(cfg, ("MMDiT", frozen_params), others, trainable, heads, shards,
+                           largest_block(transformer))
     key = (s.resolution, cfg.gradient_checkpointing)
     a = (acts or {}).get(key) or activation_bytes(transformer, s.resolution, cfg.gradient_checkpointing,
                                                   s.backbone_blocks, s.taps, s.max_sequence_length)
     activations = step_activations(cfg, a)
-    label = name + ("" if s.t5_cache else ", T5 resident")
-    return {"preset": label, "student": cfg.student.kind, "trainable_parameters": trainable, "pool_parameters": heads,
+    label = name + ("" if s.t5_cache else ", T5 resident") + (f", FSDP x{shards}" if shards > 1 else "")
+    return {"preset": label, "student": cfg.student.kind, "fsdp_processes": shards, "trainable_parameters": trainable,
+            "pool_parameters": heads,
             "micro_batch": cfg.micro_batch, "resolution": s.resolution, "t5_cache": s.t5_cache,
             "gradient_checkpointing": cfg.gradient_checkpointing, "parts": parts, "activations": activations,
             "total": sum(parts.values()) + activations}
 
 
-def memory_model(overrides: list[str] | None = None) -> dict:
-    """Bytes per part for each run of RUNS; activations per image at 1024 and 512 px, with and without checkpointing;
-    the predicted peak at each run's own micro-batch, resolution and checkpointing."""
+def memory_model(overrides: list[str] | None = None, fsdp: tuple[int, ...] = ()) -> dict:
+    """Bytes per part for each run of RUNS (and the full one under FSDP over each of `fsdp` GPU counts); activations
+    per image at 1024 and 512 px, with and without checkpointing; the predicted peak per GPU at each run's own
+    micro-batch, resolution and checkpointing."""
     transformer = transformer_meta(torch.bfloat16)
     frozen = frozen_parts_params()
     cfgs = [(name, config_lib.build(DistillConfig, "distill", name, [*sets, *(overrides or [])]))
@@ -136,6 +141,7 @@ def memory_model(overrides: list[str] | None = None) -> dict:
     acts = {(px, ck): activation_bytes(transformer, px, ck, s.backbone_blocks, s.taps, s.max_sequence_length)
             for px in (1024, 512) for ck in (False, True)}
     rows = [run_memory(cfg, transformer, frozen, acts, name) for name, cfg in cfgs]
+    rows += [run_memory(cfgs[0][1], transformer, frozen, acts, cfgs[0][0], n) for n in fsdp]  # the full student
     per_image = per_image_peaks({f"{px}px, checkpointing {'on' if ck else 'off'}": v for (px, ck), v in acts.items()})
     return {"transformer_parameters": numel(transformer), "frozen_parameters": frozen, "rows": rows,
             "activations_per_image": per_image}

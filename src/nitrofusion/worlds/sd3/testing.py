@@ -11,31 +11,13 @@ from pathlib import Path
 
 import torch
 
-from ..pipelines.testing import BOS, CHARS, EOS, write_tokenizer
+from ..pipelines.testing import BOS, EOS, tiny_t5, write_tokenizer
 
 
 def sd3_transformer_config(layers: int = 4) -> dict:
     return dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
                 attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
                 pooled_projection_dim=64, pos_embed_max_size=32)
-
-
-def tiny_t5(seed: int, width: int):
-    """(T5 tokenizer, T5 encoder): a character-level Unigram tokenizer (T5's special ids: pad 0, eos 1, unk 2) and
-    a 2-layer encoder `width` wide, the joint attention width its states feed."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
-
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in CHARS] + [("\u2581", -1.0)]
-    backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                extra_ids=0)
-    torch.manual_seed(seed)
-    encoder = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=width, d_kv=8, d_ff=37, num_layers=2,
-                                      num_heads=4, decoder_start_token_id=0))
-    return tokenizer, encoder
 
 
 # SD3.5 medium's architectures (its published configs): the MMDiT-X (24 joint blocks of 24 x 64 heads, the first 13

@@ -17,6 +17,7 @@ from ...training.memory import (
     SavedBytes,
     flash_attention,
     format_parts,
+    largest_block,
     numel,
     per_image_peaks,
     pool_parameters,
@@ -102,33 +103,40 @@ def _frozen_parts_bytes() -> dict:
     return {"text_encoders": 2 * sum(numel(m) for m in text), "vae": 4 * numel(vae)}
 
 
-def run_memory(cfg: DistillConfig, unet: nn.Module, frozen: dict, acts: dict | None = None, name: str = "") -> dict:
+def run_memory(cfg: DistillConfig, unet: nn.Module, frozen: dict, acts: dict | None = None, name: str = "",
+               shards: int = 1) -> dict:
     """Bytes per part of one run `cfg` on `unet` (a meta-device UNet) with frozen text encoders and VAE of `frozen`
-    bytes, and its predicted peak at the run's micro-batch, resolution and checkpointing."""
+    bytes, and its predicted peak per GPU at the run's micro-batch, resolution and checkpointing (`shards` > 1: a
+    full student under FSDP over that many GPUs)."""
     from ...method.backbone import level_channels
 
     unet_params = numel(unet)
     trainable = lora_parameter_count(unet, cfg.student) if cfg.student.kind == "lora" else unet_params
     heads = pool_parameters(cfg, level_channels(unet))
     parts = training_parts(cfg, ("UNet", unet_params), {"text encoders + VAE": frozen["text_encoders"] + frozen["vae"]},
-                           trainable, heads)
+                           trainable, heads, shards, largest_block(unet))
     px = cfg.sdxl.resolution
     a = (acts or {}).get((px, cfg.gradient_checkpointing)) or activation_bytes(unet, px, cfg.gradient_checkpointing)
     activations = step_activations(cfg, a)
-    return {"preset": name, "student": cfg.student.kind, "trainable_parameters": trainable,
+    return {"preset": name + (f", FSDP x{shards}" if shards > 1 else ""), "student": cfg.student.kind,
+            "fsdp_processes": shards, "trainable_parameters": trainable,
             "pool_parameters": heads, "micro_batch": cfg.micro_batch, "resolution": px,
             "gradient_checkpointing": cfg.gradient_checkpointing, "parts": parts,
             "activations": activations, "total": sum(parts.values()) + activations}
 
 
-def memory_model(presets: tuple[str, ...] = PRESETS, overrides: list[str] | None = None) -> dict:
-    """Bytes per part for each preset; activations per image at 1024 and 512 px, with and without checkpointing;
-    the predicted peak at the preset's own micro-batch, resolution and checkpointing."""
+def memory_model(presets: tuple[str, ...] = PRESETS, overrides: list[str] | None = None,
+                 fsdp: tuple[int, ...] = ()) -> dict:
+    """Bytes per part for each preset (and each full one under FSDP over each of `fsdp` GPU counts); activations per
+    image at 1024 and 512 px, with and without checkpointing; the predicted peak per GPU at the preset's own
+    micro-batch, resolution and checkpointing."""
     unet = _sdxl_unet_meta(torch.bfloat16)
     frozen = _frozen_parts_bytes()
     acts = {(px, ck): activation_bytes(unet, px, ck) for px in (1024, 512) for ck in (False, True)}
-    rows = [run_memory(config_lib.build(DistillConfig, "distill", name, list(overrides or [])), unet, frozen, acts,
-                       name) for name in presets]
+    cfgs = {name: config_lib.build(DistillConfig, "distill", name, list(overrides or [])) for name in presets}
+    rows = [run_memory(cfg, unet, frozen, acts, name) for name, cfg in cfgs.items()]
+    rows += [run_memory(cfg, unet, frozen, acts, name, n) for n in fsdp for name, cfg in cfgs.items()
+             if cfg.student.kind == "full"]
     per_image = per_image_peaks({f"{px}px, checkpointing {'on' if ck else 'off'}": v for (px, ck), v in acts.items()})
     return {"unet_parameters": numel(unet), "rows": rows, "activations_per_image": per_image}
 

@@ -73,7 +73,7 @@ class SDXLWorld(UNetPipelineWorld):
         if o.get("memory"):
             from .memory import format_memory, memory_model
 
-            result = memory_model(overrides=o.get("overrides"))
+            result = memory_model(overrides=o.get("overrides"), fsdp=tuple(o.get("fsdp") or ()))
             return result, format_memory(result)
         from ...training.bench import bench_device
 

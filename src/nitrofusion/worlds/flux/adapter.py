@@ -1,0 +1,288 @@
+"""FLUX.1 adapter (docs/method.md §8, FLUX): a FluxPipeline folder's transformer as teacher and backbone, trained as
+a rectified flow.
+
+The method core sees UNPACKED latents [B, 16, H/8, W/8], as SD3's; they are packed into 2x2-patch tokens
+(`FluxPipeline._pack_latents`) only inside `unet_call` and `backbone_call`, with the position ids the pipeline builds
+(`_prepare_latent_image_ids` for the image, zeros for the text). The transformer is called at timestep t / 1000 and,
+when it has a guidance embedder (FLUX.1-dev), at the embedded guidance `flux.guidance` (the teacher's sampler at its
+own `sampler.guidance_scale`): one forward per call, no classifier-free guidance.
+
+FLUX.1-schnell loads too: it has no guidance embedder (`guidance_embeds` false, so no guidance is passed), and its own
+sampler is 4 steps on unshifted sigmas (its scheduler has shift 1 and no dynamic shift); the teacher sampler here reads
+both from its folder's scheduler config, so a schnell teacher needs flux.sampler.steps=4 and max_sequence_length 256.
+
+Prompts are encoded by the stock pipeline's own `encode_prompt` (CLIP-L's pooled embedding, T5's states). The null
+prompt (E's unconditional task) is the empty prompt's encoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...errors import ConfigError, NitroFusionError
+from ...method.adapter import Cond, ModelAdapter
+from ...method.diffusion import NoiseProcess, RectifiedFlow
+from ..pipelines.family import FLUX, check_pipeline_folder
+from ..pipelines.parts import PipelineParts, module_dtype
+from .backbone import FluxBackbone
+from .config import GUIDANCE_KEY, FluxConfig
+from .tokens import ids, pack, step_in_tokens, unpack
+
+FULL_STUDENT_LIMIT = 3_000_000_000  # transformer parameters above which a full student does not fit one GPU
+
+
+@contextlib.contextmanager
+def _quiet_truncation() -> Iterator[None]:
+    """Without the pipeline's warning for every batch whose prompts pass max_sequence_length T5 tokens (or CLIP's
+    77): cutting them is the configured behaviour (flux.max_sequence_length)."""
+    from diffusers.pipelines.flux import pipeline_flux as module
+
+    logger = logging.getLogger(module.__name__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def transformer_config(folder: Path) -> dict:
+    return json.loads((folder / "transformer" / "config.json").read_text())
+
+
+def check_backbone(folder: Path, cfg: FluxConfig) -> None:
+    """flux.backbone_blocks against the teacher's double-stream depth, from its config.json alone (before any weights
+    load)."""
+    layers = transformer_config(folder).get("num_layers")
+    if layers is not None and cfg.backbone_blocks > layers:
+        raise ConfigError(f"flux.backbone_blocks {cfg.backbone_blocks} is more than the teacher's {layers} "
+                          f"double-stream blocks ({folder / 'transformer'}); use 1..{layers}")
+
+
+def transformer_parameters(config: dict) -> int:
+    """The transformer's parameter count, from its config on the meta device (no memory, no weights)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_student_size(folder: Path, kind: str, fsdp: bool = False) -> None:
+    """A full student of a multi-billion-parameter FLUX (dev, schnell: 12B) holds weights, gradients and AdamW moments
+    of 12B parameters, ~16 bytes each: more than one GPU. Refused before weights load unless FSDP shards it over
+    several (fsdp=true, training/fsdp.py); a LoRA student (flux-dev-lora) trains adapters on the teacher's own
+    transformer."""
+    if kind != "full" or fsdp:
+        return
+    n = transformer_parameters(transformer_config(folder))
+    if n > FULL_STUDENT_LIMIT:
+        raise ConfigError(f"a full FLUX student of {n / 1e9:.1f}B parameters ({folder / 'transformer'}) does not fit "
+                          "one GPU (weights, gradients and AdamW moments: ~16 bytes a parameter): use "
+                          "student.kind=lora (the flux-dev-lora preset), or fsdp=true to shard it over several GPUs "
+                          "(accelerate launch --num_processes N)")
+
+
+class FluxAdapter(PipelineParts, ModelAdapter):
+    prediction_type = "flow"
+    student_subfolder = "transformer"
+    crop_multiple = 2  # crops are whole 2x2 token patches
+    t5_released = False  # T5 freed for a training run; its states come from the pairs (data/text_cache.py)
+
+    def __init__(self, folder: str | Path, cfg: FluxConfig | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> None:
+        from diffusers import FluxPipeline
+
+        from ..pipelines.pipeline import quiet_loading
+
+        folder = Path(folder)
+        cfg = cfg or FluxConfig()
+        check_pipeline_folder(folder, FLUX)
+        check_backbone(folder, cfg)
+        try:
+            with quiet_loading():
+                pipe = FluxPipeline.from_pretrained(folder)
+        except Exception as e:  # noqa: BLE001 - a truncated download surfaces as many types
+            raise NitroFusionError(f"cannot load the FLUX pipeline in {folder} ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:200] if str(e) else ''}); the download may be "
+                                   "incomplete") from None
+        self._setup(pipe, folder, cfg, device, dtype)
+
+    @classmethod
+    def from_pipeline(cls, pipe, cfg: FluxConfig | None = None, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None) -> FluxAdapter:
+        """From a pipeline already in memory (worlds/flux/testing.py's)."""
+        adapter = cls.__new__(cls)
+        adapter._setup(pipe, None, cfg or FluxConfig(), device, dtype)
+        return adapter
+
+    def _setup(self, pipe, folder: Path | None, cfg: FluxConfig, device, dtype) -> None:
+        self.cfg, self.pipe, self.folder = cfg, pipe, folder
+        self.pipe.set_progress_bar_config(disable=True)
+        self.teacher_unet = self.pipe.transformer  # the role's name in the method core: the frozen teacher
+        self.vae = self.pipe.vae
+        self.scheduler_config = dict(self.pipe.scheduler.config)
+        self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        self.sampler = cfg.sampler
+        self.vae_scale = self.pipe.vae_scale_factor
+        if cfg.resolution % (self.vae_scale * 2):
+            raise ConfigError(f"flux.resolution {cfg.resolution} must be a multiple of {self.vae_scale * 2} for this "
+                              "VAE and FLUX's 2x2 latent packing")
+        self.latent_size = cfg.resolution // self.vae_scale
+        for m in self.frozen_modules():
+            m.requires_grad_(False).eval()
+        self.to(device, dtype)
+
+    @property
+    def process(self) -> NoiseProcess:
+        return RectifiedFlow(self.num_train_timesteps)
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        p = self.pipe
+        return [m for m in (p.text_encoder, p.text_encoder_2, p.transformer) if m is not None]
+
+    def make_backbone(self, gradient_checkpointing: bool = False) -> torch.nn.Module:
+        return FluxBackbone(self.teacher_unet, self.cfg.backbone_blocks, self.cfg.taps, gradient_checkpointing)
+
+    def save_lora(self, folder: Path, factors: dict[str, torch.Tensor], unet_config, rank: int, shift: int,
+                  alpha: float, metadata: dict) -> None:
+        """diffusers' FLUX LoRA file (rank, alpha and targets in `metadata`, diffusers' adapter metadata)."""
+        from .lora import save_lora_files
+
+        save_lora_files(folder, factors, shift, metadata)
+
+    def student_scheduler(self, shift: int):
+        """TimestepShiftFlowScheduler with the student's embedded guidance in its config (pipeline.py reads it), and
+        stepping in FluxPipeline's token layout (`step_in_tokens`)."""
+        from ...sampling.flow_scheduler import flow_student_scheduler
+
+        sched = flow_student_scheduler(self.scheduler_config, shift)
+        sched.register_to_config(**{GUIDANCE_KEY: self.cfg.guidance})
+        return step_in_tokens(sched)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.teacher_unet.config.in_channels // 4, self.latent_size, self.latent_size)
+
+    # ---- prompts ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        if self.t5_released:
+            return self._encode_with_cached_t5(prompts)
+        with _quiet_truncation():
+            embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompts, device=self.device,
+                                                        max_sequence_length=self.cfg.max_sequence_length)
+        return {"prompt_embeds": embeds.float(), "pooled_projections": pooled.float()}
+
+    def _encode_with_cached_t5(self, prompts: list[str]) -> Cond:
+        """`encode_prompt`'s own composition (CLIP-L's pooled embedding; T5's states as the sequence) with T5's states
+        read from the pairs' cache: the live encoding bit for bit."""
+        with _quiet_truncation():
+            pooled = self.pipe._get_clip_prompt_embeds(prompt=prompts, device=self.device)
+        t5 = self.text_cache.states(prompts, "t5").to(self.device)
+        return {"prompt_embeds": t5.float(), "pooled_projections": pooled.float()}
+
+    def cached_text_names(self) -> tuple[str, ...]:
+        return ("t5",) if self.cfg.t5_cache else ()
+
+    @torch.no_grad()
+    def cacheable_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if not self.cached_text_names() or self.t5_released:
+            return {}
+        with _quiet_truncation():
+            return {"t5": self.pipe._get_t5_prompt_embeds(prompt=prompts, device=self.device,
+                                                          max_sequence_length=self.cfg.max_sequence_length)}
+
+    def text_cache_tag(self) -> str:
+        return f"t5-{self.cfg.max_sequence_length}" if self.cached_text_names() else ""
+
+    def release_cached_encoders(self) -> int:
+        """T5 goes; its states come from the teacher pairs' cache. The empty prompt (the null condition) is encoded
+        first, while T5 is here."""
+        if self.t5_released or self.text_cache is None or not self.cached_text_names():
+            return 0
+        self._empty_cond()
+        t5 = self.pipe.text_encoder_2
+        freed = sum(t.numel() * t.element_size() for t in (*t5.parameters(), *t5.buffers()))  # tied ones once
+        self.pipe.text_encoder_2 = None
+        self.t5_released = True
+        del t5
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return freed
+
+    def _empty_cond(self) -> Cond:
+        """The empty prompt's encoding, on the device it is used on (kept as is once T5 is released)."""
+        empty = getattr(self, "_empty", None)
+        if empty is None or empty["prompt_embeds"].device != self.device and not self.t5_released:
+            empty = self._empty = self.encode_prompts([""])
+        return empty
+
+    def null_cond(self, cond: Cond) -> Cond:
+        empty = self._empty_cond()
+        n = cond["prompt_embeds"].shape[0]
+        return {k: v.to(cond[k]).repeat(n, *([1] * (v.ndim - 1))) for k, v in empty.items()}
+
+    # ---- the network's calls -----------------------------------------------------------------------------------
+
+    def _inputs(self, unet, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float | None) -> dict:
+        """FluxTransformer2DModel's keyword inputs for unpacked latents x at network timestep t (1000 sigma)."""
+        dtype = module_dtype(unet)
+        b, _, h, w = x.shape
+        embeds = cond["prompt_embeds"].to(dtype)
+        txt_ids, img_ids = ids(h, w, embeds.shape[1], x.device, dtype)
+        t = t.to(x.device)
+        timestep = (t if t.ndim else t.expand(b)).to(dtype) / 1000  # as FluxPipeline: t in the latents' dtype, / 1000
+        g = self.cfg.guidance if guidance is None else guidance
+        return {"hidden_states": pack(x.to(dtype)), "timestep": timestep,
+                "guidance": (torch.full([b], g, device=x.device, dtype=torch.float32)
+                             if unet.config.guidance_embeds else None),
+                "pooled_projections": cond["pooled_projections"].to(dtype), "encoder_hidden_states": embeds,
+                "txt_ids": txt_ids, "img_ids": img_ids}
+
+    def unet_call(self, unet, x, t, cond, guidance: float | None = None):
+        """The transformer's velocity at x (unpacked); t is the network's timestep (1000 sigma), integer or float;
+        `guidance`: the embedded guidance (default flux.guidance, the student's)."""
+        out = unet(**self._inputs(unet, x, t, cond, guidance), return_dict=False)[0]
+        return unpack(out, x.shape[-2], x.shape[-1])
+
+    def backbone_call(self, backbone, x, t, cond, boxes):
+        """A crop is judged as an image of its own size (its position ids are those of a crop-sized image)."""
+        kw = self._inputs(backbone.transformer, x, t, cond, None)
+        return backbone(kw["hidden_states"], kw["timestep"], kw["guidance"], kw["pooled_projections"],
+                        kw["encoder_hidden_states"], kw["txt_ids"], kw["img_ids"], (x.shape[-2] // 2, x.shape[-1] // 2))
+
+    # ---- the teacher's sampler ---------------------------------------------------------------------------------
+
+    def _teacher_sample(self, x_T, cond, spec, generator) -> torch.Tensor:
+        """FluxPipeline's own loop: the teacher's scheduler on sigmas linspace(1, 1/n, n) warped by the dynamic shift
+        mu of this image's token count (`calculate_shift`; a scheduler without dynamic shifting, schnell's, ignores
+        mu), Euler steps on the velocity, the guidance embedding at spec.guidance_scale. The Euler step is elementwise,
+        so stepping the unpacked latents is stepping the pipeline's tokens."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+        c = sched.config
+        n = spec.steps
+        sigmas = None if c.get("use_flow_sigmas") else np.linspace(1.0, 1 / n, n)
+        tokens = (x_T.shape[-2] // 2) * (x_T.shape[-1] // 2)
+        mu = calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                             c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        if sigmas is None:
+            sched.set_timesteps(n, device=x_T.device, mu=mu)
+        else:
+            sched.set_timesteps(sigmas=sigmas, device=x_T.device, mu=mu)
+        sched.set_begin_index(0)
+        x = x_T.to(module_dtype(self.teacher_unet))
+        for t in sched.timesteps:
+            v = self.unet_call(self.teacher_unet, x, t.expand(x.shape[0]), cond, spec.guidance_scale)
+            x = sched.step(v, t, x, return_dict=False)[0]
+        return x.float()
