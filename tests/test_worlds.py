@@ -23,9 +23,9 @@ def mini_run(mini_adapter, tmp_path_factory):
 
 
 def test_registry_names_every_world_and_refuses_others(tiny_cfg):
-    assert list(registered()) == ["mini", "sdxl", "sd", "sd3"] and world_of_config(tiny_cfg()).name == "mini"
-    with pytest.raises(NitroFusionError, match="unknown world 'flux': choose mini, sdxl, sd, sd3"):
-        world_named("flux")
+    assert list(registered()) == ["mini", "sdxl", "sd", "sd3", "flux"] and world_of_config(tiny_cfg()).name == "mini"
+    with pytest.raises(NitroFusionError, match="unknown world 'pixart': choose mini, sdxl, sd, sd3, flux"):
+        world_named("pixart")
 
 
 def test_a_model_path_picks_its_world(mini_run, tiny_sdxl, tmp_path):

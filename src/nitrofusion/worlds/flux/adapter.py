@@ -17,10 +17,7 @@ prompt (E's unconditional task) is the empty prompt's encoding.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,26 +28,12 @@ from ...method.adapter import Cond, ModelAdapter
 from ...method.diffusion import NoiseProcess, RectifiedFlow
 from ..pipelines.family import FLUX, check_pipeline_folder
 from ..pipelines.parts import PipelineParts, module_dtype
+from ..pipelines.t5_cache import CachedT5, quiet_truncation
 from .backbone import FluxBackbone
 from .config import GUIDANCE_KEY, FluxConfig
 from .tokens import ids, pack, step_in_tokens, unpack
 
 FULL_STUDENT_LIMIT = 3_000_000_000  # transformer parameters above which a full student does not fit one GPU
-
-
-@contextlib.contextmanager
-def _quiet_truncation() -> Iterator[None]:
-    """Without the pipeline's warning for every batch whose prompts pass max_sequence_length T5 tokens (or CLIP's
-    77): cutting them is the configured behaviour (flux.max_sequence_length)."""
-    from diffusers.pipelines.flux import pipeline_flux as module
-
-    logger = logging.getLogger(module.__name__)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def transformer_config(folder: Path) -> dict:
@@ -90,11 +73,11 @@ def check_student_size(folder: Path, kind: str, fsdp: bool = False) -> None:
                           "(accelerate launch --num_processes N)")
 
 
-class FluxAdapter(PipelineParts, ModelAdapter):
+class FluxAdapter(PipelineParts, CachedT5, ModelAdapter):
     prediction_type = "flow"
     student_subfolder = "transformer"
     crop_multiple = 2  # crops are whole 2x2 token patches
-    t5_released = False  # T5 freed for a training run; its states come from the pairs (data/text_cache.py)
+    t5_attribute = "text_encoder_2"  # T5, cached with the pairs and released for training (pipelines/t5_cache.py)
 
     def __init__(self, folder: str | Path, cfg: FluxConfig | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None) -> None:
@@ -172,63 +155,17 @@ class FluxAdapter(PipelineParts, ModelAdapter):
 
     # ---- prompts ----------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Cond:
-        if self.t5_released:
-            return self._encode_with_cached_t5(prompts)
-        with _quiet_truncation():
-            embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompts, device=self.device,
-                                                        max_sequence_length=self.cfg.max_sequence_length)
+    def _encode_live(self, prompts: list[str]) -> Cond:
+        embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompts, device=self.device,
+                                                    max_sequence_length=self.cfg.max_sequence_length)
         return {"prompt_embeds": embeds.float(), "pooled_projections": pooled.float()}
 
     def _encode_with_cached_t5(self, prompts: list[str]) -> Cond:
         """`encode_prompt`'s own composition (CLIP-L's pooled embedding; T5's states as the sequence) with T5's states
         read from the pairs' cache: the live encoding bit for bit."""
-        with _quiet_truncation():
+        with quiet_truncation(self.pipe):
             pooled = self.pipe._get_clip_prompt_embeds(prompt=prompts, device=self.device)
-        t5 = self.text_cache.states(prompts, "t5").to(self.device)
-        return {"prompt_embeds": t5.float(), "pooled_projections": pooled.float()}
-
-    def cached_text_names(self) -> tuple[str, ...]:
-        return ("t5",) if self.cfg.t5_cache else ()
-
-    @torch.no_grad()
-    def cacheable_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        if not self.cached_text_names() or self.t5_released:
-            return {}
-        with _quiet_truncation():
-            return {"t5": self.pipe._get_t5_prompt_embeds(prompt=prompts, device=self.device,
-                                                          max_sequence_length=self.cfg.max_sequence_length)}
-
-    def text_cache_tag(self) -> str:
-        return f"t5-{self.cfg.max_sequence_length}" if self.cached_text_names() else ""
-
-    def release_cached_encoders(self) -> int:
-        """T5 goes; its states come from the teacher pairs' cache. The empty prompt (the null condition) is encoded
-        first, while T5 is here."""
-        if self.t5_released or self.text_cache is None or not self.cached_text_names():
-            return 0
-        self._empty_cond()
-        t5 = self.pipe.text_encoder_2
-        freed = sum(t.numel() * t.element_size() for t in (*t5.parameters(), *t5.buffers()))  # tied ones once
-        self.pipe.text_encoder_2 = None
-        self.t5_released = True
-        del t5
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return freed
-
-    def _empty_cond(self) -> Cond:
-        """The empty prompt's encoding, on the device it is used on (kept as is once T5 is released)."""
-        empty = getattr(self, "_empty", None)
-        if empty is None or empty["prompt_embeds"].device != self.device and not self.t5_released:
-            empty = self._empty = self.encode_prompts([""])
-        return empty
-
-    def null_cond(self, cond: Cond) -> Cond:
-        empty = self._empty_cond()
-        n = cond["prompt_embeds"].shape[0]
-        return {k: v.to(cond[k]).repeat(n, *([1] * (v.ndim - 1))) for k, v in empty.items()}
+        return {"prompt_embeds": self.cached_states(prompts).float(), "pooled_projections": pooled.float()}
 
     # ---- the network's calls -----------------------------------------------------------------------------------
 

@@ -11,30 +11,12 @@ from pathlib import Path
 
 import torch
 
-from ..pipelines.export import PEFT_LORA_FILE
-from ..pipelines.pipeline import SHIFT_METADATA_KEY
+from ..pipelines.export import save_transformer_lora
 
 
 def save_lora_files(folder: Path, factors: dict[str, torch.Tensor], shift: int | None, metadata: dict) -> None:
-    """`factors` (PEFT keys, `{module}.lora_A.weight`) and their LoraConfig, written by diffusers' own FLUX saver; the
-    shift is added to the header diffusers wrote. An alpha other than the rank is folded into lora_B (alpha := rank),
-    as sd3/lora.py does, so every loader applies the same product."""
+    """`factors` and their LoraConfig in diffusers' FLUX LoRA format, with the shift and alpha folded into lora_B
+    (worlds/pipelines/export.py `save_transformer_lora`)."""
     from diffusers import FluxPipeline
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
 
-    rank, alpha = metadata.get("r"), metadata.get("lora_alpha")
-    if rank and alpha and float(alpha) != float(rank):
-        scale = float(alpha) / float(rank)
-        factors = {k: (v.float() * scale).to(v.dtype) if k.endswith(".lora_B.weight") else v
-                   for k, v in factors.items()}
-        metadata = {**metadata, "lora_alpha": rank}
-    FluxPipeline.save_lora_weights(folder, transformer_lora_layers=factors, safe_serialization=True,
-                                   transformer_lora_adapter_metadata=dict(metadata))
-    if shift is None:
-        return
-    path = Path(folder) / PEFT_LORA_FILE
-    with safe_open(str(path), "pt") as f:
-        header = dict(f.metadata() or {})
-    header[SHIFT_METADATA_KEY] = str(shift)
-    save_file(load_file(str(path)), str(path), metadata=header)
+    save_transformer_lora(FluxPipeline, folder, factors, shift, metadata)

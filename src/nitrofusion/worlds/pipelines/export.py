@@ -469,6 +469,34 @@ def lora_to_kohya(lora: dict[str, torch.Tensor], unet_config, rank: int,
     return out
 
 
+def save_transformer_lora(pipeline_cls, folder: Path, factors: dict[str, torch.Tensor], shift: int | None,
+                          metadata: dict) -> None:
+    """A DiT family's LoRA (SD3, FLUX): `factors` (PEFT keys, `{module}.lora_A.weight`) and their LoraConfig written
+    by the family's own diffusers saver (`pipeline_cls.save_lora_weights`: keys `transformer.<module>.lora_A/B.weight`,
+    the config under `lora_adapter_metadata`), the shift added to the header it wrote. An alpha other than the rank
+    is folded into lora_B (alpha := rank): ComfyUI reads alpha only from `.alpha` tensors, which this format has none
+    of, so it would apply the factors at scale 1 (scripts/check_comfyui_sd3.py); folded, every loader applies the
+    same product (exact when alpha/rank is a power of two, else one rounding per entry)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    rank, alpha = metadata.get("r"), metadata.get("lora_alpha")
+    if rank and alpha and float(alpha) != float(rank):
+        scale = float(alpha) / float(rank)
+        factors = {k: (v.float() * scale).to(v.dtype) if k.endswith(".lora_B.weight") else v
+                   for k, v in factors.items()}
+        metadata = {**metadata, "lora_alpha": rank}
+    pipeline_cls.save_lora_weights(folder, transformer_lora_layers=factors, safe_serialization=True,
+                                   transformer_lora_adapter_metadata=dict(metadata))
+    if shift is None:
+        return
+    path = Path(folder) / PEFT_LORA_FILE
+    with safe_open(str(path), "pt") as f:
+        header = dict(f.metadata() or {})
+    header[SHIFT_METADATA_KEY] = str(shift)
+    save_file(load_file(str(path)), str(path), metadata=header)
+
+
 def trained_lora_dir(ref) -> Path | None:
     """A LoRA student's adapters (run/student/lora, written by the trainer), if the model is such a run."""
     from ...models.student import LORA_DIR

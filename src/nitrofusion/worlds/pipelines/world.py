@@ -32,7 +32,10 @@ def teacher_text(cfg: DistillConfig, what: str) -> str:
 
 
 class PipelineWorld(World):
-    """A diffusers pipeline family: prompts and real images as every such family takes them."""
+    """A diffusers pipeline family: prompts and real images as every such family takes them, and the DiT families'
+    generation (SD3, FLUX: their stock pipeline, `load_pipeline`)."""
+
+    examples: list[str] = []
 
     def prompts(self, cfg: DistillConfig, verbose: bool = True) -> Prompts:
         from ...data.prompts import open_prompts
@@ -55,6 +58,37 @@ class PipelineWorld(World):
     def load_pipeline(self, model: str | Path, **options):
         """The stock pipeline `generate` samples `model` with."""
         raise NotImplementedError
+
+    def generate_to_folder(self, model: Path, prompts: list[str], steps: int, seed: int, out: Path,
+                           options: GenerateOptions) -> list[Path]:
+        """The DiT families' (SD3, FLUX) `generate`: their stock pipeline with the student's scheduler; the UNet
+        families add --fast and --vae (UNetPipelineWorld)."""
+        from ...evaluation.viz import save_images
+        from ...sampling.student import check_steps
+        from .pipeline import generate_images
+
+        check_steps(steps)
+        self.check_options(model, options)  # --fast and --vae are the UNet families' (worlds/pipelines/fast.py)
+        o = options
+        if not prompts:
+            raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
+        pipe = self.load_pipeline(model, base=o.base, shift=o.shift, device=o.device or "cpu", dtype=o.dtype)
+        prompts = [p for p in prompts for _ in range(o.num_per_prompt)]
+        images = generate_images(pipe, prompts, steps, seed, o.height, o.width, o.batch_size)
+        return save_images(images, prompts, Path(out), steps, seed, o.num_per_prompt)
+
+    def live_generator(self, model: Path, options: GenerateOptions, size: int | None) -> tuple[LiveGenerator,
+                                                                                               list[str]]:
+        from .pipeline import generate_images
+
+        self.check_options(model, options)
+        o = options
+        pipe = self.load_pipeline(model, base=o.base, shift=o.shift, device=o.device or "cpu", dtype=o.dtype)
+
+        def run(prompt: str, steps: int, seed: int):
+            return generate_images(pipe, [prompt], steps, seed, height=size, width=size, batch_size=1)[0]
+
+        return run, self.examples
 
     def evaluate(self, model: str, steps: list[int], out: Path, options: dict) -> list[str]:
         """The paper's real-model metrics of `model` at each step count (worlds/pipelines/evaluate.py)."""
@@ -114,7 +148,6 @@ class UNetPipelineWorld(PipelineWorld):
 
     export_formats = ("diffusers", "single-file", "lora")
     supported_options = ("--base", "--shift", "--height", "--width", "--dtype", "--fast", "--vae", "--vae-dtype")
-    examples: list[str] = []
 
     def recognises_unet(self, kind: str, path: Path, text_time: bool) -> bool:
         """A run's student folder or a UNet folder of this family: SDXL's UNet has text_time micro-conditioning."""

@@ -9,10 +9,7 @@ does. The null prompt is the empty prompt's encoding, what SD3's classifier-free
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,24 +19,9 @@ from ...method.adapter import Cond, ModelAdapter
 from ...method.diffusion import NoiseProcess, RectifiedFlow
 from ..pipelines.family import SD3, check_pipeline_folder
 from ..pipelines.parts import PipelineParts, module_dtype
+from ..pipelines.t5_cache import CachedT5
 from .backbone import DiTBackbone
 from .config import SD3Config
-
-
-@contextlib.contextmanager
-def _quiet_truncation() -> Iterator[None]:
-    """Without the pipeline's warning for every batch whose prompts pass max_sequence_length T5 tokens (or CLIP's
-    77): cutting them is the configured behaviour (sd3.max_sequence_length), and a pair set repeats it a million
-    times."""
-    from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3 as module
-
-    logger = logging.getLogger(module.__name__)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def check_backbone(folder: Path, cfg: SD3Config) -> None:
@@ -50,10 +32,10 @@ def check_backbone(folder: Path, cfg: SD3Config) -> None:
                           f"transformer blocks ({folder / 'transformer'}); use 1..{layers}")
 
 
-class SD3Adapter(PipelineParts, ModelAdapter):
+class SD3Adapter(PipelineParts, CachedT5, ModelAdapter):
     prediction_type = "flow"
     student_subfolder = "transformer"
-    t5_released = False  # T5 freed for a training run; its states come from the pairs (data/text_cache.py)
+    t5_attribute = "text_encoder_3"  # T5, cached with the pairs and released for training (pipelines/t5_cache.py)
 
     def __init__(self, folder: str | Path, cfg: SD3Config | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None) -> None:
@@ -127,14 +109,10 @@ class SD3Adapter(PipelineParts, ModelAdapter):
     def latent_shape(self) -> tuple[int, ...]:
         return (self.teacher_unet.config.in_channels, self.latent_size, self.latent_size)
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Cond:
-        if self.t5_released:
-            return self._encode_with_cached_t5(prompts)
-        with _quiet_truncation():
-            embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, prompts, device=self.device,
-                                                           do_classifier_free_guidance=False,
-                                                           max_sequence_length=self.cfg.max_sequence_length)
+    def _encode_live(self, prompts: list[str]) -> Cond:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, prompts, device=self.device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.cfg.max_sequence_length)
         return {"prompt_embeds": embeds.float(), "pooled_projections": pooled.float()}
 
     def _encode_with_cached_t5(self, prompts: list[str]) -> Cond:
@@ -143,53 +121,11 @@ class SD3Adapter(PipelineParts, ModelAdapter):
         p = self.pipe
         clip_l, pooled_l = p._get_clip_prompt_embeds(prompt=prompts, device=self.device, clip_model_index=0)
         clip_g, pooled_g = p._get_clip_prompt_embeds(prompt=prompts, device=self.device, clip_model_index=1)
-        t5 = self.text_cache.states(prompts, "t5").to(self.device)
+        t5 = self.cached_states(prompts)
         clip = torch.cat([clip_l, clip_g], dim=-1)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"prompt_embeds": torch.cat([clip, t5], dim=-2).float(),
                 "pooled_projections": torch.cat([pooled_l, pooled_g], dim=-1).float()}
-
-    def cached_text_names(self) -> tuple[str, ...]:
-        """T5's states, when the run caches them and the pipeline has a T5 (without one its tokens are zeros)."""
-        return ("t5",) if self.cfg.t5_cache and (self.t5_released or self.pipe.text_encoder_3 is not None) else ()
-
-    @torch.no_grad()
-    def cacheable_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        if not self.cached_text_names() or self.t5_released:
-            return {}
-        with _quiet_truncation():
-            return {"t5": self.pipe._get_t5_prompt_embeds(prompt=prompts, device=self.device,
-                                                          max_sequence_length=self.cfg.max_sequence_length)}
-
-    def text_cache_tag(self) -> str:
-        return f"t5-{self.cfg.max_sequence_length}" if self.cached_text_names() else ""
-
-    def release_cached_encoders(self) -> int:
-        """T5 goes; its states come from the teacher pairs' cache. The empty prompt (the null condition) is encoded
-        first, while T5 is here."""
-        if self.t5_released or self.text_cache is None or not self.cached_text_names():
-            return 0
-        self._empty_cond()
-        t5 = self.pipe.text_encoder_3
-        freed = sum(t.numel() * t.element_size() for t in (*t5.parameters(), *t5.buffers()))  # tied ones once
-        self.pipe.text_encoder_3 = None
-        self.t5_released = True
-        del t5
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return freed
-
-    def _empty_cond(self) -> Cond:
-        """The empty prompt's encoding, on the device it is used on (kept as is once T5 is released)."""
-        empty = getattr(self, "_empty", None)
-        if empty is None or empty["prompt_embeds"].device != self.device and not self.t5_released:
-            empty = self._empty = self.encode_prompts([""])
-        return empty
-
-    def null_cond(self, cond: Cond) -> Cond:
-        empty = self._empty_cond()
-        n = cond["prompt_embeds"].shape[0]
-        return {k: v.to(cond[k]).repeat(n, *([1] * (v.ndim - 1))) for k, v in empty.items()}
 
     def _kwargs(self, cond: Cond, dtype: torch.dtype) -> dict:
         return {"encoder_hidden_states": cond["prompt_embeds"].to(dtype),

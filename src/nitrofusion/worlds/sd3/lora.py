@@ -20,37 +20,18 @@ from pathlib import Path
 import torch
 
 from ...errors import NitroFusionError, describe
-from ..pipelines.export import LORA_METADATA_KEY, PEFT_LORA_FILE, staged_output, trained_lora_dir
+from ..pipelines.export import LORA_METADATA_KEY, PEFT_LORA_FILE, save_transformer_lora, staged_output, trained_lora_dir
 from ..pipelines.pipeline import SHIFT_METADATA_KEY, ModelRef, model_kind, quiet_loading, resolve
 
 PREFIX = "transformer."  # diffusers' prefix of a pipeline's transformer factors and metadata
 
 
 def save_lora_files(folder: Path, factors: dict[str, torch.Tensor], shift: int | None, metadata: dict) -> None:
-    """`factors` (PEFT keys, `{module}.lora_A.weight`) and their LoraConfig, written by diffusers' own SD3 saver;
-    the shift is added to the header that diffusers wrote (its saver takes no extra metadata). An alpha other than
-    the rank is folded into lora_B (alpha := rank): ComfyUI reads alpha only from `.alpha` tensors, which this format
-    has none of, so it would apply the factors at scale 1 (scripts/check_comfyui_sd3.py); folded, every loader
-    applies the same product (exact when alpha/rank is a power of two, else one rounding per entry)."""
+    """`factors` and their LoraConfig in diffusers' SD3 LoRA format, with the shift and alpha folded into lora_B
+    (worlds/pipelines/export.py `save_transformer_lora`)."""
     from diffusers import StableDiffusion3Pipeline
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
 
-    rank, alpha = metadata.get("r"), metadata.get("lora_alpha")
-    if rank and alpha and float(alpha) != float(rank):
-        scale = float(alpha) / float(rank)
-        factors = {k: (v.float() * scale).to(v.dtype) if k.endswith(".lora_B.weight") else v
-                   for k, v in factors.items()}
-        metadata = {**metadata, "lora_alpha": rank}
-    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=factors, safe_serialization=True,
-                                               transformer_lora_adapter_metadata=dict(metadata))
-    if shift is None:
-        return
-    path = Path(folder) / PEFT_LORA_FILE
-    with safe_open(str(path), "pt") as f:
-        header = dict(f.metadata() or {})
-    header[SHIFT_METADATA_KEY] = str(shift)
-    save_file(load_file(str(path)), str(path), metadata=header)
+    save_transformer_lora(StableDiffusion3Pipeline, folder, factors, shift, metadata)
 
 
 def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict, int | None]:

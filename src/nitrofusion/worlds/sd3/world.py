@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ...distill_config import DistillConfig
 from ...errors import NitroFusionError
-from ..base import GenerateOptions, LiveGenerator, ModelPlan
+from ..base import ModelPlan
 from ..pipelines.world import PipelineWorld, teacher_folder, teacher_text
 
 if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
@@ -88,35 +88,6 @@ class SD3World(PipelineWorld):
 
             return is_dit_weights(path)
         return kind == "unet" and _class_of(path / "config.json") == TRANSFORMER
-
-    def generate_to_folder(self, model: Path, prompts: list[str], steps: int, seed: int, out: Path,
-                           options: GenerateOptions) -> list[Path]:
-        from ...evaluation.viz import save_images
-        from ...sampling.student import check_steps
-        from .pipeline import generate_images, load_pipeline
-
-        check_steps(steps)
-        self.check_options(model, options)  # --fast and --vae are the UNet families' (worlds/sdxl/fast.py)
-        o = options
-        if not prompts:
-            raise NitroFusionError("no prompt given: use --prompt TEXT or --prompts FILE")
-        pipe = load_pipeline(model, base=o.base, shift=o.shift, device=o.device or "cpu", dtype=o.dtype)
-        prompts = [p for p in prompts for _ in range(o.num_per_prompt)]
-        images = generate_images(pipe, prompts, steps, seed, o.height, o.width, o.batch_size)
-        return save_images(images, prompts, Path(out), steps, seed, o.num_per_prompt)
-
-    def live_generator(self, model: Path, options: GenerateOptions, size: int | None) -> tuple[LiveGenerator,
-                                                                                               list[str]]:
-        from .pipeline import generate_images, load_pipeline
-
-        self.check_options(model, options)
-        o = options
-        pipe = load_pipeline(model, base=o.base, shift=o.shift, device=o.device or "cpu", dtype=o.dtype)
-
-        def run(prompt: str, steps: int, seed: int):
-            return generate_images(pipe, [prompt], steps, seed, height=size, width=size, batch_size=1)[0]
-
-        return run, self.examples
 
     def load_pipeline(self, model: str | Path, **options):
         from .pipeline import load_pipeline
