@@ -31,6 +31,11 @@ weights of SD3 Medium's shape (no T5: sd.cpp then uses 77 zero tokens, and so do
 `--shift 1000` and sampled unshifted on both sides: sd.cpp's flow denoiser feeds t = 1000 sigma, its `lcm`
 re-noises to (1 - sigma) x0 + sigma n, custom sigmas t / 1000. sd.cpp runs with the weights as stored (f16 only:
 f32 would be 8 GB for the MMDiT); our side loads the file in fp16 and computes in fp32 (fp32_on_the_fly).
+`--family sd35` does the same for SD3.5 Medium's shape (MMDiT-X, SD35_MEDIUM of nitrofusion.worlds.sd3.testing:
+`attn2` in blocks 0-12, RMS q/k norms with weights drawn from U(0.5, 1.5), pos_embed_max_size 384): sd.cpp makes the
+blocks up to the last one with `attn2` keys MMDiT-X, takes RMS norms from bias-less `attn.ln_*` keys and then
+doubles its position grid to 384 (mmdit.hpp, `MMDiT::MMDiT`). About 8 minutes with `--threads 1`; peak resident
+13.2 GB while our side loads the file (7 GB of it anonymous, the rest the file's mapped pages), sd.cpp 7.6 GB.
 """
 
 from __future__ import annotations
@@ -91,8 +96,8 @@ def sdcpp_noise(offset: int, shape: tuple[int, ...]) -> torch.Tensor:
 def build(family: str, work: Path, shift: int, rank: int) -> dict[str, Path]:
     from nitrofusion.worlds.pipelines.export import export
 
-    if family == "sd3":
-        return build_sd3(work)
+    if family in SD3_FAMILIES:
+        return build_sd3(work, family)
     if family == "sdxl":
         from check_comfyui import build_models  # the same random SDXL, single file and LoRA as the ComfyUI check
 
@@ -271,11 +276,18 @@ SD3_SHIFT = 1000  # sd.cpp samples SD3 unshifted (its timestep_shift is SDXL-onl
 SD3_TRANSFORMER = dict(sample_size=SIZE // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
                        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)
+# family -> what it is: SD3 Medium's MMDiT, SD3.5 Medium's MMDiT-X (in the first 13 blocks a second, image-only
+# attention `attn2`; RMS q/k norms; a 384 x 384 position grid)
+SD3_FAMILIES = {"sd3": "SD3 Medium's shape: 24 joint blocks x 1536",
+                "sd35": "SD3.5 Medium's shape (MMDiT-X): 24 joint blocks x 1536, attn2 in blocks 0-12, RMS q/k norms, "
+                        "pos_embed_max_size 384"}
 
 
-def build_sd3(work: Path) -> dict[str, Path]:
-    """A random-weight SD3 of SD3 Medium's shape (fp16 on disk, built in fp16: an fp32 copy of the MMDiT alone is
-    8 GB) without T5, and its single file from `export --format single-file --dtype fp16`."""
+def build_sd3(work: Path, family: str = "sd3") -> dict[str, Path]:
+    """A random-weight SD3 of SD3 Medium's shape, or for `sd35` SD3.5 Medium's (SD35_MEDIUM of
+    nitrofusion.worlds.sd3.testing), fp16 on disk, built in fp16 (an fp32 copy of the MMDiT alone is 8 GB), without
+    T5, and its single file from `export --format single-file --dtype fp16`. For `sd35` the q/k RMS-norm weights are
+    drawn from U(0.5, 1.5): diffusers initialises them to ones, which would hide a dropped or misplaced norm."""
     paths = {"base": work / "base", "single": work / "model.safetensors"}
     if not (paths["base"] / "model_index.json").exists():
         import tempfile
@@ -290,7 +302,7 @@ def build_sd3(work: Path) -> dict[str, Path]:
 
         from nitrofusion.worlds.pipelines.testing import write_tokenizer
 
-        log("building a random SD3 of SD3 Medium's shape (24 blocks x 1536, full CLIP-L / CLIP-G / VAE, no T5)")
+        log(f"building a random SD3 of {SD3_FAMILIES[family]} (full CLIP-L / CLIP-G / VAE, no T5)")
         base = paths["base"]
         with tempfile.TemporaryDirectory() as tmp:
             write_tokenizer(Path(tmp))  # never used: both sides start from the token ids sd.cpp builds for ""
@@ -319,10 +331,23 @@ def build_sd3(work: Path) -> dict[str, Path]:
         del pipe, encoders, vae
         torch.manual_seed(13)
         torch.set_default_dtype(torch.float16)
+        config = SD3_TRANSFORMER
+        if family == "sd35":
+            from nitrofusion.worlds.sd3.testing import SD35_MEDIUM
+
+            config = SD35_MEDIUM
         try:
-            transformer = SD3Transformer2DModel(**SD3_TRANSFORMER)
+            transformer = SD3Transformer2DModel(**config)
         finally:
             torch.set_default_dtype(torch.float32)
+        if family == "sd35":
+            norms = {k: v for k, v in transformer.named_parameters() if ".norm_q." in k or ".norm_k." in k
+                     or ".norm_added_q." in k or ".norm_added_k." in k}
+            assert len(norms) == 2 * 24 + 2 * 24 + 2 * 13, sorted(norms)  # attn: image and text; attn2: image
+            torch.manual_seed(14)
+            with torch.no_grad():
+                for v in norms.values():
+                    v.copy_(torch.rand(v.shape) + 0.5)
         transformer.save_pretrained(base / "transformer", max_shard_size="1GB")  # fp16 (pos_embed fp32)
         del transformer
         index = json.loads((base / "model_index.json").read_text())
@@ -464,7 +489,7 @@ def references_sd3(paths: dict[str, Path], work: Path) -> None:
 def probe_plan(family: str, paths: dict[str, Path], shift: int, work: Path, threads: int) -> dict:
     sig = json.loads((work / "sigmas.json").read_text())
     sdcpp_shift = shift if family == "sdxl" else 0  # sd.cpp ignores (and warns about) a shift on SD 1.x and SD3
-    if family == "sd3":  # weights as stored only: in f32 sd.cpp's MMDiT alone would take 8 GB
+    if family in SD3_FAMILIES:  # weights as stored only: in f32 sd.cpp's MMDiT alone would take 8 GB
         cases = [{"name": f"default-{n}", "prompt": "", "width": SIZE, "height": SIZE, "seed": SEED,
                   "cfg_scale": 1.0, "sample_method": "lcm", "steps": n, "sigmas": sig[str(n)], "timestep_shift": 0}
                  for n in (1, 4)]
@@ -509,13 +534,13 @@ def compare(family: str, work: Path, shift: int) -> list[dict]:
     and x_T scale), and sd.cpp's f16 weights (f16 activations inside its matmuls)."""
     ours, got = work / "ours", work / "sdcpp"
     rows = []
-    if family == "sd3":
+    if family in SD3_FAMILIES:
         return compare_sd3(ours, got)
 
     def row(check: str, mine: str, theirs: str, required: bool) -> None:
         a, b = load_png(ours / f"{mine}.png"), load_png(got / f"{theirs}.png")
         err = image_error(a, b)
-        ok = err["mean_abs"] < 0.5 and err["max_abs"] <= 8
+        ok = passes(err)
         rows.append({"check": check, "ok": ok, "required": required, "pixel_std": round(float(b.std()), 1), **err})
 
     unshifted = "" if family == "sdxl" else "noshift-"
@@ -540,10 +565,16 @@ def compare(family: str, work: Path, shift: int) -> list[dict]:
                 err = image_error(a, b)  # judged as the images above; the effect's error is reported (8-bit
                 # rounding of four images is already a few percent of an effect of a few levels)
                 rows.append({"check": f"kohya LoRA at 1 step, sd.cpp {wtype}, vs ours {what}", "required":
-                             required and wtype == "f32", "ok": err["mean_abs"] < 0.5 and err["max_abs"] <= 8,
+                             required and wtype == "f32", "ok": passes(err),
                              "rel_l2_err": round(rel, 4), "effect_mean_abs": round(float(np.abs(effect).mean()), 2),
                              **err})
     return rows
+
+
+def passes(err: dict) -> bool:
+    """Within a tenth of a level on average and 2 at most: a misplaced q/k norm in an SD3.5 file gave 0.45 / 5
+    (docs/sdcpp-check.json, sd35), rounding alone stays under 0.05 / 1."""
+    return err["mean_abs"] < 0.1 and err["max_abs"] <= 2
 
 
 def compare_sd3(ours: Path, got: Path) -> list[dict]:
@@ -558,7 +589,7 @@ def compare_sd3(ours: Path, got: Path) -> list[dict]:
             a, b = load_png(ours / f"{mine}.png"), load_png(got / f"default-{steps}.png")
             err = image_error(a, b)
             rows.append({"check": f"{steps} step, unshifted, sd.cpp f16 (as stored) vs {what}", "required": required,
-                         "ok": err["mean_abs"] < 0.5 and err["max_abs"] <= 8, "pixel_std": round(float(b.std()), 1),
+                         "ok": passes(err), "pixel_std": round(float(b.std()), 1),
                          **err})
     return rows
 
@@ -583,8 +614,8 @@ def run_family(family: str, args) -> dict:
     notable = sorted({line.strip()[:200] for line in text.splitlines()
                       if any(k in line for k in ("[WARN", "[ERROR", "Version:", "version", "unknown tensor",
                                                  "lora", "shift", "MMDiT"))})
-    extra = {"shift_both_sides": SD3_SHIFT, "sigmas": json.loads((work / "sigmas.json").read_text())} \
-        if family == "sd3" else {}
+    extra = {"transformer": SD3_FAMILIES[family], "shift_both_sides": SD3_SHIFT,
+             "sigmas": json.loads((work / "sigmas.json").read_text())} if family in SD3_FAMILIES else {}
     return {**extra, "binding": probe["binding"], "load_and_sample_s": probe["models"], "log": notable[:40],
             "our_loop_vs_shipped_pipeline_1_step": json.loads((work / "ours" / "done.json").read_text()),
             "checks": compare(family, work, args.shift)}
@@ -594,7 +625,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="check that stable-diffusion.cpp loads nitrofusion's exports")
     ap.add_argument("--python", required=True, help="a Python with stable-diffusion-cpp-python installed")
     ap.add_argument("--work", required=True, type=Path)
-    ap.add_argument("--family", nargs="+", default=["sdxl", "sd15"], choices=["sdxl", "sd15", "sd3"])
+    ap.add_argument("--family", nargs="+", default=["sdxl", "sd15"], choices=["sdxl", "sd15", "sd3", "sd35"])
     ap.add_argument("--shift", type=int, default=250)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--threads", type=int, default=-1, help="sd.cpp's threads (default: its own choice)")
@@ -604,7 +635,7 @@ def main() -> int:
         ap.error(f"--shift {args.shift} is outside [0, 1000]: NitroSD-Realism uses 250, -Vibrant 500")
     if args.references_only:
         family = args.family[0]
-        if family == "sd3":
+        if family in SD3_FAMILIES:
             references_sd3(build(family, args.work / family, args.shift, args.rank), args.work / family)
             return 0
         references(family, build(family, args.work / family, args.shift, args.rank), args.shift,

@@ -13,7 +13,11 @@
 # 2026-11-27 (docs/guide/bench.md), so not repeated: the sdxl-realism iteration with AdamW at micro-batch 2 and with 8-bit
 # AdamW at micro-batch 5 (`bench --set student_optim.kind=adamw8bit`); the memory model runs on the meta device
 # (`bench --memory`). `bash scripts/gpu_bench.sh sd3` runs the SD3.5 medium LoRA iteration instead, beside its
-# memory model (not yet run on a GPU).
+# memory model (not yet run on a GPU). `bash scripts/gpu_bench.sh flux [MB]` runs the flux-dev-lora iteration on
+# random-weight FLUX.1-dev architectures (the 11.9B transformer built in fp32 on the GPU, then bf16; T5-XXL released
+# after the pairs) at micro-batch MB (default 2, the preset's; 1 if 2 runs out of memory), its memory model printed
+# first (CPU, seconds; it predicts 40.3 GiB at micro-batch 2). NEVER RUN YET: written without a GPU, so its time
+# bound (420 s: the build, 28-step teacher pairs, the iteration) is a guess.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
@@ -30,6 +34,16 @@ if [ "${1:-}" = sd3 ]; then  # `bash scripts/gpu_bench.sh sd3`: only the SD3.5 m
   timeout 400 python3 -m nitrofusion bench --family sd3 --set student.kind=lora --set student.rank=64 \
     --set student.alpha=64 --set micro_batch=2 --out "$OUT/bench-sd3-lora.json" 2>&1 | quiet | tee -a "$LOG"
   python3 -m nitrofusion bench --family sd3 --memory 2>&1 | quiet | tee -a "$LOG"
+  exit 0
+fi
+if [ "${1:-}" = flux ]; then  # `bash scripts/gpu_bench.sh flux [MB]`: only the FLUX.1-dev iteration (never run yet)
+  MB=${2:-2}
+  section "memory model: flux-dev-lora (T5 cached, resident) and a full student under FSDP x8 (per GPU)"
+  python3 -m nitrofusion bench --family flux --memory --fsdp 8 --set micro_batch="$MB" \
+    --out "$OUT/memory-flux.json" 2>&1 | quiet | tee -a "$LOG"
+  section "training iteration: flux-dev-lora on FLUX.1-dev's architectures, T5 released (micro-batch $MB)"
+  timeout 420 python3 -m nitrofusion bench --family flux --iters 2 --set micro_batch="$MB" \
+    --out "$OUT/bench-flux-lora-mb$MB.json" 2>&1 | quiet | tee -a "$LOG"
   exit 0
 fi
 section "end to end: sdxl-realism-lora as shipped, killed and resumed, exported, generated (scripts/gpu_e2e.py)"

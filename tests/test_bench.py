@@ -1,5 +1,5 @@
-"""`nitrofusion bench` runs the SDXL training iteration end to end (tiny size on CPU here); the numbers
-are measurements, so the test checks their presence and sanity, never a time limit."""
+"""`nitrofusion bench` runs the SDXL, SD3 and FLUX training iterations end to end (tiny size on CPU here); the
+numbers are measurements, so the test checks their presence and sanity, never a time limit."""
 
 import json
 
@@ -107,6 +107,65 @@ def test_the_sd3_memory_model_counts_sd35_medium_and_what_the_t5_cache_saves(tmp
     per_image = r["activations_per_image"]
     assert per_image["1024px, checkpointing on"]["student"] < per_image["1024px, checkpointing off"]["student"]
     assert per_image["512px, checkpointing off"]["student"] < per_image["1024px, checkpointing off"]["student"]
+
+
+def test_the_flux_bench_measures_its_iteration_with_t5_released_as_distill_does(tmp_path, capsys):
+    assert main(["bench", "--family", "flux", "--size", "tiny", "--iters", "1", "--warmup", "0",
+                 "--out", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "FLUX.1-dev tiny random weights" in out and "T5 released" in out
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert r["preset"] == "flux-tiny" and len(r["rows"]) == 6 and r["released_text_encoder_bytes"] > 0
+    assert all(row["seconds"] > 0 and row["images_per_second"] > 0 for row in r["rows"])
+    assert main(["bench", "--family", "flux", "--inference"]) == 2
+    assert "FLUX has no fast path" in capsys.readouterr().err
+
+
+def test_the_flux_memory_model_counts_flux_dev_the_t5_cache_and_a_sharded_full_student(tmp_path, capsys):
+    assert main(["bench", "--memory", "--family", "flux", "--fsdp", "8", "--out", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    for run in ("flux-dev-lora (lora)", "flux-dev-lora, T5 resident (lora)", "full flux-dev, FSDP x8 (full)"):
+        assert run in out
+    assert "80 GB = 74.5 GiB, 48 GB = 44.7 GiB" in out and "GiB per GPU: " in out
+    r = json.loads((tmp_path / "m.json").read_text())
+    n = r["transformer_parameters"]
+    assert 11.8e9 < n < 12.0e9 and 4.7e9 < r["frozen_parameters"]["t5"] < 4.8e9  # FLUX.1-dev's, counted on meta
+    lora, resident, x8 = r["rows"]
+    assert resident["total"] - lora["total"] == resident["parts"]["T5-XXL"] == 2 * r["frozen_parameters"]["t5"]
+    assert lora["parts"]["T5-XXL"] == 0 and n > 10 * lora["trainable_parameters"]
+    # FSDP over 8 GPUs: each keeps 1/8 of a full student's weights, gradients and AdamW state
+    assert x8["trainable_parameters"] == n and x8["fsdp_processes"] == 8
+    for part, per_parameter in (("student weights (fp32)", 4), ("student gradients", 4),
+                                ("student optimiser state", 8)):
+        assert x8["parts"][part] == per_parameter * (n // 8)
+    assert all(set(row["fits"]) == {"80 GB", "48 GB"} for row in r["rows"])
+    per_image = r["activations_per_image"]
+    on, off = per_image["1024px, checkpointing on"], per_image["1024px, checkpointing off"]
+    assert on["student"] < off["student"] and on["backbone_global"] < off["backbone_global"]
+    assert on["per_image_peak"] < off["per_image_peak"] and on["recompute_peak"] > 0 == off["recompute_peak"]
+
+
+def test_the_flux_dry_run_predicts_the_peak_without_t5_and_with_it(tmp_path, capsys):
+    """The memory model (worlds/flux/memory.py) on a tiny teacher, from its config and weight headers: keeping T5
+    resident costs exactly its weights."""
+    from transformers import T5EncoderModel
+
+    from nitrofusion import config
+    from nitrofusion.distill_config import DistillConfig
+    from nitrofusion.worlds import world_named
+    from nitrofusion.worlds.flux.testing import build_random_flux
+
+    folder = build_random_flux(tmp_path / "teacher")
+    (tmp_path / "prompts.txt").write_text("a red fox\na blue bird\n")
+    sets = [f"teacher={folder}", f"prompts.source={tmp_path / 'prompts.txt'}"]
+    cached, resident = (world_named("flux").plan_model(config.build(DistillConfig, "distill", "flux-tiny",
+                                                                    [*sets, f"flux.t5_cache={c}"]))
+                        for c in ("true", "false"))
+    t5 = sum(p.numel() for p in T5EncoderModel.from_pretrained(folder / "text_encoder_2").parameters())
+    assert cached.peak_bytes > 0 and resident.peak_bytes - cached.peak_bytes == 4 * t5  # fp32: flux-tiny's precision
+    assert main(["distill", "--preset", "flux-tiny", "--teacher", str(folder), "--prompts",
+                 str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "run"), "--dry-run"]) == 0
+    assert "predicted peak" in capsys.readouterr().out and not (tmp_path / "run").exists()
 
 
 def test_the_step_profile_names_every_part_of_an_optimiser_step(capsys):

@@ -189,10 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=6, help="passes over the Fashion-MNIST train split (default 6)")
     p.set_defaults(func=cmd_classifier)
 
-    p = command(sub, "bench", "time one training iteration and 1-step generation at SDXL or SD3.5 size (random "
-                       "weights): s, images/s, peak memory, TFLOP/s")
-    p.add_argument("--family", choices=["sdxl", "sd3"], default="sdxl", help="sdxl (default: the sdxl-realism "
-                   "preset) or sd3 (sd35-medium on SD3.5 medium's architectures, T5-XXL included)")
+    p = command(sub, "bench", "time one training iteration and 1-step generation at SDXL, SD3.5 or FLUX.1-dev size "
+                       "(random weights): s, images/s, peak memory, TFLOP/s")
+    p.add_argument("--family", choices=["sdxl", "sd3", "flux"], default="sdxl", help="sdxl (default: the "
+                   "sdxl-realism preset), sd3 (sd35-medium on SD3.5 medium's architectures, T5-XXL included) or flux "
+                   "(flux-dev-lora on FLUX.1-dev's architectures, T5-XXL included)")
     p.add_argument("--size", choices=["full", "tiny", "mini"], default="full", help="full: the family's real "
                    "architecture (GPU); tiny: seconds on a CPU, for tests; mini: the mini world's training step, part "
                    "by part")
@@ -207,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="instead: the memory model of the family's presets (full "
                    "and LoRA students; weights, gradients, optimiser state, pool, activations), counted on the meta "
                    "device: seconds, on a CPU")
-    p.add_argument("--fsdp", type=int, nargs="+", metavar="N", help="--memory: also each full preset under FSDP "
-                   "over N GPUs (fsdp=true), per GPU, e.g. --fsdp 2 4 8")
+    p.add_argument("--fsdp", type=int, nargs="+", metavar="N", help="--memory: also the family's full student under "
+                   "FSDP over N GPUs (fsdp=true), per GPU, e.g. --fsdp 2 4 8")
     p.add_argument("--out", help="also write the results as JSON here")
     p.set_defaults(func=cmd_bench)
 

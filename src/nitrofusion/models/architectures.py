@@ -82,9 +82,10 @@ def _header(path: Path) -> dict[str, list[int]] | None:
 
 
 def is_dit_weights(path: Path) -> bool:
-    """Whether a .safetensors file holds an SD3 transformer or a LoRA of one: diffusers keys (`transformer.`-prefixed
-    or not), whose context embedder or top-level joint blocks no UNet has, or the original layout's joint blocks (a
-    single file, text encoders and VAE included). Reads the header only."""
+    """Whether a .safetensors file holds a DiT (an SD3 or FLUX.1 transformer) or a LoRA of one: diffusers keys
+    (`transformer.`-prefixed or not), whose context embedder or top-level joint blocks no UNet has, or an original
+    layout (SD3's joint blocks, a single file with text encoders and VAE included; FLUX's double/single blocks).
+    `is_flux_weights` tells FLUX's apart. Reads the header only."""
     return is_dit_keys(_header(path) or {})
 
 
@@ -92,24 +93,46 @@ def is_dit_keys(keys) -> bool:
     # a UNet's transformer_blocks sit inside its attentions (down_blocks.N.attentions.M.transformer_blocks...),
     # an MMDiT's at the top: that alone tells an SD3 LoRA, which has no context embedder, from a UNet LoRA
     return any(k.removeprefix("transformer.").startswith(("context_embedder.", "transformer_blocks."))
-               or k.startswith(ORIGINAL_MMDIT_KEY) for k in keys)
+               or k.startswith(ORIGINAL_MMDIT_KEY) for k in keys) or is_flux_keys(keys)
+
+
+# FLUX.1's blocks no SD3 transformer has: diffusers' single-stream blocks, Black Forest Labs' double/single blocks
+# (flux1-dev.safetensors' layout, bare or under model.diffusion_model. as ComfyUI saves it)
+_FLUX_PREFIXES = ("single_transformer_blocks.", "double_blocks.", "single_blocks.")
+
+
+def is_flux_keys(keys) -> bool:
+    return any(k.removeprefix("transformer.").removeprefix("model.diffusion_model.").startswith(_FLUX_PREFIXES)
+               for k in keys)
+
+
+def is_flux_weights(path: Path) -> bool:
+    """Whether a .safetensors file holds a FLUX.1 transformer (diffusers keys or the BFL layout that `export
+    --format single-file` writes) or a LoRA of one. Reads the header only."""
+    return is_flux_keys(_header(path) or {})
+
+
+def dit_family(keys) -> str | None:
+    """'flux', 'sd3', or None (a UNet or unknown) from a file's tensor names."""
+    return "flux" if is_flux_keys(keys) else "sd3" if is_dit_keys(keys) else None
 
 
 def check_file_base(path: Path, base: Path, family) -> None:
     """A weights file given with --base must be of the base's family (`family`: worlds/pipelines/family.py's): an
-    SD3 transformer with an SD3 pipeline, a UNet with an SDXL or SD one. One line naming both, from the file's
-    header, before any weights load."""
+    SD3 transformer with an SD3 pipeline, a FLUX.1 one with a FLUX pipeline, a UNet with an SDXL or SD one. One line
+    naming both, from the file's header, before any weights load."""
     shapes = _header(path)
     if shapes is None:
         return  # a torch file or an unreadable one: its loader says what it is
-    dit = is_dit_keys(shapes)
-    if dit == (family.world == "sd3"):
+    dit = dit_family(shapes)
+    if dit == (family.world if family.world in ("sd3", "flux") else None):
         return
     base_text = f"--base {base} is {family.article} {family.label} pipeline ({family.pipeline})"
     lora = is_lora(shapes)
     if dit:
-        raise NitroFusionError(f"{path} is {'a LoRA of ' if lora else ''}an SD3 transformer but {base_text}: give "
-                               "the SD3 pipeline it belongs to")
+        what = {"sd3": "an SD3 transformer", "flux": "a FLUX.1 transformer"}[dit]
+        raise NitroFusionError(f"{path} is {'a LoRA of ' if lora else ''}{what} but {base_text}: give the "
+                               f"{'SD3' if dit == 'sd3' else 'FLUX.1'} pipeline it belongs to")
     width = next((s[1] for k, s in shapes.items() if k.endswith(_CROSS_ATTENTION_KEYS) and len(s) >= 2), None)
     kind = "a UNet LoRA" if lora else "a UNet checkpoint"
     if width in FAMILIES:
@@ -117,7 +140,7 @@ def check_file_base(path: Path, base: Path, family) -> None:
     elif width is not None:
         what = f"a UNet LoRA with cross-attention width {width}" if lora else family_name(width)
     else:
-        what = "not an SD3 transformer"
+        what = f"not {'an SD3' if family.world == 'sd3' else 'a FLUX.1'} transformer"
     raise NitroFusionError(f"{path} is {what} but {base_text}: give the SDXL or SD pipeline it belongs to")
 
 

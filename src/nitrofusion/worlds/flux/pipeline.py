@@ -1,7 +1,9 @@
 """FLUX.1 inference in 1-4 steps from a NitroFusion model (docs/method.md §8, FLUX), in a stock `FluxPipeline` with the
 student transformer and `TimestepShiftFlowScheduler`, and its export as a diffusers folder. A model is a run folder
 (the text encoders and VAE come from its teacher folder unless `base`), a student folder (transformer/ + scheduler/)
-with `base`, or an exported pipeline folder; transformer weights files are not read yet.
+with `base`, an exported pipeline folder, or a weights file with `base`: a transformer in the BFL layout that
+`export --format single-file` writes (export.py) or under diffusers keys, or a FLUX LoRA file (`export --format lora`,
+lora.py); a file's shift and guidance come from its metadata.
 
 The student is called at the embedded guidance it was trained at (`flux.guidance`), which its scheduler config
 carries under a private key (diffusers skips `_`-keys when it builds the scheduler, so stock diffusers loads it);
@@ -11,17 +13,20 @@ carries under a private key (diffusers skips `_`-keys when it builds the schedul
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import torch
 
 from ...errors import NitroFusionError, describe
 from ..pipelines.family import FLUX
-from ..pipelines.pipeline import ModelRef, generate_images, need_base, quiet_loading, resolve
+from ..pipelines.pipeline import SHIFT_METADATA_KEY, ModelRef, generate_images, need_base, quiet_loading, resolve
 from ..pipelines.pipeline import load_scheduler as base_load_scheduler
 from .config import GUIDANCE_KEY
 
 SCHEDULER_ENTRY = ["nitrofusion", "TimestepShiftFlowScheduler"]
+GUIDANCE_METADATA_KEY = "nitrofusion.guidance"  # a weights file's embedded guidance (export.py writes it)
+FLUX_DEV_WIDTH = 3072  # FLUX.1's inner width, which diffusers' BFL -> diffusers converter assumes
 DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale and flux.guidance's: a scheduler without the key
 __all__ = ["export_diffusers", "generate_images", "load_pipeline"]  # generate_images: the shared one
 
@@ -31,7 +36,25 @@ def transformer_folder(ref: ModelRef) -> Path | None:
             "unet": ref.path}.get(ref.kind)
 
 
+def file_metadata(ref: ModelRef) -> dict:
+    """A .safetensors weights file's metadata (its header alone); empty for anything else."""
+    if ref.kind != "file" or ref.path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    from ...models.weights import safetensors_problem
+
+    problem = safetensors_problem(ref.path)
+    if problem:
+        raise NitroFusionError(f"cannot read FLUX weights: {problem}; fetch or write the file again")
+    with safe_open(str(ref.path), "pt") as f:
+        return f.metadata() or {}
+
+
 def no_shift(ref: ModelRef) -> int:
+    shift = file_metadata(ref).get(SHIFT_METADATA_KEY)
+    if shift is not None:
+        return int(shift)
     raise NitroFusionError(f"{ref.path} has no TimestepShiftFlowScheduler; pass --shift S (the shift it was distilled "
                            "with)")
 
@@ -44,16 +67,77 @@ def load_scheduler(ref: ModelRef, shift: int | None):
     if GUIDANCE_KEY not in sched.config:  # re-shifted (or made from the base's config): the guidance is the model's
         own = ref.scheduler_dir
         saved = json.loads((own / "scheduler_config.json").read_text()) if own is not None else {}
-        sched.register_to_config(**{GUIDANCE_KEY: float(saved.get(GUIDANCE_KEY, DEFAULT_GUIDANCE))})
+        guidance = saved.get(GUIDANCE_KEY, file_metadata(ref).get(GUIDANCE_METADATA_KEY, DEFAULT_GUIDANCE))
+        sched.register_to_config(**{GUIDANCE_KEY: float(guidance)})
     return sched
 
 
 def lora_of(ref: ModelRef) -> Path | None:
-    """The LoRA file a LoRA run (or its student folder) puts on its base's transformer; None for any other model."""
+    """The LoRA file a model puts on its base's transformer: a LoRA run's (or its student folder's) trained adapters,
+    or a LoRA weights file; None for any other model."""
     from ..pipelines.export import PEFT_LORA_FILE, trained_lora_dir
 
+    if ref.kind == "file":
+        return ref.path if is_lora_file(ref.path) else None
     folder = trained_lora_dir(ref)
     return folder / PEFT_LORA_FILE if folder is not None else None
+
+
+def is_lora_file(path: Path) -> bool:
+    """Whether a .safetensors file holds LoRA factors (from its header)."""
+    from ...models.architectures import is_lora
+    from ...models.weights import safetensors_header
+
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    header, _ = safetensors_header(path)
+    return is_lora(dict.fromkeys(k for k in header if k != "__metadata__"))
+
+
+def diffusers_converter(width: int):
+    """diffusers' BFL -> diffusers FLUX converter for a transformer of inner width `width`: diffusers' own function
+    for FLUX.1's 3072; for another width the same code with that constant (the single blocks' linear1 split) set to
+    `width` (FLUX.1's mlp ratio 4 stays, as FluxTransformer2DModel has it)."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers as convert
+
+    code = convert.__code__
+    if width == FLUX_DEV_WIDTH or FLUX_DEV_WIDTH not in code.co_consts:  # a later diffusers may read it from the keys
+        return convert
+    consts = tuple(width if c == FLUX_DEV_WIDTH and type(c) is int else c for c in code.co_consts)
+    return types.FunctionType(code.replace(co_consts=consts), convert.__globals__, convert.__name__,
+                              convert.__defaults__, convert.__closure__)
+
+
+def bfl_to_diffusers(state: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
+    """A BFL-layout FLUX transformer (bare or under model.diffusion_model.) as diffusers' converter gives it back."""
+    return diffusers_converter(width)(dict(state))
+
+
+def is_bfl(keys) -> bool:
+    return any(k.removeprefix("model.diffusion_model.").startswith(("double_blocks.", "single_blocks."))
+               for k in keys)
+
+
+def read_transformer_state(path: Path, width: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """(a FLUX transformer's diffusers state dict, the file's metadata) from a weights file: the BFL layout (what
+    single-file export writes, flux1-dev.safetensors, or ComfyUI's model.diffusion_model.-prefixed save; only the
+    transformer's keys are read), converted by diffusers' converter at the base's `width`, or diffusers keys
+    (`transformer.`-prefixed or not)."""
+    from ...models.weights import read_weights_file, safetensors_problem
+
+    problem = safetensors_problem(path) if path.suffix == ".safetensors" else None
+    if problem:
+        raise NitroFusionError(f"cannot read transformer weights: {problem}; fetch or write the file again")
+    state, meta = read_weights_file(path)
+    if is_bfl(state):
+        state = {k: v for k, v in state.items() if not k.startswith(("first_stage_model.", "text_encoders.",
+                                                                      "vae.", "cond_stage_model."))}
+        try:
+            return bfl_to_diffusers(state, width), meta
+        except (KeyError, IndexError, ValueError, RuntimeError) as e:  # the converter indexes the keys it expects
+            raise NitroFusionError(f"{path} is not a complete BFL-layout FLUX transformer of the base's width "
+                                   f"{width} ({describe(e)})") from None
+    return {k.removeprefix("transformer."): v for k, v in state.items()}, meta
 
 
 def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int | None = None,
@@ -61,13 +145,11 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
     """A stock FluxPipeline with the student transformer and its 1-4 step scheduler; call it with guidance_scale =
     `pipe.nitrofusion_guidance` (the student's embedded guidance), or use `generate_images`. A LoRA run is the base's
     transformer with the adapters on, as diffusers' `load_lora_weights` puts them: the training-time student exactly.
-    `merge_lora`: the run's student/transformer instead (the adapters merged by the trainer), what export writes."""
+    `merge_lora`: a plain transformer instead (a run's student/transformer, the adapters merged by the trainer; a
+    LoRA file fused here), what the exports write."""
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    ref = resolve(model, base)
-    if ref.kind == "file":
-        raise NitroFusionError(f"{ref.path} is a weights file: FLUX transformer and LoRA files are not read yet; give "
-                               "a run, a student folder with --base, or an exported FluxPipeline folder")
+    ref = resolve(model, base)  # a weights file of another family than its --base is refused there
     if ref.kind == "pipeline" and ref.base is not None:
         raise NitroFusionError(f"{ref.path} is a complete pipeline folder; --base applies to run and student "
                                "folders only")
@@ -79,12 +161,17 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
     dtype = dtype or torch.float32
     parts = {"scheduler": load_scheduler(ref, shift)}
     folder = ref.path
-    lora = None if merge_lora else lora_of(ref)
+    lora = lora_of(ref)
+    if lora is not None and merge_lora and ref.kind != "file":
+        lora = None  # the run's student/transformer holds the adapters merged
     if ref.kind != "pipeline":
         folder = need_base(ref, "a pipeline")
     if ref.kind != "pipeline" and lora is None:  # with a LoRA the base's own transformer loads, adapters go on after
         try:
-            parts["transformer"] = FluxTransformer2DModel.from_pretrained(transformer_folder(ref), dtype=dtype)
+            parts["transformer"] = (transformer_from_file(ref, dtype) if ref.kind == "file" else
+                                    FluxTransformer2DModel.from_pretrained(transformer_folder(ref), dtype=dtype))
+        except NitroFusionError:
+            raise
         except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken folder
             where = transformer_folder(ref)
             raise NitroFusionError(f"cannot load the transformer in {where} ({describe(e)})") from None
@@ -98,13 +185,34 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
     pipe.nitrofusion_size_multiple = pipe.vae_scale_factor * 2  # 2x2 latent packing
     pipe.nitrofusion_guidance = float(pipe.scheduler.config[GUIDANCE_KEY])
     if lora is not None:
-        apply_lora(pipe, lora, folder)
+        apply_lora(pipe, lora, folder, fuse=merge_lora)
     return pipe.to(device)
 
 
-def apply_lora(pipe, path: Path, base: Path) -> None:
-    """A LoRA run's adapters on the pipeline's transformer through diffusers' own FLUX loader (rank, alpha and targets
-    from the file's metadata); every factor must find its layer."""
+def transformer_from_file(ref: ModelRef, dtype: torch.dtype):
+    """A FLUX transformer weights file (the BFL layout or diffusers keys) in the architecture of the base folder's
+    transformer, every tensor in its own fresh allocation (as from_pretrained gives a run's: MKL's batch-1 products
+    round by a weight's alignment in memory, sd3/pipeline.py `own_memory`)."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    from ...models.weights import check_same_layout
+
+    base = need_base(ref, "a FLUX transformer weights file")
+    config = FluxTransformer2DModel.load_config(base / "transformer")
+    width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    state, _ = read_transformer_state(ref.path, width)
+    with init_empty_weights():
+        model = FluxTransformer2DModel.from_config(config)
+    check_same_layout(model.state_dict(), state, f"transformer weights {ref.path}", "the base's FLUX transformer")
+    model.load_state_dict({k: v.to(dtype).clone() for k, v in state.items()}, assign=True, strict=True)
+    return model.eval()
+
+
+def apply_lora(pipe, path: Path, base: Path, fuse: bool = False) -> None:
+    """A LoRA run's (or LoRA file's) adapters on the pipeline's transformer through diffusers' own FLUX loader (rank,
+    alpha and targets from the file's metadata); every factor must find its layer. `fuse`: merged into the weights
+    and unloaded, a plain transformer (what the exports write)."""
     from safetensors import safe_open
 
     from ...models.student import ADAPTER
@@ -120,6 +228,9 @@ def apply_lora(pipe, path: Path, base: Path) -> None:
     if applied != wanted:
         raise NitroFusionError(f"LoRA {path} does not fit the FLUX transformer of {base}: {wanted - applied} of its "
                                f"{wanted} layers have no place in it")
+    if fuse:
+        pipe.transformer.fuse_lora(lora_scale=1.0, adapter_names=[ADAPTER])
+        pipe.transformer.unload_lora()
 
 
 def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None = None, shift: int | None = None,

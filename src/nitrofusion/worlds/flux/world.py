@@ -24,10 +24,11 @@ def _class_of(config: Path) -> str | None:
 
 
 class FluxWorld(PipelineWorld):
-    """Prompts and real images as every pipeline family's; its own adapter, inference and export."""
+    """Prompts and real images as every pipeline family's; its own adapter, inference, exports, bench and memory
+    model."""
 
     name = "flux"
-    export_formats = ("diffusers",)
+    export_formats = ("diffusers", "single-file", "lora")
     supported_options = ("--base", "--shift", "--height", "--width", "--dtype")
     examples = EXAMPLES
 
@@ -66,14 +67,30 @@ class FluxWorld(PipelineWorld):
             trainable = lora_parameter_count(model, cfg.student)
         else:
             trainable = parameters
-        return ModelPlan(teacher_text(cfg, "a FLUX pipeline"), parameters, trainable,
+        plan = ModelPlan(teacher_text(cfg, "a FLUX pipeline"), parameters, trainable,
                          [model.inner_dim] * len(cfg.flux.taps))
+        import os
+
+        from ...models.weights import header_numel
+        from .memory import run_memory  # the memory model's peak for this teacher (worlds/flux/memory.py)
+
+        clip, vae = header_numel(folder / "text_encoder"), header_numel(folder / "vae")
+        t5 = header_numel(folder / "text_encoder_2") if (folder / "text_encoder_2").is_dir() else 0
+        if None not in (clip, t5, vae):
+            shards = int(os.environ.get("WORLD_SIZE", "1") or 1) if cfg.fsdp else 1  # per GPU under FSDP
+            plan.peak_bytes = run_memory(cfg, torch.nn.Module.to(model, torch.bfloat16),
+                                         {"clip": clip, "t5": t5, "vae": vae}, shards=shards)["total"]
+        return plan
 
     def recognises(self, kind: str, path: Path) -> bool:
         if kind == "pipeline":
             return _class_of(path / "model_index.json") == "FluxPipeline"
         if kind == "student":
             return _class_of(path / "transformer" / "config.json") == TRANSFORMER
+        if kind == "file":  # a FLUX transformer (BFL layout or diffusers keys) or a LoRA of one, by its key names
+            from ...models.architectures import is_flux_weights
+
+            return is_flux_weights(path)
         return kind == "unet" and _class_of(path / "config.json") == TRANSFORMER
 
     def load_pipeline(self, model: str | Path, **options):
@@ -84,20 +101,58 @@ class FluxWorld(PipelineWorld):
     def export(self, model: str, fmt: str, out: str, options: dict) -> list[str]:
         from ...dtypes import parse_dtype
 
-        if fmt in ("single-file", "lora"):
-            raise NitroFusionError(f"export --format {fmt} is not implemented for FLUX models yet; use --format "
-                                   "diffusers (a FluxPipeline folder)")
-        if fmt != "diffusers":
-            raise NitroFusionError(f"export --format {fmt} is not implemented for FLUX models; use --format diffusers")
-        from .pipeline import export_diffusers
+        base, shift, dtype = options.get("base"), options.get("shift"), parse_dtype(options.get("dtype"))
+        if fmt == "lora":  # a LoRA run's trained adapters, or a full student's truncated SVD of student - base
+            from .lora import export_lora
 
-        export_diffusers(model, out, base=options.get("base"), shift=options.get("shift"),
-                         dtype=parse_dtype(options.get("dtype")))
-        return [f"exported to {out}"]
+            r = export_lora(model, out, base=base, rank=options.get("rank"), dtype=dtype,
+                            device=options.get("device") or "cpu")
+            if "relative_error_total" in r:  # extracted: the error figures, as the other families print them
+                line = (f"LoRA rank {r['rank']} on {r['lora_layers']} Linear layers ({r['lora_parameters']:,} "
+                        f"parameters), diffusers' FLUX LoRA format: relative error of the delta "
+                        f"{r['relative_error_total']:.4f} overall, {r['relative_error_covered']:.4f} on those layers; "
+                        f"{100 * r['uncovered_fraction']:.2f}% of the delta (squared norm) is in biases/norms that "
+                        "LoRA cannot hold")
+            else:
+                line = (f"LoRA rank {r['rank']} (alpha {r['alpha']:g}) on {r['lora_layers']} layers "
+                        f"({r['lora_parameters']:,} parameters): {r['source']}, diffusers' FLUX LoRA format")
+            return [line, f"exported to {out}"]
+        if fmt not in self.export_formats:
+            raise NitroFusionError(f"export --format {fmt} is not implemented for FLUX models; use --format diffusers "
+                                   "(a FluxPipeline folder), single-file (the BFL transformer layout) or lora")
+        if fmt == "diffusers":
+            from .pipeline import export_diffusers
+
+            export_diffusers(model, out, base=base, shift=shift, dtype=dtype)
+            return [f"exported to {out}"]
+        from .export import export_single_file
+
+        r = export_single_file(model, out, base=base, shift=shift, dtype=dtype)
+        return [f"{r['tensors']} transformer tensors in the BFL layout of {r['architecture']} (flux1-dev.safetensors': "
+                "ComfyUI's Load Diffusion Model, diffusers' from_single_file); round trip through diffusers' converter "
+                f"exact for all {r['round_trip_checked']} tensors; sample with shift {r['shift']}, embedded guidance "
+                f"{r['guidance']:g}, 1-4 steps (the text encoders and VAE: FLUX.1-dev's own)", f"exported to {out}"]
 
     def transfer(self, student: str, base: str, custom: str, out: str, options: dict) -> list[str]:
         raise NitroFusionError(f"transfer is not implemented for FLUX models yet ({student} is a flux-world model)")
 
     def bench(self, options: dict) -> tuple[dict, str]:
-        raise NitroFusionError("bench is not implemented for FLUX yet (no timing or memory model of FLUX.1-dev); use "
-                               "--family sdxl or sd3")
+        """The flux-dev-lora training iteration on random-weight FLUX.1-dev architectures (worlds/flux/bench.py), or
+        `memory` (the memory model of flux-dev-lora, with T5 cached and resident, and of a full student under FSDP:
+        worlds/flux/memory.py)."""
+        o = options
+        if o.get("inference"):
+            raise NitroFusionError("bench --inference compares SDXL's stock and fast generation paths; FLUX has no "
+                                   "fast path: drop --inference (or --family flux)")
+        if o.get("memory"):
+            from .memory import format_memory, memory_model
+
+            result = memory_model(overrides=o.get("overrides"), fsdp=tuple(o.get("fsdp") or ()))
+            return result, format_memory(result)
+        from ...training.bench import bench_device, format_table
+
+        bench_device(o["size"], o.get("device"), "FLUX.1-dev")  # before the training stack loads: a refusal in seconds
+        from .bench import run_bench
+
+        result = run_bench(o["size"], o.get("device"), o.get("overrides"), iters=o["iters"], warmup=o["warmup"])
+        return result, format_table(result)

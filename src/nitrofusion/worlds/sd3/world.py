@@ -84,9 +84,9 @@ class SD3World(PipelineWorld):
         if kind == "student":
             return _class_of(path / "transformer" / "config.json") == TRANSFORMER
         if kind == "file":
-            from ...models.architectures import is_dit_weights
+            from ...models.architectures import is_dit_weights, is_flux_weights
 
-            return is_dit_weights(path)
+            return is_dit_weights(path) and not is_flux_weights(path)  # a FLUX.1 file is the flux world's
         return kind == "unet" and _class_of(path / "config.json") == TRANSFORMER
 
     def load_pipeline(self, model: str | Path, **options):
