@@ -329,9 +329,9 @@ def flux_dev_config(flux, tmp_path_factory):
      "flux.taps [5] out of range: a tapped block must be below flux.backbone_blocks (2)"),
     (["--preset", "flux-tiny", "--teacher", "FLUX", "--set", "flux.backbone_blocks=5", "--set", "flux.taps=[4]"],
      "flux.backbone_blocks 5 is more than the teacher's 3 double-stream blocks"),
-    (["--preset", "flux-tiny", "--teacher", "DEV"], "a full FLUX student of 11.9B parameters"),
+    (["--preset", "flux-tiny", "--teacher", "DEV"], "a full FLUX student of 11.9B parameters needs"),
     (["--preset", "flux-dev-lora", "--teacher", "DEV", "--set", "student.kind=full"],
-     "does not fit one GPU (weights, gradients and AdamW moments"),
+     "GiB on one GPU by the memory model (bench --memory --family flux), more than"),
     (["--preset", "flux-tiny", "--teacher", "FLUX", "--set", "flux.sampler.name=ddim"],
      "flux.sampler.name ddim is not built for FLUX"),
 ])

@@ -33,7 +33,7 @@ from .backbone import FluxBackbone
 from .config import GUIDANCE_KEY, FluxConfig
 from .tokens import ids, pack, step_in_tokens, unpack
 
-FULL_STUDENT_LIMIT = 3_000_000_000  # transformer parameters above which a full student does not fit one GPU
+FULL_STUDENT_LIMIT = 3_000_000_000  # transformer parameters above which a full student's memory is checked
 
 
 def transformer_config(folder: Path) -> dict:
@@ -58,19 +58,23 @@ def transformer_parameters(config: dict) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def check_student_size(folder: Path, kind: str, fsdp: bool = False) -> None:
-    """A full student of a multi-billion-parameter FLUX (dev, schnell: 12B) holds weights, gradients and AdamW moments
-    of 12B parameters, ~16 bytes each: more than one GPU. Refused before weights load unless FSDP shards it over
-    several (fsdp=true, training/fsdp.py); a LoRA student (flux-dev-lora) trains adapters on the teacher's own
-    transformer."""
-    if kind != "full" or fsdp:
-        return
-    n = transformer_parameters(transformer_config(folder))
-    if n > FULL_STUDENT_LIMIT:
-        raise ConfigError(f"a full FLUX student of {n / 1e9:.1f}B parameters ({folder / 'transformer'}) does not fit "
-                          "one GPU (weights, gradients and AdamW moments: ~16 bytes a parameter): use "
-                          "student.kind=lora (the flux-dev-lora preset), or fsdp=true to shard it over several GPUs "
-                          "(accelerate launch --num_processes N)")
+def check_full_student_fits(folder: Path, peak_bytes: int | None) -> None:
+    """A full student of a multi-billion-parameter FLUX (dev, schnell: 12B) on one process: refused before weights
+    load when the memory model's peak (worlds/flux/memory.py) exceeds the visible GPU (80 GB where none is visible:
+    the largest card it is sized for). FSDP (fsdp=true) shards it over several; a LoRA student (flux-dev-lora) trains
+    adapters on the teacher's own transformer."""
+    import torch
+
+    if torch.cuda.is_available():
+        capacity, where = torch.cuda.get_device_properties(0).total_memory, torch.cuda.get_device_name(0)
+    else:
+        capacity, where = 80 * 10**9, "an 80 GB GPU (none visible here)"
+    if peak_bytes is not None and peak_bytes > capacity:
+        n = transformer_parameters(transformer_config(folder))
+        raise ConfigError(f"a full FLUX student of {n / 1e9:.1f}B parameters needs {peak_bytes / 2**30:.0f} GiB on one "
+                          f"GPU by the memory model (bench --memory --family flux), more than {capacity / 2**30:.0f} "
+                          f"GiB of {where}: use student.kind=lora (the flux-dev-lora preset), or fsdp=true to shard "
+                          "it over several GPUs (accelerate launch --num_processes N)")
 
 
 class FluxAdapter(PipelineParts, CachedT5, ModelAdapter):

@@ -43,20 +43,32 @@ class FluxWorld(PipelineWorld):
         """The folder's family and parts, flux.backbone_blocks against its depth, and a full student's size, from
         its index and config.json files alone."""
         from ..pipelines.family import FLUX, check_pipeline_folder
-        from .adapter import check_backbone, check_student_size
+        from .adapter import (
+            FULL_STUDENT_LIMIT,
+            check_backbone,
+            check_full_student_fits,
+            transformer_config,
+            transformer_parameters,
+        )
 
         if not cfg.teacher:
             raise NitroFusionError(NEEDS_TEACHER)
         folder = teacher_folder(cfg)
         check_pipeline_folder(folder, FLUX)
         check_backbone(folder, cfg.flux)
-        check_student_size(folder, cfg.student.kind, cfg.fsdp)
+        big = transformer_parameters(transformer_config(folder)) > FULL_STUDENT_LIMIT  # small ones: no counting
+        if cfg.student.kind == "full" and not cfg.fsdp and big:
+            check_full_student_fits(folder, self._plan(cfg).peak_bytes)
 
     def plan_model(self, cfg: DistillConfig) -> ModelPlan:
+        self.check_teacher(cfg)
+        return self._plan(cfg)
+
+    def _plan(self, cfg: DistillConfig) -> ModelPlan:
+        """What the run builds and the memory model's peak per GPU, from config.json files and weight headers."""
         import torch
         from diffusers import FluxTransformer2DModel
 
-        self.check_teacher(cfg)
         folder = teacher_folder(cfg)
         with torch.device("meta"):
             model = FluxTransformer2DModel.from_config(json.loads((folder / "transformer" / "config.json").read_text()))
