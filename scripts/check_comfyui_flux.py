@@ -1,11 +1,24 @@
 """Does ComfyUI read our FLUX single file (`export --format single-file`, the BFL layout of flux1-dev.safetensors)
 as FLUX, and compute the velocity our pipeline computes? Builds the tests' tiny random FLUX (3 double, 2 single
 blocks, width 16), exports its transformer, and runs scripts/comfyui_flux_probe.py with ComfyUI's Python: ComfyUI's
-detection of the file, and its own FLUX network (built at the tiny size: ComfyUI hard-codes FLUX.1's 3072 width, 24
+detection of the file, and its own FLUX model (built at the tiny size: ComfyUI hard-codes FLUX.1's 3072 width, 24
 heads and 4096-wide text, so it cannot size a small FLUX from the keys) loaded strictly from the file, against
 `generate --model FILE --base FOLDER`'s transformer on the same packed inputs.
 
+The LoRA leg (report key "lora"): random non-zero rank-4 factors (alpha = rank) on every FLUX_LORA_TARGETS layer of
+that FLUX (the double-stream blocks' attention of both streams and feed-forwards, the single-stream blocks' to_q/k/v
+and proj_mlp), put on as the trainer puts them (`add_lora`) and saved by `save_lora_files` (what `export --format
+lora` writes). Ours: `generate`'s path (`load_pipeline(FILE, base=FOLDER)`: diffusers' `load_lora_weights`, adapters
+unfused). ComfyUI's: the base file in its tiny FLUX model, then its `LoraLoaderModelOnly` node at strength 1.0. The
+same velocity, the file's modules that ComfyUI maps (comfy.lora.model_lora_keys_unet, whose FLUX part is
+comfy.utils.flux_to_diffusers: to_q/k/v and add_q/k/v_proj land on slices of the fused img_attn/txt_attn qkv, the
+single blocks' to_q/k/v and proj_mlp on slices of linear1) and patches, and every "lora key not loaded" it logs
+(there must be none). Also the same factors saved with alpha = 2 x rank (save_lora_files folds alpha into lora_B,
+since ComfyUI reads an alpha only from `.alpha` tensors): ComfyUI must match diffusers on that file too.
+
     python scripts/check_comfyui_flux.py --comfyui /work/ComfyUI --python /work/comfy-venv/bin/python --work /tmp/cf
+
+Prints the report (WORK/report.json, or --report), exits 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -19,17 +32,64 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+SHIFT = 250
+LORA_RANK = 4
+LORA_SEED = 11
+TOL = 1e-5  # relative L2: the same fp32 arithmetic up to summation order
 
-def main() -> None:
+
+def build_lora(base: Path, folder: Path, alpha: float) -> Path:
+    """Random non-zero factors on every FLUX_LORA_TARGETS layer, the same draws for every alpha, saved as the trainer
+    and `export --format lora` save them."""
+    from diffusers import FluxTransformer2DModel
+
+    from nitrofusion.models.student import add_lora, lora_metadata, peft_factors
+    from nitrofusion.worlds.flux.config import FLUX_LORA_TARGETS
+    from nitrofusion.worlds.flux.lora import save_lora_files
+
+    path = folder / "pytorch_lora_weights.safetensors"
+    if path.exists():
+        return path
+    net = FluxTransformer2DModel.from_pretrained(base / "transformer")
+    add_lora(net, LORA_RANK, alpha, 0.0, FLUX_LORA_TARGETS)
+    gen = torch.Generator().manual_seed(LORA_SEED)
+    with torch.no_grad():  # A ~ N(0, 1/in), B ~ N(0, 1): a large delta, so the LoRA's effect is plain to see
+        for name, p in sorted(net.named_parameters()):
+            if ".lora_A." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+            elif ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_lora_files(folder, peft_factors(net), SHIFT, lora_metadata(net))
+    return path
+
+
+def our_velocity(model: Path, base: Path, inp: dict) -> tuple[torch.Tensor, int]:
+    """`generate --model FILE --base FOLDER`'s transformer on the packed inputs, unpacked; and its LoRA modules."""
+    from nitrofusion.worlds.flux.pipeline import load_pipeline
+    from nitrofusion.worlds.flux.tokens import pack, unpack
+
+    pipe = load_pipeline(model, base=base)
+    tr = pipe.transformer
+    img_ids = pipe._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)
+    with torch.no_grad():
+        packed = tr(hidden_states=pack(inp["x"]), timestep=inp["sigma"], guidance=inp["guidance"],
+                    pooled_projections=inp["pooled"], encoder_hidden_states=inp["context"],
+                    txt_ids=torch.zeros(16, 3), img_ids=img_ids).sample
+    lora_modules = sum(1 for n, _ in tr.named_modules() if n.endswith(".lora_A"))
+    return unpack(packed, 8, 8), lora_modules
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comfyui", required=True)
     ap.add_argument("--python", required=True, help="ComfyUI's Python")
     ap.add_argument("--work", required=True)
+    ap.add_argument("--report", help="where to write the report (default WORK/report.json)")
     a = ap.parse_args()
     from nitrofusion.cli import main as cli
     from nitrofusion.worlds.flux.pipeline import load_pipeline
     from nitrofusion.worlds.flux.testing import build_random_flux
-    from nitrofusion.worlds.flux.tokens import pack
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -38,19 +98,17 @@ def main() -> None:
         build_random_flux(folder)
     path = work / "nitro-flux.safetensors"
     if not path.exists():
-        assert cli(["export", str(folder), "--format", "single-file", "--shift", "250", "--out", str(path)]) == 0
-    pipe = load_pipeline(path, base=folder)
-    tr = pipe.transformer
+        assert cli(["export", str(folder), "--format", "single-file", "--shift", str(SHIFT), "--out", str(path)]) == 0
+    loras = {"lora": build_lora(folder, work / "lora", float(LORA_RANK)),  # alpha = rank
+             "lora_alpha2r": build_lora(folder, work / "lora_alpha2r", 2.0 * LORA_RANK)}
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 16, 8, 8, generator=gen)
-    inp = {"x": x, "sigma": torch.tensor([0.249]), "guidance": torch.tensor([3.5]),
-           "context": torch.randn(1, 16, 32, generator=gen), "pooled": torch.randn(1, 32, generator=gen)}
+    inp = {"x": torch.randn(1, 16, 8, 8, generator=gen), "sigma": torch.tensor([0.249]),
+           "guidance": torch.tensor([3.5]), "context": torch.randn(1, 16, 32, generator=gen),
+           "pooled": torch.randn(1, 32, generator=gen)}
     save_file(inp, str(work / "inputs.safetensors"))
-    img_ids = pipe._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)
-    with torch.no_grad():
-        packed = tr(hidden_states=pack(x), timestep=inp["sigma"], guidance=inp["guidance"],
-                    pooled_projections=inp["pooled"], encoder_hidden_states=inp["context"],
-                    txt_ids=torch.zeros(16, 3), img_ids=img_ids).sample
+    ours, _ = our_velocity(path, folder, inp)
+    ours_lora = {name: our_velocity(p, folder, inp) for name, p in loras.items()}
+    tr = load_pipeline(path, base=folder).transformer
     cfg = tr.config
     params = dict(in_channels=cfg.in_channels // 4, out_channels=cfg.in_channels // 4,
                   vec_in_dim=cfg.pooled_projection_dim, context_in_dim=cfg.joint_attention_dim,
@@ -60,18 +118,54 @@ def main() -> None:
     out = work / "comfy-velocity.safetensors"
     run = subprocess.run([a.python, str(Path(__file__).with_name("comfyui_flux_probe.py")), "--comfyui", a.comfyui,
                           "--checkpoint", str(path), "--inputs", str(work / "inputs.safetensors"), "--params",
-                          json.dumps(params), "--out", str(out)], capture_output=True, text=True)
+                          json.dumps(params), "--out", str(out),
+                          *[x for name, p in loras.items() for x in ("--lora", f"{name}={p}")]],
+                         capture_output=True, text=True)
     if run.returncode:
         sys.exit(run.stderr[-3000:])
-    report = json.loads(run.stdout.strip().splitlines()[-1])
-    theirs = load_file(str(out))["velocity"]
-    from nitrofusion.worlds.flux.tokens import unpack
+    probe = json.loads(out.with_suffix(".json").read_text())
+    got = load_file(str(out))
 
-    ours = unpack(packed, 8, 8)
-    report["velocity_rel_l2"] = float((theirs - ours).norm() / ours.norm())
-    report["velocity_bitwise"] = bool(torch.equal(theirs, ours))
-    print(json.dumps(report, indent=2))
+    def rel(have: torch.Tensor, want: torch.Tensor) -> float:
+        return float((have - want).norm() / want.norm())
+
+    report = {k: probe[k] for k in ("detected_unet_config", "model_config", "built_as", "missing", "unexpected")}
+    report["velocity_rel_l2"] = rel(got["velocity"], ours)
+    report["velocity_bitwise"] = bool(torch.equal(got["velocity"], ours))
+    report["velocity_after_loras_rel_l2"] = rel(got["velocity_after_loras"], ours)  # the patches came off again
+    checks = {"detected as FLUX": probe["model_config"] == "Flux",
+              "loaded strictly": not probe["missing"] and not probe["unexpected"],
+              "velocity": report["velocity_rel_l2"] < TOL}
+    for name in loras:
+        keys = probe[name]
+        want, modules_ours = ours_lora[name]
+        have = got[f"{name}_velocity"]
+        effect = want - ours
+        report[name] = {
+            "rank": LORA_RANK, "alpha": float(LORA_RANK) * (2 if name == "lora_alpha2r" else 1), "seed": LORA_SEED,
+            "applied_with": "nodes.LoraLoaderModelOnly (comfy.sd.load_lora_for_models), strength 1.0",
+            "ours": "load_pipeline(FILE, base=FOLDER): diffusers load_lora_weights, adapters unfused",
+            "modules_ours": modules_ours,
+            "velocity_rel_l2": rel(have, want), "velocity_max_abs_err": float((have - want).abs().max()),
+            "lora_effect_rel": float(effect.norm() / ours.norm()),
+            "rel_err_of_effect": float((have - want).norm() / effect.norm()),
+            **{k: keys[k] for k in ("tensors", "modules", "modules_mapped", "modules_patched", "weights_patched",
+                                     "not_loaded", "unmapped")}}
+        if name == "lora":
+            report[name]["mapping"] = keys["mapping"]
+        checks[f"{name}: every key mapped and patched"] = (
+            keys["modules_mapped"] == keys["modules_patched"] == keys["modules"] == modules_ours
+            and not keys["not_loaded"] and not keys["unmapped"])
+        checks[f"{name}: velocity"] = report[name]["velocity_rel_l2"] < TOL
+    checks["bare again after the LoRAs"] = report["velocity_after_loras_rel_l2"] < TOL
+    commit = subprocess.run(["git", "-C", a.comfyui, "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    report = {"comfyui_commit": commit, "shift": SHIFT, "checks": checks, **report}
+    text = json.dumps(report, indent=2) + "\n"
+    Path(a.report or work / "report.json").write_text(text)
+    print(text, end="")
+    return 0 if all(checks.values()) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

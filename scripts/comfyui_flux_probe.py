@@ -105,9 +105,12 @@ def main() -> None:
             patches = {k: len(v) - len(patcher.patches.get(k, [])) for k, v in patched.patches.items()}
             patches = {k: n for k, n in patches.items() if n}  # the weights this LoRA patches: module count each
 
-            def target(m):
+            def target(m):  # a weight, a slice of a fused one (weight, (dim, offset, size)), or (weight, None, fn)
                 t = key_map[m]
-                return t if isinstance(t, str) else f"{t[0]}[{t[1][1]}:{t[1][1] + t[1][2]}]"  # a slice of a fused weight
+                if isinstance(t, str):
+                    return t
+                where = f"{t[0]}[{t[1][1]}:{t[1][1] + t[1][2]}]" if t[1] is not None else t[0]
+                return where + (f" via {t[2].__name__}" if len(t) > 2 else "")
 
             report[name] = {
                 "tensors": len(tensors), "modules": len(modules),
