@@ -5,12 +5,16 @@ hard-codes FLUX.1's width, heads and text width, so a small FLUX is detected as 
 keys alone), loads the file into it strictly, and writes its velocity on the given inputs. With --lora NAME=FILE:
 the same model after ComfyUI's `LoraLoaderModelOnly` node (strength 1.0; comfy.sd.load_lora_for_models: the key map
 of comfy.lora.model_lora_keys_unet, comfy.lora.load_lora, ModelPatcher.add_patches), and what ComfyUI made of the
-file's keys (mapped, patched, "lora key not loaded"). Writes OUT (tensors) and OUT with .json (the report). Imports
+file's keys (mapped, patched, "lora key not loaded"). With --nodes: also the 1- and 4-step samples of each model
+through our node pack (comfyui/ComfyUI-NitroFusion, installed as ComfyUI installs a custom node folder):
+SamplerCustom's path (the `lcm` sampler, CFG 1, the nodes' sigmas), the student's guidance in the conditioning as the
+FluxGuidance node puts it, in the model's latent space. Writes OUT (tensors) and OUT with .json (the report). Imports
 nothing from nitrofusion."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
@@ -41,6 +45,36 @@ def velocity(patcher, inp):
                                          guidance=inp["guidance"]).float().contiguous()
 
 
+def node_pack(folder: str):
+    """Our node folder imported as ComfyUI's custom_nodes loader imports one (a package from its __init__.py)."""
+    spec = importlib.util.spec_from_file_location("ComfyUI_NitroFusion", Path(folder) / "__init__.py",
+                                                  submodule_search_locations=[folder])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = pack
+    spec.loader.exec_module(pack)
+    return pack
+
+
+def samples(patcher, inp, pack, shift: int, guidance: float) -> dict:
+    """1- and 4-step samples through our nodes: the shift node on the model, the sigmas node into SamplerCustom's
+    path with the `lcm` sampler and CFG 1; the guidance in the conditioning (what ComfyUI's FluxGuidance node sets);
+    the result brought back to the model's latent space."""
+    import comfy.sample
+    import comfy.samplers
+    import torch
+
+    shifted = pack.NODE_CLASS_MAPPINGS["NitroFusionFlowTimestepShift"]().patch(patcher, shift)[0]
+    cond = [[inp["context"], {"pooled_output": inp["pooled"], "guidance": guidance}]]
+    out = {}
+    for steps in (1, 4):
+        sigmas = pack.NODE_CLASS_MAPPINGS["NitroFusionStudentSigmas"]().sigmas(steps)[0]
+        got = comfy.sample.sample_custom(shifted, inp["noise"], 1.0, comfy.samplers.sampler_object("lcm"), sigmas,
+                                         cond, cond, torch.zeros_like(inp["noise"]), disable_pbar=True,
+                                         seed=int(inp["seed"].item()))
+        out[f"sample_{steps}step"] = patcher.model.latent_format.process_in(got.float()).contiguous()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comfyui", required=True)
@@ -49,6 +83,8 @@ def main() -> None:
     ap.add_argument("--params", required=True, help="JSON: FluxParams of the model")
     ap.add_argument("--out", required=True)
     ap.add_argument("--lora", action="append", default=[], help="NAME=FILE, repeatable")
+    ap.add_argument("--nodes", help="the ComfyUI-NitroFusion folder: also sample through its nodes, at the shift and "
+                    "guidance the file's metadata names")
     a = ap.parse_args()
     sys.path.insert(0, str(Path(a.comfyui).resolve()))
     import comfy.cli_args
@@ -60,6 +96,7 @@ def main() -> None:
     import comfy.model_patcher
     import comfy.utils
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     recorder = Recorder()
@@ -85,8 +122,16 @@ def main() -> None:
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
     inp = load_file(a.inputs)
     out = {}
+    pack = node_pack(a.nodes) if a.nodes else None
+    if pack is not None:  # what a user types into the shift node and FluxGuidance: the file's own metadata
+        with safe_open(a.checkpoint, "pt") as f:
+            meta = f.metadata()
+        shift, guidance = int(meta["nitrofusion.shifted_timestep"]), float(meta["nitrofusion.guidance"])
+        report.update(nodes=sorted(pack.NODE_CLASS_MAPPINGS), shifted_timestep=shift, guidance=guidance)
     with torch.no_grad():
         out["velocity"] = velocity(patcher, inp)
+        if pack is not None:
+            out.update(samples(patcher, inp, pack, shift, guidance))
         if a.lora:
             import folder_paths
             import nodes  # ComfyUI's built-in nodes, LoraLoaderModelOnly among them
@@ -121,6 +166,8 @@ def main() -> None:
                 "mapping": {m.removeprefix("transformer."): target(m).removeprefix("diffusion_model.")
                             for m in modules if m in key_map}}
             out[f"{name}_velocity"] = velocity(patched, inp)
+            if pack is not None:
+                out.update({f"{name}_{k}": v for k, v in samples(patched, inp, pack, shift, guidance).items()})
             comfy.model_management.unload_all_models()  # the LoRA's patches taken off again: the next starts bare
         if a.lora:  # the bare model once more: the patches came off
             out["velocity_after_loras"] = velocity(patcher, inp)

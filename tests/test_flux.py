@@ -98,6 +98,10 @@ def test_the_guided_teacher_sampler_is_the_stock_pipeline(flux):
         torch.testing.assert_close(ours, unpack(ref, 8, 8), rtol=0, atol=1e-5)
     assert not torch.allclose(ours, adapter.teacher_sample(x_T, adapter.encode_prompts(PROMPTS[:2]),
                                                            SamplerSpec("FlowMatchEulerDiscreteScheduler", 3, 1.0)))
+    # printed as what it is (bench, pairs.json): the guidance embedding's scale, not classifier-free guidance; the
+    # pair cache keys on the repr, which stays the config's
+    assert adapter.sampler.describe() == "FLUX Euler (dynamic shift) 28 steps, embedded guidance 3.5"
+    assert repr(adapter.sampler) == repr(adapter.cfg.sampler)
 
 
 def test_a_schnell_teacher_samples_as_its_stock_pipeline(tmp_path):

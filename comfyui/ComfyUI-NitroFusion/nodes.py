@@ -1,4 +1,4 @@
-"""Sampling a NitroFusion flow-matching student (SD3 / SD3.5) in ComfyUI, as `nitrofusion generate` samples it
+"""Sampling a NitroFusion flow-matching student (SD3 / SD3.5, FLUX.1) in ComfyUI, as `nitrofusion generate` samples it
 (TimestepShiftFlowScheduler, docs/method.md §8 of the nitrofusion repository):
 
 - the 1-4 step grid is LCM's with original_inference_steps=4, t in {999, 749, 499, 249}, on the UNWARPED flow
@@ -9,7 +9,9 @@
 
 "NitroFusion Student Sigmas" gives the grid (its first sigma is 1.0, so the sampler starts from pure noise as the
 pipeline does; it stands for t = 999), "NitroFusion Flow Timestep Shift" patches the model; sample with
-SamplerCustom, the `lcm` sampler (it is exactly the re-noising step above) and CFG 1.
+SamplerCustom, the `lcm` sampler (it is exactly the re-noising step above) and CFG 1. A FLUX.1 student also takes
+its embedded guidance through ComfyUI's FluxGuidance node (ComfyUI's FLUX model reads sigma as its timestep, so the
+same patch applies).
 
 The arithmetic lives in plain functions without ComfyUI imports, so nitrofusion's test suite checks it against
 its own scheduler; ComfyUI is only needed to run the nodes.

@@ -26,6 +26,7 @@ import torch
 from ...errors import ConfigError, NitroFusionError
 from ...method.adapter import Cond, ModelAdapter
 from ...method.diffusion import NoiseProcess, RectifiedFlow
+from ...sampling.spec import SamplerSpec
 from ..pipelines.family import FLUX, check_pipeline_folder
 from ..pipelines.parts import PipelineParts, module_dtype
 from ..pipelines.t5_cache import CachedT5, quiet_truncation
@@ -77,6 +78,15 @@ def check_full_student_fits(folder: Path, peak_bytes: int | None) -> None:
                           "it over several GPUs (accelerate launch --num_processes N)")
 
 
+class EmbeddedGuidanceSpec(SamplerSpec):
+    """FLUX.1-dev's sampler as printed: its guidance_scale feeds the guidance embedding (one forward per step), it is
+    not classifier-free guidance. Same fields and repr as SamplerSpec, so the pair cache's keys are unchanged."""
+
+    def describe(self) -> str:
+        g = f", embedded guidance {self.guidance_scale:g}" if self.guidance_scale else ""
+        return f"FLUX Euler (dynamic shift) {self.steps} steps{g}"
+
+
 class FluxAdapter(PipelineParts, CachedT5, ModelAdapter):
     prediction_type = "flow"
     student_subfolder = "transformer"
@@ -117,7 +127,7 @@ class FluxAdapter(PipelineParts, CachedT5, ModelAdapter):
         self.vae = self.pipe.vae
         self.scheduler_config = dict(self.pipe.scheduler.config)
         self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
-        self.sampler = cfg.sampler
+        self.sampler = EmbeddedGuidanceSpec(**vars(cfg.sampler))
         self.vae_scale = self.pipe.vae_scale_factor
         if cfg.resolution % (self.vae_scale * 2):
             raise ConfigError(f"flux.resolution {cfg.resolution} must be a multiple of {self.vae_scale * 2} for this "
