@@ -273,3 +273,46 @@ def test_single_file_refusals_are_one_line_and_leave_nothing(flux, tmp_path, cap
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err
         assert (out.stat().st_mtime_ns if out.exists() else None) == before
+
+
+def test_transfer_is_exact_arithmetic_carries_shift_and_guidance_and_samples_on_the_custom_base(flux, tiny_sdxl,
+                                                                                                   tmp_path, capsys):
+    """theta_custom + (theta_student - theta_base) over the transformer in fp32, key by key (docs/method.md §6); the
+    student given as its BFL single file gives the same sum (the layout's round trip is exact); the folder output keeps
+    the student's scheduler, the file output its shift and embedded guidance in the header; both sample alike on the
+    custom base; a UNet family's folder among the three is one line."""
+    import shutil
+
+    folder, run, _, single, _ = flux
+    custom = tmp_path / "custom"
+    shutil.copytree(folder, custom)
+    weights = custom / "transformer" / WEIGHTS
+    base = load_file(str(weights))
+    gen = torch.Generator().manual_seed(3)
+    fine_tuned = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    save_file(fine_tuned, str(weights))
+    rest = ["--base", str(folder), "--custom", str(custom)]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["transfer", "--student", str(run), *rest, "--out", str(tmp_path / "moved")]) == 0
+        assert main(["transfer", "--student", str(single), *rest, "--out", str(tmp_path / "moved.safetensors")]) == 0
+    assert "transformer tensors written to" in printed.getvalue() and "(sample with shift 250)" in printed.getvalue()
+    student = load_file(str(run / "student" / "transformer" / WEIGHTS))
+    moved = load_file(str(tmp_path / "moved" / "transformer" / WEIGHTS))
+    assert moved.keys() == student.keys()
+    assert all(torch.equal(moved[k], fine_tuned[k].float() + (student[k].float() - base[k].float())) for k in student)
+    from_file = load_file(str(tmp_path / "moved.safetensors"))
+    assert from_file.keys() == moved.keys() and all(torch.equal(moved[k], v) for k, v in from_file.items())
+    with safe_open(str(tmp_path / "moved.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["nitrofusion.shifted_timestep"] == "250" and float(meta["nitrofusion.guidance"]) == 3.5
+    scheduler = json.loads((tmp_path / "moved" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_nitrofusion_guidance"] == 3.5 and scheduler["shifted_timestep"] == 250
+    size = ["--base", str(custom), *SIZE, "--batch-size", "1"]
+    a = generate(tmp_path / "moved", tmp_path / "a", *size, steps=1)
+    b = generate(tmp_path / "moved.safetensors", tmp_path / "b", *size, steps=1)  # shift and guidance from its header
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    capsys.readouterr()
+    assert main(["transfer", "--student", str(run), "--base", str(folder), "--custom", str(tiny_sdxl),
+                 "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no FLUX transformer" in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -20,7 +20,15 @@ import torch
 
 from ...errors import NitroFusionError, describe
 from ..pipelines.family import FLUX
-from ..pipelines.pipeline import SHIFT_METADATA_KEY, ModelRef, generate_images, need_base, quiet_loading, resolve
+from ..pipelines.pipeline import (
+    SHIFT_METADATA_KEY,
+    ModelRef,
+    generate_images,
+    need_base,
+    own_memory,
+    quiet_loading,
+    resolve,
+)
 from ..pipelines.pipeline import load_scheduler as base_load_scheduler
 from .config import GUIDANCE_KEY
 
@@ -184,6 +192,8 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
     pipe.nitrofusion_resolution = ref.resolution or pipe.default_sample_size * pipe.vae_scale_factor
     pipe.nitrofusion_size_multiple = pipe.vae_scale_factor * 2  # 2x2 latent packing
     pipe.nitrofusion_guidance = float(pipe.scheduler.config[GUIDANCE_KEY])
+    if torch.device(device).type == "cpu":  # moving to a GPU allocates afresh anyway
+        own_memory(pipe)
     if lora is not None:
         apply_lora(pipe, lora, folder, fuse=merge_lora)
     return pipe.to(device)
@@ -191,8 +201,7 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
 
 def transformer_from_file(ref: ModelRef, dtype: torch.dtype):
     """A FLUX transformer weights file (the BFL layout or diffusers keys) in the architecture of the base folder's
-    transformer, every tensor in its own fresh allocation (as from_pretrained gives a run's: MKL's batch-1 products
-    round by a weight's alignment in memory, sd3/pipeline.py `own_memory`)."""
+    transformer (load_pipeline then gives every weight its own allocation: pipelines/pipeline.py `own_memory`)."""
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
@@ -205,7 +214,7 @@ def transformer_from_file(ref: ModelRef, dtype: torch.dtype):
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(config)
     check_same_layout(model.state_dict(), state, f"transformer weights {ref.path}", "the base's FLUX transformer")
-    model.load_state_dict({k: v.to(dtype).clone() for k, v in state.items()}, assign=True, strict=True)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
     return model.eval()
 
 

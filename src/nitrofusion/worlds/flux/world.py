@@ -145,8 +145,12 @@ class FluxWorld(PipelineWorld):
                 f"exact for all {r['round_trip_checked']} tensors; sample with shift {r['shift']}, embedded guidance "
                 f"{r['guidance']:g}, 1-4 steps (the text encoders and VAE: FLUX.1-dev's own)", f"exported to {out}"]
 
-    def transfer(self, student: str, base: str, custom: str, out: str, options: dict) -> list[str]:
-        raise NitroFusionError(f"transfer is not implemented for FLUX models yet ({student} is a flux-world model)")
+    transferred = "transformer tensors"
+
+    def transfer_function(self):
+        from .transfer import transfer
+
+        return transfer
 
     def bench(self, options: dict) -> tuple[dict, str]:
         """The flux-dev-lora training iteration on random-weight FLUX.1-dev architectures (worlds/flux/bench.py), or

@@ -626,12 +626,14 @@ def delta_sum(states: dict[str, dict[str, torch.Tensor]], roles: dict[str, Path]
     return result
 
 
-def save_weights_file(path: Path, state: dict[str, torch.Tensor], shift: int | None) -> None:
-    """A transfer result as one .safetensors file, the student's shift in its metadata (what generate reads)."""
+def save_weights_file(path: Path, state: dict[str, torch.Tensor], shift: int | None,
+                      metadata: dict[str, str] | None = None) -> None:
+    """A transfer result as one .safetensors file, the student's shift (and, for FLUX, its embedded guidance) in its
+    metadata (what generate reads)."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path),
-              metadata={SHIFT_METADATA_KEY: str(shift)} if shift is not None else None)
+    meta = {**({SHIFT_METADATA_KEY: str(shift)} if shift is not None else {}), **(metadata or {})}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=meta or None)
 
 
 def _read_unet_state(path: Path, role: str) -> tuple[dict[str, torch.Tensor], dict | None, Path | None]:

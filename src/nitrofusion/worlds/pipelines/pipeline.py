@@ -349,6 +349,17 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
 # ---- generation -----------------------------------------------------------------------------------------------
 
 
+def own_memory(pipe) -> None:
+    """Every weight in its own fresh allocation instead of wherever its file put it: MKL's batch-1 matrix-vector
+    product rounds differently for a weight that is not 16-byte aligned (from_pretrained maps a file, so a tensor's
+    alignment depends on the header's length), so the same transformer read from two folders, or from a folder and
+    a single file, would give images that differ in the last bit. The DiT families call it on the CPU."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            for t in (*module.parameters(), *module.buffers()):  # tied weights are one Parameter: copied once
+                t.data = t.data.clone()
+
+
 def denoiser(pipe):
     """The pipeline's network: a UNet, or an SD3 pipeline's transformer."""
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer

@@ -59,6 +59,19 @@ class PipelineWorld(World):
         """The stock pipeline `generate` samples `model` with."""
         raise NotImplementedError
 
+    transferred = "tensors"  # what `transfer` sums, as its report names them
+
+    def transfer_function(self):
+        """The family's `transfer(student, base, custom, out, dtype) -> {"path", "tensors", "shift"}`."""
+        raise NotImplementedError
+
+    def transfer(self, student: str, base: str, custom: str, out: str, options: dict) -> list[str]:
+        from ...dtypes import parse_dtype
+
+        r = self.transfer_function()(student, base, custom, out, dtype=parse_dtype(options.get("dtype")))
+        return [f"custom + (student - base) over {r['tensors']} {self.transferred} written to {r['path']}"
+                + (f" (sample with shift {r['shift']})" if r["shift"] is not None else "")]
+
     def generate_to_folder(self, model: Path, prompts: list[str], steps: int, seed: int, out: Path,
                            options: GenerateOptions) -> list[Path]:
         """The DiT families' (SD3, FLUX) `generate`: their stock pipeline with the student's scheduler; the UNet
@@ -209,11 +222,8 @@ class UNetPipelineWorld(PipelineWorld):
                          f"{r['shift']}, 1-4 steps, no CFG")
         return lines + [f"exported to {out}"]
 
-    def transfer(self, student: str, base: str, custom: str, out: str, options: dict) -> list[str]:
-        from ...dtypes import parse_dtype
+    def transfer_function(self):
         from .export import transfer
 
-        r = transfer(student, base, custom, out, dtype=parse_dtype(options.get("dtype")))
-        return [f"custom + (student - base) over {r['tensors']} tensors written to {r['path']}"
-                + (f" (sample with shift {r['shift']})" if r["shift"] is not None else "")]
+        return transfer
 

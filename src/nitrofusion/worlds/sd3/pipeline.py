@@ -15,7 +15,15 @@ import torch
 
 from ...errors import NitroFusionError, describe
 from ..pipelines.family import SD3
-from ..pipelines.pipeline import SHIFT_METADATA_KEY, ModelRef, generate_images, need_base, quiet_loading, resolve
+from ..pipelines.pipeline import (
+    SHIFT_METADATA_KEY,
+    ModelRef,
+    generate_images,
+    need_base,
+    own_memory,
+    quiet_loading,
+    resolve,
+)
 from ..pipelines.pipeline import load_scheduler as base_load_scheduler
 
 SCHEDULER_ENTRY = ["nitrofusion", "TimestepShiftFlowScheduler"]
@@ -181,16 +189,6 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
 
         apply_lora(pipe, lora, folder, fuse=merge_lora)
     return pipe.to(device)
-
-
-def own_memory(pipe) -> None:
-    """Every weight in its own fresh allocation instead of wherever its file put it: MKL's batch-1 matrix-vector
-    product rounds differently for a weight that is not 16-byte aligned, so the same transformer read from a run
-    folder and from a single file would give images that differ in the last bit."""
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module):
-            for t in (*module.parameters(), *module.buffers()):  # tied weights are one Parameter: copied once
-                t.data = t.data.clone()
 
 
 def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None = None, shift: int | None = None,

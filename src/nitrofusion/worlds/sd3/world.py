@@ -133,13 +133,12 @@ class SD3World(PipelineWorld):
                          "from_single_file, ComfyUI) pool CLIP-L without it, so their prompt embedding differs")
         return lines + [f"exported to {out}"]
 
-    def transfer(self, student: str, base: str, custom: str, out: str, options: dict) -> list[str]:
-        from ...dtypes import parse_dtype
+    transferred = "transformer tensors"
+
+    def transfer_function(self):
         from .transfer import transfer
 
-        r = transfer(student, base, custom, out, dtype=parse_dtype(options.get("dtype")))
-        return [f"custom + (student - base) over {r['tensors']} transformer tensors written to {r['path']}"
-                + (f" (sample with shift {r['shift']})" if r["shift"] is not None else "")]
+        return transfer
 
     def bench(self, options: dict) -> tuple[dict, str]:
         """The sd35-medium training iteration on random-weight SD3.5 medium architectures (worlds/sd3/bench.py), or
