@@ -312,7 +312,12 @@ def test_transfer_is_exact_arithmetic_carries_shift_and_guidance_and_samples_on_
     b = generate(tmp_path / "moved.safetensors", tmp_path / "b", *size, steps=1)  # shift and guidance from its header
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     capsys.readouterr()
-    assert main(["transfer", "--student", str(run), "--base", str(folder), "--custom", str(tiny_sdxl),
-                 "--out", str(tmp_path / "bad")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "has no FLUX transformer" in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()
+    lora = tmp_path / "lora"
+    assert main(["export", str(flux[2]), "--format", "lora", "--out", str(lora)]) == 0
+    capsys.readouterr()
+    for student, custom_in, needle in ((run, tiny_sdxl, "has no FLUX transformer"),
+                                       (lora / LORA_FILE, custom, "is a LoRA file: transfer sums whole transformers")):
+        assert main(["transfer", "--student", str(student), "--base", str(folder), "--custom", str(custom_in),
+                     "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1 and not (tmp_path / "bad").exists(), err

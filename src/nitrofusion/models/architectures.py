@@ -67,6 +67,11 @@ def check_family(state: dict[str, torch.Tensor], unet_config: dict, what: str, b
 ORIGINAL_MMDIT_KEY = "model.diffusion_model.joint_blocks."  # the original (Stability AI / ComfyUI) SD3 layout
 
 
+def is_lora_weights(path: Path) -> bool:
+    """Whether a .safetensors file holds LoRA factors, from its header alone."""
+    return is_lora(_header(path) or {})
+
+
 def _header(path: Path) -> dict[str, list[int]] | None:
     """A .safetensors file's tensor names and shapes, from its header alone (whole even when the file was cut
     short after it); None if it is no safetensors file."""

@@ -19,6 +19,7 @@ import torch
 
 from ...errors import NitroFusionError
 from ...io import tensor_bytes
+from ...models.architectures import is_lora_weights
 from .export import delta_sum, role_model, save_weights_file, staged_output
 from .pipeline import SHIFT_METADATA_KEY, ModelRef, quiet_loading
 
@@ -88,6 +89,10 @@ def transfer(family: DiTTransfer, transformer_folder: Callable[[ModelRef], Path 
     for role, path in roles.items():
         ref = role_model(path, role)
         if ref.kind == "file":
+            if is_lora_weights(ref.path):
+                raise NitroFusionError(f"--{role} {ref.path} is a LoRA file: transfer sums whole transformers; give "
+                                       "the LoRA run (its student/transformer holds the adapters merged) or export "
+                                       "one with --format diffusers")
             if not family.is_family_file(ref.path):
                 raise NitroFusionError(f"--{role} {ref.path} holds no {family.name} transformer: transfer needs the "
                                        "three models of one family")
