@@ -2,6 +2,11 @@
 fetch ComfyUI); the node's arithmetic itself is tested in CI (tests/test_comfyui_node.py).
 
     python scripts/check_comfyui_sd3.py --comfyui ComfyUI --python comfy-venv/bin/python --work /tmp/comfy-sd3
+    python scripts/check_comfyui_sd3.py ... --variant sd35 --work /tmp/comfy-sd35
+
+`--variant sd35` builds the small SD3 as SD3.5 Medium's MMDiT-X instead: the first block with a second self-attention
+on the image tokens (attn2) and RMS-normed q/k in every attention (their weights drawn away from 1, so a loader that
+dropped them would show), which ComfyUI must detect from the keys (x_block_self_attn_layers, qk_norm).
 
 1. builds a small random SD3 (2 joint blocks of width 128: ComfyUI reads an MMDiT's depth from its width, 64 per
    block, so the test suite's tiny SD3 is not one it can detect) and exports it with `export --format single-file`;
@@ -18,8 +23,9 @@ that SD3, put on as the trainer puts them (`add_lora`) and saved by `save_lora_f
 writes). Ours: `generate`'s path (`load_pipeline(FILE, base=FOLDER)`: diffusers' `load_lora_weights`). ComfyUI's:
 the single file loaded without LoRA, then its `LoraLoaderModelOnly` node at strength 1.0, then our nodes. The same
 velocity and samples, the file's modules that ComfyUI maps and patches, and every "lora key not loaded" it logs
-(there must be none). Informational: the same factors saved with alpha = 2 x rank, to show whether ComfyUI reads
-the alpha, which diffusers' format keeps only in the header's LoraConfig.
+(there must be none). Also the same factors saved with alpha = 2 x rank: `save_lora_files` folds alpha / rank into
+lora_B (ComfyUI reads an alpha only from `.alpha` tensors, diffusers' format keeps it in the header's LoraConfig), so
+ComfyUI must match diffusers on that file too.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ LORA_RANK = 4
 LORA_SEED = 11
 
 
-def build(work: Path, shift: int) -> tuple[Path, Path]:
+def build(work: Path, shift: int, variant: str = "sd3") -> tuple[Path, Path]:
     from diffusers import SD3Transformer2DModel
 
     from nitrofusion.cli import main as cli
@@ -51,7 +57,15 @@ def build(work: Path, shift: int) -> tuple[Path, Path]:
         torch.manual_seed(1)
         config = {**sd3_transformer_config(2), "attention_head_dim": 64, "num_attention_heads": 2,
                   "caption_projection_dim": 128}
-        SD3Transformer2DModel(**config).save_pretrained(base / "transformer")
+        if variant == "sd35":  # SD3.5 Medium's MMDiT-X features, at this small size
+            config.update(qk_norm="rms_norm", dual_attention_layers=(0,))
+        transformer = SD3Transformer2DModel(**config)
+        if variant == "sd35":
+            with torch.no_grad():  # RMS-norm weights start at 1: drawn in [0.5, 1.5) so that each one matters
+                for name, p in transformer.named_parameters():
+                    if ".norm_q." in name or ".norm_k." in name or ".norm_added_q." in name or ".norm_added_k." in name:
+                        p.copy_(torch.rand(p.shape) + 0.5)
+        transformer.save_pretrained(base / "transformer")
     if not single.exists():
         assert cli(["export", str(base), "--format", "single-file", "--shift", str(shift), "--out", str(single)]) == 0
     return base, single
@@ -138,11 +152,14 @@ def main() -> int:
     ap.add_argument("--python", required=True, help="a Python that imports ComfyUI (e.g. its venv's)")
     ap.add_argument("--work", required=True, type=Path)
     ap.add_argument("--shift", type=int, default=250)
+    ap.add_argument("--variant", choices=["sd3", "sd35"], default="sd3", help="sd35: SD3.5 Medium's MMDiT-X")
+    ap.add_argument("--report", type=Path, help="also write the report here (default: WORK/report.json only)")
+    ap.add_argument("--comfyui-commit", help="ComfyUI's commit, for a source tree that is not a git checkout")
     args = ap.parse_args()
     if not 1 <= args.shift <= 1000:
         ap.error(f"--shift {args.shift} is outside [1, 1000]")
     args.work.mkdir(parents=True, exist_ok=True)
-    base, single = build(args.work, args.shift)
+    base, single = build(args.work, args.shift, args.variant)
     loras = {"lora": build_lora(base, args.work / "lora", args.shift, float(LORA_RANK)),  # alpha = rank
              "lora_alpha2r": build_lora(base, args.work / "lora_alpha2r", args.shift, 2.0 * LORA_RANK)}
     inp = inputs()
@@ -158,8 +175,12 @@ def main() -> int:
     got = load_file(str(args.work / "comfy.safetensors"))
     probe = json.loads((args.work / "comfy.json").read_text())
     lora_probe = {name: probe.pop(name) for name in loras}
+    want_mmdit = {"depth": 2, "x_block_self_attn_layers": [0] if args.variant == "sd35" else [],
+                  "qk_norm": "rms" if args.variant == "sd35" else None}
     rows = [{"check": "detected as SD3 (FLOW)", "ok": probe["detected"] == "SD3" and probe["model_type"] == "FLOW",
-             "note": f"{probe['detected']} {probe['model_type']}"}] + compare(ref, got)
+             "note": f"{probe['detected']} {probe['model_type']}"},
+            {"check": "MMDiT read from the keys", "ok": probe["mmdit"] == want_mmdit,
+             "note": json.dumps(probe["mmdit"])}] + compare(ref, got)
 
     keys = lora_probe["lora"]
     lora_rows = [{"check": "every LoRA key applied", "note": (
@@ -167,35 +188,30 @@ def main() -> int:
         f"LoraLoaderModelOnly, {len(keys['not_loaded'])} keys not loaded"),
         "ok": keys["modules_mapped"] == keys["modules_patched"] == keys["modules"] and not keys["not_loaded"]}]
     lora_rows += compare(lora_refs["lora"], got, "lora_", ref)
-    # alpha = 2 x rank: diffusers scales by alpha / rank = 2; ComfyUI reads an alpha only from `<module>.alpha`
-    # tensors, so it applies the factors at scale 1, i.e. as the alpha = rank file (informational, never fails)
-    info = compare(lora_refs["lora"], got, "lora_alpha2r_")[0]
-    want2 = lora_refs["lora_alpha2r"]["velocity_t249"]
-    have2 = got["lora_alpha2r_velocity_t249"]
-    alpha_note = {
-        "file": "the same factors, alpha = 2 x rank (header LoraConfig only)",
-        "comfy_vs_ours_same_file_rel_err_of_effect": float(
-            (have2 - want2).norm() / (want2 - ref["velocity_t249"]).norm()),
-        "comfy_vs_ours_alpha_eq_rank_rel_l2": info["rel_l2_err"],
-        "keys": lora_probe["lora_alpha2r"]}
+    # alpha = 2 x rank: save_lora_files folds alpha / rank into lora_B (ComfyUI reads an alpha only from
+    # `<module>.alpha` tensors), so ComfyUI must give this file's outputs too
+    keys2 = lora_probe["lora_alpha2r"]
+    lora_rows += [{"check": "alpha = 2 x rank: every LoRA key applied", "ok": keys2["modules_mapped"] ==
+                   keys2["modules_patched"] == keys2["modules"] and not keys2["not_loaded"],
+                   "note": f"{keys2['modules_patched']} of {keys2['modules']} modules"}]
+    lora_rows += compare(lora_refs["lora_alpha2r"], got, "lora_alpha2r_", ref)
     commit = subprocess.run(["git", "-C", str(args.comfyui), "rev-parse", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+                            text=True).stdout.strip() or args.comfyui_commit
     lora_report = {"rank": LORA_RANK, "alpha": float(LORA_RANK), "seed": LORA_SEED, "shift": args.shift,
                    "applied_with": "nodes.LoraLoaderModelOnly (comfy.sd.load_lora_for_models), strength 1.0",
                    "ours": "load_pipeline(FILE, base=FOLDER): diffusers load_lora_weights, adapters unfused",
-                   "keys": keys, "checks": lora_rows, "alpha_2x_rank": alpha_note}
-    (args.work / "report.json").write_text(json.dumps({"comfyui_commit": commit, "shift": args.shift,
-                                                       "probe": probe, "checks": rows, "lora": lora_report},
-                                                      indent=2) + "\n")
+                   "keys": keys, "keys_alpha_2x_rank": keys2, "checks": lora_rows}
+    text = json.dumps({"comfyui_commit": commit, "variant": args.variant, "shift": args.shift, "probe": probe,
+                       "checks": rows, "lora": lora_report}, indent=2) + "\n"
+    for path in (args.work / "report.json", args.report):
+        if path is not None:
+            path.write_text(text)
     print(f"ComfyUI {commit}\n| check | ok | detail |\n|---|---|---|")
     for r in rows + lora_rows:
         detail = r.get("note") or f"relative L2 {r['rel_l2_err']:.2e}, max abs {r['max_abs_err']:.2e}"
         if "rel_err_of_effect" in r:
             detail += f"; LoRA effect {r['lora_effect_rel']:.1%}, error {r['rel_err_of_effect']:.2e} of the effect"
         print(f"| {r['check']} | {'yes' if r['ok'] else 'NO'} | {detail} |")
-    print(f"alpha = 2 x rank (informational): ComfyUI vs ours, same file: error "
-          f"{alpha_note['comfy_vs_ours_same_file_rel_err_of_effect']:.2f} of the LoRA's effect; ComfyUI vs the alpha = "
-          f"rank file: relative L2 {alpha_note['comfy_vs_ours_alpha_eq_rank_rel_l2']:.2e}")
     return 0 if all(r["ok"] for r in rows + lora_rows) else 1
 
 

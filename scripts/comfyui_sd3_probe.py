@@ -89,7 +89,9 @@ def main() -> None:
     model = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=False,
                                                   model_options={"dtype": torch.float32})[0]
     base = model.model
+    unet = base.model_config.unet_config  # what detection read from the keys (SD3.5's MMDiT-X: attn2 layers, RMS q/k)
     report = {"detected": type(base.model_config).__name__, "model_type": base.model_type.name,
+              "mmdit": {k: unet.get(k) for k in ("depth", "x_block_self_attn_layers", "qk_norm")},
               "nodes": sorted(pack.NODE_CLASS_MAPPINGS)}
     inp = load_file(args.inputs)
     fmt = comfy.latent_formats.SD3()
