@@ -45,6 +45,22 @@ LORA_RANK = 4
 LORA_SEED = 11
 
 
+def build_medium(work: Path, shift: int) -> tuple[Path, Path]:
+    """SD3.5 Medium's full-size architectures with random weights (fp16 on disk; CLIP-L, CLIP-G and the VAE, no T5),
+    built as scripts/check_sdcpp.py builds them, exported at `shift`."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from check_sdcpp import build_sd3
+
+    from nitrofusion.cli import main as cli
+
+    base = build_sd3(work, "sd35")["base"]
+    single = work / f"model-shift{shift}.safetensors"
+    if not single.exists():
+        assert cli(["export", str(base), "--format", "single-file", "--shift", str(shift), "--dtype", "fp16",
+                    "--out", str(single)]) == 0
+    return base, single
+
+
 def build(work: Path, shift: int, variant: str = "sd3") -> tuple[Path, Path]:
     from diffusers import SD3Transformer2DModel
 
@@ -98,11 +114,36 @@ def build_lora(base: Path, folder: Path, shift: int, alpha: float) -> Path:
     return path
 
 
-def inputs() -> dict:
+def inputs(base: Path, latent: tuple[int, ...] = LATENT, whole: bool = False) -> dict:
+    """Fixed inputs at the transformer's sizes (its text width and pooled width from its config); `whole`: also a raw
+    VAE latent and CLIP token ids for the encoders."""
+    config = json.loads((base / "transformer" / "config.json").read_text())
     gen = torch.Generator().manual_seed(0)
-    return {"x": torch.randn(LATENT, generator=gen), "noise": torch.randn(LATENT, generator=gen),
-            "context": torch.randn(1, 77, 32, generator=gen), "pooled": torch.randn(1, 64, generator=gen),
-            "t249": torch.tensor([249.0]), "seed": torch.tensor([SEED])}
+    inp = {"x": torch.randn(latent, generator=gen), "noise": torch.randn(latent, generator=gen),
+           "context": torch.randn(1, 77 if not whole else 154, config["joint_attention_dim"], generator=gen),
+           "pooled": torch.randn(1, config["pooled_projection_dim"], generator=gen),
+           "t249": torch.tensor([249.0]), "seed": torch.tensor([SEED])}
+    if whole:
+        inp["vae_latent"] = torch.randn(latent, generator=gen)
+        inp["token_ids"] = torch.randint(0, 49407, (1, 77), generator=gen).float()
+    return inp
+
+
+def encoders_and_vae(base: Path, inp: dict) -> dict:
+    """Our side of the whole-file legs: the base folder's VAE decode of the raw latent (as ComfyUI's VAE node gives
+    it: [B, H, W, 3] in [0, 1]) and both CLIP encoders' last hidden states, fp32."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection
+
+    ref = {}
+    with torch.no_grad():
+        vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32)
+        image = vae.decode(inp["vae_latent"]).sample
+        ref["vae_decode"] = ((image + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+        for name, folder in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")):
+            enc = CLIPTextModelWithProjection.from_pretrained(base / folder, torch_dtype=torch.float32)
+            ref[f"text_{name}"] = enc(inp["token_ids"].long()).last_hidden_state
+    return ref
 
 
 def references(model: Path, base: Path, inp: dict, shift: int | None) -> dict:
@@ -152,18 +193,24 @@ def main() -> int:
     ap.add_argument("--python", required=True, help="a Python that imports ComfyUI (e.g. its venv's)")
     ap.add_argument("--work", required=True, type=Path)
     ap.add_argument("--shift", type=int, default=250)
-    ap.add_argument("--variant", choices=["sd3", "sd35"], default="sd3", help="sd35: SD3.5 Medium's MMDiT-X")
+    ap.add_argument("--variant", choices=["sd3", "sd35", "sd35-medium"], default="sd3",
+                    help="sd35: SD3.5 Medium's MMDiT-X at the small size; sd35-medium: at its full size, with the "
+                         "file's CLIP-L, CLIP-G and VAE checked too and no LoRA leg (about 17 GB peak, 4 minutes)")
     ap.add_argument("--report", type=Path, help="also write the report here (default: WORK/report.json only)")
     ap.add_argument("--comfyui-commit", help="ComfyUI's commit, for a source tree that is not a git checkout")
     args = ap.parse_args()
     if not 1 <= args.shift <= 1000:
         ap.error(f"--shift {args.shift} is outside [1, 1000]")
     args.work.mkdir(parents=True, exist_ok=True)
-    base, single = build(args.work, args.shift, args.variant)
-    loras = {"lora": build_lora(base, args.work / "lora", args.shift, float(LORA_RANK)),  # alpha = rank
-             "lora_alpha2r": build_lora(base, args.work / "lora_alpha2r", args.shift, 2.0 * LORA_RANK)}
-    inp = inputs()
+    whole = args.variant == "sd35-medium"
+    base, single = build_medium(args.work, args.shift) if whole else build(args.work, args.shift, args.variant)
+    loras = {} if whole else {
+        "lora": build_lora(base, args.work / "lora", args.shift, float(LORA_RANK)),  # alpha = rank
+        "lora_alpha2r": build_lora(base, args.work / "lora_alpha2r", args.shift, 2.0 * LORA_RANK)}
+    inp = inputs(base, (1, 16, 32, 32) if whole else LATENT, whole)
     ref = references(single, base, inp, args.shift)
+    if whole:
+        ref.update(encoders_and_vae(base, inp))
     lora_refs = {name: references(path, base, inp, None) for name, path in loras.items()}
     save_file({k: v.contiguous() for k, v in inp.items()}, str(args.work / "inputs.safetensors"))
     nodes = Path(__file__).resolve().parents[1] / "comfyui" / "ComfyUI-NitroFusion"
@@ -171,36 +218,46 @@ def main() -> int:
                     str(args.comfyui), "--nodes", str(nodes), "--checkpoint", str(single), "--inputs",
                     str(args.work / "inputs.safetensors"), "--shift", str(args.shift), "--out",
                     str(args.work / "comfy.safetensors"),
-                    *[a for name, path in loras.items() for a in ("--lora", f"{name}={path}")]], check=True)
+                    *[a for name, path in loras.items() for a in ("--lora", f"{name}={path}")],
+                    *(["--whole"] if whole else [])], check=True)
     got = load_file(str(args.work / "comfy.safetensors"))
     probe = json.loads((args.work / "comfy.json").read_text())
     lora_probe = {name: probe.pop(name) for name in loras}
-    want_mmdit = {"depth": 2, "x_block_self_attn_layers": [0] if args.variant == "sd35" else [],
-                  "qk_norm": "rms" if args.variant == "sd35" else None}
+    want_mmdit = {"depth": 24 if whole else 2, "x_block_self_attn_layers": list(range(13)) if whole else
+                  [0] if args.variant == "sd35" else [], "qk_norm": "rms" if args.variant != "sd3" else None}
     rows = [{"check": "detected as SD3 (FLOW)", "ok": probe["detected"] == "SD3" and probe["model_type"] == "FLOW",
              "note": f"{probe['detected']} {probe['model_type']}"},
-            {"check": "MMDiT read from the keys", "ok": probe["mmdit"] == want_mmdit,
+            {"check": "MMDiT read from the keys", "ok": {**probe["mmdit"], "x_block_self_attn_layers": sorted(
+                probe["mmdit"]["x_block_self_attn_layers"] or [])} == want_mmdit,
              "note": json.dumps(probe["mmdit"])}] + compare(ref, got)
+    if whole:
+        rows.insert(2, {"check": "every key placed (MMDiT, CLIP-L, CLIP-G, VAE)", "ok": not probe["load_problems"]
+                        and probe["clip_models"] == ["clip_g", "clip_l"],
+                        "note": f"encoders {probe['clip_models']}; problems: {probe['load_problems'] or 'none'}; "
+                                f"ComfyUI's own debug-level notes: {probe['benign'] or 'none'}"})
 
-    keys = lora_probe["lora"]
-    lora_rows = [{"check": "every LoRA key applied", "note": (
-        f"{keys['modules_patched']} of {keys['modules']} modules ({keys['tensors']} tensors) patched by "
-        f"LoraLoaderModelOnly, {len(keys['not_loaded'])} keys not loaded"),
-        "ok": keys["modules_mapped"] == keys["modules_patched"] == keys["modules"] and not keys["not_loaded"]}]
-    lora_rows += compare(lora_refs["lora"], got, "lora_", ref)
-    # alpha = 2 x rank: save_lora_files folds alpha / rank into lora_B (ComfyUI reads an alpha only from
-    # `<module>.alpha` tensors), so ComfyUI must give this file's outputs too
-    keys2 = lora_probe["lora_alpha2r"]
-    lora_rows += [{"check": "alpha = 2 x rank: every LoRA key applied", "ok": keys2["modules_mapped"] ==
-                   keys2["modules_patched"] == keys2["modules"] and not keys2["not_loaded"],
-                   "note": f"{keys2['modules_patched']} of {keys2['modules']} modules"}]
-    lora_rows += compare(lora_refs["lora_alpha2r"], got, "lora_alpha2r_", ref)
+    lora_rows: list[dict] = []
+    lora_report = None  # the full-size variant has no LoRA leg (the small ones check the same key mapping)
+    if loras:
+        keys = lora_probe["lora"]
+        lora_rows = [{"check": "every LoRA key applied", "note": (
+            f"{keys['modules_patched']} of {keys['modules']} modules ({keys['tensors']} tensors) patched by "
+            f"LoraLoaderModelOnly, {len(keys['not_loaded'])} keys not loaded"),
+            "ok": keys["modules_mapped"] == keys["modules_patched"] == keys["modules"] and not keys["not_loaded"]}]
+        lora_rows += compare(lora_refs["lora"], got, "lora_", ref)
+        # alpha = 2 x rank: save_lora_files folds alpha / rank into lora_B (ComfyUI reads an alpha only from
+        # `<module>.alpha` tensors), so ComfyUI must give this file's outputs too
+        keys2 = lora_probe["lora_alpha2r"]
+        lora_rows += [{"check": "alpha = 2 x rank: every LoRA key applied", "ok": keys2["modules_mapped"] ==
+                       keys2["modules_patched"] == keys2["modules"] and not keys2["not_loaded"],
+                       "note": f"{keys2['modules_patched']} of {keys2['modules']} modules"}]
+        lora_rows += compare(lora_refs["lora_alpha2r"], got, "lora_alpha2r_", ref)
+        lora_report = {"rank": LORA_RANK, "alpha": float(LORA_RANK), "seed": LORA_SEED, "shift": args.shift,
+                       "applied_with": "nodes.LoraLoaderModelOnly (comfy.sd.load_lora_for_models), strength 1.0",
+                       "ours": "load_pipeline(FILE, base=FOLDER): diffusers load_lora_weights, adapters unfused",
+                       "keys": keys, "keys_alpha_2x_rank": keys2, "checks": lora_rows}
     commit = subprocess.run(["git", "-C", str(args.comfyui), "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or args.comfyui_commit
-    lora_report = {"rank": LORA_RANK, "alpha": float(LORA_RANK), "seed": LORA_SEED, "shift": args.shift,
-                   "applied_with": "nodes.LoraLoaderModelOnly (comfy.sd.load_lora_for_models), strength 1.0",
-                   "ours": "load_pipeline(FILE, base=FOLDER): diffusers load_lora_weights, adapters unfused",
-                   "keys": keys, "keys_alpha_2x_rank": keys2, "checks": lora_rows}
     text = json.dumps({"comfyui_commit": commit, "variant": args.variant, "shift": args.shift, "probe": probe,
                        "checks": rows, "lora": lora_report}, indent=2) + "\n"
     for path in (args.work / "report.json", args.report):

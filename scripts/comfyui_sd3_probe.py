@@ -21,12 +21,15 @@ class Recorder(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.messages: list[str] = []
+        self.warnings: list[str] = []  # of those, the ones logged at WARNING or above (what ComfyUI shows)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
+        if record.levelno >= logging.WARNING:
+            self.warnings.append(record.getMessage())
 
     def take(self) -> list[str]:
-        out, self.messages = self.messages, []
+        out, self.messages, self.warnings = self.messages, [], []
         return out
 
 
@@ -61,6 +64,8 @@ def main() -> None:
     ap.add_argument("--shift", type=int, required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--lora", action="append", default=[], help="NAME=FILE, repeatable")
+    ap.add_argument("--whole", action="store_true", help="also load the file's CLIP-L / CLIP-G and VAE: what ComfyUI "
+                    "reported while loading, the VAE's decode and both encoders' last hidden states on the inputs")
     args = ap.parse_args()
 
     sys.path.insert(0, args.comfyui)
@@ -86,8 +91,10 @@ def main() -> None:
     sys.modules[spec.name] = pack
     spec.loader.exec_module(pack)  # as ComfyUI's custom_nodes loader imports a node folder
 
-    model = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False, output_clip=False,
-                                                  model_options={"dtype": torch.float32})[0]
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        args.checkpoint, output_vae=args.whole, output_clip=args.whole, model_options={"dtype": torch.float32})
+    warnings = list(recorder.warnings)  # ComfyUI itself logs a CLIP missing only logit_scale at debug level
+    messages = recorder.take()
     base = model.model
     unet = base.model_config.unet_config  # what detection read from the keys (SD3.5's MMDiT-X: attn2 layers, RMS q/k)
     report = {"detected": type(base.model_config).__name__, "model_type": base.model_type.name,
@@ -97,6 +104,16 @@ def main() -> None:
     fmt = comfy.latent_formats.SD3()
     with torch.no_grad():
         out = outputs(model, inp, pack, args.shift, fmt)
+        if args.whole:  # every key ComfyUI could not place is a log line: there must be none
+            keys = ("unet missing", "unet unexpected", "clip missing", "clip unexpected", "Missing VAE keys",
+                    "Leftover VAE keys", "left over keys", "no CLIP")
+            report["load_problems"] = [m[:300] for m in warnings if m.startswith(keys)]
+            report["benign"] = [m[:300] for m in messages if m.startswith(keys) and m not in warnings]
+            report["clip_models"] = sorted(n for n, _ in clip.cond_stage_model.named_children())
+            out["vae_decode"] = vae.decode(inp["vae_latent"]).float()  # [B, H, W, 3] in [0, 1], from a raw latent
+            for name in ("clip_l", "clip_g"):  # last hidden state for the same token ids (tokenizers differ)
+                encoder = getattr(clip.cond_stage_model, name).transformer
+                out[f"text_{name}"] = encoder(input_tokens=inp["token_ids"].long(), dtype=torch.float32)[0].float()
         if args.lora:
             import comfy.lora
             import comfy.utils
