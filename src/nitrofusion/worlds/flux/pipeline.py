@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ...errors import NitroFusionError, describe
+from ..pipelines.dit_lora import lora_of
 from ..pipelines.family import FLUX
 from ..pipelines.pipeline import (
     SHIFT_METADATA_KEY,
@@ -78,28 +79,6 @@ def load_scheduler(ref: ModelRef, shift: int | None):
         guidance = saved.get(GUIDANCE_KEY, file_metadata(ref).get(GUIDANCE_METADATA_KEY, DEFAULT_GUIDANCE))
         sched.register_to_config(**{GUIDANCE_KEY: float(guidance)})
     return sched
-
-
-def lora_of(ref: ModelRef) -> Path | None:
-    """The LoRA file a model puts on its base's transformer: a LoRA run's (or its student folder's) trained adapters,
-    or a LoRA weights file; None for any other model."""
-    from ..pipelines.export import PEFT_LORA_FILE, trained_lora_dir
-
-    if ref.kind == "file":
-        return ref.path if is_lora_file(ref.path) else None
-    folder = trained_lora_dir(ref)
-    return folder / PEFT_LORA_FILE if folder is not None else None
-
-
-def is_lora_file(path: Path) -> bool:
-    """Whether a .safetensors file holds LoRA factors (from its header)."""
-    from ...models.architectures import is_lora
-    from ...models.weights import safetensors_header
-
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    header, _ = safetensors_header(path)
-    return is_lora(dict.fromkeys(k for k in header if k != "__metadata__"))
 
 
 def diffusers_converter(width: int):
@@ -195,6 +174,8 @@ def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int 
     if torch.device(device).type == "cpu":  # moving to a GPU allocates afresh anyway
         own_memory(pipe)
     if lora is not None:
+        from .lora import apply_lora
+
         apply_lora(pipe, lora, folder, fuse=merge_lora)
     return pipe.to(device)
 
@@ -216,30 +197,6 @@ def transformer_from_file(ref: ModelRef, dtype: torch.dtype):
     check_same_layout(model.state_dict(), state, f"transformer weights {ref.path}", "the base's FLUX transformer")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
     return model.eval()
-
-
-def apply_lora(pipe, path: Path, base: Path, fuse: bool = False) -> None:
-    """A LoRA run's (or LoRA file's) adapters on the pipeline's transformer through diffusers' own FLUX loader (rank,
-    alpha and targets from the file's metadata); every factor must find its layer. `fuse`: merged into the weights
-    and unloaded, a plain transformer (what the exports write)."""
-    from safetensors import safe_open
-
-    from ...models.student import ADAPTER
-
-    with safe_open(str(path), "pt") as f:
-        wanted = sum(k.endswith(".lora_A.weight") for k in f.keys())  # noqa: SIM118 - a safe_open handle
-    try:
-        with quiet_loading(errors_only=True):
-            pipe.load_lora_weights(str(path), adapter_name=ADAPTER)
-    except Exception as e:  # noqa: BLE001 - diffusers and peft raise many types for a LoRA that does not fit
-        raise NitroFusionError(f"cannot apply LoRA {path} to the FLUX transformer of {base} ({describe(e)})") from None
-    applied = sum(1 for m in pipe.transformer.modules() if ADAPTER in getattr(m, "lora_A", {}))
-    if applied != wanted:
-        raise NitroFusionError(f"LoRA {path} does not fit the FLUX transformer of {base}: {wanted - applied} of its "
-                               f"{wanted} layers have no place in it")
-    if fuse:
-        pipe.transformer.fuse_lora(lora_scale=1.0, adapter_names=[ADAPTER])
-        pipe.transformer.unload_lora()
 
 
 def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None = None, shift: int | None = None,

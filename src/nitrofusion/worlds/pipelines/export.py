@@ -533,6 +533,22 @@ def export_trained_lora(ref, lora_dir: Path, out: Path, dtype: torch.dtype | Non
     return report
 
 
+def lora_export_source(model: str | Path, out: Path, rank: int | None,
+                       base: str | Path | None) -> tuple[ModelRef, Path | None]:
+    """`export --format lora`'s checks before any weights load, for every family: the model resolved, and its trained
+    LoRA folder (a LoRA run, handed on exactly: no --rank) or None (a full student: the caller needs --rank)."""
+    if rank is not None and rank < 1:
+        raise NitroFusionError(f"--rank must be >= 1 (got {rank})")
+    if out.exists():
+        raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
+    ref = resolve(model, base)
+    trained = trained_lora_dir(ref)
+    if trained is not None and rank is not None:
+        raise NitroFusionError(f"{model} trained LoRA adapters, which export hands on exactly; drop --rank (an SVD of "
+                               "its merged weights would only approximate them)")
+    return ref, trained
+
+
 def export_lora(model: str | Path, out: str | Path, rank: int | None = None, base: str | Path | None = None,
                 dtype: torch.dtype | None = None, device: str = "cpu") -> dict:
     """out/pytorch_lora_weights.safetensors (diffusers/PEFT keys: `pipe.load_lora_weights(out)` into a pipeline of
@@ -542,16 +558,8 @@ def export_lora(model: str | Path, out: str | Path, rank: int | None = None, bas
     from diffusers import UNet2DConditionModel
 
     out = Path(out)
-    if rank is not None and rank < 1:
-        raise NitroFusionError(f"--rank must be >= 1 (got {rank})")
-    if out.exists():
-        raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
-    ref = resolve(model, base)
-    trained = trained_lora_dir(ref)
+    ref, trained = lora_export_source(model, out, rank, base)
     if trained is not None:
-        if rank is not None:
-            raise NitroFusionError(f"{model} trained LoRA adapters, which export hands on exactly; drop --rank "
-                                   "(an SVD of its merged UNet would only approximate them)")
         return export_trained_lora(ref, trained, out, dtype)
     if rank is None:
         raise NitroFusionError(f"{model} is a full student: its LoRA is a truncated SVD of student - base; give "

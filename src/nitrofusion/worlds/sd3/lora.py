@@ -1,190 +1,32 @@
-"""SD3 LoRAs in diffusers' SD3 LoRA format: `pytorch_lora_weights.safetensors` as
-`StableDiffusion3Pipeline.save_lora_weights` writes it (keys `transformer.<module>.lora_A.weight` / `.lora_B.weight`,
-the adapter's LoraConfig in the header under `lora_adapter_metadata`, so `load_lora_weights` rebuilds the same rank,
-alpha and targets), plus the run's shift (`nitrofusion.shifted_timestep`) so the file samples without --shift.
-
-Two sources, both written by `export --format lora`:
-- a LoRA run: the trainer writes its adapters into run/student/lora and export hands them on unchanged. `generate`
-  puts them on the base's transformer as adapters, which is the training-time student exactly (the run's
-  student/transformer, the adapters merged in fp32, is what the diffusers and single-file exports write).
-- a full student (a run, a student folder, an exported pipeline folder or a transformer folder, with its base: the
-  run's teacher folder or --base): a truncated SVD of student - base at `--rank`, per Linear and Conv2d of the
-  MMDiT (the UNet families' `lora_from_delta`, worlds/pipelines/export.py), with lora_report.json stating the
-  error; what a LoRA cannot hold (biases, norm weights) is counted there as uncovered."""
+"""SD3 LoRAs in diffusers' SD3 LoRA format (`StableDiffusion3Pipeline.save_lora_weights`'), through the DiT families'
+shared machinery (worlds/pipelines/dit_lora.py): a LoRA run's adapters handed on exactly, or a full student's
+truncated SVD per Linear and Conv2d of the MMDiT."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from ...errors import NitroFusionError, describe
-from ..pipelines.export import LORA_METADATA_KEY, PEFT_LORA_FILE, save_transformer_lora, staged_output, trained_lora_dir
-from ..pipelines.pipeline import SHIFT_METADATA_KEY, ModelRef, model_kind, quiet_loading, resolve
-
-PREFIX = "transformer."  # diffusers' prefix of a pipeline's transformer factors and metadata
-
-
-def save_lora_files(folder: Path, factors: dict[str, torch.Tensor], shift: int | None, metadata: dict) -> None:
-    """`factors` and their LoraConfig in diffusers' SD3 LoRA format, with the shift and alpha folded into lora_B
-    (worlds/pipelines/export.py `save_transformer_lora`)."""
-    from diffusers import StableDiffusion3Pipeline
-
-    save_transformer_lora(StableDiffusion3Pipeline, folder, factors, shift, metadata)
-
-
-def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict, int | None]:
-    """(factors under PEFT keys without the prefix, the LoraConfig as saved, the shift or None)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), "pt") as f:
-        header = f.metadata() or {}
-    packed = json.loads(header.get(LORA_METADATA_KEY, "{}"))  # flat: "transformer.r", "transformer.lora_alpha"
-    meta = {k.removeprefix(PREFIX): v for k, v in packed.items() if k.startswith(PREFIX)}
-    shift = int(header[SHIFT_METADATA_KEY]) if SHIFT_METADATA_KEY in header else None
-    return {k.removeprefix(PREFIX): v for k, v in load_file(str(path)).items()}, meta, shift
-
-
-def is_lora_run(model: str | Path) -> bool:
-    """Whether `model` is an SD3 LoRA run (or its student folder): it has trained adapters to export."""
-    from ..pipelines.hub import local_model
-
-    path = local_model(model, "--model")
-    return path.is_dir() and trained_lora_dir(ModelRef(model_kind(path), path)) is not None
-
+from ..pipelines import dit_lora
+from ..pipelines.dit_lora import is_lora_run, lora_file_keys, read_lora  # noqa: F401 - this family's names
+from ..pipelines.family import SD3
 
 MMDIT_LORA_COVERAGE = ("every Linear and Conv2d of the MMDiT transformer (attention q/k/v/out of the image and "
                        "text streams, feed-forward, adaLN modulations, timestep/pooled-text/caption embedders, the "
                        "patch-embedding conv, the final projection)")
+SD3_LORA = dit_lora.DiTLora(family=SD3, name="SD3", transformer_class="SD3Transformer2DModel",
+                            coverage=MMDIT_LORA_COVERAGE, layers="Linear and Conv2d")
+
+
+def save_lora_files(folder: Path, factors: dict[str, torch.Tensor], shift: int | None, metadata: dict) -> None:
+    dit_lora.save_lora_files(SD3_LORA, folder, factors, shift, metadata)
 
 
 def export_lora(model: str | Path, out: str | Path, base: str | Path | None = None, rank: int | None = None,
                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict:
-    """out/pytorch_lora_weights.safetensors (`load_lora_weights` into a pipeline of the base SD3 folder, the run's
-    teacher folder unless --base) and out/lora_report.json. A LoRA run hands on its trained adapters (no --rank);
-    a full student needs `rank`: its LoRA is a truncated SVD of student - base."""
-    out = Path(out)
-    if rank is not None and rank < 1:
-        raise NitroFusionError(f"--rank must be >= 1 (got {rank})")
-    if out.exists():
-        raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
-    ref = resolve(model, base)
-    lora_dir = trained_lora_dir(ref)
-    if lora_dir is not None:
-        if rank is not None:
-            raise NitroFusionError(f"{model} trained LoRA adapters, which export hands on exactly; drop --rank")
-        return export_trained_lora(ref, lora_dir, out, dtype)
-    if ref.kind == "file":
-        raise NitroFusionError(f"{model} is a weights file: export --format lora takes a run, a student folder or an "
-                               "exported pipeline folder (a LoRA file is one already; a full transformer file: "
-                               "extract from the folder it came from)")
-    if rank is None:
-        raise NitroFusionError(f"{model} is a full student: its LoRA is a truncated SVD of student - base; give "
-                               "--rank N (e.g. 64; the report states the error)")
-    return extract_lora(ref, out, rank, dtype, device)
-
-
-def export_trained_lora(ref: ModelRef, lora_dir: Path, out: Path, dtype: torch.dtype | None) -> dict:
-    """A LoRA run's trained adapters, unchanged (written again so --dtype applies), and lora_report.json."""
-    from ...io import tensor_bytes
-
-    path = lora_dir / PEFT_LORA_FILE
-    factors, meta, shift = read_lora(path)
-    if not meta.get("r"):
-        raise NitroFusionError(f"{path} lacks its adapter settings (rank, alpha); re-run the training's last step")
-    if ref.scheduler_dir is not None:  # the run's own scheduler is where its shift lives
-        shift = json.loads((ref.scheduler_dir / "scheduler_config.json").read_text())["shifted_timestep"]
-    if dtype is not None:
-        factors = {k: v.to(dtype) for k, v in factors.items()}
-    report = {"source": "the run's trained LoRA adapters (exact)", "format": "diffusers SD3 LoRA (PEFT keys)",
-              "rank": int(meta["r"]), "alpha": float(meta.get("lora_alpha") or meta["r"]),
-              "targets": meta.get("target_modules"), "lora_layers": len(factors) // 2,
-              "lora_parameters": sum(v.numel() for v in factors.values()), "shift": shift}
-    with staged_output(out, tensor_bytes(factors)) as tmp:
-        save_lora_files(tmp, factors, shift, meta)
-        (tmp / "lora_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
-def extract_lora(ref: ModelRef, out: Path, rank: int, dtype: torch.dtype | None,
-                 device: str | torch.device = "cpu") -> dict:
-    """A full student's LoRA: per-layer truncated SVD of student - base at `rank` (alpha = rank: scale 1), the
-    layers that changed as the adapter's targets, and the error report (lora_from_delta's, plus the base and the
-    shift)."""
-    from diffusers import SD3Transformer2DModel
-
-    from ...io import tensor_bytes
-    from ..pipelines.export import lora_from_delta
-    from ..pipelines.family import SD3
-    from ..pipelines.pipeline import stored_dtype, unet_folder
-
-    if ref.base is None:
-        what = {"student": "student folder", "pipeline": "pipeline folder"}.get(ref.kind, "transformer folder")
-        raise NitroFusionError(f"{ref.path} is {'an' if ref.kind == 'pipeline' else 'a'} {what}: a LoRA of student - "
-                               "base needs --base PIPELINE_FOLDER (the SD3 pipeline the student was distilled from)")
-    if ref.family is not SD3:
-        f = ref.family
-        raise NitroFusionError(f"{ref.path} holds an SD3 transformer but --base {ref.base} is {f.article} {f.label} "
-                               f"pipeline ({f.pipeline}): give the SD3 pipeline it was distilled from")
-    folders = {"student": unet_folder(ref, "transformer"), "base": ref.base / "transformer"}
-    models = {}
-    for role, folder in folders.items():
-        try:  # each in the dtype it is stored in: the delta is taken per layer in float64, so nothing is lost
-            with quiet_loading(errors_only=True):
-                models[role] = SD3Transformer2DModel.from_pretrained(folder, dtype=stored_dtype(folder))
-        except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken folder
-            raise NitroFusionError(f"cannot load the {role} transformer in {folder} ({describe(e)})") from None
-    lora, report = lora_from_delta(models["student"], models["base"], rank, device, what="transformer",
-                                   coverage=MMDIT_LORA_COVERAGE)
-    del models
-    if not lora:
-        raise NitroFusionError(f"{ref.path}'s transformer equals the base's ({ref.base}) in every Linear and Conv2d: "
-                               "there is no delta for a LoRA to hold")
-    if dtype is not None:
-        lora = {k: v.to(dtype) for k, v in lora.items()}
-    targets = [k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")]
-    meta = {"r": rank, "lora_alpha": rank, "target_modules": targets}  # full module paths: exactly these layers
-    shift = (json.loads((ref.scheduler_dir / "scheduler_config.json").read_text())["shifted_timestep"]
-             if ref.scheduler_dir is not None else None)
-    report.update(source="truncated SVD of student - base (see the errors)", format="diffusers SD3 LoRA (PEFT keys)",
-                  alpha=float(rank), base=str(ref.base), shift=shift)
-    with staged_output(out, tensor_bytes(lora)) as tmp:
-        save_lora_files(tmp, lora, shift, meta)
-        (tmp / "lora_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
-def lora_file_keys(path: Path) -> list[str] | None:
-    """The tensor names of a .safetensors LoRA file (from its header), or None if it holds no LoRA."""
-    from ...models.architectures import is_lora
-    from ...models.weights import safetensors_header
-
-    if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    header, _ = safetensors_header(path)
-    keys = [k for k in header if k != "__metadata__"]
-    return keys if is_lora(dict.fromkeys(keys)) else None
+    return dit_lora.export_lora(SD3_LORA, model, out, base, rank, dtype, device)
 
 
 def apply_lora(pipe, path: Path, base: Path, fuse: bool = False) -> None:
-    """The LoRA file's adapters on the pipeline's transformer through diffusers' own loader (rank, alpha and
-    targets from the file's metadata); every transformer factor must find its layer. `fuse`: merged into the
-    weights and unloaded, a plain transformer (what an exported folder or single file holds)."""
-    from ...models.student import ADAPTER
-
-    keys = lora_file_keys(path) or []
-    wanted = sum(k.endswith(".lora_A.weight") for k in keys if not k.startswith("text_encoder"))
-    try:
-        with quiet_loading(errors_only=True):
-            pipe.load_lora_weights(str(path), adapter_name=ADAPTER)
-    except Exception as e:  # noqa: BLE001 - diffusers and peft raise many types for a LoRA that does not fit
-        raise NitroFusionError(f"cannot apply LoRA {path} to the SD3 transformer of {base} ({describe(e)})") from None
-    applied = sum(1 for m in pipe.transformer.modules() if ADAPTER in getattr(m, "lora_A", {}))
-    if applied != wanted:
-        raise NitroFusionError(f"LoRA {path} does not fit the SD3 transformer of {base}: {wanted - applied} of its "
-                               f"{wanted} layers have no place in it (a LoRA for another SD3 model?)")
-    if fuse:
-        pipe.transformer.fuse_lora(lora_scale=1.0, adapter_names=[ADAPTER])
-        pipe.transformer.unload_lora()
+    dit_lora.apply_lora(SD3_LORA, pipe, path, base, fuse)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ...errors import NitroFusionError, describe
+from ..pipelines.dit_lora import lora_of
 from ..pipelines.family import SD3
 from ..pipelines.pipeline import (
     SHIFT_METADATA_KEY,
@@ -126,18 +127,6 @@ def load_scheduler(ref: ModelRef, shift: int | None):
     from ...sampling.flow_scheduler import TimestepShiftFlowScheduler, flow_student_scheduler
 
     return base_load_scheduler(ref, shift, TimestepShiftFlowScheduler, flow_student_scheduler, file_or_given_shift)
-
-
-def lora_of(ref: ModelRef) -> Path | None:
-    """The LoRA file a model puts on its base's transformer: a LoRA run's (or its student folder's) trained adapters,
-    or a LoRA weights file; None for any other model."""
-    from ..pipelines.export import PEFT_LORA_FILE, trained_lora_dir
-    from .lora import lora_file_keys
-
-    if ref.kind == "file":
-        return ref.path if lora_file_keys(ref.path) is not None else None
-    folder = trained_lora_dir(ref)
-    return folder / PEFT_LORA_FILE if folder is not None else None
 
 
 def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int | None = None,
