@@ -17,7 +17,7 @@ FLUX_LORA_COVERAGE = ("every Linear of the FLUX transformer (attention q/k/v/out
                       "timestep/guidance/pooled-text embedders, the image and text token embedders, the final "
                       "projection)")
 FLUX_LORA = dit_lora.DiTLora(family=FLUX, name="FLUX", transformer_class="FluxTransformer2DModel",
-                             coverage=FLUX_LORA_COVERAGE, layers="Linear layer")
+                             coverage=FLUX_LORA_COVERAGE, layers="Linear")
 
 
 def save_lora_files(folder: Path, factors: dict[str, torch.Tensor], shift: int | None, metadata: dict) -> None:
@@ -27,6 +27,10 @@ def save_lora_files(folder: Path, factors: dict[str, torch.Tensor], shift: int |
 def export_lora(model: str | Path, out: str | Path, base: str | Path | None = None, rank: int | None = None,
                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict:
     return dit_lora.export_lora(FLUX_LORA, model, out, base, rank, dtype, device)
+
+
+def export_lines(model: str | Path, out: str | Path, options: dict) -> list[str]:
+    return dit_lora.export_lines(FLUX_LORA, model, out, options)
 
 
 def apply_lora(pipe, path: Path, base: Path, fuse: bool = False) -> None:

@@ -115,20 +115,9 @@ class FluxWorld(PipelineWorld):
 
         base, shift, dtype = options.get("base"), options.get("shift"), parse_dtype(options.get("dtype"))
         if fmt == "lora":  # a LoRA run's trained adapters, or a full student's truncated SVD of student - base
-            from .lora import export_lora
+            from .lora import export_lines
 
-            r = export_lora(model, out, base=base, rank=options.get("rank"), dtype=dtype,
-                            device=options.get("device") or "cpu")
-            if "relative_error_total" in r:  # extracted: the error figures, as the other families print them
-                line = (f"LoRA rank {r['rank']} on {r['lora_layers']} Linear layers ({r['lora_parameters']:,} "
-                        f"parameters), diffusers' FLUX LoRA format: relative error of the delta "
-                        f"{r['relative_error_total']:.4f} overall, {r['relative_error_covered']:.4f} on those layers; "
-                        f"{100 * r['uncovered_fraction']:.2f}% of the delta (squared norm) is in biases/norms that "
-                        "LoRA cannot hold")
-            else:
-                line = (f"LoRA rank {r['rank']} (alpha {r['alpha']:g}) on {r['lora_layers']} layers "
-                        f"({r['lora_parameters']:,} parameters): {r['source']}, diffusers' FLUX LoRA format")
-            return [line, f"exported to {out}"]
+            return export_lines(model, out, options)
         if fmt not in self.export_formats:
             raise NitroFusionError(f"export --format {fmt} is not implemented for FLUX models; use --format diffusers "
                                    "(a FluxPipeline folder), single-file (the BFL transformer layout) or lora")

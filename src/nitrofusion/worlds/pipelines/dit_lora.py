@@ -43,11 +43,15 @@ class DiTLora:
     name: str  # as users say it: "SD3", "FLUX"
     transformer_class: str
     coverage: str  # the layers lora_from_delta covers, for the report
-    layers: str  # the same in a few words, for "equals the base's in every ..."
+    layers: str  # the same in a few words: "Linear/Conv2d", "Linear"
 
     @property
-    def format(self) -> str:
+    def format(self) -> str:  # lora_report.json's
         return f"diffusers {self.name} LoRA (PEFT keys)"
+
+    @property
+    def format_said(self) -> str:  # the CLI's
+        return f"diffusers' {self.name} LoRA format"
 
 
 def save_lora_files(spec: DiTLora, folder: Path, factors: dict[str, torch.Tensor], shift: int | None,
@@ -136,6 +140,24 @@ def _write(spec: DiTLora, out: Path, factors: dict[str, torch.Tensor], shift: in
     return report
 
 
+def export_lines(spec: DiTLora, model: str | Path, out: str | Path, options: dict) -> list[str]:
+    """`export --format lora` as the CLI reports it: the extraction's error figures (as the UNet families print them),
+    or the trained adapters handed on."""
+    from ...dtypes import parse_dtype
+
+    r = export_lora(spec, model, out, base=options.get("base"), rank=options.get("rank"),
+                    dtype=parse_dtype(options.get("dtype")), device=options.get("device") or "cpu")
+    if "relative_error_total" in r:
+        line = (f"LoRA rank {r['rank']} on {r['lora_layers']} {spec.layers} layers ({r['lora_parameters']:,} "
+                f"parameters), {spec.format_said}: relative error of the delta {r['relative_error_total']:.4f} "
+                f"overall, {r['relative_error_covered']:.4f} on those layers; {100 * r['uncovered_fraction']:.2f}% of "
+                "the delta (squared norm) is in biases/norms that LoRA cannot hold")
+    else:
+        line = (f"LoRA rank {r['rank']} (alpha {r['alpha']:g}) on {r['lora_layers']} layers "
+                f"({r['lora_parameters']:,} parameters): {r['source']}, {spec.format_said}")
+    return [line, f"exported to {out}"]
+
+
 def export_trained_lora(spec: DiTLora, ref: ModelRef, lora_dir: Path, out: Path, dtype: torch.dtype | None) -> dict:
     """A LoRA run's trained adapters, unchanged (written again so --dtype applies), and lora_report.json."""
     path = lora_dir / PEFT_LORA_FILE
@@ -185,8 +207,8 @@ def extract_lora(spec: DiTLora, ref: ModelRef, out: Path, rank: int, dtype: torc
                                    coverage=spec.coverage)
     del models
     if not lora:
-        raise NitroFusionError(f"{ref.path}'s transformer equals the base's ({ref.base}) in every {spec.layers}: "
-                               "there is no delta for a LoRA to hold")
+        raise NitroFusionError(f"{ref.path}'s transformer equals the base's ({ref.base}) in every {spec.layers} "
+                               "layer: there is no delta for a LoRA to hold")
     if dtype is not None:
         lora = {k: v.to(dtype) for k, v in lora.items()}
     targets = [k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")]

@@ -16,7 +16,7 @@ MMDIT_LORA_COVERAGE = ("every Linear and Conv2d of the MMDiT transformer (attent
                        "text streams, feed-forward, adaLN modulations, timestep/pooled-text/caption embedders, the "
                        "patch-embedding conv, the final projection)")
 SD3_LORA = dit_lora.DiTLora(family=SD3, name="SD3", transformer_class="SD3Transformer2DModel",
-                            coverage=MMDIT_LORA_COVERAGE, layers="Linear and Conv2d")
+                            coverage=MMDIT_LORA_COVERAGE, layers="Linear/Conv2d")
 
 
 def save_lora_files(folder: Path, factors: dict[str, torch.Tensor], shift: int | None, metadata: dict) -> None:
@@ -26,6 +26,10 @@ def save_lora_files(folder: Path, factors: dict[str, torch.Tensor], shift: int |
 def export_lora(model: str | Path, out: str | Path, base: str | Path | None = None, rank: int | None = None,
                 dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict:
     return dit_lora.export_lora(SD3_LORA, model, out, base, rank, dtype, device)
+
+
+def export_lines(model: str | Path, out: str | Path, options: dict) -> list[str]:
+    return dit_lora.export_lines(SD3_LORA, model, out, options)
 
 
 def apply_lora(pipe, path: Path, base: Path, fuse: bool = False) -> None:
