@@ -19,16 +19,12 @@ from pathlib import Path
 import torch
 
 from ...errors import NitroFusionError, describe
-from ..pipelines.dit_lora import lora_of
-from ..pipelines.family import FLUX
 from ..pipelines.pipeline import (
     SHIFT_METADATA_KEY,
     ModelRef,
     generate_images,
     need_base,
-    own_memory,
     quiet_loading,
-    resolve,
 )
 from ..pipelines.pipeline import load_scheduler as base_load_scheduler
 from .config import GUIDANCE_KEY
@@ -129,56 +125,17 @@ def read_transformer_state(path: Path, width: int) -> tuple[dict[str, torch.Tens
 
 def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int | None = None,
                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None, merge_lora: bool = False):
-    """A stock FluxPipeline with the student transformer and its 1-4 step scheduler; call it with guidance_scale =
-    `pipe.nitrofusion_guidance` (the student's embedded guidance), or use `generate_images`. A LoRA run is the base's
-    transformer with the adapters on, as diffusers' `load_lora_weights` puts them: the training-time student exactly.
-    `merge_lora`: a plain transformer instead (a run's student/transformer, the adapters merged by the trainer; a
-    LoRA file fused here), what the exports write."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    """A stock FluxPipeline with the student transformer and its 1-4 step scheduler (pipelines/dit_pipeline.py); call
+    it with guidance_scale = `pipe.nitrofusion_guidance` (the student's embedded guidance), or use `generate_images`."""
+    from ..pipelines.dit_pipeline import load_dit_pipeline
+    from .lora import FLUX_LORA
 
-    ref = resolve(model, base)  # a weights file of another family than its --base is refused there
-    if ref.kind == "pipeline" and ref.base is not None:
-        raise NitroFusionError(f"{ref.path} is a complete pipeline folder; --base applies to run and student "
-                               "folders only")
-    if ref.family is not None and ref.family is not FLUX:
-        f = ref.family
-        where = f"--base {ref.base}" if ref.base is not None else "it"
-        raise NitroFusionError(f"{ref.path} holds a FLUX transformer but {where} is {f.article} {f.label} pipeline "
-                               f"({f.pipeline}): give the FLUX pipeline it belongs to")
-    dtype = dtype or torch.float32
-    parts = {"scheduler": load_scheduler(ref, shift)}
-    folder = ref.path
-    lora = lora_of(ref)
-    if lora is not None and merge_lora and ref.kind != "file":
-        lora = None  # the run's student/transformer holds the adapters merged
-    if ref.kind != "pipeline":
-        folder = need_base(ref, "a pipeline")
-    if ref.kind != "pipeline" and lora is None:  # with a LoRA the base's own transformer loads, adapters go on after
-        try:
-            parts["transformer"] = (transformer_from_file(ref, dtype) if ref.kind == "file" else
-                                    FluxTransformer2DModel.from_pretrained(transformer_folder(ref), dtype=dtype))
-        except NitroFusionError:
-            raise
-        except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken folder
-            where = transformer_folder(ref)
-            raise NitroFusionError(f"cannot load the transformer in {where} ({describe(e)})") from None
-    try:
-        with quiet_loading():
-            pipe = FluxPipeline.from_pretrained(folder, dtype=dtype, **parts)
-    except Exception as e:  # noqa: BLE001 - a broken folder surfaces as many exception types
-        raise NitroFusionError(f"cannot load the FLUX pipeline in {folder} ({describe(e)})") from None
-    pipe.set_progress_bar_config(disable=True)
-    pipe.nitrofusion_resolution = ref.resolution or pipe.default_sample_size * pipe.vae_scale_factor
+    pipe = load_dit_pipeline(FLUX_LORA, model, base, shift, device, dtype, merge_lora, scheduler=load_scheduler,
+                             from_file=transformer_from_file, folder_of=transformer_folder)
+    pipe.nitrofusion_resolution = pipe.nitrofusion_resolution or pipe.default_sample_size * pipe.vae_scale_factor
     pipe.nitrofusion_size_multiple = pipe.vae_scale_factor * 2  # 2x2 latent packing
     pipe.nitrofusion_guidance = float(pipe.scheduler.config[GUIDANCE_KEY])
-    if torch.device(device).type == "cpu":  # moving to a GPU allocates afresh anyway
-        own_memory(pipe)
-    if lora is not None:
-        from .lora import apply_lora
-
-        apply_lora(pipe, lora, folder, fuse=merge_lora)
-    return pipe.to(device)
-
+    return pipe
 
 def transformer_from_file(ref: ModelRef, dtype: torch.dtype):
     """A FLUX transformer weights file (the BFL layout or diffusers keys) in the architecture of the base folder's

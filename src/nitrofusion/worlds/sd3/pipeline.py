@@ -14,16 +14,12 @@ from pathlib import Path
 import torch
 
 from ...errors import NitroFusionError, describe
-from ..pipelines.dit_lora import lora_of
-from ..pipelines.family import SD3
 from ..pipelines.pipeline import (
     SHIFT_METADATA_KEY,
     ModelRef,
     generate_images,
     need_base,
-    own_memory,
     quiet_loading,
-    resolve,
 )
 from ..pipelines.pipeline import load_scheduler as base_load_scheduler
 
@@ -131,54 +127,15 @@ def load_scheduler(ref: ModelRef, shift: int | None):
 
 def load_pipeline(model: str | Path, base: str | Path | None = None, shift: int | None = None,
                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None, merge_lora: bool = False):
-    """A stock StableDiffusion3Pipeline with the student transformer and its 1-4 step scheduler; call it with
-    guidance_scale=0 (no classifier-free guidance, docs/method.md §5), or use `generate_images`. A LoRA run (or a
-    LoRA file) is the base's transformer with the adapters on, as diffusers' `load_lora_weights` puts them: the
-    training-time student exactly. `merge_lora`: a plain transformer instead (a run's student/transformer, merged by
-    the trainer; a LoRA file fused here), what the exports write."""
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    """A stock StableDiffusion3Pipeline with the student transformer and its 1-4 step scheduler
+    (pipelines/dit_pipeline.py); call it with guidance_scale=0 (no classifier-free guidance, docs/method.md §5), or
+    use `generate_images`."""
+    from ..pipelines.dit_pipeline import load_dit_pipeline
+    from .lora import SD3_LORA
 
-    ref = resolve(model, base)  # a weights file of another family than its --base is refused there
-    if ref.kind == "pipeline" and ref.base is not None:
-        raise NitroFusionError(f"{ref.path} is a complete pipeline folder; --base applies to run and student "
-                               "folders only")
-    if ref.base is not None and ref.family is not SD3:  # a file of another family is refused in resolve
-        f = ref.family
-        raise NitroFusionError(f"{ref.path} holds an SD3 transformer but --base {ref.base} is {f.article} {f.label} "
-                               f"pipeline ({f.pipeline}): give the SD3 pipeline it belongs to")
-    dtype = dtype or torch.float32
-    parts = {"scheduler": load_scheduler(ref, shift)}
-    folder = ref.path
-    lora = lora_of(ref)
-    if lora is not None and merge_lora and ref.kind != "file":
-        lora = None  # the run's student/transformer holds the adapters merged
-    if ref.kind != "pipeline":
-        folder = need_base(ref, "a pipeline")
-    if ref.kind != "pipeline" and lora is None:  # with a LoRA the base's own transformer loads, adapters go on after
-        try:
-            parts["transformer"] = (transformer_from_file(ref, dtype) if ref.kind == "file" else
-                                    SD3Transformer2DModel.from_pretrained(transformer_folder(ref), dtype=dtype))
-        except NitroFusionError:
-            raise
-        except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken folder
-            where = transformer_folder(ref)
-            raise NitroFusionError(f"cannot load the transformer in {where} ({describe(e)})") from None
-    try:
-        with quiet_loading():
-            pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=dtype, **parts,
-                                                            **absent_text_parts(folder))
-    except Exception as e:  # noqa: BLE001 - a broken folder surfaces as many exception types
-        raise NitroFusionError(f"cannot load the SD3 pipeline in {folder} ({describe(e)})") from None
-    pipe.set_progress_bar_config(disable=True)
-    pipe.nitrofusion_resolution = ref.resolution
-    if torch.device(device).type == "cpu":  # moving to a GPU allocates afresh anyway
-        own_memory(pipe)
-    if lora is not None:
-        from .lora import apply_lora
-
-        apply_lora(pipe, lora, folder, fuse=merge_lora)
-    return pipe.to(device)
-
+    return load_dit_pipeline(SD3_LORA, model, base, shift, device, dtype, merge_lora, scheduler=load_scheduler,
+                             from_file=transformer_from_file, folder_of=transformer_folder,
+                             extra_parts=absent_text_parts)
 
 def export_diffusers(model: str | Path, out: str | Path, base: str | Path | None = None, shift: int | None = None,
                      dtype: torch.dtype | None = None) -> Path:
