@@ -2,35 +2,30 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...distill_config import DistillConfig
 from ...errors import NitroFusionError
 from ..base import ModelPlan
-from ..pipelines.world import PipelineWorld, teacher_folder, teacher_text
+from ..pipelines.family import FLUX
+from ..pipelines.world import DiTPipelineWorld, teacher_folder
 
 if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
     from ...method.adapter import ModelAdapter
 
-EXAMPLES = ["a photo of a red fox in the snow", "a poster that says 'one step' in bold letters"]
-TRANSFORMER = "FluxTransformer2DModel"
 NEEDS_TEACHER = "world 'flux' needs a teacher: --teacher DIR (a diffusers FluxPipeline folder, FLUX.1-dev)"
 
 
-def _class_of(config: Path) -> str | None:
-    return json.loads(config.read_text()).get("_class_name") if config.is_file() else None
-
-
-class FluxWorld(PipelineWorld):
+class FluxWorld(DiTPipelineWorld):
     """Prompts and real images as every pipeline family's; its own adapter, inference, exports, bench and memory
     model."""
 
     name = "flux"
     export_formats = ("diffusers", "single-file", "lora")
     supported_options = ("--base", "--shift", "--height", "--width", "--dtype")
-    examples = EXAMPLES
+    family = FLUX
+    transformer_class = "FluxTransformer2DModel"
 
     def adapter(self, cfg: DistillConfig) -> ModelAdapter:
         from .adapter import FluxAdapter
@@ -42,7 +37,7 @@ class FluxWorld(PipelineWorld):
     def check_teacher(self, cfg: DistillConfig) -> None:
         """The folder's family and parts, flux.backbone_blocks against its depth, and a full student's size, from
         its index and config.json files alone."""
-        from ..pipelines.family import FLUX, check_pipeline_folder
+        from ..pipelines.family import check_pipeline_folder
         from .adapter import (
             FULL_STUDENT_LIMIT,
             check_backbone,
@@ -67,20 +62,9 @@ class FluxWorld(PipelineWorld):
     def _plan(self, cfg: DistillConfig) -> ModelPlan:
         """What the run builds and the memory model's peak per GPU, from config.json files and weight headers."""
         import torch
-        from diffusers import FluxTransformer2DModel
 
         folder = teacher_folder(cfg)
-        with torch.device("meta"):
-            model = FluxTransformer2DModel.from_config(json.loads((folder / "transformer" / "config.json").read_text()))
-        parameters = sum(p.numel() for p in model.parameters())
-        if cfg.student.kind == "lora":  # the adapters alone train
-            from ...models.student import lora_parameter_count
-
-            trainable = lora_parameter_count(model, cfg.student)
-        else:
-            trainable = parameters
-        plan = ModelPlan(teacher_text(cfg, "a FLUX pipeline"), parameters, trainable,
-                         [model.inner_dim] * len(cfg.flux.taps))
+        model, plan = self.transformer_plan(cfg, cfg.flux.taps)
         import os
 
         from ...models.weights import header_numel
@@ -94,16 +78,10 @@ class FluxWorld(PipelineWorld):
                                          {"clip": clip, "t5": t5, "vae": vae}, shards=shards)["total"]
         return plan
 
-    def recognises(self, kind: str, path: Path) -> bool:
-        if kind == "pipeline":
-            return _class_of(path / "model_index.json") == "FluxPipeline"
-        if kind == "student":
-            return _class_of(path / "transformer" / "config.json") == TRANSFORMER
-        if kind == "file":  # a FLUX transformer (BFL layout or diffusers keys) or a LoRA of one, by its key names
-            from ...models.architectures import is_flux_weights
+    def recognises_file(self, path: Path) -> bool:  # a FLUX transformer (BFL layout or diffusers keys) or its LoRA
+        from ...models.architectures import is_flux_weights
 
-            return is_flux_weights(path)
-        return kind == "unet" and _class_of(path / "config.json") == TRANSFORMER
+        return is_flux_weights(path)
 
     def load_pipeline(self, model: str | Path, **options):
         from .pipeline import load_pipeline
@@ -133,8 +111,6 @@ class FluxWorld(PipelineWorld):
                 "ComfyUI's Load Diffusion Model, diffusers' from_single_file); round trip through diffusers' converter "
                 f"exact for all {r['round_trip_checked']} tensors; sample with shift {r['shift']}, embedded guidance "
                 f"{r['guidance']:g}, 1-4 steps (the text encoders and VAE: FLUX.1-dev's own)", f"exported to {out}"]
-
-    transferred = "transformer tensors"
 
     def transfer_function(self):
         from .transfer import transfer

@@ -125,6 +125,54 @@ class PipelineWorld(World):
         return lines
 
 
+def class_of(config: Path) -> str | None:
+    """The `_class_name` a diffusers config.json or model_index.json names, or None without one."""
+    return json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+
+
+class DiTPipelineWorld(PipelineWorld):
+    """SD3 and FLUX: a transformer in a diffusers pipeline. What they share beyond PipelineWorld: which models they
+    recognise, and the run's plan from the teacher's transformer config on the meta device."""
+
+    family: Family
+    transformer_class: str  # diffusers' class, e.g. "FluxTransformer2DModel"
+    examples = ["a photo of a red fox in the snow", "a poster that says 'one step' in bold letters"]
+    transferred = "transformer tensors"
+
+    def recognises_file(self, path: Path) -> bool:
+        """Whether a weights file is this family's (a transformer or a LoRA of one), from its key names."""
+        raise NotImplementedError
+
+    def recognises(self, kind: str, path: Path) -> bool:
+        if kind == "pipeline":
+            return class_of(path / "model_index.json") == self.family.pipeline
+        if kind == "student":
+            return class_of(path / "transformer" / "config.json") == self.transformer_class
+        if kind == "file":
+            return self.recognises_file(path)
+        return kind == "unet" and class_of(path / "config.json") == self.transformer_class
+
+    def transformer_plan(self, cfg: DistillConfig, taps: list[int]):
+        """(the teacher's transformer on the meta device, the run's ModelPlan: parameters, what trains, E's widths),
+        from its config.json alone."""
+        import diffusers
+        import torch
+
+        folder = teacher_folder(cfg)
+        with torch.device("meta"):
+            model = getattr(diffusers, self.transformer_class).from_config(
+                json.loads((folder / "transformer" / "config.json").read_text()))
+        parameters = sum(p.numel() for p in model.parameters())
+        if cfg.student.kind == "lora":  # the adapters alone train
+            from ...models.student import lora_parameter_count
+
+            trainable = lora_parameter_count(model, cfg.student)
+        else:
+            trainable = parameters
+        what = f"{self.family.article} {self.family.label} pipeline"
+        return model, ModelPlan(teacher_text(cfg, what), parameters, trainable, [model.inner_dim] * len(taps))
+
+
 class UNetPipelineWorld(PipelineWorld):
     """SDXL and SD 1.x/2.x: UNet pipelines, one inference machinery (worlds/pipelines/)."""
 

@@ -2,34 +2,29 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...distill_config import DistillConfig
 from ...errors import NitroFusionError
 from ..base import ModelPlan
-from ..pipelines.world import PipelineWorld, teacher_folder, teacher_text
+from ..pipelines.family import SD3
+from ..pipelines.world import DiTPipelineWorld, teacher_folder
 
 if TYPE_CHECKING:  # annotations only: importing the adapter interface loads diffusers
     from ...method.adapter import ModelAdapter
 
-EXAMPLES = ["a photo of a red fox in the snow", "a poster that says 'one step' in bold letters"]
-TRANSFORMER = "SD3Transformer2DModel"
 
 
-def _class_of(config: Path) -> str | None:
-    return json.loads(config.read_text()).get("_class_name") if config.is_file() else None
-
-
-class SD3World(PipelineWorld):
+class SD3World(DiTPipelineWorld):
     """Prompts and real images as every pipeline family's; its own adapter, inference, exports, bench and memory
     model."""
 
     name = "sd3"
     export_formats = ("diffusers", "single-file", "lora")
     supported_options = ("--base", "--shift", "--height", "--width", "--dtype")
-    examples = EXAMPLES
+    family = SD3
+    transformer_class = "SD3Transformer2DModel"
 
     def adapter(self, cfg: DistillConfig) -> ModelAdapter:
         from .adapter import SD3Adapter
@@ -40,7 +35,7 @@ class SD3World(PipelineWorld):
         return SD3Adapter(teacher_folder(cfg), cfg.sd3)
 
     def check_teacher(self, cfg: DistillConfig) -> None:
-        from ..pipelines.family import SD3, check_pipeline_folder
+        from ..pipelines.family import check_pipeline_folder
         from .adapter import check_backbone
 
         if not cfg.teacher:
@@ -51,22 +46,10 @@ class SD3World(PipelineWorld):
 
     def plan_model(self, cfg: DistillConfig) -> ModelPlan:
         import torch
-        from diffusers import SD3Transformer2DModel
-
 
         self.check_teacher(cfg)
         folder = teacher_folder(cfg)
-        with torch.device("meta"):
-            model = SD3Transformer2DModel.from_config(json.loads((folder / "transformer" / "config.json").read_text()))
-        parameters = sum(p.numel() for p in model.parameters())
-        if cfg.student.kind == "lora":  # the adapters alone train
-            from ...models.student import lora_parameter_count
-
-            trainable = lora_parameter_count(model, cfg.student)
-        else:
-            trainable = parameters
-        plan = ModelPlan(teacher_text(cfg, "an SD3 pipeline"), parameters, trainable,
-                         [model.inner_dim] * len(cfg.sd3.taps))
+        model, plan = self.transformer_plan(cfg, cfg.sd3.taps)
         from ...models.weights import header_numel
         from .memory import run_memory  # the memory model's peak for this teacher (worlds/sd3/memory.py)
 
@@ -78,16 +61,10 @@ class SD3World(PipelineWorld):
             plan.peak_bytes = run_memory(cfg, torch.nn.Module.to(model, torch.bfloat16), frozen)["total"]
         return plan
 
-    def recognises(self, kind: str, path: Path) -> bool:
-        if kind == "pipeline":
-            return _class_of(path / "model_index.json") == "StableDiffusion3Pipeline"
-        if kind == "student":
-            return _class_of(path / "transformer" / "config.json") == TRANSFORMER
-        if kind == "file":
-            from ...models.architectures import is_dit_weights, is_flux_weights
+    def recognises_file(self, path: Path) -> bool:
+        from ...models.architectures import is_dit_weights, is_flux_weights
 
-            return is_dit_weights(path) and not is_flux_weights(path)  # a FLUX.1 file is the flux world's
-        return kind == "unet" and _class_of(path / "config.json") == TRANSFORMER
+        return is_dit_weights(path) and not is_flux_weights(path)  # a FLUX.1 file is the flux world's
 
     def load_pipeline(self, model: str | Path, **options):
         from .pipeline import load_pipeline
@@ -121,8 +98,6 @@ class SD3World(PipelineWorld):
             lines.append("note: CLIP-L's text_projection is not the identity; loaders of this layout (diffusers' "
                          "from_single_file, ComfyUI) pool CLIP-L without it, so their prompt embedding differs")
         return lines + [f"exported to {out}"]
-
-    transferred = "transformer tensors"
 
     def transfer_function(self):
         from .transfer import transfer
