@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...errors import ConfigError, NitroFusionError
+from ...errors import ConfigError
 from ...method.adapter import Cond, ModelAdapter
 from ...method.diffusion import NoiseProcess, RectifiedFlow
 from ...sampling.spec import SamplerSpec
@@ -95,21 +95,13 @@ class FluxAdapter(PipelineParts, CachedT5, ModelAdapter):
 
     def __init__(self, folder: str | Path, cfg: FluxConfig | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None) -> None:
-        from diffusers import FluxPipeline
-
-        from ..pipelines.pipeline import quiet_loading
+        from ..pipelines.parts import load_teacher_pipeline
 
         folder = Path(folder)
         cfg = cfg or FluxConfig()
         check_pipeline_folder(folder, FLUX)
         check_backbone(folder, cfg)
-        try:
-            with quiet_loading():
-                pipe = FluxPipeline.from_pretrained(folder)
-        except Exception as e:  # noqa: BLE001 - a truncated download surfaces as many types
-            raise NitroFusionError(f"cannot load the FLUX pipeline in {folder} ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0][:200] if str(e) else ''}); the download may be "
-                                   "incomplete") from None
+        pipe = load_teacher_pipeline(folder, FLUX)
         self._setup(pipe, folder, cfg, device, dtype)
 
     @classmethod

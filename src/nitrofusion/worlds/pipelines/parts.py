@@ -27,6 +27,19 @@ def load_component(cls, folder: Path):
                                "incomplete: fetch that folder again") from None
 
 
+def load_teacher_pipeline(folder: Path, family, **parts):
+    """The teacher's stock pipeline of `family` (family.py) from its folder, quietly; a truncated or corrupt download
+    as one line naming the folder."""
+    from .pipeline import quiet_loading
+
+    try:
+        with quiet_loading():
+            return family.pipeline_class().from_pretrained(folder, **parts)
+    except Exception as e:  # noqa: BLE001 - a truncated download surfaces as many types
+        raise NitroFusionError(f"cannot load the {family.label} pipeline in {folder} ({describe(e)}); the download may "
+                               "be incomplete") from None
+
+
 class PipelineParts:
     """A diffusers family's frozen networks (`frozen_modules`) and its KL VAE (`self.vae`): moving them, and real
     images in and samples out through the VAE, as the family's pipeline scales them."""

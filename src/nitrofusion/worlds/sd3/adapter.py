@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import ConfigError, NitroFusionError
+from ...errors import ConfigError
 from ...method.adapter import Cond, ModelAdapter
 from ...method.diffusion import NoiseProcess, RectifiedFlow
 from ..pipelines.family import SD3, check_pipeline_folder
@@ -39,22 +39,14 @@ class SD3Adapter(PipelineParts, CachedT5, ModelAdapter):
 
     def __init__(self, folder: str | Path, cfg: SD3Config | None = None, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None) -> None:
-        from diffusers import StableDiffusion3Pipeline
-
-        from ..pipelines.pipeline import quiet_loading
+        from ..pipelines.parts import load_teacher_pipeline
         from .pipeline import absent_text_parts
 
         folder = Path(folder)
         cfg = cfg or SD3Config()
         check_pipeline_folder(folder, SD3)
         check_backbone(folder, cfg)
-        try:
-            with quiet_loading():
-                pipe = StableDiffusion3Pipeline.from_pretrained(folder, **absent_text_parts(folder))
-        except Exception as e:  # noqa: BLE001 - a truncated download surfaces as many types
-            raise NitroFusionError(f"cannot load the SD3 pipeline in {folder} ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0][:200] if str(e) else ''}); the download may be "
-                                   "incomplete") from None
+        pipe = load_teacher_pipeline(folder, SD3, **absent_text_parts(folder))
         self._setup(pipe, folder, cfg, device, dtype)
 
     @classmethod
