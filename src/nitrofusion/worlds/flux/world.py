@@ -25,6 +25,7 @@ class FluxWorld(DiTPipelineWorld):
     export_formats = ("diffusers", "single-file", "lora")
     supported_options = ("--base", "--shift", "--height", "--width", "--dtype")
     family = FLUX
+    bench_label = "FLUX.1-dev"
     transformer_class = "FluxTransformer2DModel"
 
     def adapter(self, cfg: DistillConfig) -> ModelAdapter:
@@ -83,11 +84,6 @@ class FluxWorld(DiTPipelineWorld):
 
         return is_flux_weights(path)
 
-    def load_pipeline(self, model: str | Path, **options):
-        from .pipeline import load_pipeline
-
-        return load_pipeline(model, **options)
-
     def export(self, model: str, fmt: str, out: str, options: dict) -> list[str]:
         from ...dtypes import parse_dtype
 
@@ -112,28 +108,3 @@ class FluxWorld(DiTPipelineWorld):
                 f"exact for all {r['round_trip_checked']} tensors; sample with shift {r['shift']}, embedded guidance "
                 f"{r['guidance']:g}, 1-4 steps (the text encoders and VAE: FLUX.1-dev's own)", f"exported to {out}"]
 
-    def transfer_function(self):
-        from .transfer import transfer
-
-        return transfer
-
-    def bench(self, options: dict) -> tuple[dict, str]:
-        """The flux-dev-lora training iteration on random-weight FLUX.1-dev architectures (worlds/flux/bench.py), or
-        `memory` (the memory model of flux-dev-lora, with T5 cached and resident, and of a full student under FSDP:
-        worlds/flux/memory.py)."""
-        o = options
-        if o.get("inference"):
-            raise NitroFusionError("bench --inference compares SDXL's stock and fast generation paths; FLUX has no "
-                                   "fast path: drop --inference (or --family flux)")
-        if o.get("memory"):
-            from .memory import format_memory, memory_model
-
-            result = memory_model(overrides=o.get("overrides"), fsdp=tuple(o.get("fsdp") or ()))
-            return result, format_memory(result)
-        from ...training.bench import bench_device, format_table
-
-        bench_device(o["size"], o.get("device"), "FLUX.1-dev")  # before the training stack loads: a refusal in seconds
-        from .bench import run_bench
-
-        result = run_bench(o["size"], o.get("device"), o.get("overrides"), iters=o["iters"], warmup=o["warmup"])
-        return result, format_table(result)

@@ -139,9 +139,41 @@ class DiTPipelineWorld(PipelineWorld):
     examples = ["a photo of a red fox in the snow", "a poster that says 'one step' in bold letters"]
     transferred = "transformer tensors"
 
+    bench_label: str  # the architecture `bench` builds, as its refusal names it ("SD3.5", "FLUX.1-dev")
+
     def recognises_file(self, path: Path) -> bool:
         """Whether a weights file is this family's (a transformer or a LoRA of one), from its key names."""
         raise NotImplementedError
+
+    def own(self, module: str):
+        """One of the family's own modules (worlds/<family>/<module>.py), imported when a command needs it."""
+        import importlib
+
+        return importlib.import_module(f"{type(self).__module__.rpartition('.')[0]}.{module}")
+
+    def load_pipeline(self, model: str | Path, **options):
+        return self.own("pipeline").load_pipeline(model, **options)
+
+    def transfer_function(self):
+        return self.own("transfer").transfer
+
+    def bench(self, options: dict) -> tuple[dict, str]:
+        """The family's training iteration on random-weight full-size architectures (its bench.py), or `memory` (its
+        memory model: memory.py)."""
+        o = options
+        if o.get("inference"):
+            raise NitroFusionError(f"bench --inference compares SDXL's stock and fast generation paths; "
+                                   f"{self.name.upper()} has no fast path: drop --inference (or --family {self.name})")
+        if o.get("memory"):
+            memory = self.own("memory")
+            result = memory.memory_model(overrides=o.get("overrides"), fsdp=tuple(o.get("fsdp") or ()))
+            return result, memory.format_memory(result)
+        from ...training.bench import bench_device, format_table
+
+        bench_device(o["size"], o.get("device"), self.bench_label)  # before the training stack loads: a quick refusal
+        result = self.own("bench").run_bench(o["size"], o.get("device"), o.get("overrides"), iters=o["iters"],
+                                             warmup=o["warmup"])
+        return result, format_table(result)
 
     def recognises(self, kind: str, path: Path) -> bool:
         if kind == "pipeline":

@@ -24,6 +24,7 @@ class SD3World(DiTPipelineWorld):
     export_formats = ("diffusers", "single-file", "lora")
     supported_options = ("--base", "--shift", "--height", "--width", "--dtype")
     family = SD3
+    bench_label = "SD3.5"
     transformer_class = "SD3Transformer2DModel"
 
     def adapter(self, cfg: DistillConfig) -> ModelAdapter:
@@ -66,11 +67,6 @@ class SD3World(DiTPipelineWorld):
 
         return is_dit_weights(path) and not is_flux_weights(path)  # a FLUX.1 file is the flux world's
 
-    def load_pipeline(self, model: str | Path, **options):
-        from .pipeline import load_pipeline
-
-        return load_pipeline(model, **options)
-
     def export(self, model: str, fmt: str, out: str, options: dict) -> list[str]:
         from ...dtypes import parse_dtype
 
@@ -99,27 +95,3 @@ class SD3World(DiTPipelineWorld):
                          "from_single_file, ComfyUI) pool CLIP-L without it, so their prompt embedding differs")
         return lines + [f"exported to {out}"]
 
-    def transfer_function(self):
-        from .transfer import transfer
-
-        return transfer
-
-    def bench(self, options: dict) -> tuple[dict, str]:
-        """The sd35-medium training iteration on random-weight SD3.5 medium architectures (worlds/sd3/bench.py), or
-        `memory` (the memory model of sd35-medium and -lora: worlds/sd3/memory.py)."""
-        o = options
-        if o.get("inference"):
-            raise NitroFusionError("bench --inference compares SDXL's stock and fast generation paths; SD3 has no fast "
-                                   "path: drop --inference (or --family sd3)")
-        if o.get("memory"):
-            from .memory import format_memory, memory_model
-
-            result = memory_model(overrides=o.get("overrides"), fsdp=tuple(o.get("fsdp") or ()))
-            return result, format_memory(result)
-        from ...training.bench import bench_device, format_table
-
-        bench_device(o["size"], o.get("device"), "SD3.5")  # before the training stack loads: a refusal in seconds
-        from .bench import run_bench
-
-        result = run_bench(o["size"], o.get("device"), o.get("overrides"), iters=o["iters"], warmup=o["warmup"])
-        return result, format_table(result)
