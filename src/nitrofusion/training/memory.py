@@ -117,6 +117,36 @@ class CheckpointCounter:
         return _map_tensors(out, lambda t: t.detach().requires_grad_(t.is_floating_point()))
 
 
+def count_activations(model: nn.Module, backbone_module, sizes: dict[str, int], checkpointing: bool,
+                     forward: Callable[[str, int], object], attention=flash_attention) -> dict:
+    """Per image, for every family: the bytes autograd keeps for each run in `sizes` ("student": the student's
+    forward; the others, E's global and local forwards, latents of that side), and "recompute_peak", the largest
+    checkpointed block's recomputation (0 without checkpointing). `forward(run, size)` runs one of them on the meta
+    device ("student" or "backbone"); `backbone_module.checkpoint` is the counter while it runs."""
+    exclude = {storage_key(p)[0] for p in model.parameters()}
+    out, peaks = {}, []
+    original_checkpoint = backbone_module.checkpoint
+    try:
+        for name, size in sizes.items():
+            run = "student" if name == "student" else "backbone"
+            counter = SavedBytes(exclude)
+            ckpt = CheckpointCounter(counter)
+            backbone_module.checkpoint = ckpt
+            model.requires_grad_(run == "student")  # a LoRA student's saves nearly the same; E is frozen
+            if checkpointing and run == "student":
+                model.enable_gradient_checkpointing(gradient_checkpointing_func=ckpt)
+            with counter.hooks(), attention():
+                forward(run, size)
+            if checkpointing and run == "student":
+                model.disable_gradient_checkpointing()
+            out[name] = counter.total
+            peaks.append(ckpt.peak)
+    finally:
+        backbone_module.checkpoint = original_checkpoint
+    out["recompute_peak"] = max(peaks)
+    return out
+
+
 def pool_parameters(cfg: DistillConfig, channels: list[int]) -> int:
     """Parameters of the run's whole head pool on E's feature levels of `channels`."""
     from ..method.pool import HeadPool

@@ -27,9 +27,8 @@ from ... import config as config_lib
 from ...distill_config import DistillConfig
 from ...models.student import lora_parameter_count
 from ...training.memory import (
-    CheckpointCounter,
     GiB,
-    SavedBytes,
+    count_activations,
     flash_attention,
     format_parts,
     largest_block,
@@ -37,7 +36,6 @@ from ...training.memory import (
     per_image_peaks,
     pool_parameters,
     step_activations,
-    storage_key,
     training_parts,
 )
 
@@ -75,43 +73,27 @@ def activation_bytes(transformer: nn.Module, px: int, checkpointing: bool, backb
     from .tokens import ids
 
     dtype = next(transformer.parameters()).dtype
-    exclude = {storage_key(p)[0] for p in transformer.parameters()}
     cfg = transformer.config
     latent = px // 8
     crop = max(2, int(latent * crop_fraction) // 2 * 2)  # method/step.py crop_size with FLUX's crop_multiple 2
-    out, peaks = {}, []
-    original_checkpoint = backbone_mod.checkpoint
-    try:
-        for name, size, run in (("student", latent, "student"), ("backbone_global", latent, "backbone"),
-                                ("backbone_local", crop, "backbone")):
-            counter = SavedBytes(exclude)
-            ckpt = CheckpointCounter(counter)
-            backbone_mod.checkpoint = ckpt
-            transformer.requires_grad_(run == "student")  # a LoRA student's saves nearly the same; E is frozen
-            if checkpointing and run == "student":
-                transformer.enable_gradient_checkpointing(gradient_checkpointing_func=ckpt)
-            with torch.device("meta"):  # the adapter's inputs (FluxAdapter._inputs) for one image
-                tokens = torch.empty(1, (size // 2) ** 2, cfg.in_channels, dtype=dtype, requires_grad=True)
-                t = torch.empty(1, dtype=dtype)
-                guidance = torch.empty(1) if cfg.guidance_embeds else None
-                context = torch.empty(1, t5_tokens, cfg.joint_attention_dim, dtype=dtype)
-                pooled = torch.empty(1, cfg.pooled_projection_dim, dtype=dtype)
-                txt_ids, img_ids = ids(size, size, t5_tokens, "meta", dtype)
-            with counter.hooks(), _flash_attention():
-                if run == "student":
-                    transformer(hidden_states=tokens, timestep=t, guidance=guidance, pooled_projections=pooled,
-                                encoder_hidden_states=context, txt_ids=txt_ids, img_ids=img_ids)
-                else:
-                    backbone_mod.FluxBackbone(transformer, backbone_blocks, taps, checkpointing)(
-                        tokens, t, guidance, pooled, context, txt_ids, img_ids, (size // 2, size // 2))
-            if checkpointing and run == "student":
-                transformer.disable_gradient_checkpointing()
-            out[name] = counter.total
-            peaks.append(ckpt.peak)
-    finally:
-        backbone_mod.checkpoint = original_checkpoint
-    out["recompute_peak"] = max(peaks)
-    return out
+
+    def forward(run: str, size: int) -> None:
+        with torch.device("meta"):  # the adapter's inputs (FluxAdapter._inputs) for one image
+            tokens = torch.empty(1, (size // 2) ** 2, cfg.in_channels, dtype=dtype, requires_grad=True)
+            t = torch.empty(1, dtype=dtype)
+            guidance = torch.empty(1) if cfg.guidance_embeds else None
+            context = torch.empty(1, t5_tokens, cfg.joint_attention_dim, dtype=dtype)
+            pooled = torch.empty(1, cfg.pooled_projection_dim, dtype=dtype)
+            txt_ids, img_ids = ids(size, size, t5_tokens, "meta", dtype)
+        if run == "student":
+            transformer(hidden_states=tokens, timestep=t, guidance=guidance, pooled_projections=pooled,
+                        encoder_hidden_states=context, txt_ids=txt_ids, img_ids=img_ids)
+        else:
+            backbone_mod.FluxBackbone(transformer, backbone_blocks, taps, checkpointing)(
+                tokens, t, guidance, pooled, context, txt_ids, img_ids, (size // 2, size // 2))
+
+    sizes = {"student": latent, "backbone_global": latent, "backbone_local": crop}
+    return count_activations(transformer, backbone_mod, sizes, checkpointing, forward, _flash_attention)
 
 
 def frozen_parts_params() -> dict[str, int]:

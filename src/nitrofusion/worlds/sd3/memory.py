@@ -18,16 +18,13 @@ from ... import config as config_lib
 from ...distill_config import DistillConfig
 from ...models.student import lora_parameter_count
 from ...training.memory import (
-    CheckpointCounter,
-    SavedBytes,
-    flash_attention,
+    count_activations,
     format_parts,
     largest_block,
     numel,
     per_image_peaks,
     pool_parameters,
     step_activations,
-    storage_key,
     training_parts,
 )
 
@@ -51,39 +48,23 @@ def activation_bytes(transformer: nn.Module, px: int, checkpointing: bool, backb
     from . import backbone as backbone_mod
 
     dtype = next(transformer.parameters()).dtype
-    exclude = {storage_key(p)[0] for p in transformer.parameters()}
     latent, patch = px // 8, transformer.config.patch_size
     cfg = transformer.config
-    out, peaks = {}, []
-    original_checkpoint = backbone_mod.checkpoint
-    try:
-        for name, size, run in (("student", latent, "student"), ("backbone_global", latent, "backbone"),
-                                ("backbone_local", max(patch, int(latent * crop_fraction) // patch * patch),
-                                 "backbone")):
-            counter = SavedBytes(exclude)
-            ckpt = CheckpointCounter(counter)
-            backbone_mod.checkpoint = ckpt
-            transformer.requires_grad_(run == "student")  # a LoRA student's saves nearly the same; E is frozen
-            if checkpointing and run == "student":
-                transformer.enable_gradient_checkpointing(gradient_checkpointing_func=ckpt)
-            with torch.device("meta"):
-                x = torch.empty(1, cfg.in_channels, size, size, dtype=dtype, requires_grad=True)
-                t = torch.tensor([249])
-                context = torch.empty(1, CLIP_TOKENS + t5_tokens, cfg.joint_attention_dim, dtype=dtype)
-                pooled = torch.empty(1, cfg.pooled_projection_dim, dtype=dtype)
-            with counter.hooks(), flash_attention():
-                if run == "student":
-                    transformer(hidden_states=x, timestep=t, encoder_hidden_states=context, pooled_projections=pooled)
-                else:
-                    backbone_mod.DiTBackbone(transformer, backbone_blocks, taps, checkpointing)(x, t, context, pooled)
-            if checkpointing and run == "student":
-                transformer.disable_gradient_checkpointing()
-            out[name] = counter.total
-            peaks.append(ckpt.peak)
-    finally:
-        backbone_mod.checkpoint = original_checkpoint
-    out["recompute_peak"] = max(peaks)
-    return out
+
+    def forward(run: str, size: int) -> None:
+        with torch.device("meta"):
+            x = torch.empty(1, cfg.in_channels, size, size, dtype=dtype, requires_grad=True)
+            t = torch.tensor([249])
+            context = torch.empty(1, CLIP_TOKENS + t5_tokens, cfg.joint_attention_dim, dtype=dtype)
+            pooled = torch.empty(1, cfg.pooled_projection_dim, dtype=dtype)
+        if run == "student":
+            transformer(hidden_states=x, timestep=t, encoder_hidden_states=context, pooled_projections=pooled)
+        else:
+            backbone_mod.DiTBackbone(transformer, backbone_blocks, taps, checkpointing)(x, t, context, pooled)
+
+    sizes = {"student": latent, "backbone_global": latent,
+             "backbone_local": max(patch, int(latent * crop_fraction) // patch * patch)}
+    return count_activations(transformer, backbone_mod, sizes, checkpointing, forward)
 
 
 def frozen_parts_params() -> dict[str, int]:

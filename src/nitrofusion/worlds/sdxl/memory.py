@@ -13,16 +13,13 @@ from ... import config as config_lib
 from ...distill_config import DistillConfig
 from ...models.student import lora_parameter_count
 from ...training.memory import (
-    CheckpointCounter,
-    SavedBytes,
-    flash_attention,
+    count_activations,
     format_parts,
     largest_block,
     numel,
     per_image_peaks,
     pool_parameters,
     step_activations,
-    storage_key,
     training_parts,
 )
 
@@ -53,37 +50,21 @@ def activation_bytes(unet: nn.Module, px: int, checkpointing: bool, crop_fractio
     from ...method import backbone as backbone_mod
 
     dtype = next(unet.parameters()).dtype
-    exclude = {storage_key(p)[0] for p in unet.parameters()}
     latent = px // 8
-    out = {}
-    original_checkpoint = backbone_mod.checkpoint
-    peaks = []
-    try:
-        for name, size, run in (("student", latent, "unet"), ("backbone_global", latent, "backbone"),
-                                ("backbone_local", max(4, int(latent * crop_fraction) // 4 * 4), "backbone")):
-            counter = SavedBytes(exclude)
-            ckpt = CheckpointCounter(counter)
-            backbone_mod.checkpoint = ckpt
-            unet.requires_grad_(run == "unet")  # the student trains (full; a LoRA's saves nearly the same); E is frozen
-            if checkpointing and run == "unet":
-                unet.enable_gradient_checkpointing(gradient_checkpointing_func=ckpt)
-            with torch.device("meta"):
-                x = torch.empty(1, 4, size, size, dtype=dtype, requires_grad=True)
-                t = torch.tensor([249])
-            ehs, added = _cond(unet, 1, px, dtype)
-            with counter.hooks(), flash_attention():
-                if run == "unet":
-                    unet(x, t, encoder_hidden_states=ehs, added_cond_kwargs=added)
-                else:
-                    backbone_mod.UNetBackbone(unet, checkpointing)(x, t, ehs, added)
-            if checkpointing and run == "unet":
-                unet.disable_gradient_checkpointing()
-            out[name] = counter.total
-            peaks.append(ckpt.peak)
-    finally:
-        backbone_mod.checkpoint = original_checkpoint
-    out["recompute_peak"] = max(peaks)
-    return out
+    ehs, added = _cond(unet, 1, px, dtype)
+
+    def forward(run: str, size: int) -> None:
+        with torch.device("meta"):
+            x = torch.empty(1, 4, size, size, dtype=dtype, requires_grad=True)
+            t = torch.tensor([249])
+        if run == "student":
+            unet(x, t, encoder_hidden_states=ehs, added_cond_kwargs=added)
+        else:
+            backbone_mod.UNetBackbone(unet, checkpointing)(x, t, ehs, added)
+
+    crop = max(4, int(latent * crop_fraction) // 4 * 4)
+    sizes = {"student": latent, "backbone_global": latent, "backbone_local": crop}
+    return count_activations(unet, backbone_mod, sizes, checkpointing, forward)
 
 
 def _frozen_parts_bytes() -> dict:
