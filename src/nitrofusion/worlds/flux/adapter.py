@@ -25,10 +25,9 @@ import torch
 
 from ...errors import ConfigError
 from ...method.adapter import Cond, ModelAdapter
-from ...method.diffusion import NoiseProcess, RectifiedFlow
 from ...sampling.spec import SamplerSpec
 from ..pipelines.family import FLUX, check_pipeline_folder
-from ..pipelines.parts import PipelineParts, module_dtype
+from ..pipelines.parts import DiTParts, module_dtype
 from ..pipelines.t5_cache import CachedT5, quiet_truncation
 from .backbone import FluxBackbone
 from .config import GUIDANCE_KEY, FluxConfig
@@ -87,9 +86,11 @@ class EmbeddedGuidanceSpec(SamplerSpec):
         return f"FLUX Euler (dynamic shift) {self.steps} steps{g}"
 
 
-class FluxAdapter(PipelineParts, CachedT5, ModelAdapter):
+class FluxAdapter(DiTParts, CachedT5, ModelAdapter):
     prediction_type = "flow"
     student_subfolder = "transformer"
+    config_class = FluxConfig
+    section = "flux"
     crop_multiple = 2  # crops are whole 2x2 token patches
     t5_attribute = "text_encoder_2"  # T5, cached with the pairs and released for training (pipelines/t5_cache.py)
 
@@ -104,34 +105,8 @@ class FluxAdapter(PipelineParts, CachedT5, ModelAdapter):
         pipe = load_teacher_pipeline(folder, FLUX)
         self._setup(pipe, folder, cfg, device, dtype)
 
-    @classmethod
-    def from_pipeline(cls, pipe, cfg: FluxConfig | None = None, device: str | torch.device = "cpu",
-                      dtype: torch.dtype | None = None) -> FluxAdapter:
-        """From a pipeline already in memory (worlds/flux/testing.py's)."""
-        adapter = cls.__new__(cls)
-        adapter._setup(pipe, None, cfg or FluxConfig(), device, dtype)
-        return adapter
-
-    def _setup(self, pipe, folder: Path | None, cfg: FluxConfig, device, dtype) -> None:
-        self.cfg, self.pipe, self.folder = cfg, pipe, folder
-        self.pipe.set_progress_bar_config(disable=True)
-        self.teacher_unet = self.pipe.transformer  # the role's name in the method core: the frozen teacher
-        self.vae = self.pipe.vae
-        self.scheduler_config = dict(self.pipe.scheduler.config)
-        self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
-        self.sampler = EmbeddedGuidanceSpec(**vars(cfg.sampler))
-        self.vae_scale = self.pipe.vae_scale_factor
-        if cfg.resolution % (self.vae_scale * 2):
-            raise ConfigError(f"flux.resolution {cfg.resolution} must be a multiple of {self.vae_scale * 2} for this "
-                              "VAE and FLUX's 2x2 latent packing")
-        self.latent_size = cfg.resolution // self.vae_scale
-        for m in self.frozen_modules():
-            m.requires_grad_(False).eval()
-        self.to(device, dtype)
-
-    @property
-    def process(self) -> NoiseProcess:
-        return RectifiedFlow(self.num_train_timesteps)
+    def teacher_sampler(self, cfg: FluxConfig) -> SamplerSpec:
+        return EmbeddedGuidanceSpec(**vars(cfg.sampler))
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         p = self.pipe

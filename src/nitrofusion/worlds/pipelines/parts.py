@@ -1,6 +1,6 @@
 """What every diffusers pipeline family's adapter shares: loading one component of a pipeline folder (an
 interrupted download as one line), and the frozen networks with the family's KL VAE (moving them, real images in
-and samples out, as the family's pipeline scales them)."""
+and samples out, as the family's pipeline scales them); for the DiT families, the teacher's setup (DiTParts)."""
 
 from __future__ import annotations
 
@@ -75,3 +75,48 @@ class PipelineParts:
         if getattr(self.vae.config, "shift_factor", None):
             x = x + self.vae.config.shift_factor
         return self.vae.decode(x).sample.add(1).div(2).clamp(0, 1)
+
+
+class DiTParts(PipelineParts):
+    """The DiT adapters' (SD3, FLUX) teacher: built from its folder or from a pipeline already in memory (a bench's
+    random full-size one), its frozen parts put in place, the flow process it was trained on. A family names its
+    config section and how its crops align (`crop_multiple`: whole patches or token patches) and picks its sampler."""
+
+    config_class: type  # the family's config section (SD3Config, FluxConfig)
+    section: str  # its name in a config ("sd3", "flux")
+    crop_multiple: int  # latent pixels a crop's side is a multiple of
+
+    @classmethod
+    def from_pipeline(cls, pipe, cfg=None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        adapter = cls.__new__(cls)
+        adapter._setup(pipe, None, cfg or cls.config_class(), device, dtype)
+        return adapter
+
+    def teacher_sampler(self, cfg):
+        return cfg.sampler
+
+    def _setup(self, pipe, folder: Path | None, cfg, device, dtype) -> None:
+        from ...errors import ConfigError
+
+        self.cfg, self.pipe, self.folder = cfg, pipe, folder
+        self.pipe.set_progress_bar_config(disable=True)
+        self.teacher_unet = self.pipe.transformer  # the role's name in the method core: the frozen teacher
+        self.vae = self.pipe.vae
+        self.scheduler_config = dict(self.pipe.scheduler.config)
+        self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        self.sampler = self.teacher_sampler(cfg)
+        self.vae_scale = self.pipe.vae_scale_factor
+        multiple = self.vae_scale * self.crop_multiple
+        if cfg.resolution % multiple:
+            raise ConfigError(f"{self.section}.resolution {cfg.resolution} must be a multiple of {multiple} for this "
+                              f"VAE and the transformer's {self.crop_multiple}x{self.crop_multiple} patches")
+        self.latent_size = cfg.resolution // self.vae_scale
+        for m in self.frozen_modules():
+            m.requires_grad_(False).eval()
+        self.to(device, dtype)
+
+    @property
+    def process(self):
+        from ...method.diffusion import RectifiedFlow
+
+        return RectifiedFlow(self.num_train_timesteps)

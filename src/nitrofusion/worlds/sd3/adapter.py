@@ -16,9 +16,8 @@ import torch
 
 from ...errors import ConfigError
 from ...method.adapter import Cond, ModelAdapter
-from ...method.diffusion import NoiseProcess, RectifiedFlow
 from ..pipelines.family import SD3, check_pipeline_folder
-from ..pipelines.parts import PipelineParts, module_dtype
+from ..pipelines.parts import DiTParts, module_dtype
 from ..pipelines.t5_cache import CachedT5
 from .backbone import DiTBackbone
 from .config import SD3Config
@@ -32,9 +31,11 @@ def check_backbone(folder: Path, cfg: SD3Config) -> None:
                           f"transformer blocks ({folder / 'transformer'}); use 1..{layers}")
 
 
-class SD3Adapter(PipelineParts, CachedT5, ModelAdapter):
+class SD3Adapter(DiTParts, CachedT5, ModelAdapter):
     prediction_type = "flow"
     student_subfolder = "transformer"
+    config_class = SD3Config
+    section = "sd3"
     t5_attribute = "text_encoder_3"  # T5, cached with the pairs and released for training (pipelines/t5_cache.py)
 
     def __init__(self, folder: str | Path, cfg: SD3Config | None = None, device: str | torch.device = "cpu",
@@ -49,35 +50,9 @@ class SD3Adapter(PipelineParts, CachedT5, ModelAdapter):
         pipe = load_teacher_pipeline(folder, SD3, **absent_text_parts(folder))
         self._setup(pipe, folder, cfg, device, dtype)
 
-    @classmethod
-    def from_pipeline(cls, pipe, cfg: SD3Config | None = None, device: str | torch.device = "cpu",
-                      dtype: torch.dtype | None = None) -> SD3Adapter:
-        """From a pipeline already in memory (e.g. worlds/sd3/testing.py's random full-size SD3.5 for `bench`)."""
-        adapter = cls.__new__(cls)
-        adapter._setup(pipe, None, cfg or SD3Config(), device, dtype)
-        return adapter
-
-    def _setup(self, pipe, folder: Path | None, cfg: SD3Config, device, dtype) -> None:
-        self.cfg, self.pipe, self.folder = cfg, pipe, folder
-        self.pipe.set_progress_bar_config(disable=True)
-        self.teacher_unet = self.pipe.transformer  # the role's name in the method core: the frozen teacher
-        self.vae = self.pipe.vae
-        self.scheduler_config = dict(self.pipe.scheduler.config)
-        self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
-        self.sampler = cfg.sampler
-        self.vae_scale = self.pipe.vae_scale_factor
-        self.crop_multiple = self.teacher_unet.config.patch_size  # crops are whole patches
-        if cfg.resolution % (self.vae_scale * self.crop_multiple):
-            raise ConfigError(f"sd3.resolution {cfg.resolution} must be a multiple of "
-                              f"{self.vae_scale * self.crop_multiple} for this VAE and patch size")
-        self.latent_size = cfg.resolution // self.vae_scale
-        for m in self.frozen_modules():
-            m.requires_grad_(False).eval()
-        self.to(device, dtype)
-
     @property
-    def process(self) -> NoiseProcess:
-        return RectifiedFlow(self.num_train_timesteps)
+    def crop_multiple(self) -> int:  # crops are whole patches
+        return self.teacher_unet.config.patch_size
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         p = self.pipe
