@@ -50,24 +50,17 @@ def build_lora(base: Path, folder: Path, alpha: float) -> Path:
     and `export --format lora` save them."""
     from diffusers import FluxTransformer2DModel
 
-    from nitrofusion.models.student import add_lora, lora_metadata, peft_factors
     from nitrofusion.worlds.flux.config import FLUX_LORA_TARGETS
     from nitrofusion.worlds.flux.lora import save_lora_files
+    from nitrofusion.worlds.pipelines.testing import random_lora
 
     path = folder / "pytorch_lora_weights.safetensors"
     if path.exists():
         return path
     net = FluxTransformer2DModel.from_pretrained(base / "transformer")
-    add_lora(net, LORA_RANK, alpha, 0.0, FLUX_LORA_TARGETS)
-    gen = torch.Generator().manual_seed(LORA_SEED)
-    with torch.no_grad():  # A ~ N(0, 1/in), B ~ N(0, 1): a large delta, so the LoRA's effect is plain to see
-        for name, p in sorted(net.named_parameters()):
-            if ".lora_A." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
-            elif ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
+    factors, metadata = random_lora(net, LORA_RANK, alpha, FLUX_LORA_TARGETS, LORA_SEED)
     folder.mkdir(parents=True, exist_ok=True)
-    save_lora_files(folder, peft_factors(net), SHIFT, lora_metadata(net))
+    save_lora_files(folder, factors, SHIFT, metadata)
     return path
 
 

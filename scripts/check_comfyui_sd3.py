@@ -93,7 +93,7 @@ def build_lora(base: Path, folder: Path, shift: int, alpha: float) -> Path:
     and `export --format lora` save them."""
     from diffusers import SD3Transformer2DModel
 
-    from nitrofusion.models.student import add_lora, lora_metadata, peft_factors
+    from nitrofusion.worlds.pipelines.testing import random_lora
     from nitrofusion.worlds.sd3.config import SD3_LORA_TARGETS
     from nitrofusion.worlds.sd3.lora import save_lora_files
 
@@ -101,16 +101,9 @@ def build_lora(base: Path, folder: Path, shift: int, alpha: float) -> Path:
     if path.exists():
         return path
     net = SD3Transformer2DModel.from_pretrained(base / "transformer")
-    add_lora(net, LORA_RANK, alpha, 0.0, SD3_LORA_TARGETS)
-    gen = torch.Generator().manual_seed(LORA_SEED)
-    with torch.no_grad():  # A ~ N(0, 1/in), B ~ N(0, 1): a large delta, so the LoRA's effect is plain to see
-        for name, p in sorted(net.named_parameters()):
-            if ".lora_A." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
-            elif ".lora_B." in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
+    factors, metadata = random_lora(net, LORA_RANK, alpha, SD3_LORA_TARGETS, LORA_SEED)
     folder.mkdir(parents=True, exist_ok=True)
-    save_lora_files(folder, peft_factors(net), shift, lora_metadata(net))
+    save_lora_files(folder, factors, shift, metadata)
     return path
 
 

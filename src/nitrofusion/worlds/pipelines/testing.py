@@ -8,6 +8,8 @@ import json
 import string
 from pathlib import Path
 
+import torch
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 CHARS = string.ascii_lowercase + string.digits + string.punctuation  # the tokenizers' alphabet
 
@@ -43,3 +45,20 @@ def tiny_t5(seed: int, width: int):
     encoder = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=width, d_kv=8, d_ff=37, num_layers=2,
                                       num_heads=4, decoder_start_token_id=0))
     return tokenizer, encoder
+
+
+def random_lora(net: torch.nn.Module, rank: int, alpha: float, targets: list[str], seed: int) -> tuple[dict, dict]:
+    """Random non-zero LoRA factors on `targets` of `net`, put on as the trainer puts them (the loader checks use
+    them): A ~ N(0, 1/in), B ~ N(0, 1), a large delta so that its effect is plain to see, the same draws for every
+    alpha. Returns (the PEFT factors, their LoraConfig), what `save_lora_files` takes; `net` keeps the adapters."""
+    from ...models.student import add_lora, lora_metadata, peft_factors
+
+    add_lora(net, rank, alpha, 0.0, targets)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(net.named_parameters()):
+            if ".lora_A." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+            elif ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    return peft_factors(net), lora_metadata(net)
