@@ -16,24 +16,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import sys
 from pathlib import Path
 
-
-class Recorder(logging.Handler):
-    """ComfyUI's log: its only report of LoRA keys it could not place ("lora key not loaded: KEY")."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-    def take(self) -> list[str]:
-        out, self.messages = self.messages, []
-        return out
+from comfyui_lora import Recorder, apply_lora  # beside this script: its directory is on sys.path
 
 
 def velocity(patcher, inp):
@@ -99,11 +85,7 @@ def main() -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    recorder = Recorder()
-    for handler in logging.getLogger().handlers:  # the console: warnings only, as ComfyUI shows them
-        handler.setLevel(logging.WARNING)
-    logging.getLogger().addHandler(recorder)
-    logging.getLogger().setLevel(logging.DEBUG)
+    recorder = Recorder.install()
 
     sd = comfy.utils.load_torch_file(a.checkpoint)
     detected = comfy.model_detection.detect_unet_config(sd, "")
@@ -132,39 +114,9 @@ def main() -> None:
         out["velocity"] = velocity(patcher, inp)
         if pack is not None:
             out.update(samples(patcher, inp, pack, shift, guidance))
-        if a.lora:
-            import folder_paths
-            import nodes  # ComfyUI's built-in nodes, LoraLoaderModelOnly among them
-
-            key_map = comfy.lora.model_lora_keys_unet(model, {})
         for item in a.lora:
             name, path = item.split("=", 1)
-            path = Path(path).resolve()
-            folder_paths.add_model_folder_path("loras", str(path.parent.parent))  # as if in models/loras/NAME/
-            tensors = comfy.utils.load_torch_file(str(path), safe_load=True)
-            modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
-            recorder.take()
-            patched = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, f"{path.parent.name}/{path.name}",
-                                                                       1.0)[0]
-            log = recorder.take()
-            patches = {k: len(v) - len(patcher.patches.get(k, [])) for k, v in patched.patches.items()}
-            patches = {k: n for k, n in patches.items() if n}  # the weights this LoRA patches: module count each
-
-            def target(m):  # a weight, a slice of a fused one (weight, (dim, offset, size)), or (weight, None, fn)
-                t = key_map[m]
-                if isinstance(t, str):
-                    return t
-                where = f"{t[0]}[{t[1][1]}:{t[1][1] + t[1][2]}]" if t[1] is not None else t[0]
-                return where + (f" via {t[2].__name__}" if len(t) > 2 else "")
-
-            report[name] = {
-                "tensors": len(tensors), "modules": len(modules),
-                "modules_mapped": sum(m in key_map for m in modules),
-                "modules_patched": sum(patches.values()), "weights_patched": len(patches),
-                "not_loaded": [m for m in log if m.startswith(("lora key not loaded", "NOT LOADED"))],
-                "unmapped": [m for m in modules if m not in key_map],
-                "mapping": {m.removeprefix("transformer."): target(m).removeprefix("diffusion_model.")
-                            for m in modules if m in key_map}}
+            patched, report[name] = apply_lora(patcher, path, recorder, mapping=True)
             out[f"{name}_velocity"] = velocity(patched, inp)
             if pack is not None:
                 out.update({f"{name}_{k}": v for k, v in samples(patched, inp, pack, shift, guidance).items()})

@@ -10,27 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import sys
 from pathlib import Path
 
-
-class Recorder(logging.Handler):
-    """ComfyUI's log: its only report of LoRA keys it could not place ("lora key not loaded: KEY")."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-        self.warnings: list[str] = []  # of those, the ones logged at WARNING or above (what ComfyUI shows)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-        if record.levelno >= logging.WARNING:
-            self.warnings.append(record.getMessage())
-
-    def take(self) -> list[str]:
-        out, self.messages, self.warnings = self.messages, [], []
-        return out
+from comfyui_lora import Recorder, apply_lora  # beside this script: its directory is on sys.path
 
 
 def outputs(model, inp, pack, shift, fmt, prefix=""):
@@ -79,11 +62,7 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    recorder = Recorder()
-    for handler in logging.getLogger().handlers:  # the console: warnings only, as ComfyUI shows them
-        handler.setLevel(logging.WARNING)
-    logging.getLogger().addHandler(recorder)
-    logging.getLogger().setLevel(logging.DEBUG)
+    recorder = Recorder.install()
 
     spec = importlib.util.spec_from_file_location("ComfyUI_NitroFusion", Path(args.nodes) / "__init__.py",
                                                   submodule_search_locations=[args.nodes])
@@ -114,31 +93,9 @@ def main() -> None:
             for name in ("clip_l", "clip_g"):  # last hidden state for the same token ids (tokenizers differ)
                 encoder = getattr(clip.cond_stage_model, name).transformer
                 out[f"text_{name}"] = encoder(input_tokens=inp["token_ids"].long(), dtype=torch.float32)[0].float()
-        if args.lora:
-            import comfy.lora
-            import comfy.utils
-            import folder_paths
-            import nodes  # ComfyUI's built-in nodes, LoraLoaderModelOnly among them
-
-            key_map = comfy.lora.model_lora_keys_unet(base, {})
         for item in args.lora:
             name, path = item.split("=", 1)
-            path = Path(path).resolve()
-            folder_paths.add_model_folder_path("loras", str(path.parent.parent))  # as if in models/loras/NAME/
-            tensors = comfy.utils.load_torch_file(str(path), safe_load=True)
-            modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_" in k})
-            recorder.take()
-            patched = nodes.LoraLoaderModelOnly().load_lora_model_only(model, f"{path.parent.name}/{path.name}",
-                                                                       1.0)[0]
-            log = recorder.take()
-            patches = {k: len(v) - len(model.patches.get(k, [])) for k, v in patched.patches.items()}
-            patches = {k: n for k, n in patches.items() if n}  # the weights this LoRA patches: module count each
-            report[name] = {
-                "tensors": len(tensors), "modules": len(modules),
-                "modules_mapped": sum(m in key_map for m in modules),
-                "modules_patched": sum(patches.values()), "weights_patched": len(patches),
-                "not_loaded": [m for m in log if m.startswith(("lora key not loaded", "NOT LOADED"))],
-                "unmapped": [m for m in modules if m not in key_map]}
+            patched, report[name] = apply_lora(model, path, recorder)
             out.update(outputs(patched, inp, pack, args.shift, fmt, prefix=f"{name}_"))
     save_file({k: v.contiguous() for k, v in out.items()}, args.out)
     Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
