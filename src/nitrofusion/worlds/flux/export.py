@@ -119,17 +119,10 @@ def architecture(config) -> str:
 
 def export_single_file(model: str | Path, out: str | Path, base: str | Path | None = None, shift: int | None = None,
                        dtype: torch.dtype | None = None) -> dict:
-    from safetensors.torch import save_file
-
-    from ...io import tensor_bytes
-    from ..pipelines.export import staged_output
+    from ..pipelines.export import flow_sampling_note, single_file_out, write_single_file
     from .pipeline import load_pipeline
 
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise NitroFusionError(f"single-file export writes a .safetensors file; --out {out} has another suffix")
-    if out.exists():  # before anything loads
-        raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
+    out = single_file_out(out)
     with quiet_loading(errors_only=True):
         pipe = load_pipeline(model, base=base, shift=shift, dtype=dtype, merge_lora=True)
     transformer = pipe.transformer
@@ -140,10 +133,7 @@ def export_single_file(model: str | Path, out: str | Path, base: str | Path | No
     arch = architecture(transformer.config)
     meta = {SHIFT_METADATA_KEY: str(shift_used), GUIDANCE_METADATA_KEY: repr(guidance),
             "modelspec.architecture": arch,
-            "nitrofusion.sampling": f"TimestepShiftFlowScheduler, shifted_timestep={shift_used}: 1-4 steps on the "
-                                    "LCM grid {999, 749, 499, 249}, the network called at t*shift/1000, x0 = x - "
-                                    f"sigma v, re-noised to the next unshifted t; embedded guidance {guidance:g}"}
-    with staged_output(out, tensor_bytes(sd)) as tmp:
-        save_file(sd, str(tmp), metadata=meta)
+            "nitrofusion.sampling": flow_sampling_note(shift_used, f"embedded guidance {guidance:g}")}
+    write_single_file(out, sd, meta)
     return {"path": str(out), "tensors": len(sd), "round_trip_checked": checked, "shift": shift_used,
             "guidance": guidance, "architecture": arch}

@@ -358,15 +358,33 @@ def architecture(pipe) -> str:
     return f"stable-diffusion-v2-{'768-v' if v else '512'}"
 
 
-def export_single_file(model: str | Path, out: str | Path, base: str | Path | None = None,
-                       shift: int | None = None, dtype: torch.dtype | None = None) -> dict:
-    from safetensors.torch import save_file
-
+def single_file_out(out: str | Path) -> Path:
+    """`export --format single-file`'s --out, checked before anything loads (every family)."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise NitroFusionError(f"single-file export writes a .safetensors file; --out {out} has another suffix")
     if out.exists():
         raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
+    return out
+
+
+def write_single_file(out: Path, sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """The single file, written whole or not at all (staged_output)."""
+    from safetensors.torch import save_file
+
+    with staged_output(out, tensor_bytes(sd)) as tmp:
+        save_file(sd, str(tmp), metadata=metadata)
+
+
+def flow_sampling_note(shift: int, guidance: str) -> str:
+    """The DiT families' `nitrofusion.sampling` metadata: how the file samples (docs/method.md §8)."""
+    return (f"TimestepShiftFlowScheduler, shifted_timestep={shift}: 1-4 steps on the LCM grid {{999, 749, 499, 249}}, "
+            f"the network called at t*shift/1000, x0 = x - sigma v, re-noised to the next unshifted t; {guidance}")
+
+
+def export_single_file(model: str | Path, out: str | Path, base: str | Path | None = None,
+                       shift: int | None = None, dtype: torch.dtype | None = None) -> dict:
+    out = single_file_out(out)
     pipe = load_pipeline(model, base=base, shift=shift, dtype=dtype)
     sd = pipeline_to_original(pipe)
     checked = verify_round_trip(sd, pipe)
@@ -374,8 +392,7 @@ def export_single_file(model: str | Path, out: str | Path, base: str | Path | No
     meta = {SHIFT_METADATA_KEY: str(shift_used), "modelspec.architecture": architecture(pipe),
             "nitrofusion.sampling": f"TimestepShiftLCMScheduler, shifted_timestep={shift_used}, "
                                     "original_inference_steps=4, 1-4 steps, guidance scale 0"}
-    with staged_output(out, tensor_bytes(sd)) as tmp:
-        save_file(sd, str(tmp), metadata=meta)
+    write_single_file(out, sd, meta)
     return {"path": str(out), "tensors": len(sd), "round_trip_checked": checked, "shift": shift_used,
             "architecture": meta["modelspec.architecture"]}
 

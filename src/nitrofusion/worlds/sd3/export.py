@@ -182,17 +182,10 @@ def is_identity(weight: torch.Tensor) -> bool:
 
 def export_single_file(model: str | Path, out: str | Path, base: str | Path | None = None, shift: int | None = None,
                        dtype: torch.dtype | None = None) -> dict:
-    from safetensors.torch import save_file
-
-    from ...io import tensor_bytes
-    from ..pipelines.export import staged_output
+    from ..pipelines.export import flow_sampling_note, single_file_out, write_single_file
     from .pipeline import load_pipeline
 
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise NitroFusionError(f"single-file export writes a .safetensors file; --out {out} has another suffix")
-    if out.exists():  # before anything loads
-        raise NitroFusionError(f"{out} already exists; remove it or choose another --out")
+    out = single_file_out(out)
     with quiet_loading(errors_only=True):  # diffusers warns that an fp16 pipeline cannot *run* on a CPU
         pipe = load_pipeline(model, base=base, shift=shift, dtype=dtype, merge_lora=True)
     sd = pipeline_to_original(pipe)
@@ -200,11 +193,8 @@ def export_single_file(model: str | Path, out: str | Path, base: str | Path | No
     shift_used = pipe.scheduler.config.shifted_timestep
     arch = architecture(pipe.transformer.config)
     meta = {SHIFT_METADATA_KEY: str(shift_used), "modelspec.architecture": arch,
-            "nitrofusion.sampling": f"TimestepShiftFlowScheduler, shifted_timestep={shift_used}: 1-4 steps on the "
-                                    "LCM grid {999, 749, 499, 249}, the network called at t*shift/1000, x0 = x - "
-                                    "sigma v, re-noised to the next unshifted t; guidance scale 0"}
-    with staged_output(out, tensor_bytes(sd)) as tmp:
-        save_file(sd, str(tmp), metadata=meta)
+            "nitrofusion.sampling": flow_sampling_note(shift_used, "guidance scale 0")}
+    write_single_file(out, sd, meta)
     # the original layout's CLIP-L pools without its projection: loaders of this layout (diffusers'
     # from_single_file, ComfyUI) use the identity there, so only an identity projection gives them our embedding
     projection = sd.get(CLIP_L_PREFIX + "text_projection.weight")
